@@ -1,0 +1,1 @@
+//! PVM emulation fix-ups (being written).
