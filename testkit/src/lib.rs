@@ -1,1 +1,36 @@
-//! placeholder
+//! hype-testkit: a vhost-user frontend that plays the guest, for testing and benchmarking
+//! vhost-user backends without a VM.
+//!
+//! # API overview
+//! - [`driver::Driver`]: connects to a backend socket (waiting for it to appear), negotiates
+//!   (SET_OWNER, features, protocol features MQ/REPLY_ACK/CONFIG, GET_QUEUE_NUM, GET_CONFIG),
+//!   activates the rings ([`driver::DriverOptions`]: queues, queue size, memory size, feature
+//!   mask, always-kick), stops them ([`driver::Driver::stop_queues`]), disconnects and
+//!   reconnects with ring replay ([`driver::Driver::reconnect`], [`driver::ReplayBase`]).
+//! - [`virtqueue::Virtqueue`]: a split ring in guest memory. `submit(&[Segment])` returns a head;
+//!   `wait`/`wait_for`/`poll` return [`virtqueue::Completion`]s with device-written data read
+//!   back. EVENT_IDX and indirect descriptors are supported when negotiated. A raw mode writes
+//!   arbitrary descriptors and heads for hostile tests.
+//! - [`memory::GuestRam`]: memfd-backed guest memory and a buffer allocator.
+//! - [`blk`]: virtio-blk requests, status, config decoding, [`blk::BlkDriver`] with
+//!   `read`/`write`/`flush`/`get_id`/`discard`/`write_zeroes` and `run_batch`.
+//!
+//! ```no_run
+//! use hype_testkit::blk::{BlkDriver, BlkRequest};
+//! use hype_testkit::driver::DriverOptions;
+//! # fn main() -> hype_testkit::error::Result<()> {
+//! let opts = DriverOptions { num_queues: 2, queue_size: 256, ..DriverOptions::default() };
+//! let mut disk = BlkDriver::connect("/tmp/blk.sock", opts)?;
+//! disk.write(0, &[7u8; 4096])?;
+//! let reqs: Vec<_> = (0..64).map(|i| BlkRequest::read(i * 8, 4096)).collect();
+//! for r in disk.run_batch(&reqs)? {
+//!     assert_eq!(r.status, hype_testkit::blk::BlkStatus::Ok);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod blk;
+pub mod driver;
+pub mod error;
+pub mod memory;
+pub mod virtqueue;
