@@ -1,1 +1,0 @@
-//! PVM emulation fix-ups (being written).

@@ -1,0 +1,163 @@
+//! A synthetic vCPU for unit tests: registers, MSRs, x87 words and a sparse virtual memory.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+
+use super::vcpu::{VcpuAccess, VcpuError, X87State, CR0_PE, EFER_LMA, EFER_SCE};
+
+const PAGE: u64 = 0x1000;
+
+/// A vCPU whose every piece of state is a plain field.
+#[derive(Debug, Clone, Default)]
+pub struct FakeVcpu {
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub msrs: HashMap<u32, u64>,
+    pub x87: X87State,
+    /// Virtual pages, by page number.
+    pub pages: BTreeMap<u64, Vec<u8>>,
+    /// Exceptions injected, in order.
+    pub injected: Vec<(u8, Option<u32>)>,
+    /// Whether an exception is already pending (injection then fails).
+    pub exception_pending: bool,
+    /// Number of set_regs / set_sregs calls.
+    pub writes: usize,
+}
+
+impl FakeVcpu {
+    /// 64-bit long mode at `cpl` with flat segments, paging on.
+    pub fn long_mode(cpl: u16) -> Self {
+        let mut cpu = FakeVcpu::default();
+        cpu.sregs.cr0 = CR0_PE | (1 << 31) | (1 << 5);
+        cpu.sregs.cr4 = 1 << 5;
+        cpu.sregs.efer = EFER_LMA | (1 << 8) | EFER_SCE;
+        let code = kvm_segment {
+            selector: if cpl == 0 { 0x10 } else { 0x33 },
+            type_: 0xb,
+            present: 1,
+            dpl: cpl as u8,
+            s: 1,
+            l: 1,
+            g: 1,
+            limit: 0xffff_ffff,
+            ..Default::default()
+        };
+        let data = kvm_segment {
+            selector: if cpl == 0 { 0 } else { 0x2b },
+            type_: 0x3,
+            present: 1,
+            dpl: cpl as u8,
+            s: 1,
+            db: 1,
+            g: 1,
+            limit: 0xffff_ffff,
+            ..Default::default()
+        };
+        cpu.sregs.cs = code;
+        cpu.sregs.ss = data;
+        cpu.sregs.ds = data;
+        cpu.sregs.es = data;
+        cpu.regs.rflags = 0x2;
+        cpu
+    }
+
+    /// 32-bit protected mode (no paging) at CPL 0.
+    pub fn protected32() -> Self {
+        let mut cpu = FakeVcpu::default();
+        cpu.sregs.cr0 = CR0_PE;
+        cpu.sregs.cs = kvm_segment {
+            selector: 0x8,
+            type_: 0xb,
+            present: 1,
+            s: 1,
+            db: 1,
+            g: 1,
+            limit: 0xffff_ffff,
+            ..Default::default()
+        };
+        cpu.regs.rflags = 0x2;
+        cpu
+    }
+
+    /// Writes `bytes` at virtual address `gva`, creating pages as needed.
+    pub fn poke(&mut self, gva: u64, bytes: &[u8]) {
+        for (i, b) in bytes.iter().enumerate() {
+            let a = gva.wrapping_add(i as u64);
+            let page = self
+                .pages
+                .entry(a / PAGE)
+                .or_insert_with(|| vec![0; PAGE as usize]);
+            page[(a % PAGE) as usize] = *b;
+        }
+    }
+
+    /// Writes little-endian u64 words at `gva`.
+    pub fn poke_u64s(&mut self, gva: u64, words: &[u64]) {
+        for (i, w) in words.iter().enumerate() {
+            self.poke(gva + 8 * i as u64, &w.to_le_bytes());
+        }
+    }
+
+    /// Removes the page holding `gva`.
+    pub fn unmap(&mut self, gva: u64) {
+        self.pages.remove(&(gva / PAGE));
+    }
+}
+
+impl VcpuAccess for FakeVcpu {
+    fn regs(&self) -> Result<kvm_regs, VcpuError> {
+        Ok(self.regs)
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
+        self.regs = *regs;
+        self.writes += 1;
+        Ok(())
+    }
+
+    fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        Ok(self.sregs)
+    }
+
+    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), VcpuError> {
+        self.sregs = *sregs;
+        self.writes += 1;
+        Ok(())
+    }
+
+    fn msr(&self, index: u32) -> Result<u64, VcpuError> {
+        self.msrs
+            .get(&index)
+            .copied()
+            .ok_or(VcpuError::MsrUnavailable { index })
+    }
+
+    fn x87_state(&self) -> Result<X87State, VcpuError> {
+        Ok(self.x87)
+    }
+
+    fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), VcpuError> {
+        for (i, out) in buf.iter_mut().enumerate() {
+            let a = gva.wrapping_add(i as u64);
+            let page = self
+                .pages
+                .get(&(a / PAGE))
+                .ok_or(VcpuError::Unmapped { gva: a })?;
+            *out = page[(a % PAGE) as usize];
+        }
+        Ok(())
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VcpuError> {
+        if self.exception_pending {
+            return Err(VcpuError::ExceptionPending {
+                pending: 14,
+                vector,
+            });
+        }
+        self.injected.push((vector, error_code));
+        self.exception_pending = true;
+        Ok(())
+    }
+}

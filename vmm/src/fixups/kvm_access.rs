@@ -1,0 +1,238 @@
+//! [`VcpuAccess`] for a real KVM vCPU, and reading the emulation-failure report from `kvm_run`.
+
+use kvm_bindings::{
+    kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, Msrs, KVM_EXIT_INTERNAL_ERROR,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::decode::MAX_INSN_LEN;
+use super::vcpu::{VcpuAccess, VcpuError, X87State};
+
+/// A KVM vCPU plus the guest memory its virtual addresses resolve into.
+pub struct KvmVcpuAccess<'a> {
+    vcpu: &'a VcpuFd,
+    mem: &'a GuestMemoryMmap<()>,
+}
+
+impl<'a> KvmVcpuAccess<'a> {
+    /// Wraps `vcpu`; guest memory reads go to `mem`.
+    pub fn new(vcpu: &'a VcpuFd, mem: &'a GuestMemoryMmap<()>) -> Self {
+        KvmVcpuAccess { vcpu, mem }
+    }
+}
+
+const PAGE_SIZE: u64 = 0x1000;
+
+impl VcpuAccess for KvmVcpuAccess<'_> {
+    fn regs(&self) -> Result<kvm_regs, VcpuError> {
+        self.vcpu.get_regs().map_err(VcpuError::GetRegs)
+    }
+
+    fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
+        self.vcpu.set_regs(regs).map_err(VcpuError::SetRegs)
+    }
+
+    fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        self.vcpu.get_sregs().map_err(VcpuError::GetSregs)
+    }
+
+    fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), VcpuError> {
+        self.vcpu.set_sregs(sregs).map_err(VcpuError::SetSregs)
+    }
+
+    fn msr(&self, index: u32) -> Result<u64, VcpuError> {
+        let entry = kvm_msr_entry {
+            index,
+            ..Default::default()
+        };
+        let mut msrs =
+            Msrs::from_entries(&[entry]).map_err(|_| VcpuError::MsrUnavailable { index })?;
+        let read = self
+            .vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|source| VcpuError::GetMsr { index, source })?;
+        match msrs.as_slice().first() {
+            Some(e) if read == 1 && e.index == index => Ok(e.data),
+            _ => Err(VcpuError::MsrUnavailable { index }),
+        }
+    }
+
+    fn x87_state(&self) -> Result<X87State, VcpuError> {
+        let fpu = self.vcpu.get_fpu().map_err(VcpuError::GetFpu)?;
+        Ok(X87State {
+            status: fpu.fsw,
+            control: fpu.fcw,
+        })
+    }
+
+    fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), VcpuError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let va = gva.wrapping_add(done as u64);
+            let page_left = (PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize;
+            let chunk = page_left.min(buf.len() - done);
+            let tr = self
+                .vcpu
+                .translate_gva(va)
+                .map_err(|source| VcpuError::Translate { gva: va, source })?;
+            if tr.valid == 0 {
+                return Err(VcpuError::Unmapped { gva: va });
+            }
+            let gpa = tr.physical_address;
+            self.mem
+                .read_slice(&mut buf[done..done + chunk], GuestAddress(gpa))
+                .map_err(|_| VcpuError::ReadMemory { gva: va, gpa })?;
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VcpuError> {
+        let mut events = self.vcpu.get_vcpu_events().map_err(VcpuError::GetEvents)?;
+        if events.exception.injected != 0 || events.exception.pending != 0 {
+            return Err(VcpuError::ExceptionPending {
+                pending: events.exception.nr,
+                vector,
+            });
+        }
+        // Injected (not pending): KVM delivers it on the next entry exactly as given, with RIP
+        // as it stands. Other fields and flags are written back as read.
+        events.exception.injected = 1;
+        events.exception.pending = 0;
+        events.exception.nr = vector;
+        events.exception.has_error_code = u8::from(error_code.is_some());
+        events.exception.error_code = error_code.unwrap_or(0);
+        events.exception_has_payload = 0;
+        events.exception_payload = 0;
+        self.vcpu
+            .set_vcpu_events(&events)
+            .map_err(VcpuError::SetEvents)
+    }
+}
+
+/// The instruction bytes an emulation failure reported, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmulationFailure {
+    bytes: [u8; MAX_INSN_LEN],
+    len: usize,
+}
+
+impl EmulationFailure {
+    /// The reported bytes at RIP; empty when KVM reported none (then fetch them at RIP).
+    pub fn insn_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Reads the emulation-failure report of a `KVM_EXIT_INTERNAL_ERROR` exit from `kvm_run`.
+///
+/// Returns `None` unless the exit is an internal error with suberror
+/// `KVM_INTERNAL_ERROR_EMULATION`, the only kind the fix-ups handle.
+pub fn emulation_failure(run: &kvm_run) -> Option<EmulationFailure> {
+    if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
+        return None;
+    }
+    // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the `internal` /
+    // `emulation_failure` members of the union; both are plain integers and byte arrays valid
+    // for any bit pattern, so reading them cannot produce an invalid value.
+    let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+    if failure.suberror != KVM_INTERNAL_ERROR_EMULATION {
+        return None;
+    }
+    let mut out = EmulationFailure {
+        bytes: [0; MAX_INSN_LEN],
+        len: 0,
+    };
+    // ndata counts the u64 words after `ndata`: flags, then insn_size + 15 bytes (two words).
+    if failure.ndata >= 3
+        && failure.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0
+    {
+        // SAFETY: the union has one member, a struct of a u8 and a u8 array; any bit pattern is
+        // a valid value of it.
+        let insn = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+        let len = usize::from(insn.insn_size).min(MAX_INSN_LEN);
+        out.bytes[..len].copy_from_slice(&insn.insn_bytes[..len]);
+        out.len = len;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn internal_error_run(suberror: u32, ndata: u32, flags: u64, bytes: &[u8]) -> Box<kvm_run> {
+        let mut run: Box<kvm_run> = Box::default();
+        run.exit_reason = KVM_EXIT_INTERNAL_ERROR;
+        // Build the emulation_failure member by value and store it.
+        let mut insn =
+            kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_14__bindgen_ty_1__bindgen_ty_1 {
+                insn_size: bytes.len() as u8,
+                ..Default::default()
+            };
+        insn.insn_bytes[..bytes.len().min(15)].copy_from_slice(&bytes[..bytes.len().min(15)]);
+        run.__bindgen_anon_1.emulation_failure =
+            kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_14 {
+                suberror,
+                ndata,
+                flags,
+                __bindgen_anon_1:
+                    kvm_bindings::kvm_run__bindgen_ty_1__bindgen_ty_14__bindgen_ty_1 {
+                        __bindgen_anon_1: insn,
+                    },
+            };
+        run
+    }
+
+    #[test]
+    fn reads_reported_bytes() {
+        let run = internal_error_run(
+            KVM_INTERNAL_ERROR_EMULATION,
+            4,
+            u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES),
+            &[0x0f, 0x01, 0xca],
+        );
+        let f = emulation_failure(&run).unwrap();
+        assert_eq!(f.insn_bytes(), &[0x0f, 0x01, 0xca]);
+    }
+
+    #[test]
+    fn no_bytes_without_the_flag() {
+        let run = internal_error_run(KVM_INTERNAL_ERROR_EMULATION, 4, 0, &[0xcc]);
+        assert_eq!(emulation_failure(&run).unwrap().insn_bytes(), &[] as &[u8]);
+        let run = internal_error_run(
+            KVM_INTERNAL_ERROR_EMULATION,
+            1,
+            u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES),
+            &[0xcc],
+        );
+        assert_eq!(emulation_failure(&run).unwrap().insn_bytes(), &[] as &[u8]);
+    }
+
+    #[test]
+    fn oversized_insn_size_is_clamped() {
+        let mut run = internal_error_run(
+            KVM_INTERNAL_ERROR_EMULATION,
+            4,
+            u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES),
+            &[0x90; 15],
+        );
+        run.__bindgen_anon_1
+            .emulation_failure
+            .__bindgen_anon_1
+            .__bindgen_anon_1
+            .insn_size = 200;
+        assert_eq!(emulation_failure(&run).unwrap().insn_bytes().len(), 15);
+    }
+
+    #[test]
+    fn other_exits_and_suberrors_are_not_emulation_failures() {
+        let run = internal_error_run(2, 0, 0, &[]);
+        assert!(emulation_failure(&run).is_none());
+        let mut run = internal_error_run(KVM_INTERNAL_ERROR_EMULATION, 0, 0, &[]);
+        run.exit_reason = kvm_bindings::KVM_EXIT_MMIO;
+        assert!(emulation_failure(&run).is_none());
+    }
+}
