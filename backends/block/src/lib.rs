@@ -1,1 +1,36 @@
-//! placeholder
+//! virtio-blk over vhost-user: implement [`Storage`], get a complete backend.
+//!
+//! ```text
+//!  guest driver ──virtqueues──▶ BlockBackend (one thread per queue)
+//!                                 │ parse + validate (request.rs)
+//!                                 ├─▶ execute inline            ─┐
+//!                                 └─▶ I/O pool (out of order)   ─┴─▶ Storage::read_at / write_at / ...
+//! ```
+//!
+//! The library handles everything virtio-blk: feature negotiation, the config space, request
+//! parsing (hostile descriptors included), multi-queue, EVENT_IDX, GET_ID, DISCARD,
+//! WRITE_ZEROES, read-only disks. [`BlockDevice`] wires a storage to the shared daemon
+//! plumbing of [`hype_daemon`] (socket, socket activation, reconnects, signals).
+//!
+//! See `docs/custom-storage-backend.md` and `examples/checksummed.rs`.
+
+mod args;
+mod backend;
+mod config;
+mod device;
+mod error;
+mod io_pool;
+mod iobuf;
+mod request;
+mod storage;
+
+pub use args::{parse_size, DeviceArgs};
+pub use backend::{BlockBackend, GuestMemory};
+pub use config::CONFIG_SPACE_LEN;
+pub use device::BlockDevice;
+pub use error::Error;
+pub use request::{DropReason, RequestError};
+pub use storage::{write_zero_buffers, Storage, StorageInfo, SECTOR_SIZE};
+
+/// Re-exported so backends need not depend on the daemon crate for the common items.
+pub use hype_daemon::{error_chain, init_logging, ListenArgs, Shutdown, SocketListener};

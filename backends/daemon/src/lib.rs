@@ -1,1 +1,26 @@
-//! placeholder
+//! Plumbing shared by every hype vhost-user backend process.
+//!
+//! A backend binary needs the same few things whatever device it implements:
+//!
+//! * a listening Unix socket, either bound to `--socket PATH` (mode 0600 unless told otherwise)
+//!   or handed over by systemd socket activation (`LISTEN_FDS`/`LISTEN_PID`): [`SocketListener`];
+//! * an accept loop that serves one frontend at a time and keeps serving after it disconnects,
+//!   building a fresh backend and `VhostUserDaemon` for every connection (a daemon object cannot
+//!   serve a second connection): [`serve`];
+//! * a clean exit on SIGINT/SIGTERM, removing the socket it created: [`Shutdown`];
+//! * one logging setup (`HYPE_LOG`, falling back to `RUST_LOG`): [`init_logging`].
+//!
+//! Everything is generic over any [`vhost_user_backend::VhostUserBackend`], so the block, net and
+//! console backends share it.
+
+mod error;
+mod listener;
+mod logging;
+mod serve;
+mod shutdown;
+
+pub use error::{error_chain, Error};
+pub use listener::{parse_mode, ListenArgs, SocketListener, DEFAULT_SOCKET_MODE};
+pub use logging::init_logging;
+pub use serve::serve;
+pub use shutdown::Shutdown;

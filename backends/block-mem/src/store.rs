@@ -1,0 +1,228 @@
+//! The RAM disk storage: sparse, chunked, lock per chunk.
+
+use std::io::{self, Read};
+use std::sync::RwLock;
+
+use hype_block::{Storage, StorageInfo};
+
+/// Allocation and locking unit.
+const CHUNK: u64 = 1 << 20;
+
+type Chunk = RwLock<Option<Box<[u8]>>>;
+
+/// A RAM disk. Chunks are allocated on first write; discarding or zeroing a whole chunk frees
+/// it. Each chunk has its own lock, so requests on different chunks run in parallel.
+pub struct MemStorage {
+    size: u64,
+    read_only: bool,
+    chunks: Vec<Chunk>,
+}
+
+impl MemStorage {
+    /// An all-zero disk of `size` bytes.
+    pub fn new(size: u64, read_only: bool) -> Self {
+        let n = size.div_ceil(CHUNK) as usize;
+        MemStorage {
+            size,
+            read_only,
+            chunks: (0..n).map(|_| RwLock::new(None)).collect(),
+        }
+    }
+
+    /// Copies `src` to the start of the disk (up to its size). All-zero chunks stay
+    /// unallocated.
+    pub fn load(&self, mut src: impl Read) -> io::Result<()> {
+        let mut buf = vec![0u8; CHUNK as usize];
+        for (i, chunk) in self.chunks.iter().enumerate() {
+            let len = self.chunk_len(i);
+            let mut filled = 0;
+            while filled < len {
+                match src.read(&mut buf[filled..len]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if buf[..filled].iter().any(|&b| b != 0) {
+                let mut data = vec![0u8; len].into_boxed_slice();
+                data[..filled].copy_from_slice(&buf[..filled]);
+                *write(chunk) = Some(data);
+            }
+            if filled < len {
+                break; // end of image
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of memory currently allocated for data.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| read(c).is_some())
+            .map(|(i, _)| self.chunk_len(i) as u64)
+            .sum()
+    }
+
+    fn chunk_len(&self, i: usize) -> usize {
+        (self.size - i as u64 * CHUNK).min(CHUNK) as usize
+    }
+
+    /// Splits `offset..offset+len` into per-chunk pieces: (chunk index, offset in chunk,
+    /// length, offset in the caller's buffer).
+    fn pieces(&self, offset: u64, len: u64) -> io::Result<Vec<(usize, usize, usize, usize)>> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("range {offset}+{len} beyond disk size {}", self.size),
+                )
+            })?;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let idx = (pos / CHUNK) as usize;
+            let in_chunk = (pos % CHUNK) as usize;
+            let n = (CHUNK - pos % CHUNK).min(end - pos) as usize;
+            out.push((idx, in_chunk, n, (pos - offset) as usize));
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(read_only());
+        }
+        for (idx, at, n, _) in self.pieces(offset, len)? {
+            let mut c = write(&self.chunks[idx]);
+            if n == self.chunk_len(idx) {
+                *c = None; // the whole chunk: give the memory back
+            } else if let Some(data) = c.as_mut() {
+                data[at..at + n].fill(0);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_only() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "disk is read-only")
+}
+
+fn read(c: &Chunk) -> std::sync::RwLockReadGuard<'_, Option<Box<[u8]>>> {
+    c.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write(c: &Chunk) -> std::sync::RwLockWriteGuard<'_, Option<Box<[u8]>>> {
+    c.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Storage for MemStorage {
+    fn info(&self) -> StorageInfo {
+        StorageInfo::new(self.size)
+            .read_only(self.read_only)
+            .discard(true)
+            .write_zeroes(true)
+            .serial("hype-block-mem")
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (idx, at, n, pos) in self.pieces(offset, buf.len() as u64)? {
+            match read(&self.chunks[idx]).as_ref() {
+                Some(data) => buf[pos..pos + n].copy_from_slice(&data[at..at + n]),
+                None => buf[pos..pos + n].fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if self.read_only {
+            return Err(read_only());
+        }
+        for (idx, at, n, pos) in self.pieces(offset, buf.len() as u64)? {
+            let len = self.chunk_len(idx);
+            let mut c = write(&self.chunks[idx]);
+            let data = c.get_or_insert_with(|| vec![0u8; len].into_boxed_slice());
+            data[at..at + n].copy_from_slice(&buf[pos..pos + n]);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        self.zero_range(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_write_across_chunks_and_sparse() {
+        let s = MemStorage::new(3 * CHUNK + 4096, false);
+        assert_eq!(s.allocated_bytes(), 0);
+        let mut buf = vec![0xffu8; 8192];
+        s.read_at(CHUNK - 4096, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        s.write_at(CHUNK - 4096, &data).unwrap();
+        assert_eq!(s.allocated_bytes(), 2 * CHUNK);
+        s.read_at(CHUNK - 4096, &mut buf).unwrap();
+        assert_eq!(buf, data);
+        // Last, short chunk.
+        s.write_at(3 * CHUNK, &data[..4096]).unwrap();
+        assert_eq!(s.allocated_bytes(), 2 * CHUNK + 4096);
+        assert!(s.write_at(3 * CHUNK + 512, &data[..4096]).is_err());
+        assert!(s.read_at(u64::MAX - 10, &mut buf).is_err());
+    }
+
+    #[test]
+    fn discard_frees_whole_chunks_and_zeroes_parts() {
+        let s = MemStorage::new(2 * CHUNK, false);
+        s.write_at(0, &vec![7u8; 2 * CHUNK as usize]).unwrap();
+        s.discard(512, CHUNK + 512).unwrap(); // bytes 512..CHUNK+1024: parts of both chunks
+        let mut b = vec![0u8; 2 * CHUNK as usize];
+        s.read_at(0, &mut b).unwrap();
+        assert!(b[..512].iter().all(|&x| x == 7));
+        assert!(b[512..CHUNK as usize + 1024].iter().all(|&x| x == 0));
+        assert!(b[CHUNK as usize + 1024..].iter().all(|&x| x == 7));
+        s.write_zeroes(CHUNK, CHUNK, true).unwrap();
+        assert_eq!(s.allocated_bytes(), CHUNK);
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let s = MemStorage::new(CHUNK, true);
+        assert!(s.info().read_only);
+        assert!(s.write_at(0, &[1; 512]).is_err());
+        assert!(s.discard(0, 512).is_err());
+    }
+
+    #[test]
+    fn load_keeps_zero_chunks_sparse() {
+        let s = MemStorage::new(3 * CHUNK, false);
+        let mut img = vec![0u8; 2 * CHUNK as usize + 100];
+        img[CHUNK as usize + 5] = 9;
+        img[2 * CHUNK as usize + 99] = 3;
+        s.load(&img[..]).unwrap();
+        assert_eq!(s.allocated_bytes(), 2 * CHUNK);
+        let mut b = vec![0u8; 3 * CHUNK as usize];
+        s.read_at(0, &mut b).unwrap();
+        assert_eq!(&b[..img.len()], &img[..]);
+        assert!(b[img.len()..].iter().all(|&x| x == 0));
+    }
+}

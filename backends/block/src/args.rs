@@ -1,0 +1,66 @@
+//! Command-line options shared by block backends, and size parsing.
+
+use hype_daemon::ListenArgs;
+
+/// Options every block backend binary takes. Flatten it into the backend's own `Args`.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct DeviceArgs {
+    /// Where to listen.
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    /// Number of virtqueues; each is served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_queues: u16,
+    /// Largest virtqueue size the frontend may use.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+    /// I/O threads shared by all queues, letting slow stores have many requests in flight;
+    /// 0 runs each request on its queue's thread.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub io_threads: usize,
+    /// Serial number the guest reads with GET_ID (at most 20 ASCII characters).
+    #[arg(long, value_name = "SERIAL")]
+    pub serial: Option<String>,
+}
+
+/// Parses a size with an optional binary suffix: `4096`, `512K`, `256M`, `1G`, `2T`, also
+/// `KiB`/`MiB`/`GiB`/`TiB` and `B`. Case-insensitive.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?} (expected e.g. 256M)"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" | "kb" => 10,
+        "m" | "mib" | "mb" => 20,
+        "g" | "gib" | "gb" => 30,
+        "t" | "tib" | "tb" => 40,
+        _ => return Err(format!("invalid size suffix in {s:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512K"), Ok(512 << 10));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("7B"), Ok(7));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

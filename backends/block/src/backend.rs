@@ -1,0 +1,309 @@
+//! The `VhostUserBackend` implementation: one worker thread per virtqueue, requests executed
+//! inline on that thread or handed to the I/O pool.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::warn;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config::DeviceSpec;
+use crate::io_pool::{InFlight, IoPool};
+use crate::iobuf::IoBuf;
+use crate::request::{self, Completion, Request};
+use crate::storage::Storage;
+
+/// Guest memory as the vhost-user daemon shares it with the backend.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+type Vring = VringRwLock<GuestMemory>;
+
+/// How long stopping a ring waits for its in-flight requests before giving up.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Per-queue state.
+struct QueueCtx {
+    /// Bounce buffer for inline execution (only that queue's worker locks it).
+    buf: Mutex<IoBuf>,
+    /// Requests handed to the pool and not yet completed.
+    inflight: Arc<InFlight>,
+}
+
+/// A vhost-user-blk backend for one frontend connection, over a shared [`Storage`].
+///
+/// Built by [`BlockDevice`](crate::BlockDevice) for every connection; use it directly only to
+/// embed the device in your own daemon loop.
+pub struct BlockBackend<S: Storage> {
+    spec: Arc<DeviceSpec>,
+    storage: Arc<S>,
+    mem: GuestMemory,
+    event_idx: Arc<AtomicBool>,
+    acked_features: AtomicU64,
+    queues: Vec<QueueCtx>,
+    pool: Option<IoPool>,
+}
+
+impl<S: Storage> BlockBackend<S> {
+    pub(crate) fn new(
+        spec: Arc<DeviceSpec>,
+        storage: Arc<S>,
+        mem: GuestMemory,
+        io_threads: usize,
+    ) -> io::Result<Self> {
+        let pool = match io_threads {
+            0 => None,
+            n => Some(IoPool::new(n, "blk")?),
+        };
+        let queues = (0..spec.num_queues)
+            .map(|_| QueueCtx {
+                buf: Mutex::new(IoBuf::new()),
+                inflight: Arc::new(InFlight::default()),
+            })
+            .collect();
+        Ok(BlockBackend {
+            spec,
+            storage,
+            mem,
+            event_idx: Arc::new(AtomicBool::new(false)),
+            acked_features: AtomicU64::new(0),
+            queues,
+            pool,
+        })
+    }
+
+    /// Drains one virtqueue: pops every available chain, answers it (inline, or through the
+    /// pool), and signals the guest as EVENT_IDX allows.
+    fn process_queue(&self, vring: &Vring, ctx: &QueueCtx) {
+        let mem = self.mem.memory();
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mut st = vring.get_mut();
+        // Only this queue's worker takes this lock, so it is never contended.
+        let mut buf = ctx.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let mut completed = 0usize;
+        let mut idle_rounds = 0;
+        loop {
+            if event_idx {
+                if let Err(e) = st.disable_notification() {
+                    warn!("disable_notification: {e}");
+                }
+            }
+            let mut popped = 0usize;
+            while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                popped += 1;
+                let head = chain.head_index();
+                let req = match request::parse(chain, &mem, &self.spec) {
+                    Ok(req) => req,
+                    Err(reason) => {
+                        guest_error(format_args!("dropping chain {head}: {reason}"));
+                        if let Err(e) = st.add_used(head, 0) {
+                            guest_error(format_args!("cannot return chain {head}: {e}"));
+                        }
+                        completed += 1;
+                        continue;
+                    }
+                };
+                if let request::Op::Fail(e) = &req.op {
+                    guest_error(format_args!("request {head}: {e}"));
+                }
+                match &self.pool {
+                    Some(pool) => {
+                        // Counted under the ring lock, so a concurrent GET_VRING_BASE that
+                        // stops the ring also sees this request and waits for it.
+                        ctx.inflight.start();
+                        let job = self.job(req, vring.clone(), mem.clone().into_inner(), ctx);
+                        pool.submit(job);
+                    }
+                    None => {
+                        let c =
+                            request::execute(&req.op, &*self.storage, &mem, &self.spec, &mut buf);
+                        write_status(&mem, &req, c);
+                        if let Err(e) = st.add_used(req.head, c.used_len()) {
+                            guest_error(format_args!("cannot return chain {}: {e}", req.head));
+                        }
+                        completed += 1;
+                    }
+                }
+            }
+            if !event_idx {
+                break;
+            }
+            // Re-enable notifications and re-check: buffers added meanwhile must be processed
+            // now, because the guest will not kick for them.
+            match st.enable_notification() {
+                Ok(true) => {
+                    // A ring whose avail index is garbage never yields chains; stop after
+                    // two empty rounds instead of spinning.
+                    idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
+                    if idle_rounds >= 2 {
+                        break;
+                    }
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("enable_notification: {e}");
+                    break;
+                }
+            }
+        }
+        if completed > 0 {
+            signal(&mut st, event_idx);
+        }
+    }
+
+    /// Wraps a request for the pool: execute, write status, return the chain, signal.
+    fn job(
+        &self,
+        req: Request,
+        vring: Vring,
+        mem: Arc<GuestMemoryMmap>,
+        ctx: &QueueCtx,
+    ) -> crate::io_pool::Job {
+        let storage = self.storage.clone();
+        let spec = self.spec.clone();
+        let event_idx = self.event_idx.clone();
+        let inflight = ctx.inflight.clone();
+        Box::new(move |buf: &mut IoBuf| {
+            let c = request::execute(&req.op, &*storage, &mem, &spec, buf);
+            write_status(&mem, &req, c);
+            {
+                let mut st = vring.get_mut();
+                if let Err(e) = st.add_used(req.head, c.used_len()) {
+                    guest_error(format_args!("cannot return chain {}: {e}", req.head));
+                }
+                signal(&mut st, event_idx.load(Ordering::Acquire));
+            }
+            inflight.finish();
+        })
+    }
+}
+
+fn write_status(mem: &GuestMemoryMmap, req: &Request, c: Completion) {
+    if let Err(e) = mem.write_obj(c.status, req.status_addr) {
+        guest_error(format_args!(
+            "cannot write status of chain {}: {e}",
+            req.head
+        ));
+    }
+}
+
+fn signal(st: &mut VringState<GuestMemory>, event_idx: bool) {
+    let needed = !event_idx || st.needs_notification().unwrap_or(true);
+    if needed {
+        if let Err(e) = st.signal_used_queue() {
+            warn!("cannot signal used queue: {e}");
+        }
+    }
+}
+
+/// Logs problems caused by the guest, rate-limited so a hostile guest cannot flood the log.
+fn guest_error(args: std::fmt::Arguments<'_>) {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    if n < 20 || n.is_multiple_of(1000) {
+        warn!("guest error (#{}): {args}", n + 1);
+    }
+}
+
+impl<S: Storage> VhostUserBackend for BlockBackend<S> {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.spec.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.spec.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.spec.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.spec.read_config(offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "config space is read-only (write of {} bytes at {offset})",
+                buf.len()
+            ),
+        ))
+    }
+
+    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
+        // The daemon updates the GuestMemoryAtomic we were built with; nothing to do.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue, so queues never wait for each other.
+        (0..self.spec.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(ctx) = self.queues.get(queue_index as usize) {
+            let left = ctx.inflight.wait_idle(STOP_TIMEOUT);
+            if left > 0 {
+                warn!("queue {queue_index} stopped with {left} requests still in flight");
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per thread: the thread id is the queue index, the event its only vring.
+        let (Some(vring), Some(ctx)) = (
+            vrings.get(usize::from(device_event)),
+            self.queues.get(thread_id),
+        ) else {
+            warn!("unexpected event {device_event} on thread {thread_id}");
+            return Ok(());
+        };
+        self.process_queue(vring, ctx);
+        Ok(())
+    }
+}

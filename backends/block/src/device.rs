@@ -1,0 +1,217 @@
+//! [`BlockDevice`]: the builder a backend's `main` uses to serve a [`Storage`].
+
+use std::sync::Arc;
+
+use hype_daemon::{ListenArgs, Shutdown, SocketListener};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
+
+use crate::backend::{BlockBackend, GuestMemory};
+use crate::config::DeviceSpec;
+use crate::request::MAX_CHAIN_DESCRIPTORS;
+use crate::storage::{Storage, SECTOR_SIZE};
+use crate::{DeviceArgs, Error};
+
+/// A virtio-blk device over a [`Storage`], served over vhost-user.
+///
+/// ```no_run
+/// # use hype_block::{BlockDevice, Storage, StorageInfo};
+/// # struct Store;
+/// # impl Storage for Store {
+/// #   fn info(&self) -> StorageInfo { StorageInfo::new(1 << 20) }
+/// #   fn read_at(&self, _: u64, b: &mut [u8]) -> std::io::Result<()> { b.fill(0); Ok(()) }
+/// #   fn write_at(&self, _: u64, _: &[u8]) -> std::io::Result<()> { Ok(()) }
+/// #   fn flush(&self) -> std::io::Result<()> { Ok(()) }
+/// # }
+/// hype_daemon::init_logging();
+/// BlockDevice::new(Store)
+///     .num_queues(4)
+///     .serial("disk0")
+///     .serve(&hype_daemon::ListenArgs::path("/run/hype/disk0.sock"))?;
+/// # Ok::<(), hype_block::Error>(())
+/// ```
+pub struct BlockDevice<S: Storage> {
+    storage: Arc<S>,
+    num_queues: u16,
+    queue_size: u16,
+    io_threads: usize,
+    serial: Option<String>,
+    read_only: bool,
+    name: String,
+}
+
+impl<S: Storage> BlockDevice<S> {
+    /// A device with one queue of up to 256 entries, requests run on the queue thread.
+    pub fn new(storage: S) -> Self {
+        Self::from_arc(Arc::new(storage))
+    }
+
+    /// Like [`new`](Self::new), for a storage you keep a handle to.
+    pub fn from_arc(storage: Arc<S>) -> Self {
+        BlockDevice {
+            storage,
+            num_queues: 1,
+            queue_size: 256,
+            io_threads: 0,
+            serial: None,
+            read_only: false,
+            name: "hype-block".into(),
+        }
+    }
+
+    /// Number of virtqueues (1..=64); each gets its own worker thread.
+    pub fn num_queues(mut self, n: u16) -> Self {
+        self.num_queues = n;
+        self
+    }
+
+    /// Largest queue size the frontend may choose (power of two, 2..=32768).
+    pub fn queue_size(mut self, n: u16) -> Self {
+        self.queue_size = n;
+        self
+    }
+
+    /// Size of the I/O thread pool shared by all queues. 0 (the default) runs each request on
+    /// its queue's worker thread, which is fastest for stores that answer in microseconds
+    /// (memory, local files). A store with millisecond latencies (network) wants a pool: up to
+    /// `n` requests are then in flight at once, complete out of order, and no queue waits for
+    /// another.
+    pub fn io_threads(mut self, n: usize) -> Self {
+        self.io_threads = n;
+        self
+    }
+
+    /// Serial number for GET_ID, overriding [`StorageInfo::serial`](crate::StorageInfo).
+    pub fn serial(mut self, serial: impl Into<String>) -> Self {
+        self.serial = Some(serial.into());
+        self
+    }
+
+    /// Presents the disk read-only even if the storage is writable.
+    pub fn read_only(mut self, ro: bool) -> Self {
+        self.read_only = ro;
+        self
+    }
+
+    /// Name used for threads and logs.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Applies the shared command-line options (queues, queue size, I/O threads, serial).
+    pub fn with_args(mut self, args: &DeviceArgs) -> Self {
+        self.num_queues = args.num_queues;
+        self.queue_size = args.queue_size;
+        self.io_threads = args.io_threads;
+        if let Some(s) = &args.serial {
+            self.serial = Some(s.clone());
+        }
+        self
+    }
+
+    /// Applies `args` and serves on `args.listen` until SIGINT/SIGTERM.
+    pub fn run(self, args: &DeviceArgs) -> Result<(), Error> {
+        self.with_args(args).serve(&args.listen)
+    }
+
+    /// Listens as `listen` says (or on the socket systemd passed), installs SIGINT/SIGTERM
+    /// handlers and serves frontends, one at a time, until a signal arrives. The socket file,
+    /// if this process created it, is removed on return.
+    pub fn serve(self, listen: &ListenArgs) -> Result<(), Error> {
+        // Validate before touching the file system.
+        let spec = Arc::new(self.spec()?);
+        let mut listener = SocketListener::open(listen)?;
+        let shutdown = Shutdown::new()?;
+        shutdown.install_signal_handlers()?;
+        self.serve_spec(spec, &mut listener, &shutdown)
+    }
+
+    /// Serves on an already open listener until `shutdown` triggers. For embedding and tests.
+    pub fn serve_on(self, listener: &mut SocketListener, shutdown: &Shutdown) -> Result<(), Error> {
+        let spec = Arc::new(self.spec()?);
+        self.serve_spec(spec, listener, shutdown)
+    }
+
+    fn serve_spec(
+        self,
+        spec: Arc<DeviceSpec>,
+        listener: &mut SocketListener,
+        shutdown: &Shutdown,
+    ) -> Result<(), Error> {
+        log::info!(
+            "{}: {} bytes, {}-byte blocks, {}{} queue(s), {} io thread(s)",
+            self.name,
+            spec.capacity_sectors * SECTOR_SIZE,
+            spec.block_size,
+            if spec.read_only { "read-only, " } else { "" },
+            spec.num_queues,
+            self.io_threads
+        );
+        let io_threads = self.io_threads;
+        let storage = self.storage.clone();
+        hype_daemon::serve(listener, &self.name, shutdown, |mem: &GuestMemory| {
+            BlockBackend::new(spec.clone(), storage.clone(), mem.clone(), io_threads).map(Arc::new)
+        })?;
+        Ok(())
+    }
+
+    /// Builds the backend for one connection, for users who run their own daemon loop.
+    pub fn backend(&self, mem: &GuestMemory) -> Result<Arc<BlockBackend<S>>, Error> {
+        let spec = Arc::new(self.spec()?);
+        BlockBackend::new(spec, self.storage.clone(), mem.clone(), self.io_threads)
+            .map(Arc::new)
+            .map_err(Error::Backend)
+    }
+
+    /// Validates the options and the storage info into the device's fixed description.
+    pub(crate) fn spec(&self) -> Result<DeviceSpec, Error> {
+        let info = self.storage.info();
+        let logical = info.block_size;
+        let physical = info.physical_block_size.max(logical);
+        let valid_logical = logical.is_power_of_two() && (512..=65536).contains(&logical);
+        if !valid_logical || !physical.is_power_of_two() {
+            return Err(Error::InvalidBlockSize { logical, physical });
+        }
+        let block = u64::from(logical);
+        let capacity_bytes = info.size / block * block;
+        if capacity_bytes == 0 {
+            return Err(Error::TooSmall {
+                size: info.size,
+                block_size: logical,
+            });
+        }
+        if !(1..=64).contains(&self.num_queues) {
+            return Err(Error::InvalidQueueCount(self.num_queues));
+        }
+        if !self.queue_size.is_power_of_two() || self.queue_size < 2 {
+            return Err(Error::InvalidQueueSize(self.queue_size));
+        }
+        if self.io_threads > 1024 {
+            return Err(Error::InvalidIoThreads(self.io_threads));
+        }
+        let serial_str = self.serial.clone().or(info.serial).unwrap_or_default();
+        if serial_str.len() > VIRTIO_BLK_ID_BYTES as usize
+            || !serial_str
+                .bytes()
+                .all(|b| b.is_ascii_graphic() || b == b' ')
+        {
+            return Err(Error::InvalidSerial(serial_str));
+        }
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        serial[..serial_str.len()].copy_from_slice(serial_str.as_bytes());
+        let seg_max = (u32::from(self.queue_size) - 2).clamp(1, MAX_CHAIN_DESCRIPTORS as u32 - 2);
+        Ok(DeviceSpec {
+            capacity_sectors: capacity_bytes / SECTOR_SIZE,
+            block_size: logical,
+            physical_block_size: physical,
+            optimal_io_size: info.optimal_io_size,
+            read_only: info.read_only || self.read_only,
+            discard: info.discard,
+            write_zeroes: info.write_zeroes,
+            serial,
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
+            seg_max,
+        })
+    }
+}

@@ -1,0 +1,109 @@
+//! Errors of the daemon plumbing.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong while listening, accepting and serving frontends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Neither `--socket` nor socket activation gave us a socket.
+    #[error("no socket: pass --socket PATH or start the daemon through systemd socket activation")]
+    NoSocket,
+    /// `LISTEN_FDS` was set for this process but was not a usable number.
+    #[error("invalid LISTEN_FDS value {0:?}")]
+    InvalidListenFds(String),
+    /// Socket activation passed more than one socket; we serve exactly one.
+    #[error("socket activation passed {0} sockets, expected 1")]
+    TooManyListenFds(u32),
+    /// The socket passed by socket activation is not a listening Unix stream socket.
+    #[error("socket passed by systemd (fd 3) is not a listening unix stream socket")]
+    NotAUnixListener(#[source] io::Error),
+    /// The socket path exists and is not a socket: refuse to remove it.
+    #[error("{0} exists and is not a socket")]
+    PathNotSocket(PathBuf),
+    /// Another process is listening on the socket path.
+    #[error("{0} is in use by another process")]
+    SocketInUse(PathBuf),
+    /// Inspecting or removing a stale socket failed.
+    #[error("cannot replace stale socket {path}")]
+    StaleSocket {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// bind(2) failed.
+    #[error("cannot bind {path}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// chmod(2) of the socket failed.
+    #[error("cannot set mode {mode:o} on {path}")]
+    Chmod {
+        /// The socket path.
+        path: PathBuf,
+        /// The requested mode.
+        mode: u32,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Waiting for a connection or a signal failed.
+    #[error("poll failed")]
+    Poll(#[source] io::Error),
+    /// Creating the shutdown eventfd failed.
+    #[error("cannot create shutdown event")]
+    ShutdownEvent(#[source] io::Error),
+    /// Installing the SIGINT/SIGTERM handlers failed.
+    #[error("cannot install signal handler")]
+    SignalHandler(#[source] io::Error),
+    /// The user's factory could not build a backend for a new connection.
+    #[error("cannot create backend")]
+    CreateBackend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// `VhostUserDaemon` could not be created.
+    #[error("cannot create vhost-user daemon: {0}")]
+    CreateDaemon(String),
+    /// Accepting a connection failed.
+    #[error("cannot accept a frontend connection: {0}")]
+    Accept(String),
+    /// A thread could not be spawned.
+    #[error("cannot spawn thread")]
+    SpawnThread(#[source] io::Error),
+}
+
+/// Formats an error and all of its sources on one line: `outer: inner: innermost`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let msg = e.to_string();
+        // Some errors repeat their source in their own message; avoid "x: x".
+        if !out.ends_with(&msg) {
+            out.push_str(": ");
+            out.push_str(&msg);
+        }
+        source = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_joins_sources() {
+        let e = Error::Bind {
+            path: "/x/s.sock".into(),
+            source: io::Error::from_raw_os_error(libc::EACCES),
+        };
+        let s = error_chain(&e);
+        assert!(s.starts_with("cannot bind /x/s.sock: "), "{s}");
+        assert!(s.contains("ermission denied"), "{s}");
+    }
+}

@@ -1,0 +1,112 @@
+//! The accept loop: one frontend at a time, a fresh backend and daemon per connection.
+
+use std::os::fd::AsRawFd;
+use std::thread;
+
+use log::{info, warn};
+use vhost::vhost_user::Error as VhostUserError;
+use vhost_user_backend::bitmap::BitmapReplace;
+use vhost_user_backend::{Error as DaemonError, VhostUserBackend, VhostUserDaemon};
+use vm_memory::mmap::NewBitmap;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::shutdown::poll_readable;
+use crate::{Error, Shutdown, SocketListener};
+
+/// Serves frontends on `listener` until `shutdown` triggers.
+///
+/// For every connection, `make_backend` is called with the guest memory object that the new
+/// `VhostUserDaemon` will fill in on `SET_MEM_TABLE`; it returns the backend for that connection
+/// (state that must survive reconnects, such as the storage, lives outside it). When the frontend
+/// disconnects, the daemon and its vring worker threads are torn down and the loop waits for the
+/// next frontend on the same, still-bound socket.
+///
+/// The backend **must** implement `exit_event()`: dropping the daemon signals it to stop the
+/// worker threads and then joins them.
+///
+/// A connection that ends with a protocol error is logged and does not stop the loop; errors of
+/// the listener itself, or of `make_backend`, do.
+pub fn serve<T, F, E>(
+    listener: &mut SocketListener,
+    name: &str,
+    shutdown: &Shutdown,
+    mut make_backend: F,
+) -> Result<(), Error>
+where
+    T: VhostUserBackend + Clone + 'static,
+    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    T::Vring: Clone + Send + Sync,
+    F: FnMut(&GuestMemoryAtomic<GuestMemoryMmap<T::Bitmap>>) -> Result<T, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    loop {
+        let ready = poll_readable(&[listener.as_raw_fd(), shutdown.as_raw_fd()], -1)
+            .map_err(Error::Poll)?;
+        if ready[1] || shutdown.is_triggered() {
+            info!("shutting down");
+            return Ok(());
+        }
+        if !ready[0] {
+            continue; // EINTR: re-check the latch
+        }
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<T::Bitmap>::new());
+        let backend = make_backend(&mem).map_err(|e| Error::CreateBackend(e.into()))?;
+        let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+            .map_err(|e| Error::CreateDaemon(e.to_string()))?;
+        daemon
+            .start(listener.vhost_listener())
+            .map_err(|e| Error::Accept(e.to_string()))?;
+        info!("frontend connected");
+        let result = serve_connection(&mut daemon, shutdown)?;
+        // Dropping the daemon stops and joins its vring worker threads.
+        drop(daemon);
+        match result {
+            Ok(()) => info!("frontend disconnected"),
+            Err(e) => warn!("frontend connection ended: {e}"),
+        }
+    }
+}
+
+/// Waits until the frontend disconnects or `shutdown` triggers (then cuts the connection).
+fn serve_connection<T>(
+    daemon: &mut VhostUserDaemon<T>,
+    shutdown: &Shutdown,
+) -> Result<Result<(), DaemonError>, Error>
+where
+    T: VhostUserBackend + Clone + 'static,
+    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    T::Vring: Clone + Send + Sync,
+{
+    let done = EventFd::new(EFD_NONBLOCK).map_err(Error::ShutdownEvent)?;
+    let done_watch = done.try_clone().map_err(Error::ShutdownEvent)?;
+    let cut = daemon.shutdown_handle();
+    let latch = shutdown.clone();
+    let watcher = thread::Builder::new()
+        .name("shutdown-watch".into())
+        .spawn(move || loop {
+            match poll_readable(&[latch.as_raw_fd(), done_watch.as_raw_fd()], -1) {
+                Ok(r) if r[1] => return,
+                Ok(r) if r[0] => {
+                    if let Some(cut) = &cut {
+                        cut.shutdown();
+                    }
+                    return;
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    warn!("shutdown watcher: poll failed: {e}");
+                    return;
+                }
+            }
+        })
+        .map_err(Error::SpawnThread)?;
+    let result = daemon.wait();
+    let _ = done.write(1);
+    let _ = watcher.join();
+    Ok(match result {
+        Err(DaemonError::HandleRequest(VhostUserError::Disconnected))
+        | Err(DaemonError::HandleRequest(VhostUserError::PartialMessage)) => Ok(()),
+        other => other,
+    })
+}
