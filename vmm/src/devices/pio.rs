@@ -1,0 +1,99 @@
+//! Port I/O dispatch for the VMM's own devices: COM1, the i8042 reset, and the boot-time marker.
+//! Unclaimed ports read as all ones (no device) and ignore writes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::i8042::{self, I8042Action};
+use super::serial::{Serial, COM1_BASE};
+
+/// Port of the boot-time marker: a guest write here is logged with the time since `hype vmm`
+/// started (the value written is logged too, so a guest can mark several points).
+pub const BOOT_MARKER_PORT: u16 = 0x0440;
+
+/// What the vCPU should do after a port access.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PioOutcome {
+    /// Keep running.
+    Continue,
+    /// The guest asked for a reset: the VM ends.
+    Reset,
+}
+
+/// The legacy device set shared by all vCPUs.
+pub struct PioBus {
+    serial: Arc<Mutex<Serial>>,
+    started: Instant,
+    markers: Mutex<Vec<(u32, std::time::Duration)>>,
+}
+
+impl PioBus {
+    /// A bus with COM1 and the i8042; `started` is the VMM's start time.
+    pub fn new(serial: Arc<Mutex<Serial>>, started: Instant) -> Self {
+        PioBus {
+            serial,
+            started,
+            markers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The UART (for host input).
+    pub fn serial(&self) -> &Arc<Mutex<Serial>> {
+        &self.serial
+    }
+
+    /// Boot markers seen so far: (value, time since start).
+    pub fn markers(&self) -> Vec<(u32, std::time::Duration)> {
+        self.markers.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Guest `in`.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
+                if let (Some(b), Ok(mut s)) = (data.first_mut(), self.serial.lock()) {
+                    *b = s.read((p - COM1_BASE) as u8);
+                }
+            }
+            i8042::DATA_PORT | i8042::COMMAND_PORT => {
+                if let Some(b) = data.first_mut() {
+                    *b = i8042::read(port);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Guest `out`.
+    pub fn write(&self, port: u16, data: &[u8]) -> PioOutcome {
+        let Some(&value) = data.first() else {
+            return PioOutcome::Continue;
+        };
+        match port {
+            p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
+                if let Ok(mut s) = self.serial.lock() {
+                    s.write((p - COM1_BASE) as u8, value);
+                }
+            }
+            i8042::DATA_PORT | i8042::COMMAND_PORT => {
+                if i8042::write(port, value) == I8042Action::Reset {
+                    return PioOutcome::Reset;
+                }
+            }
+            BOOT_MARKER_PORT => {
+                let mut v = [0u8; 4];
+                let n = data.len().min(4);
+                v[..n].copy_from_slice(&data[..n]);
+                let value = u32::from_le_bytes(v);
+                let t = self.started.elapsed();
+                log::info!("boot marker {value} at {:.3} ms", t.as_secs_f64() * 1e3);
+                if let Ok(mut m) = self.markers.lock() {
+                    m.push((value, t));
+                }
+            }
+            _ => {}
+        }
+        PioOutcome::Continue
+    }
+}

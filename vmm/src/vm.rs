@@ -1,0 +1,601 @@
+//! Building and running a VM: KVM, memory, irqchip, boot, vCPU threads, and the end of the VM.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::regs::{self, EntryMode};
+use crate::arch::{cpuid, mptable};
+use crate::boot::{self, BootError, BootSource};
+use crate::config::{DeviceSpec, SerialSpec};
+use crate::devices::pio::PioBus;
+use crate::devices::serial::{Serial, COM1_IRQ};
+use crate::fixups::{FixupMode, Fixups};
+use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
+use crate::terminal::RawModeGuard;
+use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
+
+/// Command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Most vCPUs hype gives a guest.
+pub const MAX_VCPUS: u8 = mptable::MAX_CPUS;
+
+/// Everything needed to start a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// What to boot.
+    pub image: BootImage,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// UART sink.
+    pub serial: SerialSpec,
+    /// vhost-user backends (wired up by the transport).
+    pub devices: Vec<DeviceSpec>,
+    /// PVM emulation fix-ups.
+    pub fixups: FixupMode,
+}
+
+/// A Linux kernel, or a raw program (tests, demos).
+#[derive(Clone, Debug)]
+pub enum BootImage {
+    /// A bzImage or ELF kernel.
+    Kernel {
+        /// Kernel path.
+        kernel: PathBuf,
+        /// Initrd path.
+        initrd: Option<PathBuf>,
+        /// Command line as given (hype may append to it).
+        cmdline: String,
+    },
+    /// Raw code loaded at `load_addr` and entered at `entry` in `mode`.
+    Raw {
+        /// The code.
+        code: Vec<u8>,
+        /// Where it goes.
+        load_addr: u64,
+        /// Entry point (real mode: linear address below 64 KiB, CS = 0).
+        entry: u64,
+        /// CPU mode.
+        mode: RawMode,
+    },
+}
+
+/// Entry mode for raw programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawMode {
+    /// 16-bit real mode.
+    Real,
+    /// 64-bit long mode with the identity map.
+    Long,
+}
+
+/// How the VM ended without error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest reset the machine (i8042, reboot).
+    Reset,
+    /// The guest shut down or triple-faulted.
+    Shutdown,
+    /// Stopped from the host (signal, Ctrl-a x).
+    Stopped,
+}
+
+/// Errors creating or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm missing or not accessible.
+    #[error("cannot open /dev/kvm: {0} (is KVM enabled and do you have access to /dev/kvm?)")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// KVM lacks a needed capability.
+    #[error("KVM lacks the {0} capability")]
+    KvmCap(&'static str),
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// Which call.
+        what: &'static str,
+        /// Underlying error.
+        source: kvm_ioctls::Error,
+    },
+    /// Memory below the minimum.
+    #[error("{0} MiB of memory is too little (at least {min} MiB)", min = MIN_MEMORY >> 20)]
+    MemoryTooSmall(u64),
+    /// Memory above the host's.
+    #[error("{req} MiB of memory is more than the host has ({host} MiB)")]
+    MemoryTooLarge {
+        /// Requested MiB.
+        req: u64,
+        /// Host MiB.
+        host: u64,
+    },
+    /// Bad vCPU count.
+    #[error("{n} vCPUs: hype supports 1 to {max} on this host")]
+    Cpus {
+        /// Requested.
+        n: u64,
+        /// Maximum.
+        max: u64,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel/initrd/cmdline.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Raw program does not fit.
+    #[error("program of {0} bytes does not fit at its load address")]
+    RawTooBig(usize),
+    /// MP table.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    /// vCPU registers.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// Serial output file.
+    #[error("cannot open serial output {path}: {source}")]
+    SerialFile {
+        /// Path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// Eventfd/thread/signal setup.
+    #[error("{what}: {source}")]
+    Os {
+        /// What failed.
+        what: &'static str,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+impl VmmError {
+    /// Whether this is the user's input being wrong (exit code 2) rather than a runtime failure.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            VmmError::KvmOpen(_)
+                | VmmError::MemoryTooSmall(_)
+                | VmmError::MemoryTooLarge { .. }
+                | VmmError::Cpus { .. }
+                | VmmError::Boot(_)
+                | VmmError::RawTooBig(_)
+                | VmmError::SerialFile { .. }
+        )
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Os { what, source }
+}
+
+/// Physical RAM of the host in bytes.
+pub fn host_memory() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+}
+
+/// Checks memory and vCPU counts that do not need KVM.
+pub fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
+    if cfg.memory < MIN_MEMORY {
+        return Err(VmmError::MemoryTooSmall(cfg.memory >> 20));
+    }
+    let host = host_memory();
+    if host > 0 && cfg.memory > host {
+        return Err(VmmError::MemoryTooLarge {
+            req: cfg.memory >> 20,
+            host: host >> 20,
+        });
+    }
+    if cfg.cpus == 0 || cfg.cpus > MAX_VCPUS {
+        return Err(VmmError::Cpus {
+            n: u64::from(cfg.cpus),
+            max: u64::from(MAX_VCPUS),
+        });
+    }
+    Ok(())
+}
+
+static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP_SIGNAL.store(true, Ordering::SeqCst);
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_signal_handlers() -> Result<(), VmmError> {
+    register_signal_handler(SIGRTMIN(), on_kick).map_err(|e| VmmError::Os {
+        what: "cannot install the vCPU kick handler",
+        source: e.into(),
+    })?;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let r = unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+        if r == libc::SIG_ERR {
+            return Err(os_err("cannot install signal handlers")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn serial_sink(spec: &SerialSpec) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match spec {
+        SerialSpec::Stdio => {
+            // SAFETY: dup of stdout returns a new fd we own (checked below).
+            let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
+            if fd < 0 {
+                return Err(os_err("cannot dup stdout")(std::io::Error::last_os_error()));
+            }
+            // SAFETY: fd is a fresh descriptor owned by this File.
+            Box::new(unsafe { std::fs::File::from_raw_fd(fd) })
+        }
+        SerialSpec::None => Box::new(std::io::sink()),
+        SerialSpec::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        ),
+    })
+}
+
+/// Reads stdin into the UART; Ctrl-a x stops the VM, Ctrl-a Ctrl-a sends one Ctrl-a.
+fn spawn_stdin_reader(serial: Arc<Mutex<Serial>>, stop_req: Arc<AtomicBool>) {
+    let _ = std::thread::Builder::new()
+        .name("serial-stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut escape = false;
+            loop {
+                // SAFETY: reading into a valid buffer of the given length.
+                let n =
+                    unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    if n < 0
+                        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                    {
+                        continue;
+                    }
+                    return;
+                }
+                let mut out = Vec::with_capacity(n as usize);
+                for &b in &buf[..n as usize] {
+                    if escape {
+                        escape = false;
+                        match b {
+                            b'x' | b'X' => {
+                                stop_req.store(true, Ordering::SeqCst);
+                                return;
+                            }
+                            0x01 => out.push(0x01),
+                            other => out.extend_from_slice(&[0x01, other]),
+                        }
+                    } else if b == 0x01 {
+                        escape = true;
+                    } else {
+                        out.push(b);
+                    }
+                }
+                let mut rest = &out[..];
+                while !rest.is_empty() {
+                    let took = match serial.lock() {
+                        Ok(mut s) => s.enqueue_input(rest),
+                        Err(_) => return,
+                    };
+                    rest = &rest[took..];
+                    if !rest.is_empty() {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        });
+}
+
+/// The outcome of a VM run.
+#[derive(Debug)]
+pub struct VmOutcome {
+    /// How it ended.
+    pub end: VmEnd,
+    /// Boot markers: (value, time since start).
+    pub markers: Vec<(u32, Duration)>,
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
+    for (cap, name) in [
+        (Cap::Irqchip, "IRQCHIP"),
+        (Cap::Ioeventfd, "IOEVENTFD"),
+        (Cap::Irqfd, "IRQFD"),
+        (Cap::UserMemory, "USER_MEMORY"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::KvmCap(name));
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_identity_map_address(crate::layout::KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.set_tss_address(crate::layout::KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(vm)
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM's vCPUs
+        // (it is kept in the shared vCPU state until every vCPU thread has been joined).
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+fn load_raw(mem: &GuestMemoryMmap, code: &[u8], load_addr: u64) -> Result<(), VmmError> {
+    mem.write_slice(code, GuestAddress(load_addr))
+        .map_err(|_| VmmError::RawTooBig(code.len()))
+}
+
+fn setup_vcpu(
+    vm: &VmFd,
+    supported: &kvm_bindings::CpuId,
+    index: u8,
+    count: u8,
+    boot: Option<(EntryMode, u64, u64, u64)>,
+) -> Result<VcpuFd, VmmError> {
+    let vcpu = vm
+        .create_vcpu(u64::from(index))
+        .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    let mut ids = supported.clone();
+    cpuid::filter(ids.as_mut_slice(), index, count);
+    vcpu.set_cpuid2(&ids).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    regs::setup_msrs(&vcpu)?;
+    regs::setup_fpu(&vcpu)?;
+    regs::setup_lapic(&vcpu)?;
+    if let Some((mode, entry, info, stack)) = boot {
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let mut sregs = regs::entry_sregs(sregs, mode);
+        if mode == EntryMode::Real {
+            sregs.cs.base = 0;
+            sregs.cs.selector = 0;
+        }
+        vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&regs::entry_regs(mode, entry, info, stack))
+            .map_err(kvm_err("KVM_SET_REGS"))?;
+    }
+    Ok(vcpu)
+}
+
+/// Creates the VM described by `cfg` and runs it to its end.
+pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
+    let started = Instant::now();
+    validate(cfg)?;
+    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let max = kvm.get_max_vcpus().min(usize::from(MAX_VCPUS));
+    if usize::from(cfg.cpus) > max {
+        return Err(VmmError::Cpus {
+            n: u64::from(cfg.cpus),
+            max: max as u64,
+        });
+    }
+    let fixups = Fixups::new(cfg.fixups);
+    let vm = create_vm(&kvm)?;
+    let mem = memory::create_guest_memory(cfg.memory)?;
+    register_memory(&vm, &mem)?;
+
+    let boot = match &cfg.image {
+        BootImage::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let mut cmdline = cmdline.clone();
+            if fixups.is_active() {
+                for extra in fixups.guest_cmdline_additions() {
+                    if !cmdline.split_whitespace().any(|w| w == *extra) {
+                        cmdline.push(' ');
+                        cmdline.push_str(extra);
+                    }
+                }
+            }
+            let src = BootSource {
+                kernel,
+                initrd: initrd.as_deref(),
+                cmdline: &cmdline,
+            };
+            let setup = boot::load(&mem, cfg.memory, &src)?;
+            log::debug!(
+                "boot: {:?} entry {:#x}, command line: {cmdline}",
+                setup.protocol,
+                setup.entry
+            );
+            (setup.mode, setup.entry, setup.boot_info, setup.stack)
+        }
+        BootImage::Raw {
+            code,
+            load_addr,
+            entry,
+            mode,
+        } => {
+            load_raw(&mem, code, *load_addr)?;
+            regs::write_descriptor_tables(&mem)?;
+            match mode {
+                RawMode::Real => (EntryMode::Real, *entry, 0, 0),
+                RawMode::Long => {
+                    let cr3 = crate::arch::paging::write_identity_map(&mem)
+                        .map_err(BootError::GuestWrite)?;
+                    (
+                        EntryMode::Long64 { cr3 },
+                        *entry,
+                        0,
+                        crate::layout::BOOT_STACK_POINTER,
+                    )
+                }
+            }
+        }
+    };
+    fixups.announce();
+
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let (signature, features) = supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 1)
+        .map(|e| (e.eax, e.edx))
+        .unwrap_or((0x600, 0x201));
+    mptable::write(&mem, cfg.cpus, signature, features)?;
+
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        serial_sink(&cfg.serial)?,
+        Box::new(serial_irq),
+    )));
+
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
+    for i in 0..cfg.cpus {
+        vcpus.push(setup_vcpu(
+            &vm,
+            &supported,
+            i,
+            cfg.cpus,
+            (i == 0).then_some(boot),
+        )?);
+    }
+
+    install_signal_handlers()?;
+    let stop_req = Arc::new(AtomicBool::new(false));
+    let raw_guard = if cfg.serial == SerialSpec::Stdio {
+        spawn_stdin_reader(serial.clone(), stop_req.clone());
+        RawModeGuard::stdin()
+    } else {
+        None
+    };
+
+    let shared = Arc::new(VcpuShared {
+        pio: PioBus::new(serial.clone(), started),
+        mem: mem.clone(),
+        stop: AtomicBool::new(false),
+        fixups,
+    });
+    let (tx, rx) = mpsc::channel::<(u8, VcpuEnd)>();
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for (i, vcpu) in vcpus.into_iter().enumerate() {
+        let shared = shared.clone();
+        let tx = tx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || {
+                let end = vcpu::run(vcpu, i as u8, &shared);
+                let _ = tx.send((i as u8, end));
+            })
+            .map_err(os_err("cannot start vCPU thread"))?;
+        handles.push(h);
+    }
+    drop(tx);
+
+    let first = loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(ev) => break Some(ev),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if STOP_SIGNAL.load(Ordering::SeqCst) || stop_req.load(Ordering::SeqCst) {
+                    break None;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+        }
+    };
+    shared.stop.store(true, Ordering::Release);
+    // Kick every vCPU out of KVM_RUN until all threads are gone; a kick can race with the
+    // thread entering KVM_RUN, so repeat it.
+    while handles.iter().any(|h| !h.is_finished()) {
+        for h in handles.iter().filter(|h| !h.is_finished()) {
+            let _ = h.kill(SIGRTMIN());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    if let Ok(mut s) = serial.lock() {
+        s.flush();
+    }
+    drop(raw_guard);
+    shared.fixups.log_summary();
+    let markers = shared.pio.markers();
+    match first {
+        Some((i, VcpuEnd::Error(e))) => {
+            log::debug!("vCPU {i} failed");
+            Err(e.into())
+        }
+        Some((i, VcpuEnd::Reset)) => {
+            log::info!("guest reset (vCPU {i}): VM ends");
+            Ok(VmOutcome {
+                end: VmEnd::Reset,
+                markers,
+            })
+        }
+        Some((i, VcpuEnd::Shutdown)) => {
+            log::info!("guest shut down or triple-faulted (vCPU {i}): VM ends");
+            Ok(VmOutcome {
+                end: VmEnd::Shutdown,
+                markers,
+            })
+        }
+        Some((_, VcpuEnd::Stopped)) | None => {
+            log::info!("VM stopped from the host");
+            Ok(VmOutcome {
+                end: VmEnd::Stopped,
+                markers,
+            })
+        }
+    }
+}
