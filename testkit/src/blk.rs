@@ -250,6 +250,11 @@ impl BlkRequest {
         self.in_len
     }
 
+    /// Device-readable payload bytes after the header (write data, discard ranges).
+    pub fn payload_len(&self) -> usize {
+        self.out.len()
+    }
+
     /// The descriptor chain segments.
     pub fn segments(&self) -> Vec<Segment<'_>> {
         let mut v = vec![Segment::Readable(&self.header)];

@@ -14,6 +14,8 @@
 //! - [`memory::GuestRam`]: memfd-backed guest memory and a buffer allocator.
 //! - [`blk`]: virtio-blk requests, status, config decoding, [`blk::BlkDriver`] with
 //!   `read`/`write`/`flush`/`get_id`/`discard`/`write_zeroes` and `run_batch`.
+//! - [`loadgen::closed_loop`]: keep N requests in flight on a queue and report IOPS and latency
+//!   percentiles (for benchmarks).
 //!
 //! ```no_run
 //! use hype_testkit::blk::{BlkDriver, BlkRequest};
@@ -32,5 +34,6 @@
 pub mod blk;
 pub mod driver;
 pub mod error;
+pub mod loadgen;
 pub mod memory;
 pub mod virtqueue;
