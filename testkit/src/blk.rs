@@ -614,7 +614,12 @@ pub fn run_on_queue(
             if q.free_descriptors() < segs.len() && q.in_flight() > 0 {
                 break;
             }
-            let head = q.add(&segs, false)?;
+            let head = match q.add(&segs, false) {
+                Ok(h) => h,
+                // Guest memory is full of in-flight buffers: wait for some to come back.
+                Err(Error::OutOfBufferMemory { .. }) if q.in_flight() > 0 => break,
+                Err(e) => return Err(e),
+            };
             by_head.insert(head, work[next].0);
             next += 1;
             added = true;

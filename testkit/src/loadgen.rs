@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::blk::{add_request, BlkRequest, BlkResponse, BlkStatus};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::virtqueue::Virtqueue;
 
 /// When a closed loop stops.
@@ -78,6 +78,8 @@ pub fn closed_loop(
     let mut report = LoopReport::default();
     let mut in_flight: HashMap<u16, (Instant, u64)> = HashMap::with_capacity(depth);
     let mut issued: u64 = 0;
+    // A request built but not yet accepted by the queue (descriptors or memory ran out).
+    let mut carry: Option<BlkRequest> = None;
     let start = Instant::now();
     let may_issue = |issued: u64, now: Instant| match stop {
         StopAfter::Requests(n) => issued < n,
@@ -87,13 +89,23 @@ pub fn closed_loop(
         let now = Instant::now();
         let mut added = false;
         while in_flight.len() < depth && may_issue(issued, now) {
-            let req = next(issued);
-            let need = req.segments().len();
-            if q.free_descriptors() < need && !in_flight.is_empty() {
+            let req = match carry.take() {
+                Some(r) => r,
+                None => next(issued),
+            };
+            if q.free_descriptors() < req.segments().len() && !in_flight.is_empty() {
+                carry = Some(req);
                 break;
             }
             let bytes = u64::from(req.in_len()) + req.payload_len() as u64;
-            let head = add_request(q, &req)?;
+            let head = match add_request(q, &req) {
+                Ok(h) => h,
+                Err(Error::OutOfBufferMemory { .. }) if !in_flight.is_empty() => {
+                    carry = Some(req);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             in_flight.insert(head, (Instant::now(), bytes));
             issued += 1;
             added = true;

@@ -138,3 +138,70 @@ fn data_survives_backend_restart() {
     let resp = blk.execute(1, &BlkRequest::read(64, 512)).unwrap();
     assert_eq!(resp.data, &data[..512]);
 }
+
+#[test]
+fn batch_waits_when_guest_memory_is_full() {
+    let path = socket_path("blk-mempressure");
+    let _srv = serve(&path, vec![Mode::Blk(disk())]);
+    let mut o = opts(1);
+    o.mem_size = 1 << 20; // rings + ~15 buffers of 64 KiB at a time
+    let mut blk = BlkDriver::connect(&path, o).unwrap();
+    let writes: Vec<_> = (0..16u64)
+        .map(|i| BlkRequest::write(i * 128, pattern(i, 65536)))
+        .collect();
+    assert!(blk
+        .run_batch(&writes)
+        .unwrap()
+        .iter()
+        .all(|r| r.status == BlkStatus::Ok));
+    let reads: Vec<_> = (0..16u64)
+        .map(|i| BlkRequest::read(i * 128, 65536))
+        .collect();
+    for (i, r) in blk.run_batch(&reads).unwrap().into_iter().enumerate() {
+        assert_eq!(r.data, pattern(i as u64, 65536));
+    }
+    // A single request larger than guest memory is an error, not a hang.
+    assert!(matches!(
+        blk.run_batch(&[BlkRequest::read(0, 2 << 20)]),
+        Err(Error::OutOfBufferMemory { .. })
+    ));
+}
+
+#[test]
+fn closed_loop_keeps_depth_and_counts() {
+    use hype_testkit::loadgen::{closed_loop, StopAfter};
+    let path = socket_path("blk-loop");
+    let _srv = serve(&path, vec![Mode::Blk(disk())]);
+    let mut blk = BlkDriver::connect(&path, opts(1)).unwrap();
+    let q = blk.driver().queue(0).unwrap();
+    let report = closed_loop(
+        q,
+        8,
+        StopAfter::Requests(500),
+        Duration::from_secs(5),
+        |n| {
+            if n % 2 == 0 {
+                BlkRequest::write((n % 100) * 8, pattern(n, 4096))
+            } else {
+                BlkRequest::read((n % 100) * 8, 4096)
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(report.requests, 500);
+    assert_eq!(report.errors, 0);
+    assert_eq!(report.bytes, 500 * 4096);
+    assert_eq!(report.latencies_ns.len(), 500);
+    assert!(report.percentile(50.0) <= report.percentile(99.0));
+    assert_eq!(q.in_flight(), 0);
+    // Requests past the end of the disk are counted as errors.
+    let report = closed_loop(
+        q,
+        4,
+        StopAfter::Requests(10),
+        Duration::from_secs(5),
+        |_| BlkRequest::read((DISK / 512) as u64, 512),
+    )
+    .unwrap();
+    assert_eq!(report.errors, 10);
+}

@@ -101,9 +101,9 @@ impl TestBackend {
     }
 }
 
-type Chain<'a> = virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>;
+type Chain = virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>;
 
-fn echo(chain: Chain<'_>, mem: &GuestMemoryMmap) -> Option<u32> {
+fn echo(chain: Chain, mem: &GuestMemoryMmap) -> Option<u32> {
     let mut input = Vec::new();
     chain
         .clone()
@@ -117,7 +117,7 @@ fn echo(chain: Chain<'_>, mem: &GuestMemoryMmap) -> Option<u32> {
     Some(n as u32)
 }
 
-fn blk(chain: Chain<'_>, mem: &GuestMemoryMmap, disk: &Mutex<Vec<u8>>) -> Option<u32> {
+fn blk(chain: Chain, mem: &GuestMemoryMmap, disk: &Mutex<Vec<u8>>) -> Option<u32> {
     let mut r = chain.clone().reader(mem).ok()?;
     let mut w = chain.writer(mem).ok()?;
     let mut hdr = [0u8; 16];
