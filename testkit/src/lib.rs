@@ -7,10 +7,14 @@
 //!   activates the rings ([`driver::DriverOptions`]: queues, queue size, memory size, feature
 //!   mask, always-kick), stops them ([`driver::Driver::stop_queues`]), disconnects and
 //!   reconnects with ring replay ([`driver::Driver::reconnect`], [`driver::ReplayBase`]).
-//! - [`virtqueue::Virtqueue`]: a split ring in guest memory. `submit(&[Segment])` returns a head;
-//!   `wait`/`wait_for`/`poll` return [`virtqueue::Completion`]s with device-written data read
-//!   back. EVENT_IDX and indirect descriptors are supported when negotiated. A raw mode writes
-//!   arbitrary descriptors and heads for hostile tests.
+//! - [`virtqueue::Virtqueue`]: a split ring in guest memory. `submit(&[Segment])` returns a head
+//!   (or `add` several chains, then `notify` once); `wait`/`wait_for`/`poll` return
+//!   [`virtqueue::Completion`]s with device-written data read back. Waits are always bounded
+//!   ([`error::Error::Timeout`]). EVENT_IDX is used when negotiated (`used_event` written,
+//!   `avail_event` respected; `always_kick` overrides). INDIRECT descriptors are optional and
+//!   opt-in per chain (`submit_indirect`, only if VIRTIO_RING_F_INDIRECT_DESC was acked).
+//!   A raw mode (`reserve_descriptors`, `write_descriptor`, `submit_raw`, `set_avail_idx`,
+//!   `collect_raw`) writes arbitrary descriptors and heads for hostile tests.
 //! - [`memory::GuestRam`]: memfd-backed guest memory and a buffer allocator.
 //! - [`blk`]: virtio-blk requests, status, config decoding, [`blk::BlkDriver`] with
 //!   `read`/`write`/`flush`/`get_id`/`discard`/`write_zeroes` and `run_batch`.
