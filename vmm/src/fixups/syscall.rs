@@ -10,8 +10,9 @@
 //! CPL 3. Fetching the kernel's entry point at user privilege then faults: a #PF with CR2 = the
 //! entry point, error code "user-mode instruction fetch", delivered through IDT vector 14 with
 //! a switch to CPL 0 on the stack from TSS.RSP0, which gets the frame
-//! `[rsp] error code, RIP (= entry point), CS (user, RPL 3), RFLAGS (already masked), RSP
-//! (user), SS (user)`. The #PF entry's first instruction, `clac`, then fails emulation, which is
+//! `[rsp] error code, RIP (= entry point), CS (user, RPL 3), RFLAGS (already masked, RF set),
+//! RSP (user), SS (user)`. Seen on this host with a probe guest: error code 0x5, frame RFLAGS
+//! 0x10002 after a user RFLAGS of 0x202 and Linux's FMASK, RCX/R11 correct, SS null. The #PF entry's first instruction, `clac`, then fails emulation, which is
 //! where the fix-ups see it.
 //!
 //! # Recognition
@@ -20,8 +21,9 @@
 //! - CR2 equals LSTAR (or a non-zero CSTAR): the fault was on the entry point;
 //! - RIP is the #PF handler from the IDT (or 4 bytes into it, after an `endbr64`): nothing of
 //!   the handler ran, so RSP still points at the frame the delivery pushed;
-//! - the frame's RIP equals CR2, its CS and SS have RPL 3, its error code says user-mode
-//!   instruction fetch without a reserved-bit or write fault;
+//! - the frame's RIP equals CR2, its CS and SS have RPL 3, its error code says user mode and
+//!   neither a write nor a reserved-bit fault (the instruction-fetch bit is not required: it is
+//!   only reported with EFER.NXE or CR4.SMEP, and PVM was seen without it);
 //! - the frame's RFLAGS has no bit of FMASK set, IF clear, IOPL 0 and VM clear. Code at CPL 3
 //!   with IOPL 0 cannot clear IF, so a user program jumping to the entry point on its own cannot
 //!   produce this frame (Linux puts IF in FMASK; a guest whose FMASK lacks IF gets no repair);
@@ -55,7 +57,6 @@ use super::vcpu::{
 const PF_WRITE: u64 = 1 << 1;
 const PF_USER: u64 = 1 << 2;
 const PF_RSVD: u64 = 1 << 3;
-const PF_INSN: u64 = 1 << 4;
 
 /// IDT vector of #PF, and the size of a 64-bit IDT gate.
 const PF_VECTOR: u64 = 14;
@@ -147,9 +148,12 @@ pub(super) fn recognise(
     if frame.cs & 3 != 3 || frame.ss & 3 != 3 {
         return Ok(Err("fault did not come from user mode"));
     }
+    // The I/D bit is only reported with EFER.NXE or CR4.SMEP, and PVM was seen to omit it
+    // (error code 0x5 with neither set): not required. A fault with CR2 and the frame's RIP
+    // both at the entry point can only be the fetch there anyway.
     let ec = frame.error_code;
-    if ec & (PF_USER | PF_INSN) != (PF_USER | PF_INSN) || ec & (PF_WRITE | PF_RSVD) != 0 {
-        return Ok(Err("error code is not a user instruction fetch"));
+    if ec & PF_USER == 0 || ec & (PF_WRITE | PF_RSVD) != 0 {
+        return Ok(Err("error code is not a user read or fetch"));
     }
 
     let fmask = cpu.msr(MSR_SYSCALL_MASK)?;

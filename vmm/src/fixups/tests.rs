@@ -375,6 +375,8 @@ const USER_RSP: u64 = 0x7ffc_1234_5670;
 const USER_RFLAGS: u64 = 0x246; // IF ZF PF
 /// user instruction fetch, page present
 const PF_ERROR: u64 = 0x15;
+/// What PVM reported without EFER.NXE: user read, page present, no fetch bit.
+const PF_ERROR_NO_NX: u64 = 0x5;
 
 /// The state PVM leaves: user SYSCALL emulated at CPL 3, #PF on fetching LSTAR delivered to
 /// the kernel, stopped on the handler's `clac`.
@@ -483,6 +485,19 @@ fn half_done_syscall_behind_endbr64() {
 }
 
 #[test]
+fn half_done_syscall_as_seen_on_pvm() {
+    // Error code without the fetch bit, RF set in the frame's RFLAGS.
+    let mut cpu = half_done_syscall();
+    let rsp = cpu.regs.rsp;
+    cpu.poke_u64s(rsp, &[PF_ERROR_NO_NX]);
+    cpu.poke_u64s(rsp + 24, &[0x10046]);
+    let a = active().handle(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap();
+    assert_eq!(a.fixup, Fixup::Syscall);
+    assert_eq!(cpu.regs.rflags, 0x46);
+    assert_eq!(cpu.regs.rsp, USER_RSP);
+}
+
+#[test]
 fn half_done_compat_syscall_goes_to_cstar() {
     let mut cpu = half_done_syscall();
     cpu.sregs.cr2 = CSTAR;
@@ -526,17 +541,17 @@ fn lookalike_states_are_plain_clac() {
         ),
         (
             "write fault",
-            "error code is not a user instruction fetch",
+            "error code is not a user read or fetch",
             Box::new(move |c| c.poke_u64s(frame, &[0x17])),
         ),
         (
-            "data read fault",
-            "error code is not a user instruction fetch",
-            Box::new(move |c| c.poke_u64s(frame, &[0x05])),
+            "supervisor-mode fault",
+            "error code is not a user read or fetch",
+            Box::new(move |c| c.poke_u64s(frame, &[0x11])),
         ),
         (
             "reserved-bit fault",
-            "error code is not a user instruction fetch",
+            "error code is not a user read or fetch",
             Box::new(move |c| c.poke_u64s(frame, &[0x1d])),
         ),
         (

@@ -1,0 +1,91 @@
+//! Helpers shared by the VMM's integration tests: assembling tiny guest programs with binutils and
+//! running the `hype` binary.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Directory for test artefacts.
+pub fn work_dir(test: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(test);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Assembles `guests/<name>.S` and links it at `text_addr`; returns the ELF path.
+pub fn assemble(name: &str, text_addr: u64) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/guests")
+        .join(format!("{name}.S"));
+    let dir = work_dir("guests");
+    let obj = dir.join(format!("{name}.o"));
+    let elf = dir.join(format!("{name}.elf"));
+    let st = Command::new("as")
+        .args(["--64", "-o"])
+        .arg(&obj)
+        .arg(&src)
+        .status()
+        .expect("run as (binutils)");
+    assert!(st.success(), "assembling {name}");
+    let st = Command::new("ld")
+        .args([
+            "-static",
+            "-nostdlib",
+            "-z",
+            "max-page-size=4096",
+            "--no-warn-rwx-segments",
+        ])
+        .arg(format!("-Ttext={text_addr:#x}"))
+        .arg("-o")
+        .arg(&elf)
+        .arg(&obj)
+        .status()
+        .expect("run ld");
+    assert!(st.success(), "linking {name}");
+    elf
+}
+
+/// Flat binary of the `.text` section of an ELF.
+pub fn flat(elf: &Path) -> Vec<u8> {
+    let bin = elf.with_extension("bin");
+    let st = Command::new("objcopy")
+        .args(["-O", "binary", "-j", ".text"])
+        .arg(elf)
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::read(bin).unwrap()
+}
+
+/// Address of a symbol in an ELF (via nm).
+pub fn symbol(elf: &Path, name: &str) -> u64 {
+    let out = Command::new("nm").arg(elf).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() == 3 && f[2] == name {
+            return u64::from_str_radix(f[0], 16).unwrap();
+        }
+    }
+    panic!("symbol {name} not in {}", elf.display());
+}
+
+/// Runs `hype` with arguments, stdin closed; returns its output.
+pub fn hype(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hype"))
+        .args(args)
+        .stdin(Stdio::null())
+        .env("HYPE_LOG", "info")
+        .output()
+        .expect("run hype")
+}
+
+/// Stdout and stderr as strings.
+pub fn texts(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
