@@ -98,7 +98,7 @@ pub enum VmEnd {
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// /dev/kvm missing or not accessible.
-    #[error("cannot open /dev/kvm: {0} (is KVM enabled and do you have access to /dev/kvm?)")]
+    #[error("cannot open the KVM device: {0} (is KVM enabled, and may you open /dev/kvm?)")]
     KvmOpen(#[source] kvm_ioctls::Error),
     /// KVM lacks a needed capability.
     #[error("KVM lacks the {0} capability")]
@@ -221,6 +221,21 @@ pub fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
         });
     }
     Ok(())
+}
+
+/// Environment variable naming the KVM device node (default `/dev/kvm`).
+pub const KVM_DEVICE_ENV: &str = "HYPE_KVM_DEVICE";
+
+fn open_kvm() -> Result<Kvm, VmmError> {
+    match std::env::var_os(KVM_DEVICE_ENV) {
+        Some(path) => {
+            let path =
+                std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+                    .map_err(|_| VmmError::KvmOpen(kvm_ioctls::Error::new(libc::EINVAL)))?;
+            Kvm::new_with_path(&path).map_err(VmmError::KvmOpen)
+        }
+        None => Kvm::new().map_err(VmmError::KvmOpen),
+    }
 }
 
 static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
@@ -415,7 +430,7 @@ fn setup_vcpu(
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     let started = Instant::now();
     validate(cfg)?;
-    let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+    let kvm = open_kvm()?;
     let max = kvm.get_max_vcpus().min(usize::from(MAX_VCPUS));
     if usize::from(cfg.cpus) > max {
         return Err(VmmError::Cpus {
