@@ -227,15 +227,20 @@ pub fn validate(cfg: &VmConfig) -> Result<(), VmmError> {
 pub const KVM_DEVICE_ENV: &str = "HYPE_KVM_DEVICE";
 
 fn open_kvm() -> Result<Kvm, VmmError> {
-    match std::env::var_os(KVM_DEVICE_ENV) {
+    let kvm = match std::env::var_os(KVM_DEVICE_ENV) {
         Some(path) => {
             let path =
                 std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
                     .map_err(|_| VmmError::KvmOpen(kvm_ioctls::Error::new(libc::EINVAL)))?;
-            Kvm::new_with_path(&path).map_err(VmmError::KvmOpen)
+            Kvm::new_with_path(&path).map_err(VmmError::KvmOpen)?
         }
-        None => Kvm::new().map_err(VmmError::KvmOpen),
+        None => Kvm::new().map_err(VmmError::KvmOpen)?,
+    };
+    // A node that opens but does not speak the KVM API (API version 12) is not a KVM device.
+    if kvm.get_api_version() != 12 {
+        return Err(VmmError::KvmOpen(kvm_ioctls::Error::new(libc::ENOTTY)));
     }
+    Ok(kvm)
 }
 
 static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);

@@ -88,11 +88,8 @@ fn unhandled_emulation_failure_is_a_clean_error() {
             last.starts_with("hype: KVM_EXIT_INTERNAL_ERROR (suberror 1) on vCPU 0 at RIP 0x"),
             "{last}"
         );
-        assert!(
-            last.ends_with("bytes [cc 8d 35 18 10 20 00 e8 01 00 00 00 f4 52 66]")
-                || last.contains("bytes [cc "),
-            "{last}"
-        );
+        // The failing instruction is the guest's int3 (0xcc).
+        assert!(last.contains(", bytes [cc "), "{last}");
         assert!(!err.contains("panicked"));
     } else {
         assert_eq!(o.status.code(), Some(0), "{err}");

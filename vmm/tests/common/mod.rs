@@ -19,8 +19,17 @@ pub fn assemble(name: &str, text_addr: u64) -> PathBuf {
         .join("tests/guests")
         .join(format!("{name}.S"));
     let dir = work_dir("guests");
-    let obj = dir.join(format!("{name}.o"));
-    let elf = dir.join(format!("{name}.elf"));
+    // Tests run in parallel and may assemble the same program: build under a unique name and
+    // rename into place atomically.
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let uniq = format!(
+        "{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let obj = dir.join(format!("{name}.{uniq}.o"));
+    let tmp_elf = dir.join(format!("{name}.{uniq}.elf"));
+    let elf = dir.join(format!("{name}.{text_addr:x}.elf"));
     let st = Command::new("as")
         .args(["--64", "-o"])
         .arg(&obj)
@@ -38,17 +47,19 @@ pub fn assemble(name: &str, text_addr: u64) -> PathBuf {
         ])
         .arg(format!("-Ttext={text_addr:#x}"))
         .arg("-o")
-        .arg(&elf)
+        .arg(&tmp_elf)
         .arg(&obj)
         .status()
         .expect("run ld");
     assert!(st.success(), "linking {name}");
+    let _ = std::fs::remove_file(&obj);
+    std::fs::rename(&tmp_elf, &elf).unwrap();
     elf
 }
 
 /// Flat binary of the `.text` section of an ELF.
 pub fn flat(elf: &Path) -> Vec<u8> {
-    let bin = elf.with_extension("bin");
+    let bin = elf.with_extension(format!("{}.bin", std::process::id()));
     let st = Command::new("objcopy")
         .args(["-O", "binary", "-j", ".text"])
         .arg(elf)
