@@ -10,12 +10,13 @@ use log::warn;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::chain::DescTable;
 use crate::config::DeviceSpec;
 use crate::io_pool::{InFlight, IoPool};
 use crate::iobuf::IoBuf;
@@ -88,6 +89,10 @@ impl<S: Storage> BlockBackend<S> {
         let mut st = vring.get_mut();
         // Only this queue's worker takes this lock, so it is never contended.
         let mut buf = ctx.buf.lock().unwrap_or_else(|p| p.into_inner());
+        let table = DescTable {
+            addr: GuestAddress(st.get_queue().desc_table()),
+            size: st.get_queue().size(),
+        };
         let mut completed = 0usize;
         let mut idle_rounds = 0;
         loop {
@@ -100,7 +105,7 @@ impl<S: Storage> BlockBackend<S> {
             while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 popped += 1;
                 let head = chain.head_index();
-                let req = match request::parse(chain, &mem, &self.spec) {
+                let req = match request::parse(head, table, &mem, &self.spec) {
                     Ok(req) => req,
                     Err(reason) => {
                         guest_error(format_args!("dropping chain {head}: {reason}"));
@@ -208,7 +213,7 @@ fn signal(st: &mut VringState<GuestMemory>, event_idx: bool) {
 fn guest_error(args: std::fmt::Arguments<'_>) {
     static COUNT: AtomicU64 = AtomicU64::new(0);
     let n = COUNT.fetch_add(1, Ordering::Relaxed);
-    if n < 20 || n.is_multiple_of(1000) {
+    if n < 20 || n % 1000 == 0 {
         warn!("guest error (#{}): {args}", n + 1);
     }
 }

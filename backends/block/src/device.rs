@@ -6,8 +6,8 @@ use hype_daemon::{ListenArgs, Shutdown, SocketListener};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 use crate::backend::{BlockBackend, GuestMemory};
+use crate::chain::MAX_CHAIN_DESCRIPTORS;
 use crate::config::DeviceSpec;
-use crate::request::MAX_CHAIN_DESCRIPTORS;
 use crate::storage::{Storage, SECTOR_SIZE};
 use crate::{DeviceArgs, Error};
 

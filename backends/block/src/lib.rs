@@ -16,6 +16,7 @@
 
 mod args;
 mod backend;
+mod chain;
 mod config;
 mod device;
 mod error;
@@ -26,10 +27,11 @@ mod storage;
 
 pub use args::{parse_size, DeviceArgs};
 pub use backend::{BlockBackend, GuestMemory};
+pub use chain::DropReason;
 pub use config::CONFIG_SPACE_LEN;
 pub use device::BlockDevice;
 pub use error::Error;
-pub use request::{DropReason, RequestError};
+pub use request::RequestError;
 pub use storage::{write_zero_buffers, Storage, StorageInfo, SECTOR_SIZE};
 
 /// Re-exported so backends need not depend on the daemon crate for the common items.

@@ -7,15 +7,15 @@
 //! error status to write, or (when not even a status byte is writable) a chain to drop.
 
 use std::io;
-use std::ops::Deref;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::chain::{walk, DescTable, DropReason, RawChain, Segment};
 
 use crate::config::{DeviceSpec, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use crate::iobuf::{IoBuf, IO_CHUNK};
@@ -25,8 +25,6 @@ use crate::storage::{Storage, SECTOR_SIZE};
 const HEADER_LEN: u64 = 16;
 /// Size of `struct virtio_blk_discard_write_zeroes`.
 const RANGE_LEN: u64 = 16;
-/// Most descriptors we walk in one chain (direct or indirect). Linux uses seg_max + 2.
-pub(crate) const MAX_CHAIN_DESCRIPTORS: usize = 1024;
 
 /// Why a request was refused. Each maps to a status the guest sees (see [`RequestError::status`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,27 +93,6 @@ impl RequestError {
             _ => VIRTIO_BLK_S_IOERR as u8,
         }
     }
-}
-
-/// Why a chain cannot be answered at all: no writable status byte.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DropReason {
-    /// The chain has no device-writable byte.
-    #[error("no writable status byte")]
-    NoStatus,
-    /// The chain loops, is longer than the limit, or points at an unreadable descriptor.
-    #[error("descriptor chain loops, is too long or is unreadable")]
-    BrokenChain,
-    /// The status byte lies outside guest memory.
-    #[error("status byte at {0:#x} is outside guest memory")]
-    StatusOutOfMemory(u64),
-}
-
-/// A guest buffer: `len` bytes at `addr`, already checked to lie in guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Segment {
-    pub addr: GuestAddress,
-    pub len: u32,
 }
 
 /// One DISCARD/WRITE_ZEROES range, in bytes.
@@ -255,76 +232,15 @@ impl<'a> SegCursor<'a> {
     }
 }
 
-/// The descriptors of a chain, split by direction, before interpretation.
-struct RawChain {
-    readable: Vec<Segment>,
-    writable: Vec<Segment>,
-    /// First problem seen that still allows answering with a status.
-    error: Option<RequestError>,
-}
-
-fn collect<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Result<RawChain, DropReason>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
-    let mut raw = RawChain {
-        readable: Vec::new(),
-        writable: Vec::new(),
-        error: None,
-    };
-    let mut count = 0usize;
-    let mut last_has_next = true; // an empty chain is broken
-    for desc in chain {
-        count += 1;
-        if count > MAX_CHAIN_DESCRIPTORS {
-            return Err(DropReason::BrokenChain);
-        }
-        last_has_next = desc.has_next();
-        if desc.len() == 0 {
-            continue;
-        }
-        let seg = Segment {
-            addr: desc.addr(),
-            len: desc.len(),
-        };
-        if !GuestMemoryBackend::check_range(mem, seg.addr, seg.len as usize) && raw.error.is_none()
-        {
-            raw.error = Some(RequestError::BadAddress {
-                addr: seg.addr.0,
-                len: seg.len,
-            });
-        }
-        if desc.is_write_only() {
-            raw.writable.push(seg);
-        } else {
-            if !raw.writable.is_empty() && raw.error.is_none() {
-                raw.error = Some(RequestError::ReadableAfterWritable);
-            }
-            raw.readable.push(seg);
-        }
-    }
-    // The iterator stops early (without an error) on loops, bad indices and unreadable
-    // descriptor tables; a proper chain ends with a descriptor without NEXT.
-    if last_has_next {
-        return Err(DropReason::BrokenChain);
-    }
-    Ok(raw)
-}
-
-/// Parses the chain at `head` into a [`Request`]. `Err` means the chain cannot be answered
-/// and must be returned to the guest with a used length of 0.
-pub(crate) fn parse<M>(
-    chain: DescriptorChain<M>,
+/// Parses the chain at `head` of `table` into a [`Request`]. `Err` means the chain cannot be
+/// answered and must be returned to the guest with a used length of 0.
+pub(crate) fn parse(
+    head: u16,
+    table: DescTable,
     mem: &GuestMemoryMmap,
     spec: &DeviceSpec,
-) -> Result<Request, DropReason>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
-    let head = chain.head_index();
-    let mut raw = collect(chain, mem)?;
+) -> Result<Request, DropReason> {
+    let mut raw = walk(mem, table, head)?;
 
     // The status byte: the last byte of the last writable buffer.
     let last = raw.writable.pop().ok_or(DropReason::NoStatus)?;
@@ -515,6 +431,10 @@ fn parse_ranges(
     Ok(ranges)
 }
 
+fn sat32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn storage_status(e: &io::Error) -> u8 {
     if e.kind() == io::ErrorKind::Unsupported {
         VIRTIO_BLK_S_UNSUPP as u8
@@ -546,14 +466,14 @@ pub(crate) fn execute<S: Storage + ?Sized>(
                 let chunk = buf.get(n);
                 if let Err(e) = storage.read_at(offset + done, chunk) {
                     log::warn!("read of {n} bytes at {} failed: {e}", offset + done);
-                    return fail(storage_status(&e), done as u32);
+                    return fail(storage_status(&e), sat32(done));
                 }
                 if cursor.write_to_guest(mem, chunk).is_err() {
-                    return fail(VIRTIO_BLK_S_IOERR as u8, done as u32);
+                    return fail(VIRTIO_BLK_S_IOERR as u8, sat32(done));
                 }
                 done += n as u64;
             }
-            ok(len as u32)
+            ok(sat32(len))
         }
         Op::Write { offset, segs } => {
             let len = total_len(segs);

@@ -1,0 +1,102 @@
+//! hype-block-mem as a real process, driven through hype-testkit.
+
+#[path = "../../block/tests/conformance/mod.rs"]
+mod conformance;
+
+use conformance::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hype-block-mem");
+const MEM: u64 = 64 << 20;
+
+fn spawn(name: &str, args: &[&str]) -> (Process, std::path::PathBuf) {
+    let dir = tempdir(name);
+    let p = Process::spawn(BIN, args, &dir.join("blk.sock"));
+    (p, dir)
+}
+
+#[test]
+fn conformance_single_queue() {
+    let (mut p, _dir) = spawn("mem1", &["--size", "16M", "--serial", "mem-disk-1"]);
+    let mut disk = connect(&p.socket, 1);
+    check_config(&mut disk, (16 << 20) / 512, 1);
+    check_read_after_write_whole_disk(&mut disk, 3);
+    check_flush(&mut disk);
+    check_get_id(&mut disk, "mem-disk-1");
+    check_discard_and_write_zeroes(&mut disk);
+    check_discard_payload_policy(&mut disk);
+    check_out_of_range_and_unknown(&mut disk);
+    check_framing_policy(&mut disk);
+    check_hostile_chains(&mut disk, MEM);
+    // Still serving after all of that.
+    check_read_after_write_whole_disk(&mut disk, 4);
+    drop(disk);
+    assert!(p.alive());
+    let st = p.signal_and_wait(libc::SIGTERM);
+    assert!(st.success(), "{st:?}");
+    assert!(!p.socket.exists(), "socket left behind");
+}
+
+#[test]
+fn many_requests_in_flight_on_four_queues() {
+    let (_p, _dir) = spawn("mem4", &["--size", "32M", "--num-queues", "4"]);
+    let mut disk = connect(&_p.socket, 4);
+    check_config(&mut disk, (32 << 20) / 512, 4);
+    check_many_in_flight(&mut disk, 9);
+    check_read_after_write_whole_disk(&mut disk, 10);
+}
+
+#[test]
+fn io_pool_mode() {
+    let (_p, _dir) = spawn(
+        "mempool",
+        &["--size", "8M", "--num-queues", "2", "--io-threads", "8"],
+    );
+    let mut disk = connect(&_p.socket, 2);
+    check_many_in_flight(&mut disk, 11);
+    check_read_after_write_whole_disk(&mut disk, 12);
+    check_hostile_chains(&mut disk, MEM);
+    check_discard_and_write_zeroes(&mut disk);
+    drop(disk);
+    check_stop_and_resume(&_p.socket);
+    check_reconnect(&_p.socket, 2);
+}
+
+#[test]
+fn read_only_disk_from_image() {
+    let dir = tempdir("memro");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, pattern(0, 1 << 20, 5)).unwrap();
+    let p = Process::spawn(
+        BIN,
+        &["--image", img.to_str().unwrap(), "--readonly"],
+        &dir.join("blk.sock"),
+    );
+    let mut disk = connect(&p.socket, 1);
+    check_config(&mut disk, (1 << 20) / 512, 1);
+    check_read_only(&mut disk, Some(5));
+}
+
+#[test]
+fn reconnect_keeps_data() {
+    let (mut p, _dir) = spawn("memrc", &["--size", "4M"]);
+    check_reconnect(&p.socket, 1);
+    check_stop_and_resume(&p.socket);
+    assert!(p.alive());
+    assert!(p.signal_and_wait(libc::SIGINT).success());
+}
+
+#[test]
+fn usage_errors_exit_2_runtime_errors_exit_1() {
+    let out = std::process::Command::new(BIN)
+        .args(["--size", "12Q", "--socket", "/tmp/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = std::process::Command::new(BIN)
+        .args(["--size", "1000", "--socket", "/tmp/x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a multiple of 512"), "{err}");
+}
