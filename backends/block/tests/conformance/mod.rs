@@ -49,7 +49,7 @@ impl Process {
             .args(args)
             .arg("--socket")
             .arg(socket)
-            .env("HYPE_LOG", "warn")
+            .env("HYPE_LOG", "error")
             .stdin(Stdio::null())
             .spawn()
             .unwrap();

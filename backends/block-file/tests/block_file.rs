@@ -1,0 +1,254 @@
+//! hype-block-file as a real process, driven through hype-testkit.
+
+#[path = "../../block/tests/conformance/mod.rs"]
+mod conformance;
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use conformance::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hype-block-file");
+const MEM: u64 = 64 << 20;
+
+fn image(dir: &Path, size: u64) -> PathBuf {
+    let p = dir.join("disk.img");
+    File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn conformance_single_queue() {
+    let dir = tempdir("file1");
+    let img = image(&dir, 16 << 20);
+    let mut p = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap(), "--serial", "file-disk"],
+        &dir.join("blk.sock"),
+    );
+    let mut disk = connect(&p.socket, 1);
+    check_config(&mut disk, (16 << 20) / 512, 1);
+    check_read_after_write_whole_disk(&mut disk, 21);
+    check_flush(&mut disk);
+    check_get_id(&mut disk, "file-disk");
+    check_discard_and_write_zeroes(&mut disk);
+    check_discard_payload_policy(&mut disk);
+    check_out_of_range_and_unknown(&mut disk);
+    check_framing_policy(&mut disk);
+    check_hostile_chains(&mut disk, MEM);
+    check_read_after_write_whole_disk(&mut disk, 22);
+    drop(disk);
+    assert!(p.signal_and_wait(libc::SIGTERM).success());
+    assert!(!p.socket.exists());
+    // The data is in the file.
+    let bytes = std::fs::read(&img).unwrap();
+    assert!(bytes == pattern(0, 16 << 20, 22));
+}
+
+#[test]
+fn sparse_file_stays_sparse() {
+    let dir = tempdir("filesparse");
+    let img = image(&dir, 256 << 20);
+    let p = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap()],
+        &dir.join("blk.sock"),
+    );
+    let mut disk = connect(&p.socket, 1);
+    assert_eq!(allocated(&img), 0);
+    disk.write(2048, &vec![0x5a; 1 << 20]).unwrap();
+    disk.flush().unwrap();
+    let used = allocated(&img);
+    assert!((1 << 20..4 << 20).contains(&used), "{used}");
+    // Discard punches the hole again; write-zeroes with unmap keeps it a hole.
+    disk.discard(&[hype_testkit::blk::BlkRange {
+        sector: 2048,
+        num_sectors: 2048,
+        flags: 0,
+    }])
+    .unwrap();
+    assert_eq!(allocated(&img), 0);
+    disk.write(8192, &vec![0x5a; 1 << 20]).unwrap();
+    disk.write_zeroes(&[hype_testkit::blk::BlkRange {
+        sector: 8192,
+        num_sectors: 2048,
+        flags: hype_testkit::blk::WRITE_ZEROES_FLAG_UNMAP,
+    }])
+    .unwrap();
+    assert_eq!(allocated(&img), 0);
+    assert_eq!(disk.read(8192, 4096).unwrap(), vec![0; 4096]);
+    // Reading a never-written region allocates nothing.
+    disk.read(100_000, 1 << 20).unwrap();
+    assert_eq!(allocated(&img), 0);
+}
+
+#[test]
+fn many_requests_in_flight_on_four_queues_with_io_pool() {
+    let dir = tempdir("file4");
+    let img = image(&dir, 32 << 20);
+    let p = Process::spawn(
+        BIN,
+        &[
+            "--path",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "4",
+            "--io-threads",
+            "4",
+        ],
+        &dir.join("blk.sock"),
+    );
+    let mut disk = connect(&p.socket, 4);
+    check_config(&mut disk, (32 << 20) / 512, 4);
+    check_many_in_flight(&mut disk, 23);
+    check_read_after_write_whole_disk(&mut disk, 24);
+}
+
+#[test]
+fn direct_io_with_4k_blocks() {
+    let dir = tempdir("filedirect");
+    let img = image(&dir, 8 << 20);
+    let p = Process::spawn(
+        BIN,
+        &[
+            "--path",
+            img.to_str().unwrap(),
+            "--direct",
+            "--num-queues",
+            "2",
+        ],
+        &dir.join("blk.sock"),
+    );
+    let mut disk = connect(&p.socket, 2);
+    assert_eq!(disk.config().blk_size, 4096);
+    check_read_after_write_whole_disk(&mut disk, 25);
+    check_discard_and_write_zeroes(&mut disk);
+    // 512-byte requests do not fit a 4096-byte block size.
+    let r = hype_testkit::blk::BlkRequest::read(1, 512);
+    assert_eq!(
+        disk.execute(0, &r).unwrap().status,
+        hype_testkit::blk::BlkStatus::IoErr
+    );
+}
+
+#[test]
+fn read_only_and_locking() {
+    let dir = tempdir("filero");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, pattern(0, 4 << 20, 26)).unwrap();
+    let mut writer = Process::spawn(BIN, &["--path", img.to_str().unwrap()], &dir.join("w.sock"));
+    // A second writer, or a reader, is refused while the writer runs.
+    for extra in [&[][..], &["--readonly"][..]] {
+        let out = Command::new(BIN)
+            .args(["--path", img.to_str().unwrap(), "--socket"])
+            .arg(dir.join("x.sock"))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("in use"), "{err}");
+        assert!(!dir.join("x.sock").exists());
+    }
+    assert!(writer.signal_and_wait(libc::SIGTERM).success());
+    // Two readers may share the image.
+    let r1 = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap(), "--readonly"],
+        &dir.join("r1.sock"),
+    );
+    let _r2 = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap(), "--readonly"],
+        &dir.join("r2.sock"),
+    );
+    let mut disk = connect(&r1.socket, 1);
+    check_read_only(&mut disk, Some(26));
+    assert!(std::fs::read(&img).unwrap() == pattern(0, 4 << 20, 26));
+}
+
+#[test]
+fn reconnect_keeps_data() {
+    let dir = tempdir("filerc");
+    let img = image(&dir, 4 << 20);
+    let mut p = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap(), "--num-queues", "2"],
+        &dir.join("blk.sock"),
+    );
+    check_reconnect(&p.socket, 2);
+    check_stop_and_resume(&p.socket);
+    check_reconnect(&p.socket, 1);
+    assert!(p.alive());
+    assert!(p.signal_and_wait(libc::SIGINT).success());
+}
+
+#[test]
+fn socket_mode_option() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir("filemode");
+    let img = image(&dir, 1 << 20);
+    let p = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap(), "--socket-mode", "0660"],
+        &dir.join("blk.sock"),
+    );
+    let mode = std::fs::metadata(&p.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let q = Process::spawn(
+        BIN,
+        &["--path", image(&dir.join(".."), 1 << 20).to_str().unwrap()],
+        &dir.join("b.sock"),
+    );
+    let mode = std::fs::metadata(&q.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "default mode");
+}
+
+#[test]
+fn systemd_socket_activation() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixListener;
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir("fileact");
+    let img = image(&dir, 1 << 20);
+    let sock = dir.join("activated.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("/bin/sh");
+    // LISTEN_PID must name the backend itself: the shell exports its own pid and execs.
+    cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\""])
+        .arg(BIN)
+        .args(["--path", img.to_str().unwrap()])
+        .env("HYPE_LOG", "error");
+    // SAFETY: only async-signal-safe dup2 between fork and exec; fd is a live listener.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(listener);
+    let mut p = Process::from_child(child, &sock);
+    let mut disk = connect(&sock, 1);
+    disk.write(0, &[9; 4096]).unwrap();
+    assert_eq!(disk.read(0, 4096).unwrap(), vec![9; 4096]);
+    drop(disk);
+    // Reconnects work on the inherited socket too.
+    let mut disk = connect(&sock, 1);
+    assert_eq!(disk.read(0, 4096).unwrap(), vec![9; 4096]);
+    drop(disk);
+    assert!(p.signal_and_wait(libc::SIGTERM).success());
+    assert!(
+        sock.exists(),
+        "a socket we did not create must not be removed"
+    );
+}
