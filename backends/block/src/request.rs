@@ -532,3 +532,316 @@ pub(crate) fn execute<S: Storage + ?Sized>(
         Op::Fail(e) => fail(e.status(), 0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::spec;
+    use std::sync::Mutex;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor;
+
+    const TABLE: GuestAddress = GuestAddress(0x1000);
+    const N: u16 = VRING_DESC_F_NEXT as u16;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    /// Records calls; fails on demand.
+    struct Recorder {
+        data: Mutex<Vec<u8>>,
+        calls: Mutex<Vec<(&'static str, u64, u64)>>,
+        fail: Option<io::ErrorKind>,
+    }
+
+    impl Recorder {
+        fn new(size: usize) -> Self {
+            Recorder {
+                data: Mutex::new((0..size).map(|i| (i % 253) as u8).collect()),
+                calls: Mutex::new(Vec::new()),
+                fail: None,
+            }
+        }
+        fn result(&self) -> io::Result<()> {
+            match self.fail {
+                Some(k) => Err(io::Error::from(k)),
+                None => Ok(()),
+            }
+        }
+    }
+
+    impl Storage for Recorder {
+        fn info(&self) -> crate::StorageInfo {
+            crate::StorageInfo::new(self.data.lock().unwrap().len() as u64)
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(("read", offset, buf.len() as u64));
+            assert_eq!(buf.as_ptr() as usize % 4096, 0, "unaligned buffer");
+            self.result()?;
+            let d = self.data.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(("write", offset, buf.len() as u64));
+            self.result()?;
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.calls.lock().unwrap().push(("flush", 0, 0));
+            self.result()
+        }
+        fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.calls.lock().unwrap().push(("discard", offset, len));
+            self.result()
+        }
+        fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+            let tag = if unmap { "zero-unmap" } else { "zero" };
+            self.calls.lock().unwrap().push((tag, offset, len));
+            self.result()
+        }
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap()
+    }
+
+    /// Writes a chain of (addr, len, writable) at the table start and parses it.
+    fn chain(
+        mem: &GuestMemoryMmap,
+        spec: &DeviceSpec,
+        bufs: &[(u64, u32, bool)],
+    ) -> Result<Request, DropReason> {
+        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+            let mut flags = if w { W } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= N;
+            }
+            let d = Descriptor::new(addr, len, flags, (i + 1) as u16);
+            mem.write_obj(d, TABLE.unchecked_add(i as u64 * 16))
+                .unwrap();
+        }
+        parse(
+            0,
+            DescTable {
+                addr: TABLE,
+                size: 256,
+            },
+            mem,
+            spec,
+        )
+    }
+
+    fn header(mem: &GuestMemoryMmap, t: u32, sector: u64) -> (u64, u32, bool) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&t.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(0x10000)).unwrap();
+        (0x10000, 16, false)
+    }
+
+    fn run(
+        mem: &GuestMemoryMmap,
+        spec: &DeviceSpec,
+        store: &Recorder,
+        req: &Request,
+    ) -> Completion {
+        execute(&req.op, store, mem, spec, &mut IoBuf::new())
+    }
+
+    #[test]
+    fn read_scatters_into_segments_and_reports_used_len() {
+        let (m, s, st) = (mem(), spec(), Recorder::new(1 << 20));
+        let h = header(&m, VIRTIO_BLK_T_IN, 2);
+        let req = chain(
+            &m,
+            &s,
+            &[
+                h,
+                (0x20000, 1000, true),
+                (0x30000, 24, true),
+                (0x40000, 1, true),
+            ],
+        )
+        .unwrap();
+        assert_eq!(req.status_addr, GuestAddress(0x40000));
+        let c = run(&m, &s, &st, &req);
+        assert_eq!(c.status, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(c.used_len(), 1025);
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got[..1000], GuestAddress(0x20000))
+            .unwrap();
+        m.read_slice(&mut got[1000..], GuestAddress(0x30000))
+            .unwrap();
+        let want: Vec<u8> = (1024..2048).map(|i| (i % 253) as u8).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn status_byte_shares_the_last_data_buffer() {
+        let (m, s, st) = (mem(), spec(), Recorder::new(1 << 20));
+        let h = header(&m, VIRTIO_BLK_T_IN, 0);
+        // One writable buffer of 513 bytes: 512 data + status.
+        let req = chain(&m, &s, &[h, (0x20000, 513, true)]).unwrap();
+        assert_eq!(req.status_addr, GuestAddress(0x20000 + 512));
+        assert!(matches!(&req.op, Op::Read { segs, .. } if total_len(segs) == 512));
+        assert_eq!(run(&m, &s, &st, &req).status, VIRTIO_BLK_S_OK as u8);
+    }
+
+    #[test]
+    fn large_requests_are_split_into_aligned_chunks() {
+        let (m, mut s, st) = (mem(), spec(), Recorder::new(4 << 20));
+        s.capacity_sectors = 8192;
+        let h = header(&m, VIRTIO_BLK_T_OUT, 0);
+        let req = chain(&m, &s, &[h, (0x100000, 3 << 20, false), (0x10, 1, true)]).unwrap();
+        assert_eq!(run(&m, &s, &st, &req).status, VIRTIO_BLK_S_OK as u8);
+        let calls = st.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            vec![
+                ("write", 0, 1 << 20),
+                ("write", 1 << 20, 1 << 20),
+                ("write", 2 << 20, 1 << 20)
+            ]
+        );
+    }
+
+    #[test]
+    fn range_and_alignment_checks() {
+        let mut s = spec(); // 2048 sectors
+        assert_eq!(check_range(&s, 0, 2048 * 512), Ok(0));
+        assert!(matches!(
+            check_range(&s, 1, 2048 * 512),
+            Err(RequestError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(&s, u64::MAX, 512),
+            Err(RequestError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(&s, u64::MAX / 512, 512),
+            Err(RequestError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(&s, 0, 100),
+            Err(RequestError::Misaligned { .. })
+        ));
+        s.block_size = 4096;
+        assert!(matches!(
+            check_range(&s, 1, 4096),
+            Err(RequestError::Misaligned { .. })
+        ));
+        assert!(matches!(
+            check_range(&s, 8, 512),
+            Err(RequestError::Misaligned { .. })
+        ));
+        assert_eq!(check_range(&s, 8, 4096), Ok(4096));
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_ranges() {
+        let (m, s, st) = (mem(), spec(), Recorder::new(1 << 20));
+        let range = |sector: u64, n: u32, flags: u32| {
+            let mut r = [0u8; 16];
+            r[..8].copy_from_slice(&sector.to_le_bytes());
+            r[8..12].copy_from_slice(&n.to_le_bytes());
+            r[12..].copy_from_slice(&flags.to_le_bytes());
+            r
+        };
+        let mut payload = Vec::new();
+        payload.extend(range(8, 8, 1));
+        payload.extend(range(100, 16, 0));
+        m.write_slice(&payload, GuestAddress(0x20000)).unwrap();
+        let h = header(&m, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        let req = chain(&m, &s, &[h, (0x20000, 32, false), (0x30000, 1, true)]).unwrap();
+        assert_eq!(run(&m, &s, &st, &req).status, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(
+            st.calls.lock().unwrap().clone(),
+            vec![("zero-unmap", 4096, 4096), ("zero", 51200, 8192)]
+        );
+        // Unmap is not a DISCARD flag.
+        let h = header(&m, VIRTIO_BLK_T_DISCARD, 0);
+        let req = chain(&m, &s, &[h, (0x20000, 32, false), (0x30000, 1, true)]).unwrap();
+        assert_eq!(req.op, Op::Fail(RequestError::UnsupportedFlags(1)));
+        assert_eq!(run(&m, &s, &st, &req).status, VIRTIO_BLK_S_UNSUPP as u8);
+        // Too large a range.
+        m.write_slice(&range(0, MAX_DISCARD_SECTORS + 1, 0), GuestAddress(0x20000))
+            .unwrap();
+        let req = chain(&m, &s, &[h, (0x20000, 16, false), (0x30000, 1, true)]).unwrap();
+        assert!(matches!(req.op, Op::Fail(RequestError::RangeTooLarge(_))));
+        // Not offered.
+        let mut s2 = spec();
+        s2.discard = false;
+        let req = chain(&m, &s2, &[h, (0x20000, 16, false), (0x30000, 1, true)]).unwrap();
+        assert_eq!(
+            req.op,
+            Op::Fail(RequestError::Unsupported(VIRTIO_BLK_T_DISCARD))
+        );
+    }
+
+    #[test]
+    fn read_only_refuses_every_write_type() {
+        let (m, mut s) = (mem(), spec());
+        s.read_only = true;
+        for t in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
+            let h = header(&m, t, 0);
+            let req = chain(&m, &s, &[h, (0x20000, 512, false), (0x30000, 1, true)]).unwrap();
+            assert_eq!(req.op, Op::Fail(RequestError::ReadOnly), "type {t}");
+        }
+        let h = header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let req = chain(&m, &s, &[h, (0x30000, 1, true)]).unwrap();
+        assert_eq!(req.op, Op::Flush);
+    }
+
+    #[test]
+    fn get_id_fills_what_fits() {
+        let (m, s, st) = (mem(), spec(), Recorder::new(1 << 20));
+        let h = header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let req = chain(&m, &s, &[h, (0x20000, 3, true), (0x30000, 1, true)]).unwrap();
+        let c = run(&m, &s, &st, &req);
+        assert_eq!((c.status, c.written), (VIRTIO_BLK_S_OK as u8, 3));
+        let mut id = [0u8; 3];
+        m.read_slice(&mut id, GuestAddress(0x20000)).unwrap();
+        assert_eq!(&id, b"tes");
+    }
+
+    #[test]
+    fn storage_errors_map_to_status() {
+        let (m, s) = (mem(), spec());
+        let h = header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let req = chain(&m, &s, &[h, (0x30000, 1, true)]).unwrap();
+        let mut st = Recorder::new(4096);
+        st.fail = Some(io::ErrorKind::Unsupported);
+        assert_eq!(run(&m, &s, &st, &req).status, VIRTIO_BLK_S_UNSUPP as u8);
+        st.fail = Some(io::ErrorKind::TimedOut);
+        assert_eq!(run(&m, &s, &st, &req).status, VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[test]
+    fn unanswerable_chains_are_dropped() {
+        let (m, s) = (mem(), spec());
+        let h = header(&m, VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            chain(&m, &s, &[h, (0x20000, 512, false)]).unwrap_err(),
+            DropReason::NoStatus
+        );
+        assert!(matches!(
+            chain(&m, &s, &[h, (u64::MAX, 1, true)]).unwrap_err(),
+            DropReason::StatusOutOfMemory(_)
+        ));
+        assert!(matches!(
+            chain(&m, &s, &[h, (16 << 20, 1, true)]).unwrap_err(),
+            DropReason::StatusOutOfMemory(_)
+        ));
+    }
+}
