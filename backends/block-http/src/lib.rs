@@ -1,1 +1,188 @@
+//! `hype block-http`: a disk image at an http(s) URL, served as a vhost-user-blk backend.
+//!
+//! * **Opening.** `HEAD` gives the size (Content-Length) and the image's validators (ETag,
+//!   Last-Modified); a one-byte `Range` request must then come back as `206 Partial Content`
+//!   with a matching Content-Range. A server that ignores Range (answers 200), says
+//!   `Accept-Ranges: none`, or gives no size is refused with an error naming the reason.
+//!   Servers that refuse HEAD are accepted when the probe's Content-Range carries the size.
+//! * **Reads.** The image is read in fixed-size blocks (`--cache-block`, 256 KiB) kept in a
+//!   bounded LRU cache (`--cache-size`, 64 MiB). A read touching several blocks requests them
+//!   all at once; `--connections` fetcher threads (8) keep that many range requests in flight.
+//!   Guest reads go before read-ahead. When a read starts right after a block the guest read,
+//!   the next `--readahead` blocks (4) are fetched in the background.
+//! * **Failures.** Connection errors, timeouts, short bodies and 408/425/429/500/502/503/504
+//!   are retried `--retries` times (5) with exponential back-off from `--retry-delay-ms` (100
+//!   ms, doubling, at most 5 s); then that request fails with IOERR and the backend keeps
+//!   serving. Other statuses, a 200 to a range request, or a wrong Content-Range fail at once.
+//! * **Changed image.** Every response's ETag (or, without one, Last-Modified) and
+//!   Content-Range total are compared with what the image had when opened. On a difference the
+//!   request fails with IOERR, an error is logged, and the remote is marked stale: from then on
+//!   every read that needs the server fails with IOERR without a request, while blocks already
+//!   in the cache and overlay granules (all from the original version) are still served. The
+//!   backend keeps running so the guest can be shut down cleanly; restart it to use the new
+//!   image (an overlay made for the old version is then refused).
+//! * **Writes.** Read-only unless `--overlay PATH` is given: guest writes then go to a local
+//!   sparse file (copy on write, 4 KiB granules, see [`overlay`] for the format) whose bitmap
+//!   persists, so restarting with the same overlay keeps the writes. FLUSH is `fdatasync` of
+//!   the overlay. `--readonly` with an overlay presents the overlaid image read-only.
+//! * **https** needs the default `https` cargo feature (rustls).
 
+mod cache;
+pub mod overlay;
+mod reader;
+pub mod remote;
+pub mod retry;
+mod storage;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hype_block::{parse_size, BlockDevice, DeviceArgs, SECTOR_SIZE};
+
+pub use overlay::{Overlay, OverlayError, DEFAULT_GRANULE};
+pub use reader::{ReaderOptions, RemoteReader};
+pub use remote::{FetchError, OpenError, Remote, RemoteOptions, Validator};
+pub use retry::RetryPolicy;
+pub use storage::HttpStorage;
+
+/// Command-line options of `hype block-http`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// URL of the raw disk image (http:// or https://).
+    #[arg(long, value_name = "URL")]
+    pub url: String,
+    /// Keep guest writes in this local sparse file (created if missing) so the disk is
+    /// writable; without it the disk is read-only.
+    #[arg(long, value_name = "PATH")]
+    pub overlay: Option<PathBuf>,
+    /// Present the disk read-only even with an overlay.
+    #[arg(long)]
+    pub readonly: bool,
+    /// Memory for cached image blocks (K/M/G suffix).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "64M")]
+    pub cache_size: u64,
+    /// Size of a cached block, and of each range request (power of two, 4K..16M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "256K")]
+    pub cache_block: u64,
+    /// Blocks read ahead of a sequential stream (0 disables read-ahead).
+    #[arg(long, value_name = "BLOCKS", default_value_t = 4)]
+    pub readahead: u64,
+    /// Range requests in flight at most (fetcher threads).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub connections: usize,
+    /// Retries of a request after a transient failure, before IOERR.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub retries: u32,
+    /// Wait before the first retry, in milliseconds; it doubles on each retry (at most 5 s).
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub retry_delay_ms: u64,
+    /// Timeout of one HTTP request, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+    /// Logical block size presented to the guest (512..64K, power of two).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "512")]
+    pub block_size: u64,
+    /// Shared block device options.
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+/// Errors of the HTTP backend.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The cache block size is unusable.
+    #[error("invalid --cache-block {0} (power of two from 4K to 16M)")]
+    InvalidCacheBlock(u64),
+    /// The logical block size is unusable.
+    #[error("invalid --block-size {0} (power of two from 512 to 65536)")]
+    InvalidBlockSize(u64),
+    /// `--connections` is 0 or absurd.
+    #[error("invalid --connections {0} (1..=256)")]
+    InvalidConnections(usize),
+    /// `--timeout` is 0.
+    #[error("invalid --timeout 0")]
+    InvalidTimeout,
+    /// The image could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The overlay could not be opened.
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+    /// The fetcher threads could not be started.
+    #[error("cannot start fetcher threads")]
+    Threads(#[source] std::io::Error),
+    /// Serving failed.
+    #[error(transparent)]
+    Block(#[from] hype_block::Error),
+}
+
+/// Opens the image (and overlay) `args` describes.
+pub fn storage(args: &Args) -> Result<HttpStorage, Error> {
+    if !args.cache_block.is_power_of_two() || !(4096..=16 << 20).contains(&args.cache_block) {
+        return Err(Error::InvalidCacheBlock(args.cache_block));
+    }
+    if !args.block_size.is_power_of_two() || !(512..=65536).contains(&args.block_size) {
+        return Err(Error::InvalidBlockSize(args.block_size));
+    }
+    if !(1..=256).contains(&args.connections) {
+        return Err(Error::InvalidConnections(args.connections));
+    }
+    if args.timeout == 0 {
+        return Err(Error::InvalidTimeout);
+    }
+    let opts = RemoteOptions {
+        timeout: Duration::from_secs(args.timeout),
+        retry: RetryPolicy {
+            retries: args.retries,
+            first_delay: Duration::from_millis(args.retry_delay_ms),
+            max_delay: Duration::from_secs(5).max(Duration::from_millis(args.retry_delay_ms)),
+        },
+        connections: args.connections,
+    };
+    let remote = Remote::open(&args.url, &opts)?;
+    // The guest sees whole sectors; a ragged tail reads as zeroes.
+    let size = remote.size().div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+    log::info!(
+        "{}: {} bytes ({})",
+        remote.url(),
+        remote.size(),
+        remote.validator()
+    );
+    let overlay = match &args.overlay {
+        Some(p) => Some(Overlay::open(
+            p,
+            size,
+            &remote.validator().identity(),
+            DEFAULT_GRANULE,
+        )?),
+        None => None,
+    };
+    let reader = RemoteReader::new(
+        Arc::new(remote),
+        &ReaderOptions {
+            block_size: args.cache_block,
+            cache_blocks: (args.cache_size / args.cache_block) as usize,
+            readahead: args.readahead,
+            fetchers: args.connections,
+        },
+    )
+    .map_err(Error::Threads)?;
+    Ok(HttpStorage::new(
+        reader,
+        overlay,
+        size,
+        args.block_size as u32,
+        args.readonly,
+        args.cache_block.min(u64::from(u32::MAX)) as u32,
+    ))
+}
+
+/// Runs the HTTP backend until SIGINT/SIGTERM.
+pub fn run(args: Args) -> Result<(), Error> {
+    let store = storage(&args)?;
+    BlockDevice::new(store)
+        .name("hype-block-http")
+        .run(&args.device)?;
+    Ok(())
+}

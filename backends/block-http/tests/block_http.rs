@@ -1,0 +1,484 @@
+//! hype-block-http as a real process against HTTP servers started by the tests: one that
+//! honours Range, one that does not, one that fails transiently, one whose content changes.
+
+#[path = "../../block/tests/conformance/mod.rs"]
+mod conformance;
+mod http_server;
+
+use std::process::Command;
+use std::time::Duration;
+
+use conformance::*;
+use http_server::{Behaviour, HttpServer};
+use hype_testkit::blk::{BlkDriver, BlkRequest, BlkStatus, SECTOR_SIZE};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hype-block-http");
+const MEM: u64 = 64 << 20;
+const KIB64: u64 = 64 << 10;
+
+/// An image of `len` bytes with the conformance pattern for `seed`.
+fn image(len: usize, seed: u8) -> Vec<u8> {
+    pattern(0, len, seed)
+}
+
+fn spawn(name: &str, server: &HttpServer, extra: &[&str]) -> (Process, std::path::PathBuf) {
+    let dir = tempdir(name);
+    let url = server.url();
+    let mut args = vec!["--url", url.as_str()];
+    args.extend_from_slice(extra);
+    let p = Process::spawn(BIN, &args, &dir.join("blk.sock"));
+    (p, dir)
+}
+
+/// Runs the binary expecting a start-up failure; returns its stderr.
+fn start_fails(server_url: &str, extra: &[&str]) -> String {
+    let dir = tempdir("fail");
+    let out = Command::new(BIN)
+        .args([
+            "--url",
+            server_url,
+            "--retries",
+            "1",
+            "--retry-delay-ms",
+            "1",
+        ])
+        .args(extra)
+        .arg("--socket")
+        .arg(dir.join("blk.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        !dir.join("blk.sock").exists(),
+        "no socket on a refused image"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn status(disk: &mut BlkDriver, req: &BlkRequest) -> BlkStatus {
+    disk.execute(0, req).unwrap().status
+}
+
+fn read_status(disk: &mut BlkDriver, offset: u64, len: u32) -> BlkStatus {
+    status(disk, &BlkRequest::read(offset / SECTOR_SIZE, len))
+}
+
+#[test]
+fn serves_image_read_only_through_range_requests_with_bounded_cache() {
+    // 3 MiB + 1000 bytes: the ragged tail reads as zeroes up to the sector boundary.
+    let len = (3 << 20) + 1000;
+    let img = image(len, 1);
+    let server = HttpServer::start(Behaviour::new(img.clone()));
+    let (_p, _dir) = spawn(
+        "http-ro",
+        &server,
+        &[
+            "--cache-block",
+            "64K",
+            "--cache-size",
+            "1M",
+            "--readahead",
+            "0",
+            "--serial",
+            "http0",
+        ],
+    );
+    let mut disk = connect(&_p.socket, 1);
+    let cap = (len as u64).div_ceil(SECTOR_SIZE);
+    check_config(&mut disk, cap, 1);
+    check_get_id(&mut disk, "http0");
+
+    // The whole disk, in mixed sizes and segment splits, in one batch.
+    let mut reqs = Vec::new();
+    let mut off = 0u64;
+    let sizes = [128 << 10, 4096, 512, 300 << 10, 1 << 20];
+    let mut i = 0;
+    while off < cap * SECTOR_SIZE {
+        let n = sizes[i % sizes.len()].min(cap * SECTOR_SIZE - off);
+        reqs.push(BlkRequest::read(off / SECTOR_SIZE, n as u32).split_segments(64 << 10));
+        off += n;
+        i += 1;
+    }
+    let mut got = Vec::new();
+    for (r, resp) in reqs.iter().zip(disk.run_batch(&reqs).unwrap()) {
+        resp.check(r).unwrap();
+        got.extend_from_slice(&resp.data);
+    }
+    assert_eq!(got.len() as u64, cap * SECTOR_SIZE);
+    assert!(got[..len] == img[..], "image bytes");
+    assert!(
+        got[len..].iter().all(|&b| b == 0),
+        "tail past the image is zero"
+    );
+    // Every request was a 64 KiB-aligned range inside the image, none twice.
+    let mut ranges = server.served_ranges();
+    let probe = ranges.remove(0);
+    assert_eq!(probe, (0, 0), "first GET is the one-byte probe");
+    for &(a, b) in &ranges {
+        assert_eq!(a % KIB64, 0, "{a}");
+        assert!(b - a < KIB64 && b < len as u64);
+    }
+    let mut sorted = ranges.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        ranges.len(),
+        "a block was fetched twice in one pass"
+    );
+    assert_eq!(ranges.len() as u64, (len as u64).div_ceil(KIB64));
+
+    // 256 KiB read twice: the second time comes from the cache.
+    server.clear_log();
+    assert!(disk.read(0, 256 << 10).unwrap() == img[..256 << 10]);
+    assert_eq!(server.served_ranges().len(), 4);
+    assert!(disk.read(0, 256 << 10).unwrap() == img[..256 << 10]);
+    assert_eq!(server.served_ranges().len(), 4, "{:?}", server.log());
+    // 1 MiB elsewhere fills the 1 MiB cache: the first blocks are evicted and fetched again.
+    assert!(disk.read(2048, 1 << 20).unwrap() == img[1 << 20..2 << 20]);
+    server.clear_log();
+    assert_eq!(disk.read(0, 4096).unwrap(), img[..4096]);
+    assert_eq!(server.served_ranges(), [(0, KIB64 - 1)]);
+
+    check_read_only(&mut disk, Some(1));
+    check_out_of_range_and_unknown(&mut disk);
+    check_hostile_chains(&mut disk, MEM);
+    assert_eq!(disk.read(8, 4096).unwrap(), img[4096..8192]);
+}
+
+#[test]
+fn refuses_servers_that_ignore_range_or_hide_the_size() {
+    let img = image(1 << 20, 2);
+    let plain = HttpServer::start(Behaviour {
+        honour_range: false,
+        ..Behaviour::new(img.clone())
+    });
+    let err = start_fails(&plain.url(), &[]);
+    assert!(err.contains("does not support Range requests"), "{err}");
+    assert!(err.contains("answered with 200"), "{err}");
+
+    let no_size = HttpServer::start(Behaviour {
+        head_length: false,
+        hide_total: true,
+        ..Behaviour::new(img.clone())
+    });
+    let err = start_fails(&no_size.url(), &[]);
+    assert!(err.contains("image size unknown"), "{err}");
+
+    // No HEAD, but the probe's Content-Range gives the size: accepted.
+    let no_head = HttpServer::start(Behaviour {
+        head_allowed: false,
+        etag: None,
+        ..Behaviour::new(img.clone())
+    });
+    let (_p, _dir) = spawn("http-nohead", &no_head, &[]);
+    let mut disk = connect(&_p.socket, 1);
+    check_config(&mut disk, (1 << 20) / SECTOR_SIZE, 1);
+    assert_eq!(
+        disk.read(1000, 8192).unwrap(),
+        img[1000 * 512..1000 * 512 + 8192]
+    );
+
+    let err = start_fails("http://127.0.0.1:1/disk.img", &[]);
+    assert!(
+        err.contains("HEAD http://127.0.0.1:1/disk.img failed"),
+        "{err}"
+    );
+    let err = start_fails("ftp://example.invalid/x", &[]);
+    assert!(err.contains("invalid url"), "{err}");
+    let err = start_fails(&no_head.url(), &["--cache-block", "1000"]);
+    assert!(err.contains("invalid --cache-block 1000"), "{err}");
+}
+
+#[test]
+fn retries_transient_failures_then_fails_only_that_request() {
+    let img = image(2 << 20, 3);
+    // The first two requests (HEAD included) fail: start-up retries through them.
+    let server = HttpServer::start(Behaviour {
+        fail_next: 2,
+        ..Behaviour::new(img.clone())
+    });
+    let (_p, _dir) = spawn(
+        "http-retry",
+        &server,
+        &[
+            "--cache-block",
+            "64K",
+            "--readahead",
+            "0",
+            "--retries",
+            "3",
+            "--retry-delay-ms",
+            "5",
+        ],
+    );
+    let mut disk = connect(&_p.socket, 1);
+    assert_eq!(server.count(503), 2);
+    assert_eq!(disk.read(0, 4096).unwrap(), img[..4096]);
+
+    // Two failures in a row: retried, the guest sees success.
+    server.set(|b| b.fail_next = 2);
+    assert_eq!(
+        disk.read(1024, 4096).unwrap(),
+        img[1024 * 512..1024 * 512 + 4096]
+    );
+    assert_eq!(server.count(503), 4);
+
+    // More failures than retries: IOERR after 1 + 3 attempts, for that request only.
+    server.set(|b| b.fail_next = 100);
+    server.clear_log();
+    assert_eq!(read_status(&mut disk, 1 << 20, 4096), BlkStatus::IoErr);
+    assert_eq!(server.count(503), 4, "1 attempt + 3 retries");
+    // Cached data is still served while the server is down.
+    assert_eq!(disk.read(0, 4096).unwrap(), img[..4096]);
+    // The server recovers: the same read now works.
+    server.set(|b| b.fail_next = 0);
+    assert_eq!(
+        disk.read((1 << 20) / SECTOR_SIZE, 4096).unwrap(),
+        img[1 << 20..(1 << 20) + 4096]
+    );
+}
+
+#[test]
+fn detects_a_changed_image_by_etag_and_by_last_modified() {
+    for by_etag in [true, false] {
+        let img = image(2 << 20, 4);
+        let mut b = Behaviour::new(img.clone());
+        if !by_etag {
+            b.etag = None;
+        }
+        let server = HttpServer::start(b);
+        let (_p, _dir) = spawn(
+            if by_etag { "http-etag" } else { "http-lm" },
+            &server,
+            &[
+                "--cache-block",
+                "64K",
+                "--readahead",
+                "0",
+                "--retry-delay-ms",
+                "1",
+            ],
+        );
+        let mut disk = connect(&_p.socket, 1);
+        assert_eq!(disk.read(0, 4096).unwrap(), img[..4096]);
+
+        // New content under a new validator.
+        server.set(|b| {
+            b.content = std::sync::Arc::new(image(2 << 20, 5));
+            if by_etag {
+                b.etag = Some("\"v2\"".into());
+            } else {
+                b.last_modified = Some("Sun, 22 Nov 2026 06:00:00 GMT".into());
+            }
+        });
+        assert_eq!(
+            read_status(&mut disk, 1 << 20, 4096),
+            BlkStatus::IoErr,
+            "by_etag={by_etag}"
+        );
+        // Stale from now on: no further requests, IOERR; cached blocks of the original
+        // version are still served.
+        let before = server.log().len();
+        assert_eq!(read_status(&mut disk, 512 << 10, 4096), BlkStatus::IoErr);
+        assert_eq!(
+            server.log().len(),
+            before,
+            "a stale image sends no requests"
+        );
+        assert_eq!(disk.read(0, 4096).unwrap(), img[..4096]);
+        // Even if the server goes back to the old version, the backend stays stale.
+        server.set(|b| {
+            b.content = std::sync::Arc::new(img.clone());
+            b.etag = Some("\"v1\"".into()).filter(|_| by_etag);
+            b.last_modified = Some("Sat, 21 Nov 2026 06:00:00 GMT".into());
+        });
+        assert_eq!(read_status(&mut disk, 1 << 20, 4096), BlkStatus::IoErr);
+    }
+
+    // Without any validator, a size change is still caught.
+    let server = HttpServer::start(Behaviour {
+        etag: None,
+        last_modified: None,
+        ..Behaviour::new(image(1 << 20, 6))
+    });
+    let (_p, _dir) = spawn("http-size", &server, &["--readahead", "0"]);
+    let mut disk = connect(&_p.socket, 1);
+    server.set(|b| b.content = std::sync::Arc::new(image(2 << 20, 6)));
+    assert_eq!(read_status(&mut disk, 0, 4096), BlkStatus::IoErr);
+}
+
+#[test]
+fn overlay_keeps_writes_locally_across_restarts() {
+    let len = 4 << 20;
+    let img = image(len, 7);
+    let server = HttpServer::start(Behaviour::new(img.clone()));
+    let dir = tempdir("http-overlay");
+    let overlay = dir.join("disk.overlay");
+    let ov = overlay.to_str().unwrap().to_string();
+    let args = ["--overlay", ov.as_str(), "--cache-block", "64K"];
+    let mut want = img.clone();
+    {
+        let (mut p, _d) = spawn("http-ov1", &server, &args);
+        let mut disk = connect(&p.socket, 1);
+        assert!(
+            !disk.has_feature(VIRTIO_BLK_F_RO),
+            "an overlay makes the disk writable"
+        );
+        // One sector inside a 4 KiB granule: the rest of the granule comes from the image.
+        disk.write(3, &[0xaa; 512]).unwrap();
+        want[3 * 512..4 * 512].fill(0xaa);
+        assert_eq!(disk.read(0, 8192).unwrap(), want[..8192]);
+        // Unaligned multi-granule write: partial head and tail granules.
+        let at = (1 << 20) + 1536;
+        disk.write(at as u64 / 512, &[0xbb; 9216]).unwrap();
+        want[at..at + 9216].fill(0xbb);
+        // Whole granules, and write-zeroes.
+        disk.write(1024, &[0xcc; 65536]).unwrap();
+        want[512 << 10..(512 << 10) + 65536].fill(0xcc);
+        disk.write_zeroes(&[hype_testkit::blk::BlkRange {
+            sector: 2048 + 8,
+            num_sectors: 16,
+            flags: 0,
+        }])
+        .unwrap();
+        want[(1 << 20) + 4096..(1 << 20) + 12288].fill(0);
+        disk.flush().unwrap();
+        assert!(disk.read(0, len as u32 / 4).unwrap() == want[..len / 4]);
+        assert!(disk.read(2048, len as u32 / 4).unwrap() == want[len / 4..len / 2]);
+        drop(disk);
+        assert!(p.signal_and_wait(libc::SIGTERM).success());
+    }
+    // The overlay file is sparse and holds only what was written.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&overlay).unwrap();
+        assert!(
+            m.blocks() * 512 < (1 << 20),
+            "overlay allocated {} bytes",
+            m.blocks() * 512
+        );
+    }
+    // A new process with the same overlay sees the writes; the rest still comes from HTTP.
+    {
+        let (_p, _d) = spawn("http-ov2", &server, &args);
+        let mut disk = connect(&_p.socket, 1);
+        for off in (0..len).step_by(1 << 20) {
+            let got = disk.read(off as u64 / 512, 1 << 20).unwrap();
+            assert!(
+                got == want[off..off + (1 << 20)],
+                "mismatch in MiB at {off}"
+            );
+        }
+        // Read-only on request: reads the overlay, refuses writes.
+        drop(disk);
+    }
+    {
+        let (_p, _d) = spawn(
+            "http-ov3",
+            &server,
+            &["--overlay", ov.as_str(), "--readonly"],
+        );
+        let mut disk = connect(&_p.socket, 1);
+        assert!(disk.has_feature(VIRTIO_BLK_F_RO));
+        assert_eq!(disk.read(0, 8192).unwrap(), want[..8192]);
+        assert_eq!(
+            status(&mut disk, &BlkRequest::write(0, vec![1; 512])),
+            BlkStatus::IoErr
+        );
+    }
+    // The image changes on the server: the old overlay is refused.
+    server.set(|b| {
+        b.content = std::sync::Arc::new(image(len, 8));
+        b.etag = Some("\"v2\"".into());
+    });
+    let err = start_fails(&server.url(), &["--overlay", ov.as_str()]);
+    assert!(err.contains("was made for"), "{err}");
+}
+
+#[test]
+fn overlay_conformance_whole_disk_and_many_in_flight() {
+    let server = HttpServer::start(Behaviour::new(image(4 << 20, 9)));
+    let dir = tempdir("http-ovc");
+    let ov = dir.join("o").to_str().unwrap().to_string();
+    let (_p, _d) = spawn(
+        "http-ovc-p",
+        &server,
+        &[
+            "--overlay",
+            ov.as_str(),
+            "--num-queues",
+            "2",
+            "--io-threads",
+            "4",
+        ],
+    );
+    let mut disk = connect(&_p.socket, 2);
+    check_read_after_write_whole_disk(&mut disk, 10);
+    check_many_in_flight(&mut disk, 11);
+    check_flush(&mut disk);
+}
+
+#[test]
+fn reads_ahead_on_sequential_streams_with_requests_in_flight() {
+    let len = 8 << 20;
+    let img = image(len, 12);
+    let server = HttpServer::start(Behaviour {
+        delay: Duration::from_millis(30),
+        ..Behaviour::new(img.clone())
+    });
+    let (_p, _dir) = spawn(
+        "http-ra",
+        &server,
+        &[
+            "--cache-block",
+            "64K",
+            "--readahead",
+            "4",
+            "--connections",
+            "8",
+            "--cache-size",
+            "4M",
+        ],
+    );
+    let mut disk = connect(&_p.socket, 1);
+
+    // One 1 MiB read spans 16 blocks: they are fetched in parallel.
+    assert!(disk.read(0, 1 << 20).unwrap() == img[..1 << 20]);
+    assert!(
+        server.max_concurrent() >= 4,
+        "max concurrent GETs {}",
+        server.max_concurrent()
+    );
+
+    // Random reads (the block before was never read) trigger no read-ahead.
+    server.clear_log();
+    let blk = |b: u64| (b * KIB64, b * KIB64 + KIB64 - 1);
+    disk.read(40 * KIB64 / 512, 4096).unwrap();
+    disk.read(60 * KIB64 / 512, 4096).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(server.served_ranges(), [blk(40), blk(60)]);
+
+    // A sequential stream: reading block 41 right after 40 fetches 42..=45 ahead.
+    server.clear_log();
+    disk.read(41 * KIB64 / 512, KIB64 as u32).unwrap();
+    server.wait_for("read-ahead of blocks 42..=45", |l| {
+        (42..=45).all(|b| l.iter().any(|e| e.range == Some(blk(b))))
+    });
+    // Reading on through them sends no further request for them, and keeps reading ahead.
+    for b in 42..=45u64 {
+        let got = disk.read(b * KIB64 / 512, KIB64 as u32).unwrap();
+        assert!(got == img[(b * KIB64) as usize..((b + 1) * KIB64) as usize]);
+    }
+    server.wait_for("read-ahead up to block 49", |l| {
+        l.iter().any(|e| e.range == Some(blk(49)))
+    });
+    let ranges = server.served_ranges();
+    for b in 41..=49 {
+        assert_eq!(
+            ranges.iter().filter(|&&r| r == blk(b)).count(),
+            1,
+            "block {b}: {ranges:?}"
+        );
+    }
+}
