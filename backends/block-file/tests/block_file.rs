@@ -226,10 +226,16 @@ fn systemd_socket_activation() {
         .arg(BIN)
         .args(["--path", img.to_str().unwrap()])
         .env("HYPE_LOG", "error");
-    // SAFETY: only async-signal-safe dup2 between fork and exec; fd is a live listener.
+    // SAFETY: only async-signal-safe dup2/fcntl between fork and exec; fd is a live listener.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself would keep close-on-exec set: clear it explicitly then.
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -100,3 +100,53 @@ fn usage_errors_exit_2_runtime_errors_exit_1() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a multiple of 512"), "{err}");
 }
+
+#[test]
+fn without_event_idx_or_indirect_descriptors() {
+    let (_p, _dir) = spawn("memnoevt", &["--size", "8M", "--num-queues", "2"]);
+    for mask in [!(1u64 << 29), !(1u64 << 28), !(3u64 << 28)] {
+        let o = hype_testkit::driver::DriverOptions {
+            feature_mask: mask,
+            ..opts(2)
+        };
+        let mut disk = hype_testkit::blk::BlkDriver::connect(&_p.socket, o).unwrap();
+        assert_eq!(disk.has_feature(29), mask & (1 << 29) != 0);
+        check_many_in_flight(&mut disk, 13);
+        check_hostile_chains(&mut disk, MEM);
+    }
+}
+
+#[test]
+fn event_idx_suppresses_kicks_without_losing_any() {
+    let (_p, _dir) = spawn("memevt", &["--size", "8M"]);
+    let mut disk = connect(&_p.socket, 1);
+    assert!(disk.has_feature(29));
+    check_many_in_flight(&mut disk, 14);
+    let stats = disk.driver().queue(0).unwrap().stats();
+    assert_eq!(stats.submitted, stats.completed);
+    assert!(stats.kicks > 0);
+    assert!(
+        stats.kicks_suppressed > 0,
+        "the device never asked to skip a kick: {stats:?}"
+    );
+}
+
+#[test]
+fn garbage_frontend_does_not_stop_the_daemon() {
+    use std::io::Write;
+    let (mut p, _dir) = spawn("memjunk", &["--size", "4M"]);
+    for junk in [
+        &b"\xff\xff\xff\xff garbage that is not vhost-user"[..],
+        b"",
+        b"\x01\0\0\0\x01\0\0\0\xff\xff\xff\x7f",
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&p.socket).unwrap();
+        let _ = s.write_all(junk);
+        drop(s);
+    }
+    let mut disk = connect(&p.socket, 1);
+    disk.write(0, &[3; 512]).unwrap();
+    assert_eq!(disk.read(0, 512).unwrap(), vec![3; 512]);
+    drop(disk);
+    assert!(p.alive());
+}

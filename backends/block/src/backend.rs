@@ -102,6 +102,9 @@ impl<S: Storage> BlockBackend<S> {
                 }
             }
             let mut popped = 0usize;
+            if !avail_index_sane(&st, &mem, table.size) {
+                break;
+            }
             while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 popped += 1;
                 let head = chain.head_index();
@@ -109,6 +112,9 @@ impl<S: Storage> BlockBackend<S> {
                     Ok(req) => req,
                     Err(reason) => {
                         guest_error(format_args!("dropping chain {head}: {reason}"));
+                        if head >= table.size {
+                            continue; // not a descriptor: there is nothing to return
+                        }
                         if let Err(e) = st.add_used(head, 0) {
                             guest_error(format_args!("cannot return chain {head}: {e}"));
                         }
@@ -188,6 +194,34 @@ impl<S: Storage> BlockBackend<S> {
             }
             inflight.finish();
         })
+    }
+}
+
+/// Whether the ring is running and the guest's avail index is at most a ring's worth ahead
+/// of us. A guest that
+/// publishes garbage there gets one rate-limited log line per kick instead of a library error
+/// per pop, and the ring simply stalls until the guest repairs it.
+fn avail_index_sane(st: &VringState<GuestMemory>, mem: &GuestMemoryMmap, size: u16) -> bool {
+    let q = st.get_queue();
+    if !q.ready() {
+        return false; // stopped (GET_VRING_BASE) or never set up: nothing to do
+    }
+    match q.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => {
+            let pending = idx.0.wrapping_sub(q.next_avail());
+            if pending > size {
+                guest_error(format_args!(
+                    "avail index {} is {pending} entries ahead of a {size}-entry ring",
+                    idx.0
+                ));
+                return false;
+            }
+            true
+        }
+        Err(e) => {
+            guest_error(format_args!("cannot read avail index: {e}"));
+            false
+        }
     }
 }
 
