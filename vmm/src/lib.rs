@@ -11,4 +11,5 @@ pub mod layout;
 pub mod memory;
 pub mod terminal;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
