@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
+
+use crate::virtio::{DeviceOptions, DeviceType, WaitLimit};
 
 /// Where the UART's output goes (input comes from stdin only with `stdio`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,13 +31,77 @@ impl FromStr for SerialSpec {
     }
 }
 
-/// A `--device` argument: a vhost-user backend socket, optionally with an explicit type.
+/// A `--device` argument: a vhost-user backend socket, optionally with a type and options.
+///
+/// Forms: `PATH`, `TYPE:PATH`, and comma-separated `key=value` options, with the socket either
+/// first or as `socket=PATH`: `/run/d.sock,queues=2`, `socket=/run/d.sock,type=blk,wait=10s`.
+/// Keys: `socket`, `type` (blk, net, console), `queues`, `queue-size`, `wait` (how long to wait
+/// for the socket at start), `reconnect-timeout` (how long to retry a lost backend). Durations
+/// are `forever` or a number with `ms`, `s` or `m` (a bare number is seconds).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSpec {
     /// Socket path.
     pub socket: PathBuf,
-    /// Explicit device type (`blk`, `net`, `console`), if given as `TYPE:PATH`.
-    pub kind: Option<String>,
+    /// Explicit device type.
+    pub kind: Option<DeviceType>,
+    /// Queues to expose.
+    pub num_queues: Option<u16>,
+    /// Largest queue size offered to the guest.
+    pub queue_size: Option<u16>,
+    /// How long to wait for the socket at start (`None`: the `--device-wait` default).
+    pub wait: Option<WaitLimit>,
+    /// How long to keep reconnecting a lost backend (`None`: forever).
+    pub reconnect: Option<WaitLimit>,
+}
+
+impl DeviceSpec {
+    /// A spec for `socket` with every default.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        DeviceSpec {
+            socket: socket.into(),
+            kind: None,
+            num_queues: None,
+            queue_size: None,
+            wait: None,
+            reconnect: None,
+        }
+    }
+
+    /// The device options (defaults filled in: wait and reconnect forever).
+    pub fn options(&self) -> DeviceOptions {
+        DeviceOptions {
+            socket: self.socket.clone(),
+            kind: self.kind,
+            num_queues: self.num_queues,
+            queue_size: self.queue_size,
+            wait: self.wait.unwrap_or(WaitLimit::Forever),
+            reconnect: self.reconnect.unwrap_or(WaitLimit::Forever),
+        }
+    }
+}
+
+/// Parses a duration: `forever`, or a number with `ms`, `s` or `m` (bare: seconds).
+pub fn parse_wait(s: &str) -> Result<WaitLimit, String> {
+    let t = s.trim();
+    if t == "forever" {
+        return Ok(WaitLimit::Forever);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..split]
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (examples: 500ms, 10s, 2m, forever)"))?;
+    let d = match &t[split..] {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        other => return Err(format!("unknown duration unit '{other}' in '{s}'")),
+    };
+    Ok(WaitLimit::For(d))
+}
+
+fn parse_u16(key: &str, v: &str) -> Result<u16, String> {
+    v.parse()
+        .map_err(|_| format!("{key}={v}: expected a number from 0 to 65535"))
 }
 
 impl FromStr for DeviceSpec {
@@ -43,21 +110,45 @@ impl FromStr for DeviceSpec {
         if s.is_empty() {
             return Err("empty device socket path".into());
         }
-        for kind in ["blk", "net", "console"] {
-            if let Some(p) = s.strip_prefix(kind).and_then(|r| r.strip_prefix(':')) {
-                if p.is_empty() {
-                    return Err(format!("'{s}' has no socket path"));
+        let mut spec = DeviceSpec::new("");
+        let mut socket: Option<String> = None;
+        for (i, part) in s.split(',').enumerate() {
+            let Some((key, value)) = part.split_once('=') else {
+                if i != 0 {
+                    return Err(format!("'{part}' in '{s}' is not key=value"));
                 }
-                return Ok(DeviceSpec {
-                    socket: PathBuf::from(p),
-                    kind: Some(kind.into()),
-                });
+                // PATH or TYPE:PATH.
+                match part.split_once(':') {
+                    Some((kind, path)) if kind.parse::<DeviceType>().is_ok() => {
+                        if path.is_empty() {
+                            return Err(format!("'{s}' has no socket path"));
+                        }
+                        spec.kind = kind.parse().ok();
+                        socket = Some(path.to_owned());
+                    }
+                    _ => socket = Some(part.to_owned()),
+                }
+                continue;
+            };
+            match key {
+                "socket" | "path" => socket = Some(value.to_owned()),
+                "type" => spec.kind = Some(value.parse()?),
+                "queues" | "num-queues" => spec.num_queues = Some(parse_u16(key, value)?),
+                "queue-size" => spec.queue_size = Some(parse_u16(key, value)?),
+                "wait" => spec.wait = Some(parse_wait(value)?),
+                "reconnect-timeout" => spec.reconnect = Some(parse_wait(value)?),
+                _ => {
+                    return Err(format!(
+                        "unknown device option '{key}' (socket, type, queues, queue-size, wait, reconnect-timeout)"
+                    ))
+                }
             }
         }
-        Ok(DeviceSpec {
-            socket: PathBuf::from(s),
-            kind: None,
-        })
+        match socket {
+            Some(p) if !p.is_empty() => spec.socket = PathBuf::from(p),
+            _ => return Err(format!("'{s}' has no socket path")),
+        }
+        Ok(spec)
     }
 }
 
@@ -124,10 +215,47 @@ mod tests {
     #[test]
     fn device_specs() {
         let d: DeviceSpec = "/run/a.sock".parse().unwrap();
-        assert_eq!((d.socket, d.kind), (PathBuf::from("/run/a.sock"), None));
+        assert_eq!(d, DeviceSpec::new("/run/a.sock"));
         let d: DeviceSpec = "blk:/run/b.sock".parse().unwrap();
-        assert_eq!(d.kind.as_deref(), Some("blk"));
-        assert!("blk:".parse::<DeviceSpec>().is_err());
-        assert!("".parse::<DeviceSpec>().is_err());
+        assert_eq!(d.kind, Some(DeviceType::Block));
+        assert_eq!(d.socket, PathBuf::from("/run/b.sock"));
+        let d: DeviceSpec =
+            "socket=/run/c.sock,type=net,queues=2,queue-size=128,wait=10s,reconnect-timeout=500ms"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            d,
+            DeviceSpec {
+                socket: "/run/c.sock".into(),
+                kind: Some(DeviceType::Net),
+                num_queues: Some(2),
+                queue_size: Some(128),
+                wait: Some(WaitLimit::For(Duration::from_secs(10))),
+                reconnect: Some(WaitLimit::For(Duration::from_millis(500))),
+            }
+        );
+        let d: DeviceSpec = "/run/d.sock,wait=forever".parse().unwrap();
+        assert_eq!(d.wait, Some(WaitLimit::Forever));
+        // A colon in a path that is not a type prefix stays in the path.
+        let d: DeviceSpec = "/run/x:y.sock".parse().unwrap();
+        assert_eq!(d.socket, PathBuf::from("/run/x:y.sock"));
+        for bad in [
+            "blk:",
+            "",
+            "type=blk",
+            "/a,queues=x",
+            "/a,colour=red",
+            "/a,type=gpu",
+            "/a,b",
+            "/a,wait=3h",
+            "/a,queues=70000",
+        ] {
+            assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_wait("2m"),
+            Ok(WaitLimit::For(Duration::from_secs(120)))
+        );
+        assert_eq!(parse_wait("7"), Ok(WaitLimit::For(Duration::from_secs(7))));
     }
 }

@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::devices::pio::{PioBus, PioOutcome};
 use crate::fixups::{self, Fixups};
 use crate::memory::GuestMemoryMmap;
+use crate::virtio::bus::MmioBus;
 
 /// Why a vCPU stopped running.
 #[derive(Debug)]
@@ -90,6 +91,8 @@ pub enum VcpuError {
 pub struct VcpuShared {
     /// Port I/O devices.
     pub pio: PioBus,
+    /// virtio-mmio devices.
+    pub mmio: MmioBus,
     /// Guest memory.
     pub mem: GuestMemoryMmap,
     /// Set when all vCPUs must stop.
@@ -155,11 +158,14 @@ pub fn run(mut vcpu: VcpuFd, index: u8, shared: &VcpuShared) -> VcpuEnd {
                     PioOutcome::Continue => Step::Continue,
                     PioOutcome::Reset => Step::End(VcpuEnd::Reset),
                 },
-                VcpuExit::MmioRead(_, data) => {
-                    data.fill(0);
+                VcpuExit::MmioRead(addr, data) => {
+                    shared.mmio.read(addr, data);
                     Step::Continue
                 }
-                VcpuExit::MmioWrite(_, _) => Step::Continue,
+                VcpuExit::MmioWrite(addr, data) => {
+                    shared.mmio.write(addr, data);
+                    Step::Continue
+                }
                 VcpuExit::Shutdown => Step::End(VcpuEnd::Shutdown),
                 VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_SHUTDOWN => {
                     Step::End(VcpuEnd::Shutdown)

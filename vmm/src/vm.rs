@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -26,6 +26,9 @@ use crate::fixups::{FixupMode, Fixups};
 use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
 use crate::terminal::RawModeGuard;
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
+use crate::virtio::bus::{MmioBus, MmioExitCounts};
+use crate::virtio::device::DeviceError;
+use crate::virtio::{self as virtio_mod, mmio::reg, VhostUserDevice};
 
 /// Command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -164,6 +167,19 @@ pub enum VmmError {
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// More `--device`s than hype has windows and interrupt lines for.
+    #[error("{0} devices: hype attaches at most {max}", max = virtio_mod::MAX_DEVICES)]
+    TooManyDevices(usize),
+    /// Attaching a `--device` failed.
+    #[error("device {index} ({path}): {source}")]
+    Device {
+        /// Position on the command line (0-based).
+        index: usize,
+        /// Socket path.
+        path: PathBuf,
+        /// Why.
+        source: DeviceError,
+    },
 }
 
 impl VmmError {
@@ -178,6 +194,7 @@ impl VmmError {
                 | VmmError::Boot(_)
                 | VmmError::RawTooBig(_)
                 | VmmError::SerialFile { .. }
+                | VmmError::TooManyDevices(_)
         )
     }
 }
@@ -352,6 +369,88 @@ pub struct VmOutcome {
     pub end: VmEnd,
     /// Boot markers: (value, time since start).
     pub markers: Vec<(u32, Duration)>,
+    /// MMIO exits the vCPUs took.
+    pub mmio: MmioExitCounts,
+    /// What happened to each virtio device.
+    pub devices: Vec<DeviceReport>,
+}
+
+/// A virtio device's counters at the end of the run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceReport {
+    /// Device type.
+    pub kind: virtio_mod::DeviceType,
+    /// QueueNotify writes that reached userspace.
+    pub notify_exits: u64,
+    /// Times rings were started on a backend.
+    pub ring_starts: u64,
+    /// Reconnections to a restarted backend.
+    pub reconnects: u64,
+    /// Register accesses that made no sense.
+    pub guest_errors: u64,
+    /// Final device status register.
+    pub status: u32,
+}
+
+/// Connects every `--device` backend, registers its eventfds with KVM and returns the bus and
+/// the command-line entries describing the devices.
+fn attach_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: &[DeviceSpec],
+) -> Result<(MmioBus, Vec<String>), VmmError> {
+    if devices.len() > virtio_mod::MAX_DEVICES {
+        return Err(VmmError::TooManyDevices(devices.len()));
+    }
+    let mut bus = MmioBus::new();
+    let mut cmdline = Vec::new();
+    for (index, spec) in devices.iter().enumerate() {
+        let base = virtio_mod::device_base(index);
+        let gsi = virtio_mod::DEVICE_GSIS[index];
+        let dev_err = |source| VmmError::Device {
+            index,
+            path: spec.socket.clone(),
+            source,
+        };
+        let name = format!("virtio{index}");
+        let dev =
+            VhostUserDevice::attach(&name, &spec.options(), mem.clone(), None).map_err(dev_err)?;
+        let ev = dev.events();
+        for (q, kick) in ev.kicks.iter().enumerate() {
+            vm.register_ioevent(
+                kick,
+                &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        for call in &ev.calls {
+            vm.register_irqfd(call, gsi).map_err(kvm_err("KVM_IRQFD"))?;
+        }
+        vm.register_irqfd(&ev.config, gsi)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        log::debug!("{name}: window {base:#x}, GSI {gsi}");
+        cmdline.push(virtio_mod::cmdline_entry(base, gsi));
+        bus.add(base, Arc::new(dev));
+    }
+    Ok((bus, cmdline))
+}
+
+fn device_reports(bus: &MmioBus) -> Vec<DeviceReport> {
+    bus.devices()
+        .iter()
+        .map(|(_, d)| {
+            let s = d.stats();
+            DeviceReport {
+                kind: d.kind(),
+                notify_exits: s.notify_exits.load(Ordering::Relaxed),
+                ring_starts: s.ring_starts.load(Ordering::Relaxed),
+                reconnects: s.reconnects.load(Ordering::Relaxed),
+                guest_errors: d.guest_errors(),
+                status: d.status(),
+            }
+        })
+        .collect()
 }
 
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
@@ -447,6 +546,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     let vm = create_vm(&kvm)?;
     let mem = memory::create_guest_memory(cfg.memory)?;
     register_memory(&vm, &mem)?;
+    let (mmio, device_cmdline) = attach_devices(&vm, &mem, &cfg.devices)?;
 
     let boot = match &cfg.image {
         BootImage::Kernel {
@@ -455,6 +555,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
             cmdline,
         } => {
             let mut cmdline = cmdline.clone();
+            for entry in &device_cmdline {
+                cmdline.push(' ');
+                cmdline.push_str(entry);
+            }
             if fixups.is_active() {
                 for extra in fixups.guest_cmdline_additions() {
                     if !cmdline.split_whitespace().any(|w| w == *extra) {
@@ -542,6 +646,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
 
     let shared = Arc::new(VcpuShared {
         pio: PioBus::new(serial.clone(), started),
+        mmio,
         mem: mem.clone(),
         stop: AtomicBool::new(false),
         fixups,
@@ -591,6 +696,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     drop(raw_guard);
     shared.fixups.log_summary();
     let markers = shared.pio.markers();
+    let mmio_counts = shared.mmio.counts();
+    let devices = device_reports(&shared.mmio);
     match first {
         Some((i, VcpuEnd::Error(e))) => {
             log::debug!("vCPU {i} failed");
@@ -601,6 +708,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
             Ok(VmOutcome {
                 end: VmEnd::Reset,
                 markers,
+                mmio: mmio_counts,
+                devices,
             })
         }
         Some((i, VcpuEnd::Shutdown)) => {
@@ -608,6 +717,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
             Ok(VmOutcome {
                 end: VmEnd::Shutdown,
                 markers,
+                mmio: mmio_counts,
+                devices,
             })
         }
         Some((_, VcpuEnd::Stopped)) | None => {
@@ -615,6 +726,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
             Ok(VmOutcome {
                 end: VmEnd::Stopped,
                 markers,
+                mmio: mmio_counts,
+                devices,
             })
         }
     }
