@@ -15,9 +15,9 @@ set -euo pipefail
 export LC_ALL=C
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=guest/lib.sh
+# shellcheck source=./lib.sh
 . "$here/lib.sh"
-# shellcheck source=guest/cpio.sh
+# shellcheck source=./cpio.sh
 . "$here/cpio.sh"
 
 out_arg="${1:-}"
@@ -26,7 +26,7 @@ extra="${2:-}"
 [ -z "$extra" ] || extra="$(cd "$extra" && pwd)"
 
 agent="$here/agent/init"
-inputs=("$here/build-initramfs.sh" "$here/cpio.sh" "$here/lib.sh" "$agent")
+inputs=("$here/build-initramfs.sh" "$here/cpio.sh" "$agent")
 extra_manifest=""
 if [ -n "$extra" ]; then
     # Name, type, mode and content of every extra entry, so any change gives a new hash.

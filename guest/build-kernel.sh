@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
 # Build the hype test guest kernel (Linux 6.1 from Debian's linux-source-6.1) with
 # `make tinyconfig` + guest/kernel.config, and cache vmlinux/bzImage under
-# $HYPE_CACHE/kernel-<hash>/ where <hash> covers kernel.config, this script and lib.sh.
+# $HYPE_CACHE/kernel-<hash>/ where <hash> covers kernel.config and this script.
 # Prints the output directory on stdout. A warm run does no work.
 #
 # Environment: HYPE_CACHE (default ~/.cache/hype), HYPE_JOBS (default nproc),
-#              HYPE_KEEP_BUILD=1 keeps the build tree next to the output for debugging.
+#              HYPE_KEEP_BUILD=1 keeps the build tree next to the output for debugging,
+#              HYPE_LINUX_TARBALL=/path/linux-6.1.x.tar.{xz,gz} builds from that tarball instead
+#              of Debian's package (for hosts without linux-source-6.1; its name and size join
+#              the cache key).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=guest/lib.sh
+# shellcheck source=./lib.sh
 . "$here/lib.sh"
 
 fragment="$here/kernel.config"
-hash="$(content_hash "$fragment" "$here/build-kernel.sh" "$here/lib.sh")"
+tarball="${HYPE_LINUX_TARBALL:-}"
+hash="$(
+    content_hash "$fragment" "$here/build-kernel.sh"
+    if [ -n "$tarball" ]; then
+        [ -f "$tarball" ] || die "HYPE_LINUX_TARBALL=$tarball does not exist"
+        printf '%s %s\n' "$(basename "$tarball")" "$(stat -c %s "$tarball")"
+    fi
+)"
+hash="$(printf '%s\n' "$hash" | sha256sum | cut -c1-16)"
 out="$HYPE_CACHE/kernel-$hash"
 
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
@@ -30,29 +41,38 @@ if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
     exit 0
 fi
 
-ensure_packages linux-source-6.1 make gcc libc6-dev bc bison flex libelf-dev xz-utils binutils
-tarball=$(ls /usr/src/linux-source-6.1.tar.xz 2>/dev/null) ||
-    die "linux-source-6.1 is installed but /usr/src/linux-source-6.1.tar.xz is missing"
-src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
+if [ -n "$tarball" ]; then
+    ensure_packages make gcc libc6-dev bc bison flex libelf-dev xz-utils binutils
+    src_version="$(basename "$tarball")"
+else
+    ensure_packages linux-source-6.1 make gcc libc6-dev bc bison flex libelf-dev xz-utils binutils
+    tarball=/usr/src/linux-source-6.1.tar.xz
+    [ -f "$tarball" ] || die "linux-source-6.1 is installed but $tarball is missing"
+    src_version="linux-source-6.1 $(dpkg-query -W -f='${Version}' linux-source-6.1)"
+fi
 
 work="$HYPE_CACHE/kernel-$hash.build"
 rm -rf "$work" "$out.tmp"
 mkdir -p "$work" "$out.tmp"
 started=$(date +%s)
 
-log "unpacking linux-source-6.1 $src_version into $work"
-tar -xJf "$tarball" -C "$work" --strip-components=1
+log "unpacking $src_version into $work"
+tar -xf "$tarball" -C "$work" --strip-components=1
 
 kmake() {
     make -C "$work" ARCH=x86_64 KBUILD_BUILD_USER=hype KBUILD_BUILD_HOST=hype \
-        KBUILD_BUILD_TIMESTAMP="linux-source-6.1 $src_version" "$@"
+        KBUILD_BUILD_TIMESTAMP="$src_version" "$@"
 }
 
 log "configuring: tinyconfig + $(basename "$fragment")"
-kmake -s tinyconfig >&2
-(cd "$work" && ./scripts/kconfig/merge_config.sh -m .config "$fragment" >"$work/merge.log" 2>&1) ||
-    { cat "$work/merge.log" >&2; die "merge_config.sh failed"; }
-kmake -s olddefconfig >&2
+{
+    kmake -s tinyconfig &&
+        (cd "$work" && ./scripts/kconfig/merge_config.sh -m .config "$fragment") &&
+        kmake -s olddefconfig
+} >"$work/config.log" 2>&1 || {
+    cat "$work/config.log" >&2
+    die "configuring the kernel failed"
+}
 
 # merge_config + olddefconfig silently drop options whose dependencies are off: check each one.
 bad=0
@@ -90,7 +110,7 @@ readelf -n "$work/vmlinux" | grep -A1 -E '^ +Xen ' | grep -q '0x00000012' ||
 cp "$work/vmlinux" "$work/arch/x86/boot/bzImage" "$work/System.map" "$out.tmp/"
 cp "$work/.config" "$out.tmp/config"
 {
-    echo "source=linux-source-6.1 $src_version"
+    echo "source=$src_version"
     echo "release=$(cat "$work/include/config/kernel.release")"
     echo "fragment_hash=$hash"
     echo "build_seconds=$(($(date +%s) - started))"

@@ -8,7 +8,7 @@ set -euo pipefail
 export LC_ALL=C
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=guest/lib.sh
+# shellcheck source=./lib.sh
 . "$here/lib.sh"
 
 meta=linux-image-cloud-amd64
@@ -28,7 +28,9 @@ if [ -z "$pkg" ]; then
     [ -n "$pkg" ] || die "could not resolve $meta to a versioned kernel package"
 fi
 version="$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')"
-[ -n "$version" ] && [ "$version" != "(none)" ] || die "no installable version of $pkg"
+if [ -z "$version" ] || [ "$version" = "(none)" ]; then
+    die "no installable version of $pkg"
+fi
 
 out="$HYPE_CACHE/debian-kernel-${pkg}_${version//:/%3a}"
 if [ -f "$out/vmlinuz" ]; then
@@ -53,7 +55,7 @@ esac
 rm -rf "$out.tmp"
 mkdir -p "$out.tmp/unpacked"
 dpkg-deb -x "$deb" "$out.tmp/unpacked"
-vmlinuz="$(ls "$out.tmp/unpacked/boot/"vmlinuz-* 2>/dev/null | head -n1)"
+vmlinuz="$(find "$out.tmp/unpacked/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n1)"
 [ -n "$vmlinuz" ] || die "no boot/vmlinuz-* in $(basename "$deb")"
 mv "$vmlinuz" "$out.tmp/vmlinuz"
 cp "$out.tmp/unpacked/boot/"config-* "$out.tmp/config" 2>/dev/null || true

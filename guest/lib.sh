@@ -51,18 +51,34 @@ ensure_packages() {
     fi
 }
 
-# download_deb PKG DIR: fetch PKG's .deb (candidate version) into DIR without installing it;
-# prints the .deb path. Retries once after `apt-get update` when the lists are stale.
+# candidate_version PKG: the version apt would install (empty when unknown).
+candidate_version() {
+    apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p' | grep -vx '(none)' || true
+}
+
+# download_deb PKG DIR: make DIR hold the .deb of PKG's candidate version, downloading it
+# without installing anything when it is not there yet; prints the .deb path. Refreshes the
+# package lists once (as root) when apt does not know PKG or the download fails.
 download_deb() {
-    local pkg="$1" dir="$2" deb
+    local pkg="$1" dir="$2" version deb
     mkdir -p "$dir"
-    if ! (cd "$dir" && apt-get download -q "$pkg" >&2); then
-        [ "$(id -u)" -eq 0 ] || die "apt-get download $pkg failed (stale package lists? run apt-get update)"
-        log "apt-get download $pkg failed; refreshing package lists and retrying"
+    version="$(candidate_version "$pkg")"
+    if [ -n "$version" ]; then
+        deb="$(find "$dir" -maxdepth 1 -name "${pkg}_${version//:/%3a}_*.deb" | head -n1)"
+        if [ -n "$deb" ]; then
+            printf '%s\n' "$deb"
+            return 0
+        fi
+    fi
+    if [ -z "$version" ] || ! (cd "$dir" && apt-get download -q "$pkg" >&2); then
+        [ "$(id -u)" -eq 0 ] || die "cannot download $pkg (stale package lists? run apt-get update as root)"
+        log "refreshing package lists for $pkg"
         DEBIAN_FRONTEND=noninteractive apt-get -q update >&2
+        version="$(candidate_version "$pkg")"
+        [ -n "$version" ] || die "apt knows no installable version of $pkg"
         (cd "$dir" && apt-get download -q "$pkg" >&2)
     fi
-    deb=$(ls -t "$dir/${pkg}_"*.deb 2>/dev/null | head -n1)
-    [ -n "$deb" ] || die "no .deb for $pkg in $dir after download"
+    deb="$(find "$dir" -maxdepth 1 -name "${pkg}_${version//:/%3a}_*.deb" | head -n1)"
+    [ -n "$deb" ] || die "no .deb for $pkg $version in $dir after download"
     printf '%s\n' "$deb"
 }

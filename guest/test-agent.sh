@@ -9,7 +9,7 @@ set -euo pipefail
 export LC_ALL=C
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-# shellcheck source=guest/lib.sh
+# shellcheck source=./lib.sh
 . "$here/lib.sh"
 
 if ! unshare --user --map-root-user --mount --pid --fork --net true 2>/dev/null; then
@@ -26,7 +26,9 @@ if command -v cpio >/dev/null 2>&1; then
 else
     (cd "$root" && busybox cpio -id <"$cpio_path" 2>/dev/null) || true
 fi
-[ -x "$root/init" ] && [ -x "$root/bin/busybox" ] || die "unpacking $cpio_path failed"
+if [ ! -x "$root/init" ] || [ ! -x "$root/bin/busybox" ]; then
+    die "unpacking $cpio_path failed"
+fi
 
 failures=0
 
@@ -64,7 +66,7 @@ run_agent() {
 step1="$(printf 'echo boot-step\nexit 4\n' | base64 -w0)"
 run_agent console-protocol \
     "console=ttyS0 hype.console=nosuch hype.loglevel=x hype.run=$step1 hype.run=@@@ hype.then=later" \
-    $'RUN 1 echo hello; echo err >&2\nRUN 2 exit 5\nRUN 3 printf \'a\\n\\nb\'\nRUN 4 echo "<$1>"\nRUN 5 read x; echo "read rc=$?"\nRUN bad!id echo x\nFOO\n\nRUN 6 echo \'x\\ty %s\'\r\nRUN 7 echo (\nRUN 8\nPOWEROFF\nRUN 9 echo never\n' \
+    $'RUN 1 echo hello; echo err >&2\nRUN 2 exit 5\nRUN 3 printf \'a\\n\\nb\'\nRUN 4 echo "<$1>"\nRUN 5 read x; echo "read rc=$?"\nRUN bad!id echo x\nFOO\n\nRUN 6 echo \'x\\ty %s\'\r\nRUN 7 echo (\nRUN 8\nRUN k sh -c \'kill -9 $$\'\nPOWEROFF\nRUN 9 echo never\n' \
     "HYPE-AGENT READY
 HYPE-ERR hype.console: no such tty /dev/nosuch
 HYPE-ERR hype.loglevel: not a digit: x
@@ -92,6 +94,8 @@ HYPE-DONE 6 rc=0
 HYPE-OUT 7 *syntax error*
 HYPE-DONE 7 rc=2
 HYPE-DONE 8 rc=0
+HYPE-OUT k Killed
+HYPE-DONE k rc=137
 HYPE-AGENT POWEROFF"
 
 run_agent then-reboot "quiet hype.then=reboot hype.run=$(printf 'uname -s' | base64 -w0)" \
