@@ -2,11 +2,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use hype_block::{write_zero_buffers, Storage, StorageInfo};
+use hype_block::{write_zero_buffers, DirectIo, Storage, StorageInfo};
 
 use crate::Error;
 
@@ -36,6 +36,8 @@ pub struct FileStorage {
     read_only: bool,
     block_size: u32,
     physical_block_size: u32,
+    /// Buffer alignment the fd needs: 1, or the O_DIRECT alignment.
+    memory_align: usize,
     serial: String,
 }
 
@@ -107,6 +109,7 @@ impl FileStorage {
             read_only: opts.read_only,
             block_size: block_size as u32,
             physical_block_size: physical as u32,
+            memory_align: if opts.direct { min_block as usize } else { 1 },
             serial,
         })
     }
@@ -208,6 +211,13 @@ impl Storage for FileStorage {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
+    }
+
+    fn direct_io(&self) -> Option<DirectIo<'_>> {
+        Some(DirectIo {
+            fd: self.file.as_fd(),
+            align: self.memory_align,
+        })
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {

@@ -18,6 +18,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 use crate::chain::{walk, DescTable, DropReason, RawChain, Segment};
 
 use crate::config::{DeviceSpec, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
+use crate::direct_io;
 use crate::iobuf::{IoBuf, IO_CHUNK};
 use crate::storage::{Storage, SECTOR_SIZE};
 
@@ -459,6 +460,16 @@ pub(crate) fn execute<S: Storage + ?Sized>(
     match op {
         Op::Read { offset, segs } => {
             let len = total_len(segs);
+            if let Some(d) = storage.direct_io() {
+                match direct_io::transfer(d, false, *offset, segs, mem) {
+                    Some(Ok(())) => return ok(sat32(len)),
+                    Some(Err(e)) => {
+                        log::warn!("read of {len} bytes at {offset} failed: {e}");
+                        return fail(storage_status(&e), 0);
+                    }
+                    None => {} // buffers unsuitable for the fd: bounce
+                }
+            }
             let mut cursor = SegCursor::new(segs);
             let mut done = 0u64;
             while done < len {
@@ -477,6 +488,16 @@ pub(crate) fn execute<S: Storage + ?Sized>(
         }
         Op::Write { offset, segs } => {
             let len = total_len(segs);
+            if let Some(d) = storage.direct_io() {
+                match direct_io::transfer(d, true, *offset, segs, mem) {
+                    Some(Ok(())) => return ok(0),
+                    Some(Err(e)) => {
+                        log::warn!("write of {len} bytes at {offset} failed: {e}");
+                        return fail(storage_status(&e), 0);
+                    }
+                    None => {}
+                }
+            }
             let mut cursor = SegCursor::new(segs);
             let mut done = 0u64;
             while done < len {

@@ -2,6 +2,7 @@
 
 use std::io;
 
+use crate::direct_io::DirectIo;
 use crate::iobuf::{IoBuf, IO_CHUNK};
 
 /// Bytes per virtio-blk sector: the unit of request offsets and of the capacity field, whatever
@@ -136,6 +137,15 @@ pub trait Storage: Send + Sync + 'static {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let _ = (offset, len);
         Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Optional zero-copy fast path for stores backed by a file descriptor: when this returns
+    /// `Some`, reads and writes whose guest buffers suit [`DirectIo::align`] are done with
+    /// `preadv`/`pwritev` on that fd, straight between the file and guest memory, instead of
+    /// through a bounce buffer and [`read_at`](Self::read_at)/[`write_at`](Self::write_at).
+    /// The fd must give the same bytes at the same offsets as those methods.
+    fn direct_io(&self) -> Option<DirectIo<'_>> {
+        None
     }
 
     /// Makes `len` bytes at `offset` read back as zeroes. `may_unmap` says the store may

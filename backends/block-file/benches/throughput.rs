@@ -1,0 +1,228 @@
+//! Throughput of hype-block-file (and, when installed, qemu-storage-daemon on the same kind of
+//! image) through hype-testkit's frontend: 1 MiB sequential write/read at QD 4, 4 KiB random
+//! read/write at QD 32 on one queue, and 4 KiB random read at QD 32 on each of 4 queues.
+//!
+//! `cargo bench -p hype-block-file --bench throughput` (HYPE_BENCH_SECS=N per workload,
+//! default 2). The image lives in /dev/shm when it exists, so the numbers measure the
+//! vhost-user path and the backend, not a disk.
+
+#[path = "../../block/tests/conformance/mod.rs"]
+mod conformance;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use conformance::{tempdir, Process};
+use hype_testkit::blk::{add_request, BlkDriver, BlkRequest, SECTOR_SIZE};
+use hype_testkit::driver::DriverOptions;
+use hype_testkit::virtqueue::Virtqueue;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hype-block-file");
+const IMAGE: u64 = 512 << 20;
+
+struct Workload {
+    name: &'static str,
+    write: bool,
+    random: bool,
+    block: u64,
+    depth: usize,
+    queues: usize,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "seq write 1M QD4",
+        write: true,
+        random: false,
+        block: 1 << 20,
+        depth: 4,
+        queues: 1,
+    },
+    Workload {
+        name: "seq read 1M QD4",
+        write: false,
+        random: false,
+        block: 1 << 20,
+        depth: 4,
+        queues: 1,
+    },
+    Workload {
+        name: "rand read 4K QD32",
+        write: false,
+        random: true,
+        block: 4096,
+        depth: 32,
+        queues: 1,
+    },
+    Workload {
+        name: "rand write 4K QD32",
+        write: true,
+        random: true,
+        block: 4096,
+        depth: 32,
+        queues: 1,
+    },
+    Workload {
+        name: "rand read 4K QD32 x4 queues",
+        write: false,
+        random: true,
+        block: 4096,
+        depth: 32,
+        queues: 4,
+    },
+];
+
+fn image_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let d = base.join(format!("hype-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Keeps `depth` requests in flight on `q` for `secs`; returns completed requests.
+fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> u64 {
+    q.set_read_back(false);
+    let blocks = IMAGE / w.block;
+    let data = vec![0x5au8; w.block as usize];
+    let mut rng = seed | 1;
+    let mut next_seq = 0u64;
+    let mut in_flight = 0usize;
+    let mut done = 0u64;
+    let start = Instant::now();
+    loop {
+        let running = start.elapsed() < secs;
+        if running {
+            let mut added = false;
+            while in_flight < w.depth {
+                let blk = if w.random {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % blocks
+                } else {
+                    next_seq = (next_seq + 1) % blocks;
+                    next_seq
+                };
+                let sector = blk * w.block / SECTOR_SIZE;
+                let req = if w.write {
+                    BlkRequest::write(sector, data.clone())
+                } else {
+                    BlkRequest::read(sector, w.block as u32)
+                };
+                add_request(q, &req).unwrap();
+                in_flight += 1;
+                added = true;
+            }
+            if added {
+                q.notify().unwrap();
+            }
+        } else if in_flight == 0 {
+            return done;
+        }
+        for c in q.wait(1, Duration::from_secs(10)).unwrap() {
+            let want = if w.write { 1 } else { w.block as u32 + 1 };
+            assert_eq!(c.len, want, "request failed");
+            in_flight -= 1;
+            done += 1;
+        }
+    }
+}
+
+fn run(name: &str, socket: &Path) {
+    let secs = Duration::from_secs(
+        std::env::var("HYPE_BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(2),
+    );
+    for w in WORKLOADS {
+        let opts = DriverOptions {
+            num_queues: w.queues,
+            queue_size: 256,
+            mem_size: 256 << 20,
+            ..DriverOptions::default()
+        };
+        let mut disk = BlkDriver::connect(socket, opts).unwrap();
+        let start = Instant::now();
+        let done: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = disk
+                .driver()
+                .queues_mut()
+                .iter_mut()
+                .enumerate()
+                .map(|(i, q)| s.spawn(move || drive(q, w, secs, 0x9e37_79b9 * (i as u64 + 1))))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        let t = start.elapsed().as_secs_f64();
+        println!(
+            "{name:>22} | {:<28} | {:>9.0} IOPS | {:>8.1} MiB/s",
+            w.name,
+            done as f64 / t,
+            done as f64 * w.block as f64 / t / (1 << 20) as f64
+        );
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs this with --bench absent: keep that quick.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let dir = image_dir();
+    let img = dir.join("hype.img");
+    File::create(&img).unwrap().set_len(IMAGE).unwrap();
+    let p = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap(), "--num-queues", "4"],
+        &tempdir("bench").join("blk.sock"),
+    );
+    run("hype-block-file", &p.socket);
+    drop(p);
+    let p = Process::spawn(
+        BIN,
+        &[
+            "--path",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "4",
+            "--io-threads",
+            "4",
+        ],
+        &tempdir("benchpool").join("blk.sock"),
+    );
+    run("hype-block-file pool4", &p.socket);
+    drop(p);
+
+    let qsd_ok = Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if qsd_ok {
+        let img = dir.join("qsd.img");
+        File::create(&img).unwrap().set_len(IMAGE).unwrap();
+        let sock = tempdir("benchqsd").join("qsd.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=f0,filename={},discard=unmap", img.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=4",
+                sock.display()
+            ))
+            .spawn()
+            .unwrap();
+        let p = Process::from_child(child, &sock);
+        run("qemu-storage-daemon", &p.socket);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
