@@ -25,7 +25,8 @@
 //!   sparse file (copy on write, 4 KiB granules, see [`overlay`] for the format) whose bitmap
 //!   persists, so restarting with the same overlay keeps the writes. FLUSH is `fdatasync` of
 //!   the overlay. `--readonly` with an overlay presents the overlaid image read-only.
-//! * **https** needs the default `https` cargo feature (rustls).
+//! * **https** needs the default `https` cargo feature (rustls, system roots through the
+//!   platform verifier); `--ca-cert PEM` adds private CAs.
 
 mod cache;
 pub mod overlay;
@@ -77,6 +78,9 @@ pub struct Args {
     /// Wait before the first retry, in milliseconds; it doubles on each retry (at most 5 s).
     #[arg(long, value_name = "MS", default_value_t = 100)]
     pub retry_delay_ms: u64,
+    /// PEM file of extra CA certificates to trust for https (besides the system's).
+    #[arg(long, value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
     /// Timeout of one HTTP request, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub timeout: u64,
@@ -139,6 +143,7 @@ pub fn storage(args: &Args) -> Result<HttpStorage, Error> {
             max_delay: Duration::from_secs(5).max(Duration::from_millis(args.retry_delay_ms)),
         },
         connections: args.connections,
+        ca_cert: args.ca_cert.clone(),
     };
     let remote = Remote::open(&args.url, &opts)?;
     // The guest sees whole sectors; a ragged tail reads as zeroes.

@@ -205,6 +205,14 @@ pub enum OpenError {
     /// The HTTP client could not be built.
     #[error("cannot build the http client: {0}")]
     Client(String),
+    /// The CA certificate file could not be used.
+    #[error("cannot use CA certificates from {path}: {message}")]
+    CaCert {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// HEAD failed (after retries).
     #[error("HEAD {url} failed: {message}")]
     Head {
@@ -271,6 +279,8 @@ pub struct RemoteOptions {
     pub retry: RetryPolicy,
     /// Idle connections kept per host (about the number of requests in flight).
     pub connections: usize,
+    /// PEM file of extra CA certificates to trust for https, besides the system's.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl Default for RemoteOptions {
@@ -279,6 +289,7 @@ impl Default for RemoteOptions {
             timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             connections: 8,
+            ca_cert: None,
         }
     }
 }
@@ -319,11 +330,16 @@ impl Remote {
                 reason: format!("scheme {:?} is not http or https", parsed.scheme()),
             });
         }
-        let client = Client::builder()
+        let builder = Client::builder()
             .timeout(opts.timeout)
             .connect_timeout(opts.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(opts.connections.max(1))
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        let builder = match &opts.ca_cert {
+            Some(path) => with_ca_certs(builder, path)?,
+            None => builder,
+        };
+        let client = builder
             .build()
             .map_err(|e| OpenError::Client(error_text(&e)))?;
         let url_s = parsed.to_string();
@@ -644,6 +660,34 @@ impl Remote {
             }),
         }
     }
+}
+
+#[cfg(feature = "https")]
+fn with_ca_certs(
+    builder: reqwest::blocking::ClientBuilder,
+    path: &std::path::Path,
+) -> Result<reqwest::blocking::ClientBuilder, OpenError> {
+    let err = |message: String| OpenError::CaCert {
+        path: path.to_path_buf(),
+        message,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| err(error_text(&e)))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in the file".into()));
+    }
+    Ok(builder.tls_certs_merge(certs))
+}
+
+#[cfg(not(feature = "https"))]
+fn with_ca_certs(
+    _builder: reqwest::blocking::ClientBuilder,
+    path: &std::path::Path,
+) -> Result<reqwest::blocking::ClientBuilder, OpenError> {
+    Err(OpenError::CaCert {
+        path: path.to_path_buf(),
+        message: "built without the https feature".into(),
+    })
 }
 
 fn content_range(resp: &Response) -> Option<ContentRange> {

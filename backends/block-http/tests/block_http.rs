@@ -482,3 +482,30 @@ fn reads_ahead_on_sequential_streams_with_requests_in_flight() {
         );
     }
 }
+
+#[cfg(feature = "https")]
+#[test]
+fn https_with_a_private_ca() {
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls");
+    let img = image(1 << 20, 13);
+    let server = HttpServer::start_tls(
+        Behaviour::new(img.clone()),
+        &tls.join("server.pem"),
+        &tls.join("server.key"),
+    );
+    assert!(server.url().starts_with("https://"));
+    // The test CA is not a system root: refused without --ca-cert.
+    let err = start_fails(&server.url(), &[]);
+    assert!(
+        err.contains("HEAD") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    let ca = tls.join("ca.pem");
+    let (_p, _dir) = spawn("https", &server, &["--ca-cert", ca.to_str().unwrap()]);
+    let mut disk = connect(&_p.socket, 1);
+    check_config(&mut disk, (1 << 20) / SECTOR_SIZE, 1);
+    assert!(disk.read(0, 1 << 20).unwrap() == img);
+    let missing = tls.join("missing.pem");
+    let err = start_fails(&server.url(), &["--ca-cert", missing.to_str().unwrap()]);
+    assert!(err.contains("cannot use CA certificates"), "{err}");
+}

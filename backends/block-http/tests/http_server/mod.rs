@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,10 +67,32 @@ struct Shared {
 pub struct HttpServer {
     shared: Arc<Shared>,
     port: u16,
+    tls: bool,
 }
 
 impl HttpServer {
+    /// A plain HTTP server.
     pub fn start(b: Behaviour) -> Self {
+        Self::start_with(b, None)
+    }
+
+    /// An https server with the certificate chain and key of the PEM files given.
+    pub fn start_tls(b: Behaviour, cert: &std::path::Path, key: &std::path::Path) -> Self {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Self::start_with(b, Some(Arc::new(config)))
+    }
+
+    fn start_with(b: Behaviour, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
@@ -81,6 +103,7 @@ impl HttpServer {
             stop: AtomicBool::new(false),
         });
         let s = shared.clone();
+        let tls_on = tls.is_some();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.stop.load(Ordering::SeqCst) {
@@ -88,14 +111,28 @@ impl HttpServer {
                 }
                 let Ok(conn) = conn else { continue };
                 let s = s.clone();
-                std::thread::spawn(move || serve_connection(&s, conn));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    None => serve_connection(&s, conn),
+                    Some(cfg) => {
+                        let Ok(tls) = rustls::ServerConnection::new(cfg) else {
+                            return;
+                        };
+                        serve_connection(&s, rustls::StreamOwned::new(tls, conn));
+                    }
+                });
             }
         });
-        HttpServer { shared, port }
+        HttpServer {
+            shared,
+            port,
+            tls: tls_on,
+        }
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/disk.img", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/disk.img", self.port)
     }
 
     /// Changes the behaviour.
@@ -162,9 +199,8 @@ fn parse_range(v: &str, len: u64) -> Option<(u64, u64)> {
     (a <= b).then_some((a, b.min(len.saturating_sub(1))))
 }
 
-fn serve_connection(s: &Shared, conn: TcpStream) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut out = conn;
+fn serve_connection<S: Read + Write>(s: &Shared, conn: S) {
+    let mut reader = BufReader::new(conn);
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -267,10 +303,12 @@ fn serve_connection(s: &Shared, conn: TcpStream) {
             range,
             status,
         });
+        let out = reader.get_mut();
         let mut ok = out.write_all(resp.as_bytes()).is_ok();
         if ok && method != "HEAD" {
             ok = out.write_all(body).is_ok();
         }
+        ok = ok && out.flush().is_ok();
         if is_get {
             s.active.fetch_sub(1, Ordering::SeqCst);
         }
