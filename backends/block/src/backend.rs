@@ -144,6 +144,12 @@ impl<S: Storage> BlockBackend<S> {
                     }
                 }
             }
+            // Signal after every round, so a guest that keeps the ring busy still gets its
+            // completions while we keep going.
+            if completed > 0 {
+                signal(&mut st, event_idx);
+                completed = 0;
+            }
             if !event_idx {
                 break;
             }
