@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! `hype block-file`: a raw image file or a block device served as a vhost-user-blk backend.
 //!
 //! * `--readonly` opens the file read-only and presents a read-only disk.

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! `hype block-mem`: a RAM disk served as a vhost-user-blk backend.
 //!
 //! Memory is allocated in 1 MiB chunks on first write, so an untouched disk costs nothing and

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! virtio-blk over vhost-user: implement [`Storage`], get a complete backend.
 //!
 //! ```text

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Plumbing shared by every hype vhost-user backend process.
 //!
 //! A backend binary needs the same few things whatever device it implements:
