@@ -150,3 +150,17 @@ fn garbage_frontend_does_not_stop_the_daemon() {
     drop(disk);
     assert!(p.alive());
 }
+
+#[test]
+fn sigterm_with_a_frontend_connected_exits_cleanly() {
+    let (mut p, _dir) = spawn(
+        "memterm",
+        &["--size", "8M", "--num-queues", "2", "--io-threads", "2"],
+    );
+    let mut disk = connect(&p.socket, 2);
+    disk.write(0, &[1; 4096]).unwrap();
+    let st = p.signal_and_wait(libc::SIGTERM);
+    assert!(st.success(), "{st:?}");
+    assert!(!p.socket.exists(), "socket left behind");
+    drop(disk);
+}
