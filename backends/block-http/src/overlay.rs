@@ -19,8 +19,9 @@
 //! data       .  granule i at data offset + i * granule; never-written granules are holes
 //! ```
 //!
-//! A granule's data is written before its bit, so a crash leaves at worst a write that is not
-//! recorded (the guest had not flushed it). FLUSH is `fdatasync` of the file. The overlay
+//! A granule's data is written before its bit, so if the process dies a write is either
+//! complete or absent. FLUSH is `fdatasync` of the file (data and bitmap together); after a
+//! host crash only flushed writes are guaranteed (an unflushed granule may read as zeroes). The overlay
 //! belongs to one image version: opening it against another size or identity fails, since
 //! its granules would be mixed with blocks of a different image.
 

@@ -13,6 +13,10 @@ use reqwest::{StatusCode, Url};
 
 use crate::retry::RetryPolicy;
 
+/// Largest image accepted (64 PiB): sizes come from the server, and offsets computed from
+/// them must not overflow.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 56;
+
 /// What identifies one version of the image: its ETag and Last-Modified headers.
 ///
 /// When the first probe saw an ETag, every later response must carry the same ETag; otherwise,
@@ -234,6 +238,14 @@ pub enum OpenError {
     SizeUnknown {
         /// The URL.
         url: String,
+    },
+    /// The server claims an absurd size.
+    #[error("{url}: image size {size} is larger than the supported {MAX_IMAGE_SIZE} bytes")]
+    TooLarge {
+        /// The URL.
+        url: String,
+        /// The size the server gave.
+        size: u64,
     },
     /// The image is empty.
     #[error("{url}: image is empty")]
@@ -474,6 +486,9 @@ impl Remote {
         };
         if size == 0 {
             return Err(OpenError::Empty { url: url_s });
+        }
+        if size > MAX_IMAGE_SIZE {
+            return Err(OpenError::TooLarge { url: url_s, size });
         }
         remote.size = size;
         if remote.validator.etag.is_none() && remote.validator.last_modified.is_none() {

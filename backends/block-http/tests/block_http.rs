@@ -165,6 +165,19 @@ fn refuses_servers_that_ignore_range_or_hide_the_size() {
     let err = start_fails(&no_size.url(), &[]);
     assert!(err.contains("image size unknown"), "{err}");
 
+    let lying = HttpServer::start(Behaviour {
+        head_size: Some(1 << 60),
+        ..Behaviour::new(img.clone())
+    });
+    let err = start_fails(&lying.url(), &[]);
+    assert!(
+        err.contains("HEAD says 1152921504606846976 bytes but Content-Range says 1048576"),
+        "{err}"
+    );
+    lying.set(|b| b.hide_total = true);
+    let err = start_fails(&lying.url(), &[]);
+    assert!(err.contains("larger than the supported"), "{err}");
+
     // No HEAD, but the probe's Content-Range gives the size: accepted.
     let no_head = HttpServer::start(Behaviour {
         head_allowed: false,

@@ -24,6 +24,8 @@ pub struct Behaviour {
     pub head_allowed: bool,
     /// Content-Range total as `*`.
     pub hide_total: bool,
+    /// Lie about the size: HEAD's Content-Length says this.
+    pub head_size: Option<u64>,
     /// Answer this many of the next requests with 503.
     pub fail_next: usize,
     /// Wait this long before answering a GET.
@@ -40,6 +42,7 @@ impl Behaviour {
             head_length: true,
             head_allowed: true,
             hide_total: false,
+            head_size: None,
             fail_next: 0,
             delay: Duration::ZERO,
         }
@@ -292,7 +295,8 @@ fn serve_connection<S: Read + Write>(s: &Shared, conn: S) {
         }
         if method == "HEAD" && status == 200 {
             if b.head_length {
-                resp.push_str(&format!("Content-Length: {len}\r\n"));
+                let claimed = b.head_size.unwrap_or(len);
+                resp.push_str(&format!("Content-Length: {claimed}\r\n"));
             }
         } else {
             resp.push_str(&format!("Content-Length: {}\r\n", body.len()));
