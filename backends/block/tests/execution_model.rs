@@ -3,7 +3,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -12,15 +12,37 @@ use hype_testkit::blk::{add_request, BlkDriver, BlkRequest, BlkResponse, BlkStat
 use hype_testkit::driver::DriverOptions;
 
 const SIZE: u64 = 4 << 20;
-/// Reads at or beyond this offset are slow.
+/// Reads at or beyond this offset wait until the test opens the gate.
 const SLOW_FROM: u64 = 2 << 20;
-const DELAY: Duration = Duration::from_millis(300);
+const LONG: Duration = Duration::from_secs(10);
 
-/// A RAM store whose upper half answers reads slowly, like a far-away network store.
+/// A RAM store whose upper half answers reads only when the test says so, like a far-away
+/// network store (but deterministic).
 struct SlowStore {
     data: Mutex<Vec<u8>>,
+    open: Mutex<bool>,
+    opened: Condvar,
     concurrent: AtomicUsize,
     max_concurrent: AtomicUsize,
+}
+
+impl SlowStore {
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    /// Waits until `n` reads are inside the store at once.
+    fn wait_concurrent(&self, n: usize) {
+        let deadline = Instant::now() + LONG;
+        while self.concurrent.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "never reached {n} concurrent reads"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 impl Storage for SlowStore {
@@ -31,7 +53,10 @@ impl Storage for SlowStore {
         let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_concurrent.fetch_max(now, Ordering::SeqCst);
         if offset >= SLOW_FROM {
-            thread::sleep(DELAY);
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
         }
         let d = self.data.lock().unwrap();
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
@@ -57,6 +82,7 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.store.release();
         self.shutdown.trigger();
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -71,6 +97,8 @@ fn serve(name: &str, queues: u16, io_threads: usize) -> Server {
     let socket = dir.join("blk.sock");
     let store = Arc::new(SlowStore {
         data: Mutex::new(vec![0; SIZE as usize]),
+        open: Mutex::new(false),
+        opened: Condvar::new(),
         concurrent: AtomicUsize::new(0),
         max_concurrent: AtomicUsize::new(0),
     });
@@ -92,7 +120,7 @@ fn serve(name: &str, queues: u16, io_threads: usize) -> Server {
 fn connect(s: &Server, queues: usize) -> BlkDriver {
     let opts = DriverOptions {
         num_queues: queues,
-        io_timeout: Duration::from_secs(10),
+        io_timeout: LONG,
         ..DriverOptions::default()
     };
     BlkDriver::connect(&s.socket, opts).unwrap()
@@ -102,22 +130,26 @@ fn connect(s: &Server, queues: usize) -> BlkDriver {
 fn slow_queue_does_not_block_other_queue() {
     let s = serve("queues", 2, 0);
     let mut disk = connect(&s, 2);
-    // Queue 0: a slow read, executed on queue 0's own thread.
+    // Queue 0: a read stuck in the store, on queue 0's own thread.
     let q0 = disk.driver().queue(0).unwrap();
     let slow = add_request(q0, &BlkRequest::read(SLOW_FROM / 512, 4096)).unwrap();
     q0.notify().unwrap();
-    // Queue 1: fast reads complete while queue 0 is stuck in storage.
-    let start = Instant::now();
+    s.store.wait_concurrent(1);
+    // Queue 1 keeps working meanwhile.
     let q1 = disk.driver().queue(1).unwrap();
     for i in 0..20 {
         let h = add_request(q1, &BlkRequest::read(i * 8, 4096)).unwrap();
         q1.notify().unwrap();
-        let c = q1.wait_for(h, Duration::from_secs(5)).unwrap();
+        let c = q1.wait_for(h, LONG).unwrap();
         assert_eq!(BlkResponse::from_completion(c).status, BlkStatus::Ok);
     }
-    assert!(start.elapsed() < DELAY, "queue 1 waited for queue 0");
     let q0 = disk.driver().queue(0).unwrap();
-    let c = q0.wait_for(slow, Duration::from_secs(5)).unwrap();
+    assert!(
+        q0.poll().unwrap().is_empty(),
+        "the stuck read completed early"
+    );
+    s.store.release();
+    let c = q0.wait_for(slow, LONG).unwrap();
     assert_eq!(BlkResponse::from_completion(c).status, BlkStatus::Ok);
 }
 
@@ -127,24 +159,25 @@ fn io_pool_keeps_many_in_flight_and_completes_out_of_order() {
     let mut disk = connect(&s, 1);
     let q = disk.driver().queue(0).unwrap();
     // 12 slow reads then one fast read, all on one queue (the pool has 16 threads).
-    let slow: Vec<u16> = (0..12)
-        .map(|i| add_request(q, &BlkRequest::read(SLOW_FROM / 512 + i * 8, 4096)).unwrap())
-        .collect();
+    for i in 0..12 {
+        add_request(q, &BlkRequest::read(SLOW_FROM / 512 + i * 8, 4096)).unwrap();
+    }
     let fast = add_request(q, &BlkRequest::read(0, 4096)).unwrap();
-    let start = Instant::now();
     q.notify().unwrap();
-    // The fast one overtakes the slow ones.
-    let first = q.wait(1, Duration::from_secs(5)).unwrap();
+    // All 12 slow reads are inside the store at once, and the fast one overtakes them.
+    s.store.wait_concurrent(12);
+    let first = q.wait(1, LONG).unwrap();
+    assert_eq!(first.len(), 1);
     assert_eq!(first[0].head, fast, "fast request did not complete first");
-    assert!(start.elapsed() < DELAY);
+    s.store.release();
     let mut done = first.len();
     while done < 13 {
-        done += q.wait(1, Duration::from_secs(5)).unwrap().len();
+        for c in q.wait(1, LONG).unwrap() {
+            assert_eq!(BlkResponse::from_completion(c).status, BlkStatus::Ok);
+            done += 1;
+        }
     }
-    // 12 slow reads of 300 ms each in well under 12 x 300 ms: they ran concurrently.
-    assert!(start.elapsed() < DELAY * 4, "{:?}", start.elapsed());
-    assert!(s.store.max_concurrent.load(Ordering::SeqCst) >= 8);
-    let _ = slow;
+    assert!(s.store.max_concurrent.load(Ordering::SeqCst) >= 12);
 }
 
 #[test]
@@ -155,15 +188,27 @@ fn stopping_a_ring_waits_for_requests_in_the_pool() {
     let q = disk.driver().queue(0).unwrap();
     let h = add_request(q, &BlkRequest::read(SLOW_FROM / 512, 4096)).unwrap();
     q.notify().unwrap();
-    thread::sleep(Duration::from_millis(50));
-    // GET_VRING_BASE while the read sits in the slow store: it must wait and the used ring
-    // must already hold the completion when it returns.
-    let start = Instant::now();
-    let bases = disk.driver().stop_queues().unwrap();
-    assert!(start.elapsed() >= DELAY / 2, "GET_VRING_BASE did not wait");
+    s.store.wait_concurrent(1);
+    // GET_VRING_BASE while the read sits in the store: it must not return before the read
+    // completed, and the used ring must hold the completion when it does.
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let bases = thread::scope(|sc| {
+        let t = sc.spawn(|| {
+            let b = disk.driver().stop_queues().unwrap();
+            stopped.store(true, Ordering::SeqCst);
+            b
+        });
+        thread::sleep(Duration::from_millis(100));
+        assert!(
+            !stopped.load(Ordering::SeqCst),
+            "GET_VRING_BASE did not wait"
+        );
+        s.store.release();
+        t.join().unwrap()
+    });
     let q = disk.driver().queue(0).unwrap();
     assert_eq!(q.device_used_idx().unwrap(), bases[0] as u16);
-    let c = q.wait_for(h, Duration::from_secs(1)).unwrap();
+    let c = q.wait_for(h, LONG).unwrap();
     let r = BlkResponse::from_completion(c);
     assert_eq!(r.status, BlkStatus::Ok);
     assert_eq!(r.data, vec![7; 4096]);
