@@ -483,8 +483,8 @@ fn reads_ahead_on_sequential_streams_with_requests_in_flight() {
         let got = disk.read(b * KIB64 / 512, KIB64 as u32).unwrap();
         assert!(got == img[(b * KIB64) as usize..((b + 1) * KIB64) as usize]);
     }
-    server.wait_for("read-ahead up to block 49", |l| {
-        l.iter().any(|e| e.range == Some(blk(49)))
+    server.wait_for("read-ahead of blocks 46..=49", |l| {
+        (46..=49).all(|b| l.iter().any(|e| e.range == Some(blk(b))))
     });
     let ranges = server.served_ranges();
     for b in 41..=49 {
