@@ -310,8 +310,11 @@ impl Overlay {
             return Ok(());
         }
         self.file.write_all_at(buf, self.data_offset + offset)?;
-        let first = offset / self.granule;
-        let last = (end - 1) / self.granule;
+        self.mark_local(offset / self.granule, (end - 1) / self.granule)
+    }
+
+    /// Sets the bits of granules `first..=last` and writes the bitmap bytes holding them.
+    fn mark_local(&self, first: u64, last: u64) -> io::Result<()> {
         let _guard = match self.persist.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -328,6 +331,58 @@ impl Overlay {
             .collect();
         self.file
             .write_all_at(&bytes, self.bitmap_offset + b0 as u64)
+    }
+
+    /// Makes whole granules at disk `offset` read as zeroes by punching a hole in their data
+    /// and marking them local (same alignment rules as [`write_granules`](Self::write_granules)).
+    /// Falls back to writing zeroes where the file system cannot punch holes.
+    pub fn zero_granules(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        let end = offset + len;
+        if offset % self.granule != 0 || (end % self.granule != 0 && end != self.disk_size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("overlay zeroing {offset}+{len} is not granule-aligned"),
+            ));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(at), Ok(n)) = (
+            libc::off_t::try_from(self.data_offset + offset),
+            libc::off_t::try_from(len),
+        ) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate on a descriptor we own, with a range inside the file; no memory
+        // is involved.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at,
+                n,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+            ) {
+                return Err(e);
+            }
+            // No hole punching here: write zeroes, 1 MiB at a time.
+            let zeroes = vec![0u8; len.min(1 << 20) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(zeroes.len() as u64) as usize;
+                self.file
+                    .write_all_at(&zeroes[..n], self.data_offset + offset + done)?;
+                done += n as u64;
+            }
+        }
+        self.mark_local(offset / self.granule, (end - 1) / self.granule)
     }
 
     /// Makes every completed write durable.
@@ -418,6 +473,28 @@ mod tests {
             Overlay::open(&p, 1 << 20, "x", 4096),
             Err(OverlayError::Format { .. })
         ));
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn zeroing_punches_holes_and_marks_local() {
+        let p = tmp("zero");
+        let o = Overlay::open(&p, 1 << 20, "x", 4096).unwrap();
+        o.write_granules(0, &[5u8; 65536]).unwrap();
+        o.zero_granules(8192, 16384).unwrap();
+        o.zero_granules(65536, 8192).unwrap();
+        let mut b = vec![1u8; 65536 + 8192];
+        o.read_local(0, &mut b).unwrap();
+        for (i, chunk) in b.chunks(4096).enumerate() {
+            let zero = (2..6).contains(&i) || i >= 16;
+            assert!(
+                chunk.iter().all(|&x| x == if zero { 0 } else { 5 }),
+                "granule {i}"
+            );
+        }
+        assert_eq!(o.local_granules(), 18);
+        assert!(o.zero_granules(100, 4096).is_err());
+        drop(o);
         std::fs::remove_file(&p).unwrap();
     }
 

@@ -149,6 +149,36 @@ impl Storage for HttpStorage {
         Ok(())
     }
 
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        let Some(ov) = self.overlay.as_ref().filter(|_| !self.read_only) else {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only disk",
+            ));
+        };
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= self.size)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "zeroing beyond the disk")
+            })?;
+        let g = ov.granule();
+        // Partial granules at either end are written; whole ones become holes.
+        let whole_start = offset.div_ceil(g) * g;
+        let whole_end = if end == self.size { end } else { end / g * g };
+        if whole_start >= whole_end {
+            return hype_block::write_zero_buffers(self, offset, len);
+        }
+        if offset < whole_start {
+            hype_block::write_zero_buffers(self, offset, whole_start - offset)?;
+        }
+        ov.zero_granules(whole_start, whole_end - whole_start)?;
+        if whole_end < end {
+            hype_block::write_zero_buffers(self, whole_end, end - whole_end)?;
+        }
+        Ok(())
+    }
+
     fn flush(&self) -> io::Result<()> {
         match &self.overlay {
             Some(ov) if !self.read_only => ov.sync(),

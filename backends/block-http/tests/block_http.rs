@@ -356,6 +356,14 @@ fn overlay_keeps_writes_locally_across_restarts() {
         }])
         .unwrap();
         want[(1 << 20) + 4096..(1 << 20) + 12288].fill(0);
+        // Zeroes covering partial granules (copy on write) around a whole one (a hole).
+        disk.write_zeroes(&[hype_testkit::blk::BlkRange {
+            sector: 4096 + 6,
+            num_sectors: 12,
+            flags: 0,
+        }])
+        .unwrap();
+        want[(2 << 20) + 3072..(2 << 20) + 9216].fill(0);
         disk.flush().unwrap();
         assert!(disk.read(0, len as u32 / 4).unwrap() == want[..len / 4]);
         assert!(disk.read(2048, len as u32 / 4).unwrap() == want[len / 4..len / 2]);
@@ -430,6 +438,9 @@ fn overlay_conformance_whole_disk_and_many_in_flight() {
     check_read_after_write_whole_disk(&mut disk, 10);
     check_many_in_flight(&mut disk, 11);
     check_flush(&mut disk);
+    drop(disk);
+    check_reconnect(&_p.socket, 2);
+    check_stop_and_resume(&_p.socket);
 }
 
 #[test]
