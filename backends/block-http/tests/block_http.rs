@@ -253,6 +253,47 @@ fn retries_transient_failures_then_fails_only_that_request() {
 }
 
 #[test]
+fn short_bodies_are_retried_and_wrong_ranges_refused() {
+    let img = image(2 << 20, 14);
+    let server = HttpServer::start(Behaviour::new(img.clone()));
+    let (_p, _dir) = spawn(
+        "http-bad",
+        &server,
+        &[
+            "--cache-block",
+            "64K",
+            "--readahead",
+            "0",
+            "--retries",
+            "2",
+            "--retry-delay-ms",
+            "1",
+        ],
+    );
+    let mut disk = connect(&_p.socket, 1);
+    // Two answers cut short (connection closed mid-body): retried, then correct data.
+    server.set(|b| b.truncate_next = 2);
+    server.clear_log();
+    assert_eq!(disk.read(0, 8192).unwrap(), img[..8192]);
+    assert_eq!(server.served_ranges(), [(0, KIB64 - 1); 3]);
+    // Three in a row exceed two retries: IOERR.
+    server.set(|b| b.truncate_next = 3);
+    assert_eq!(read_status(&mut disk, KIB64, 4096), BlkStatus::IoErr);
+    // A server answering other bytes than asked for: IOERR at once, no retry.
+    server.set(|b| b.shift_ranges = true);
+    server.clear_log();
+    assert_eq!(read_status(&mut disk, 4 * KIB64, 4096), BlkStatus::IoErr);
+    assert_eq!(
+        server.served_ranges().len(),
+        1,
+        "a wrong Content-Range is not retried"
+    );
+    // Back to normal: everything reads right, nothing bad was cached.
+    server.set(|b| b.shift_ranges = false);
+    assert!(disk.read(0, 1 << 20).unwrap() == img[..1 << 20]);
+}
+
+#[test]
 fn detects_a_changed_image_by_etag_and_by_last_modified() {
     for by_etag in [true, false] {
         let img = image(2 << 20, 4);

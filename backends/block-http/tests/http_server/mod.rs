@@ -28,6 +28,11 @@ pub struct Behaviour {
     pub head_size: Option<u64>,
     /// Answer this many of the next requests with 503.
     pub fail_next: usize,
+    /// Cut this many of the next range answers short: full Content-Length, half the body,
+    /// then close the connection.
+    pub truncate_next: usize,
+    /// Answer range requests with the bytes (and Content-Range) 512 bytes further on.
+    pub shift_ranges: bool,
     /// Wait this long before answering a GET.
     pub delay: Duration,
 }
@@ -44,6 +49,8 @@ impl Behaviour {
             hide_total: false,
             head_size: None,
             fail_next: 0,
+            truncate_next: 0,
+            shift_ranges: false,
             delay: Duration::ZERO,
         }
     }
@@ -232,6 +239,8 @@ fn serve_connection<S: Read + Write>(s: &Shared, conn: S) {
             let snapshot = g.clone();
             if g.fail_next > 0 {
                 g.fail_next -= 1;
+            } else if g.truncate_next > 0 && method == "GET" {
+                g.truncate_next -= 1;
             }
             snapshot
         };
@@ -259,7 +268,11 @@ fn serve_connection<S: Read + Write>(s: &Shared, conn: S) {
             }
         } else if method != "GET" {
             (405, b"")
-        } else if let (Some((first, last)), true) = (range, b.honour_range) {
+        } else if let (Some((mut first, mut last)), true) = (range, b.honour_range) {
+            if b.shift_ranges && last + 512 < len {
+                first += 512;
+                last += 512;
+            }
             if first >= len {
                 (416, b"")
             } else {
@@ -309,8 +322,21 @@ fn serve_connection<S: Read + Write>(s: &Shared, conn: S) {
         });
         let out = reader.get_mut();
         let mut ok = out.write_all(resp.as_bytes()).is_ok();
+        let truncate = b.fail_next == 0 && b.truncate_next > 0 && status == 206;
         if ok && method != "HEAD" {
+            let body = if truncate {
+                &body[..body.len() / 2]
+            } else {
+                body
+            };
             ok = out.write_all(body).is_ok();
+        }
+        if truncate {
+            let _ = out.flush();
+            if is_get {
+                s.active.fetch_sub(1, Ordering::SeqCst);
+            }
+            return;
         }
         ok = ok && out.flush().is_ok();
         if is_get {
