@@ -8,7 +8,8 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::decode::MAX_INSN_LEN;
-use super::vcpu::{VcpuAccess, VcpuError, X87State};
+use super::page_walk;
+use super::vcpu::{VcpuAccess, VcpuError, X87State, EFER_LMA};
 
 /// A KVM vCPU plus the guest memory its virtual addresses resolve into.
 pub struct KvmVcpuAccess<'a> {
@@ -24,6 +25,19 @@ impl<'a> KvmVcpuAccess<'a> {
 }
 
 const PAGE_SIZE: u64 = 0x1000;
+
+impl KvmVcpuAccess<'_> {
+    /// Translates `gva` by walking the long-mode page tables without permission checks (see
+    /// [`page_walk`]); `None` outside long mode or when not mapped.
+    fn walk_page_tables(&self, gva: u64) -> Result<Option<u64>, VcpuError> {
+        let sregs = self.sregs()?;
+        if sregs.efer & EFER_LMA == 0 {
+            return Ok(None);
+        }
+        let read_entry = |gpa: u64| self.mem.read_obj::<u64>(GuestAddress(gpa)).ok();
+        Ok(page_walk::translate(read_entry, sregs.cr3, sregs.cr4, gva))
+    }
+}
 
 impl VcpuAccess for KvmVcpuAccess<'_> {
     fn regs(&self) -> Result<kvm_regs, VcpuError> {
@@ -77,10 +91,12 @@ impl VcpuAccess for KvmVcpuAccess<'_> {
                 .vcpu
                 .translate_gva(va)
                 .map_err(|source| VcpuError::Translate { gva: va, source })?;
-            if tr.valid == 0 {
-                return Err(VcpuError::Unmapped { gva: va });
-            }
-            let gpa = tr.physical_address;
+            let gpa = if tr.valid != 0 {
+                tr.physical_address
+            } else {
+                self.walk_page_tables(va)?
+                    .ok_or(VcpuError::Unmapped { gva: va })?
+            };
             self.mem
                 .read_slice(&mut buf[done..done + chunk], GuestAddress(gpa))
                 .map_err(|_| VcpuError::ReadMemory { gva: va, gpa })?;

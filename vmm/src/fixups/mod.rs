@@ -35,12 +35,15 @@ mod error;
 mod host;
 mod insn;
 mod kvm_access;
+mod page_walk;
 mod stats;
 mod syscall;
 mod vcpu;
 
 #[cfg(test)]
 mod fake_vcpu;
+#[cfg(test)]
+mod kvm_tests;
 #[cfg(test)]
 mod tests;
 

@@ -166,7 +166,8 @@ pub trait VcpuAccess {
     /// x87 status and control words.
     fn x87_state(&self) -> Result<X87State, VcpuError>;
     /// Reads `buf.len()` bytes at guest *virtual* address `gva`, translated through the guest's
-    /// current page tables (no permission checks: supervisor and user pages alike).
+    /// current page tables without permission checks (supervisor and user pages alike, whatever
+    /// SMAP says).
     fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), VcpuError>;
     /// Injects exception `vector` (with `error_code` if it has one) to be delivered on the next
     /// entry. For `#BP` RIP must already point after the `int3`.

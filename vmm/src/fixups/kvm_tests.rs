@@ -1,0 +1,421 @@
+//! The fix-ups on a real KVM vCPU: a tiny 64-bit guest executes every instruction the fix-ups
+//! handle, in kernel and in user mode, including SYSCALL from user mode, and reports what it
+//! observed through `out` to port 0x80.
+//!
+//! The guest's results are architectural, so they must be the same on any KVM host; on a PVM
+//! host (where the emulator fails on these instructions) the fix-up counters must show that
+//! every fix-up was exercised. Skipped (with a message) where `/dev/kvm` cannot be opened.
+
+use kvm_bindings::{
+    kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, Msrs,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::*;
+
+const KERNEL_BASE: u64 = 0x10000;
+const PF_HANDLER: u64 = KERNEL_BASE + 0x100;
+const BP_HANDLER: u64 = KERNEL_BASE + 0x140;
+const SYSCALL_ENTRY: u64 = KERNEL_BASE + 0x180;
+const USER_BASE: u64 = 0x20_0000;
+const USER_STACK: u64 = 0x28_0000;
+/// Stubs for the other exception vectors, 16 bytes each: ebx = vector, report 0x90, hlt.
+const STUBS: u64 = KERNEL_BASE + 0x400;
+const PML4: u64 = 0x1000;
+const IDT: u64 = 0x4000;
+const GDT: u64 = 0x5000;
+const TSS: u64 = 0x5100;
+const KERNEL_STACK: u64 = 0x9000;
+const ENTRY_STACK: u64 = 0xa000;
+const LINUX_FMASK: u64 = 0x47700;
+const STAR: u64 = (0x23 << 48) | (0x10 << 32);
+
+/// Kernel code at KERNEL_BASE.
+#[rustfmt::skip]
+const KERNEL_CODE: &[u8] = &[
+    0x0f, 0x01, 0xcb,                               // stac
+    0x9c, 0x5b,                                     // pushf; pop %rbx
+    0xb0, 0x01, 0xe6, 0x80,                         // report 1
+    0x0f, 0x01, 0xca,                               // clac
+    0x9c, 0x5b,                                     // pushf; pop %rbx
+    0xb0, 0x02, 0xe6, 0x80,                         // report 2
+    0x48, 0xbf, 0xff, 0, 0xff, 0, 0xff, 0, 0xff, 0, // movabs $0x00ff00ff00ff00ff, %rdi
+    0xf3, 0x48, 0x0f, 0xb8, 0xc7,                   // popcnt %rdi, %rax
+    0x48, 0x89, 0xc3,                               // mov %rax, %rbx
+    0x48, 0xb9, 7, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, // movabs $0xffffffff00000007, %rcx
+    0x49, 0xba, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, // movabs $0x11..11, %r10
+    0xf3, 0x44, 0x0f, 0xb8, 0xd1,                   // popcnt %ecx, %r10d
+    0x66, 0xba, 0x34, 0x12,                         // mov $0x1234, %dx
+    0x66, 0xf3, 0x0f, 0xb8, 0xd2,                   // popcnt %dx, %dx
+    0xb0, 0x03, 0xe6, 0x80,                         // report 3
+    0x9b,                                           // fwait
+    0xb0, 0x04, 0xe6, 0x80,                         // report 4
+    0xcc,                                           // int3
+    0x48, 0x8d, 0x0d, 0xf9, 0xff, 0xff, 0xff,       // after: lea after(%rip), %rcx
+    0xb0, 0x05, 0xe6, 0x80,                         // report 5
+    0x6a, 0x2b,                                     // push $0x2b (user ss)
+    0x68, 0x00, 0x00, 0x28, 0x00,                   // push $USER_STACK
+    0x68, 0x02, 0x02, 0x00, 0x00,                   // push $0x202 (rflags)
+    0x6a, 0x33,                                     // push $0x33 (user cs)
+    0x68, 0x00, 0x00, 0x20, 0x00,                   // push $USER_BASE
+    0x48, 0xcf,                                     // iretq
+];
+/// Offset of the instruction after the kernel's int3.
+const KERNEL_AFTER_INT3: u64 = 0x50;
+
+/// #PF handler: starts with clac like Linux's; reports frame rip (rbx) and error code (rdx).
+#[rustfmt::skip]
+const PF_CODE: &[u8] = &[
+    0x0f, 0x01, 0xca,                               // clac
+    0x48, 0x8b, 0x5c, 0x24, 0x08,                   // mov 8(%rsp), %rbx
+    0x48, 0x8b, 0x14, 0x24,                         // mov (%rsp), %rdx
+    0xb0, 0x8e, 0xe6, 0x80,                         // report 0x8e
+    0xf4,                                           // hlt
+];
+
+/// #BP handler: reports the pushed rip (rbx) and returns.
+#[rustfmt::skip]
+const BP_CODE: &[u8] = &[
+    0x0f, 0x01, 0xca,                               // clac
+    0x48, 0x8b, 0x1c, 0x24,                         // mov (%rsp), %rbx
+    0xb0, 0x83, 0xe6, 0x80,                         // report 0x83
+    0x48, 0xcf,                                     // iretq
+];
+
+/// SYSCALL entry (LSTAR): reports cs (r12) and ss (r13) and returns to user mode.
+#[rustfmt::skip]
+const SYSCALL_CODE: &[u8] = &[
+    0x41, 0x8c, 0xcc,                               // mov %cs, %r12d
+    0x41, 0x8c, 0xd5,                               // mov %ss, %r13d
+    0xb0, 0x10, 0xe6, 0x80,                         // report 0x10
+    0x48, 0x0f, 0x07,                               // sysretq
+];
+
+/// User code at USER_BASE.
+#[rustfmt::skip]
+const USER_CODE: &[u8] = &[
+    0xbf, 0x01, 0x00, 0x00, 0x00,                   // mov $1, %edi
+    0x0f, 0x05,                                     // syscall
+    0xba, 0xf0, 0xf0, 0x00, 0x00,                   // mov $0xf0f0, %edx
+    0xf3, 0x48, 0x0f, 0xb8, 0xf2,                   // popcnt %rdx, %rsi
+    0xbf, 0x02, 0x00, 0x00, 0x00,                   // mov $2, %edi
+    0x0f, 0x05,                                     // syscall
+    0xcc,                                           // int3
+    0x9b,                                           // fwait
+    0xbf, 0x03, 0x00, 0x00, 0x00,                   // mov $3, %edi
+    0x0f, 0x05,                                     // syscall
+    0x0f, 0x01, 0xca,                               // clac (#UD in user mode)
+    0xf4,                                           // hlt
+];
+
+/// One `out` of the guest: its code and the registers at that point.
+struct Event {
+    code: u8,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+}
+
+/// Paging/protection features of the guest, like Linux's or bare.
+#[derive(Clone, Copy, Debug)]
+struct GuestFeatures {
+    nx_smep_smap: bool,
+}
+
+fn open_kvm() -> Option<Kvm> {
+    match Kvm::new() {
+        Ok(kvm) => Some(kvm),
+        Err(e) => {
+            eprintln!("skipped: /dev/kvm not usable: {e}");
+            None
+        }
+    }
+}
+
+fn write_image(mem: &GuestMemoryMmap<()>) {
+    let put = |code: &[u8], at: u64| mem.write_slice(code, GuestAddress(at)).unwrap();
+    put(KERNEL_CODE, KERNEL_BASE);
+    put(PF_CODE, PF_HANDLER);
+    put(BP_CODE, BP_HANDLER);
+    put(SYSCALL_CODE, SYSCALL_ENTRY);
+    put(USER_CODE, USER_BASE);
+    assert!(KERNEL_CODE.len() <= (PF_HANDLER - KERNEL_BASE) as usize);
+    for v in 0..32u64 {
+        let mut stub = vec![0xbb];
+        stub.extend_from_slice(&(v as u32).to_le_bytes());
+        stub.extend_from_slice(&[0xb0, 0x90, 0xe6, 0x80, 0xf4]);
+        put(&stub, STUBS + v * 16);
+    }
+    // Identity map: first 2 MiB supervisor, second 2 MiB user (2 MiB pages).
+    mem.write_obj((PML4 + 0x1000) | 7, GuestAddress(PML4))
+        .unwrap();
+    mem.write_obj((PML4 + 0x2000) | 7, GuestAddress(PML4 + 0x1000))
+        .unwrap();
+    mem.write_obj(0x83u64, GuestAddress(PML4 + 0x2000)).unwrap();
+    mem.write_obj(USER_BASE | 0x87, GuestAddress(PML4 + 0x2008))
+        .unwrap();
+    // GDT: 0x10 kernel code64, 0x18 kernel data, 0x23 user code32, 0x2b user data,
+    // 0x33 user code64, 0x38 TSS.
+    let tss_low = 103 | ((TSS & 0xff_ffff) << 16) | (0x89 << 40) | (((TSS >> 24) & 0xff) << 56);
+    let gdt: [u64; 9] = [
+        0,
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_fb00_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+        tss_low,
+        TSS >> 32,
+    ];
+    for (i, d) in gdt.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(GDT + 8 * i as u64)).unwrap();
+    }
+    mem.write_obj(ENTRY_STACK, GuestAddress(TSS + 4)).unwrap();
+    // IDT: #PF and #BP (user-callable) handlers, stubs for the rest.
+    for v in 0..32u64 {
+        let (handler, gate_type) = match v {
+            14 => (PF_HANDLER, 0x8eu64),
+            3 => (BP_HANDLER, 0xee),
+            _ => (STUBS + v * 16, 0x8e),
+        };
+        let low = (handler & 0xffff)
+            | (0x10 << 16)
+            | (gate_type << 40)
+            | (((handler >> 16) & 0xffff) << 48);
+        mem.write_obj(low, GuestAddress(IDT + v * 16)).unwrap();
+        mem.write_obj(handler >> 32, GuestAddress(IDT + v * 16 + 8))
+            .unwrap();
+    }
+}
+
+fn setup_vcpu(kvm: &Kvm, vcpu: &VcpuFd, features: GuestFeatures) {
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    vcpu.set_cpuid2(&cpuid).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x10,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 1,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: 0x18,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = kvm_segment {
+        base: TSS,
+        limit: 103,
+        selector: 0x38,
+        type_: 0xb,
+        s: 0,
+        l: 0,
+        g: 0,
+        db: 0,
+        ..code
+    };
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = 9 * 8 - 1;
+    sregs.idt.base = IDT;
+    sregs.idt.limit = 32 * 16 - 1;
+    // PE MP ET NE WP PG; PAE OSFXSR OSXMMEXCPT; LME LMA SCE.
+    sregs.cr0 = 0x8005_0033;
+    sregs.cr3 = PML4;
+    sregs.cr4 = 0x620;
+    sregs.efer = 0x501 | (1 << 10);
+    if features.nx_smep_smap {
+        sregs.cr4 |= (1 << 20) | (1 << 21);
+        sregs.efer |= 1 << 11;
+    }
+    vcpu.set_sregs(&sregs).unwrap();
+    let regs = kvm_regs {
+        rip: KERNEL_BASE,
+        rsp: KERNEL_STACK,
+        rflags: 2,
+        rdx: 0xabcd_0000_0000_0000,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).unwrap();
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let msrs = Msrs::from_entries(&[
+        msr(MSR_STAR, STAR),
+        msr(MSR_LSTAR, SYSCALL_ENTRY),
+        msr(MSR_CSTAR, 0),
+        msr(MSR_SYSCALL_MASK, LINUX_FMASK),
+    ])
+    .unwrap();
+    assert_eq!(vcpu.set_msrs(&msrs).unwrap(), 4);
+}
+
+/// Runs the probe guest to its final `hlt`; returns its events, or the fix-up error that
+/// stopped it.
+fn run_probe(fixups: &Fixups, features: GuestFeatures) -> Option<Result<Vec<Event>, FixupError>> {
+    let kvm = open_kvm()?;
+    let vm = kvm.create_vm().unwrap();
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    // No in-kernel irqchip: the guest's final hlt must exit to userspace.
+    let mem: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    for (slot, r) in mem.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.start_addr().0,
+            memory_size: r.len(),
+            userspace_addr: r.as_ptr() as u64,
+        };
+        // SAFETY: `mem` is a live mapping that outlives the VM (dropped after `vm` and the vCPU
+        // at the end of this function).
+        unsafe { vm.set_user_memory_region(region).unwrap() };
+    }
+    write_image(&mem);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    setup_vcpu(&kvm, &vcpu, features);
+
+    let mut events = Vec::new();
+    for _ in 0..500 {
+        match vcpu.run().unwrap() {
+            VcpuExit::IoOut(0x80, data) => {
+                let code = data[0];
+                events.push(Event {
+                    code,
+                    regs: vcpu.get_regs().unwrap(),
+                    sregs: vcpu.get_sregs().unwrap(),
+                });
+            }
+            VcpuExit::Hlt => return Some(Ok(events)),
+            VcpuExit::InternalError => {
+                let failure = emulation_failure(vcpu.get_kvm_run())
+                    .expect("internal error other than an emulation failure");
+                let bytes = failure.insn_bytes().to_vec();
+                let mut cpu = KvmVcpuAccess::new(&vcpu, &mem);
+                if let Err(e) = fixups.handle(&mut cpu, &bytes) {
+                    return Some(Err(e));
+                }
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    panic!("guest did not finish");
+}
+
+fn check_events(events: &[Event]) {
+    let codes: Vec<u8> = events.iter().map(|e| e.code).collect();
+    assert_eq!(
+        codes,
+        [1, 2, 3, 4, 0x83, 5, 0x10, 0x10, 0x83, 0x10, 0x90],
+        "event sequence"
+    );
+    let ac = 1 << 18;
+    // stac / clac
+    assert_eq!(events[0].regs.rbx & ac, ac);
+    assert_eq!(events[1].regs.rbx & ac, 0);
+    // popcnt: 64-bit, 32-bit zero-extending, 16-bit preserving the upper bits
+    let e = &events[2].regs;
+    assert_eq!(e.rbx, 32);
+    assert_eq!(e.r10, 3);
+    assert_eq!(e.rdx, 0xabcd_0000_0000_0005);
+    // int3 in the kernel: #BP pushed the address after int3, and execution resumed there.
+    assert_eq!(events[4].regs.rbx, KERNEL_BASE + KERNEL_AFTER_INT3);
+    assert_eq!(events[5].regs.rcx, KERNEL_BASE + KERNEL_AFTER_INT3);
+    // Three system calls from user mode, each entering at CPL 0 with SYSCALL's state.
+    for (i, (n, after)) in [(6, 7u64), (7, 24), (9, 33)].into_iter().enumerate() {
+        let e = &events[n];
+        assert_eq!(e.regs.rdi, i as u64 + 1, "syscall {i}");
+        assert_eq!(e.regs.rip, SYSCALL_ENTRY + 10, "syscall {i}");
+        assert_eq!(e.regs.rcx, USER_BASE + after, "syscall {i}");
+        assert_eq!(e.regs.r11 & !(1 << 16), 0x202, "syscall {i}");
+        assert_eq!(e.regs.rsp, USER_STACK, "syscall {i}");
+        assert_eq!(e.regs.rflags & (LINUX_FMASK | (1 << 16)), 0, "syscall {i}");
+        assert_eq!((e.regs.r12, e.regs.r13), (0x10, 0x18), "syscall {i}");
+        assert_eq!(
+            (e.sregs.cs.selector, e.sregs.cs.dpl),
+            (0x10, 0),
+            "syscall {i}"
+        );
+        assert_eq!(
+            (e.sregs.ss.selector, e.sregs.ss.dpl),
+            (0x18, 0),
+            "syscall {i}"
+        );
+    }
+    // popcnt in user mode
+    assert_eq!(events[7].regs.rsi, 8);
+    // int3 in user mode: #BP with the user address after it
+    assert_eq!(events[8].regs.rbx, USER_BASE + 25);
+    // clac in user mode: #UD
+    assert_eq!(events[10].regs.rbx, u64::from(vcpu::vector::UD));
+}
+
+#[test]
+fn probe_guest_runs_with_fixups() {
+    for nx_smep_smap in [false, true] {
+        let fixups = Fixups::with_host(FixupMode::On, host_needs_fixups());
+        let features = GuestFeatures { nx_smep_smap };
+        let Some(result) = run_probe(&fixups, features) else {
+            return;
+        };
+        let events = result.unwrap_or_else(|e| panic!("{features:?}: {e}"));
+        check_events(&events);
+        eprintln!("{features:?}: {}", fixups.summary());
+        if host_needs_fixups() {
+            assert_eq!(fixups.hits(Fixup::Syscall), 3, "{}", fixups.summary());
+            for fixup in Fixup::ALL {
+                assert!(fixups.hits(fixup) > 0, "{fixup}: {}", fixups.summary());
+            }
+        }
+        assert_eq!(fixups.unhandled(), 0);
+    }
+}
+
+#[test]
+fn probe_guest_stops_cleanly_with_fixups_off() {
+    let fixups = Fixups::with_host(FixupMode::Off, host_needs_fixups());
+    let features = GuestFeatures {
+        nx_smep_smap: false,
+    };
+    let Some(result) = run_probe(&fixups, features) else {
+        return;
+    };
+    if host_needs_fixups() {
+        let Err(e) = result else {
+            panic!("guest finished on PVM without fix-ups");
+        };
+        assert!(
+            matches!(
+                e,
+                FixupError::Disabled {
+                    rip: KERNEL_BASE,
+                    recognised: Some(Fixup::Stac),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    } else {
+        check_events(&result.unwrap());
+    }
+}
