@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use hype_vmm::config::{parse_memory, DeviceSpec, SerialSpec};
+use hype_vmm::config::{parse_memory, parse_wait, DeviceSpec, SerialSpec};
 use hype_vmm::fixups::FixupMode;
+use hype_vmm::virtio::WaitLimit;
 use hype_vmm::vm::{self, BootImage, VmConfig, DEFAULT_CMDLINE};
 
 #[derive(Parser)]
@@ -23,6 +24,12 @@ struct Cli {
 enum Command {
     /// Boot a Linux kernel in a VM.
     Vmm(VmmArgs),
+    /// Serve a RAM disk as a vhost-user-blk backend.
+    BlockMem(hype_block_mem::Args),
+    /// Serve a raw image file or block device as a vhost-user-blk backend.
+    BlockFile(hype_block_file::Args),
+    /// Serve a disk image from an http(s) URL (Range requests) as a vhost-user-blk backend.
+    BlockHttp(hype_block_http::Args),
 }
 
 #[derive(Args)]
@@ -53,45 +60,38 @@ struct VmmArgs {
     /// Serial console (COM1): stdio, none, or file:PATH.
     #[arg(long, value_name = "SINK", default_value = "stdio")]
     serial: SerialSpec,
-    /// A vhost-user backend socket to attach as a virtio device; TYPE:PATH (blk, net, console)
-    /// names the type explicitly. Repeatable.
-    #[arg(long = "device", value_name = "SOCKET")]
+    /// A vhost-user backend to attach as a virtio-mmio device: PATH (type learned from the
+    /// backend), TYPE:PATH (blk, net, console), or PATH,key=value,... with keys type, queues,
+    /// queue-size, wait, reconnect-timeout (see docs/devices.md). Repeatable.
+    #[arg(long = "device", value_name = "SPEC")]
     devices: Vec<DeviceSpec>,
+    /// How long to wait for a --device socket that is not there yet: forever, or e.g. 500ms,
+    /// 10s, 2m. A device's own wait=... overrides it.
+    #[arg(long, value_name = "DURATION", default_value = "forever", value_parser = parse_wait)]
+    device_wait: WaitLimit,
     /// Userspace fix-ups for instructions an emulating KVM (PVM hosts) cannot run: auto
     /// enables them when the host needs them.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     emulation_fixups: FixupMode,
 }
 
-fn init_logging() {
-    let env = env_logger::Env::new().filter_or(
-        "HYPE_LOG",
-        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-    );
-    let _ = env_logger::Builder::from_env(env)
-        .format_timestamp_millis()
-        .try_init();
-}
+use hype_daemon::error_chain;
 
-/// Prints an error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
+/// Runs a backend subcommand: errors print on one line, exit code 1.
+fn run_backend<E: std::error::Error>(name: &str, r: Result<(), E>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hype {name}: {}", error_chain(&e));
+            ExitCode::from(1)
         }
-        src = c.source();
     }
-    s
 }
 
 fn run_vmm(a: VmmArgs) -> ExitCode {
-    if !a.devices.is_empty() {
-        eprintln!("hype: --device is not supported yet (the virtio transport is not built)");
-        return ExitCode::from(2);
+    let mut devices = a.devices;
+    for d in &mut devices {
+        d.wait.get_or_insert(a.device_wait);
     }
     let cfg = VmConfig {
         image: BootImage::Kernel {
@@ -102,7 +102,7 @@ fn run_vmm(a: VmmArgs) -> ExitCode {
         memory: a.memory,
         cpus: a.cpus,
         serial: a.serial,
-        devices: a.devices,
+        devices,
         fixups: a.emulation_fixups,
     };
     match vm::run(&cfg) {
@@ -138,8 +138,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    init_logging();
+    hype_daemon::init_logging();
     match cli.command {
         Command::Vmm(a) => run_vmm(a),
+        Command::BlockMem(a) => run_backend("block-mem", hype_block_mem::run(a)),
+        Command::BlockFile(a) => run_backend("block-file", hype_block_file::run(a)),
+        Command::BlockHttp(a) => run_backend("block-http", hype_block_http::run(a)),
     }
 }
