@@ -29,7 +29,8 @@ const GDT: u64 = 0x5000;
 const TSS: u64 = 0x5100;
 const KERNEL_STACK: u64 = 0x9000;
 const ENTRY_STACK: u64 = 0xa000;
-const LINUX_FMASK: u64 = 0x47700;
+/// Linux 6.1's MSR_SYSCALL_MASK (includes RF, which every fault sets in its frame).
+const LINUX_FMASK: u64 = 0x257fd5;
 const STAR: u64 = (0x23 << 48) | (0x10 << 32);
 
 /// Kernel code at KERNEL_BASE.

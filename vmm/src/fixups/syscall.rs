@@ -24,7 +24,8 @@
 //! - the frame's RIP equals CR2, its CS and SS have RPL 3, its error code says user mode and
 //!   neither a write nor a reserved-bit fault (the instruction-fetch bit is not required: it is
 //!   only reported with EFER.NXE or CR4.SMEP, and PVM was seen without it);
-//! - the frame's RFLAGS has no bit of FMASK set, IF clear, IOPL 0 and VM clear. Code at CPL 3
+//! - the frame's RFLAGS (RF aside: the fault sets it, Linux 6.1's FMASK 0x257fd5 has it) has no
+//!   bit of FMASK set, IF clear, IOPL 0 and VM clear. Code at CPL 3
 //!   with IOPL 0 cannot clear IF, so a user program jumping to the entry point on its own cannot
 //!   produce this frame (Linux puts IF in FMASK; a guest whose FMASK lacks IF gets no repair);
 //! - R11 agrees with the frame's RFLAGS: frame = (R11 & ~FMASK) | bit 1, RF ignored;
@@ -156,8 +157,10 @@ pub(super) fn recognise(
         return Ok(Err("error code is not a user read or fetch"));
     }
 
+    // RF is set in the pushed image of every fault, and Linux has RF in FMASK: ignore it.
     let fmask = cpu.msr(MSR_SYSCALL_MASK)?;
-    if frame.rflags & fmask != 0 || frame.rflags & (rflags::IF | rflags::IOPL | rflags::VM) != 0 {
+    let frame_flags = frame.rflags & !rflags::RF;
+    if frame_flags & fmask != 0 || frame_flags & (rflags::IF | rflags::IOPL | rflags::VM) != 0 {
         return Ok(Err("frame rflags not masked by syscall"));
     }
     let expected = (regs.r11 & !fmask) | rflags::FIXED;

@@ -13,8 +13,10 @@ const KERNEL_RIP: u64 = 0xffff_ffff_8100_1000;
 const LSTAR: u64 = 0xffff_ffff_81a0_0000;
 const CSTAR: u64 = 0xffff_ffff_81a0_1000;
 const STAR: u64 = (0x23 << 48) | (0x10 << 32);
-/// Linux's MSR_SYSCALL_MASK: TF DF IF IOPL AC NT.
-const FMASK: u64 = 0x47700;
+/// Linux 6.1's MSR_SYSCALL_MASK: CF PF AF ZF SF TF IF DF OF IOPL NT RF AC ID.
+const FMASK: u64 = 0x257fd5;
+/// Older Linux's MSR_SYSCALL_MASK: TF DF IF IOPL AC NT.
+const OLD_FMASK: u64 = 0x47700;
 
 /// A kernel-mode vCPU with the syscall MSRs set, about to execute at KERNEL_RIP.
 fn kernel_cpu() -> FakeVcpu {
@@ -440,7 +442,7 @@ fn half_done_syscall_is_completed() {
     );
     assert_eq!(cpu.regs.rip, LSTAR);
     assert_eq!(cpu.regs.rsp, USER_RSP);
-    assert_eq!(cpu.regs.rflags, 0x46);
+    assert_eq!(cpu.regs.rflags, 0x2);
     assert_eq!(cpu.regs.rcx, USER_RIP_AFTER_SYSCALL);
     assert_eq!(cpu.regs.r11, USER_RFLAGS);
     assert_eq!(cpu.regs.rax, 39);
@@ -490,11 +492,23 @@ fn half_done_syscall_as_seen_on_pvm() {
     let mut cpu = half_done_syscall();
     let rsp = cpu.regs.rsp;
     cpu.poke_u64s(rsp, &[PF_ERROR_NO_NX]);
+    cpu.poke_u64s(rsp + 24, &[0x10002]);
+    let a = active().handle(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap();
+    assert_eq!(a.fixup, Fixup::Syscall);
+    assert_eq!(cpu.regs.rflags, 0x2);
+    assert_eq!(cpu.regs.rsp, USER_RSP);
+}
+
+#[test]
+fn half_done_syscall_with_an_older_fmask() {
+    // FMASK without the arithmetic flags and RF: ZF and PF survive into the kernel.
+    let mut cpu = half_done_syscall();
+    cpu.msrs.insert(MSR_SYSCALL_MASK, OLD_FMASK);
+    let rsp = cpu.regs.rsp;
     cpu.poke_u64s(rsp + 24, &[0x10046]);
     let a = active().handle(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap();
     assert_eq!(a.fixup, Fixup::Syscall);
     assert_eq!(cpu.regs.rflags, 0x46);
-    assert_eq!(cpu.regs.rsp, USER_RSP);
 }
 
 #[test]
@@ -532,7 +546,7 @@ fn lookalike_states_are_plain_clac() {
         (
             "r11 does not match",
             "r11 does not match the frame's rflags",
-            Box::new(|c| c.regs.r11 = 0x202),
+            Box::new(|c| c.regs.r11 = USER_RFLAGS | (1 << 19)),
         ),
         (
             "kernel-mode fault at the entry point",
