@@ -23,6 +23,8 @@ pub struct FakeVcpu {
     pub exception_pending: bool,
     /// Number of set_regs / set_sregs calls.
     pub writes: usize,
+    /// Number of msrs() calls (each one KVM_GET_MSRS on a real vCPU).
+    pub msr_reads: std::cell::Cell<usize>,
 }
 
 impl FakeVcpu {
@@ -126,11 +128,15 @@ impl VcpuAccess for FakeVcpu {
         Ok(())
     }
 
-    fn msr(&self, index: u32) -> Result<u64, VcpuError> {
-        self.msrs
-            .get(&index)
-            .copied()
-            .ok_or(VcpuError::MsrUnavailable { index })
+    fn msrs(&self, indices: &[u32], values: &mut [u64]) -> Result<(), VcpuError> {
+        self.msr_reads.set(self.msr_reads.get() + 1);
+        for (&index, value) in indices.iter().zip(values.iter_mut()) {
+            *value = *self
+                .msrs
+                .get(&index)
+                .ok_or(VcpuError::MsrUnavailable { index })?;
+        }
+        Ok(())
     }
 
     fn x87_state(&self) -> Result<X87State, VcpuError> {

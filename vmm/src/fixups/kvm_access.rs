@@ -56,21 +56,33 @@ impl VcpuAccess for KvmVcpuAccess<'_> {
         self.vcpu.set_sregs(sregs).map_err(VcpuError::SetSregs)
     }
 
-    fn msr(&self, index: u32) -> Result<u64, VcpuError> {
-        let entry = kvm_msr_entry {
-            index,
-            ..Default::default()
-        };
+    fn msrs(&self, indices: &[u32], values: &mut [u64]) -> Result<(), VcpuError> {
+        let first = indices.first().copied().unwrap_or(0);
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
         let mut msrs =
-            Msrs::from_entries(&[entry]).map_err(|_| VcpuError::MsrUnavailable { index })?;
+            Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrUnavailable { index: first })?;
         let read = self
             .vcpu
             .get_msrs(&mut msrs)
-            .map_err(|source| VcpuError::GetMsr { index, source })?;
-        match msrs.as_slice().first() {
-            Some(e) if read == 1 && e.index == index => Ok(e.data),
-            _ => Err(VcpuError::MsrUnavailable { index }),
+            .map_err(|source| VcpuError::GetMsr {
+                index: first,
+                source,
+            })?;
+        // KVM stops at the first MSR it cannot read and returns how many it read.
+        let got = msrs.as_slice();
+        for (i, (&index, value)) in indices.iter().zip(values.iter_mut()).enumerate() {
+            match got.get(i) {
+                Some(e) if i < read && e.index == index => *value = e.data,
+                _ => return Err(VcpuError::MsrUnavailable { index }),
+            }
         }
+        Ok(())
     }
 
     fn x87_state(&self) -> Result<X87State, VcpuError> {

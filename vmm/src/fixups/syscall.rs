@@ -114,8 +114,12 @@ pub(super) fn recognise(
     if sregs.efer & EFER_SCE == 0 {
         return Ok(Err("syscall disabled in efer"));
     }
-    let lstar = cpu.msr(MSR_LSTAR)?;
-    let cstar = cpu.msr(MSR_CSTAR)?;
+    let mut msrs = [0u64; 4];
+    cpu.msrs(
+        &[MSR_LSTAR, MSR_CSTAR, MSR_STAR, MSR_SYSCALL_MASK],
+        &mut msrs,
+    )?;
+    let [lstar, cstar, star, fmask] = msrs;
     let compat = if sregs.cr2 == lstar {
         false
     } else if cstar != 0 && sregs.cr2 == cstar {
@@ -158,7 +162,6 @@ pub(super) fn recognise(
     }
 
     // RF is set in the pushed image of every fault, and Linux has RF in FMASK: ignore it.
-    let fmask = cpu.msr(MSR_SYSCALL_MASK)?;
     let frame_flags = frame.rflags & !rflags::RF;
     if frame_flags & fmask != 0 || frame_flags & (rflags::IF | rflags::IOPL | rflags::VM) != 0 {
         return Ok(Err("frame rflags not masked by syscall"));
@@ -177,7 +180,7 @@ pub(super) fn recognise(
         return Ok(Err("no syscall instruction before rcx"));
     }
 
-    let star_cs = ((cpu.msr(MSR_STAR)? >> 32) & 0xffff) as u16;
+    let star_cs = ((star >> 32) & 0xffff) as u16;
     let mut new_sregs = *sregs;
     new_sregs.cs = flat_code64_segment(star_cs & !3);
     new_sregs.ss = flat_stack_segment(star_cs.wrapping_add(8));

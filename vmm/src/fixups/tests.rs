@@ -50,6 +50,8 @@ fn clac_clears_ac_and_skips() {
     assert_eq!(cpu.regs.rax, before.rax);
     assert_eq!(fixups.hits(Fixup::Clac), 1);
     assert_eq!(fixups.hits(Fixup::Syscall), 0);
+    // The SYSCALL check read its MSRs in one go.
+    assert_eq!(cpu.msr_reads.get(), 1);
 }
 
 #[test]
@@ -474,6 +476,7 @@ fn half_done_syscall_is_completed() {
     assert_eq!(cpu.pages, pages_before);
     assert_eq!(fixups.hits(Fixup::Syscall), 1);
     assert_eq!(fixups.hits(Fixup::Clac), 0);
+    assert_eq!(cpu.msr_reads.get(), 1);
 }
 
 #[test]

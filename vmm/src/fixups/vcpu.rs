@@ -161,8 +161,9 @@ pub trait VcpuAccess {
     fn sregs(&self) -> Result<kvm_sregs, VcpuError>;
     /// Writes segment, control and descriptor-table registers.
     fn set_sregs(&mut self, sregs: &kvm_sregs) -> Result<(), VcpuError>;
-    /// Reads one MSR.
-    fn msr(&self, index: u32) -> Result<u64, VcpuError>;
+    /// Reads the MSRs `indices` into `values` (same length), in one go: on KVM one
+    /// `KVM_GET_MSRS`, which costs as much as any vCPU ioctl.
+    fn msrs(&self, indices: &[u32], values: &mut [u64]) -> Result<(), VcpuError>;
     /// x87 status and control words.
     fn x87_state(&self) -> Result<X87State, VcpuError>;
     /// Reads `buf.len()` bytes at guest *virtual* address `gva`, translated through the guest's
