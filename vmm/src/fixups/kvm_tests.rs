@@ -10,7 +10,7 @@ use kvm_bindings::{
     kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, Msrs,
     KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::*;
@@ -118,10 +118,12 @@ struct Event {
     sregs: kvm_sregs,
 }
 
-/// Paging/protection features of the guest, like Linux's or bare.
+/// Paging/protection features of the guest (like Linux's, or bare), and how the fix-ups reach
+/// the registers.
 #[derive(Clone, Copy, Debug)]
 struct GuestFeatures {
     nx_smep_smap: bool,
+    sync_regs: bool,
 }
 
 fn open_kvm() -> Option<Kvm> {
@@ -296,6 +298,11 @@ fn run_probe(fixups: &Fixups, features: GuestFeatures) -> Option<Result<Vec<Even
     let mut vcpu = vm.create_vcpu(0).unwrap();
     setup_vcpu(&kvm, &vcpu, features);
 
+    if features.sync_regs {
+        vcpu.set_sync_valid_reg(SyncReg::Register);
+        vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
+    }
+
     let mut events = Vec::new();
     for _ in 0..500 {
         match vcpu.run().unwrap() {
@@ -312,7 +319,11 @@ fn run_probe(fixups: &Fixups, features: GuestFeatures) -> Option<Result<Vec<Even
                 let failure = emulation_failure(vcpu.get_kvm_run())
                     .expect("internal error other than an emulation failure");
                 let bytes = failure.insn_bytes().to_vec();
-                let mut cpu = KvmVcpuAccess::new(&vcpu, &mem);
+                let mut cpu = if features.sync_regs {
+                    KvmVcpuAccess::with_sync_regs(&mut vcpu, &mem)
+                } else {
+                    KvmVcpuAccess::new(&vcpu, &mem)
+                };
                 if let Err(e) = fixups.handle(&mut cpu, &bytes) {
                     return Some(Err(e));
                 }
@@ -373,9 +384,12 @@ fn check_events(events: &[Event]) {
 
 #[test]
 fn probe_guest_runs_with_fixups() {
-    for nx_smep_smap in [false, true] {
+    for (nx_smep_smap, sync_regs) in [(false, false), (true, false), (true, true)] {
         let fixups = Fixups::with_host(FixupMode::On, host_needs_fixups());
-        let features = GuestFeatures { nx_smep_smap };
+        let features = GuestFeatures {
+            nx_smep_smap,
+            sync_regs,
+        };
         let Some(result) = run_probe(&fixups, features) else {
             return;
         };
@@ -397,6 +411,7 @@ fn probe_guest_stops_cleanly_with_fixups_off() {
     let fixups = Fixups::with_host(FixupMode::Off, host_needs_fixups());
     let features = GuestFeatures {
         nx_smep_smap: false,
+        sync_regs: false,
     };
     let Some(result) = run_probe(&fixups, features) else {
         return;

@@ -2,8 +2,9 @@
 //!
 //! `KVM_TRANSLATE` checks access rights as a supervisor data read in the vCPU's current state,
 //! so with CR4.SMAP set and RFLAGS.AC clear (every Linux entry path) it reports user pages as
-//! unmapped. The SYSCALL check must read the user's code from kernel mode, so
-//! [`super::KvmVcpuAccess`] falls back to this walk when `KVM_TRANSLATE` says "not valid".
+//! unmapped, and it is one more ioctl (several microseconds on PVM). The SYSCALL check must
+//! read the user's code from kernel mode, so [`super::KvmVcpuAccess`] walks the tables itself
+//! in long mode and uses `KVM_TRANSLATE` only for other paging modes.
 
 /// CR4.LA57: five-level paging.
 const CR4_LA57: u64 = 1 << 12;

@@ -114,6 +114,20 @@ pub(super) fn recognise(
     if sregs.efer & EFER_SCE == 0 {
         return Ok(Err("syscall disabled in efer"));
     }
+    // The IDT check first: it costs no ioctl with synced registers, and rules out every
+    // other entry path before the MSRs are read.
+    match pf_handler_entry(cpu, sregs) {
+        Some(handler) if regs.rip == handler => {}
+        Some(handler) if regs.rip == handler.wrapping_add(ENDBR64.len() as u64) => {
+            let mut b = [0u8; 4];
+            if cpu.read_virt(handler, &mut b).is_err() || b != ENDBR64 {
+                return Ok(Err("rip is not at the start of the page-fault handler"));
+            }
+        }
+        Some(_) => return Ok(Err("rip is not at the start of the page-fault handler")),
+        None => return Ok(Err("page-fault gate not readable")),
+    }
+
     let mut msrs = [0u64; 4];
     cpu.msrs(
         &[MSR_LSTAR, MSR_CSTAR, MSR_STAR, MSR_SYSCALL_MASK],
@@ -128,18 +142,6 @@ pub(super) fn recognise(
         return Ok(Err("cr2 is not a syscall entry point"));
     };
     let entry = sregs.cr2;
-
-    match pf_handler_entry(cpu, sregs) {
-        Some(handler) if regs.rip == handler => {}
-        Some(handler) if regs.rip == handler.wrapping_add(ENDBR64.len() as u64) => {
-            let mut b = [0u8; 4];
-            if cpu.read_virt(handler, &mut b).is_err() || b != ENDBR64 {
-                return Ok(Err("rip is not at the start of the page-fault handler"));
-            }
-        }
-        Some(_) => return Ok(Err("rip is not at the start of the page-fault handler")),
-        None => return Ok(Err("page-fault gate not readable")),
-    }
 
     if regs.rsp & 7 != 0 {
         return Ok(Err("misaligned kernel stack"));
