@@ -93,7 +93,11 @@ impl DeviceType {
         config: &[u8],
         queue_num: Option<u64>,
     ) -> Result<(), String> {
-        let le16 = |o: usize| config.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+        let le16 = |o: usize| {
+            config
+                .get(o..o + 2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        };
         let le32 = |o: usize| {
             config
                 .get(o..o + 4)
@@ -191,7 +195,9 @@ pub enum DetectError {
         features: u64,
     },
     /// More than one signature matched.
-    #[error("features {features:#x} match several device types ({names}); give the type explicitly")]
+    #[error(
+        "features {features:#x} match several device types ({names}); give the type explicitly"
+    )]
     Ambiguous {
         /// Features offered.
         features: u64,
@@ -244,21 +250,30 @@ mod tests {
     fn hype_block_is_recognised_read_only_or_not() {
         assert_eq!(type_from_features(HYPE_BLK), Ok(DeviceType::Block));
         // Read-only (RO = bit 5), discard and write-zeroes variants.
-        assert_eq!(
-            type_from_features(HYPE_BLK | 1 << 5),
-            Ok(DeviceType::Block)
-        );
+        assert_eq!(type_from_features(HYPE_BLK | 1 << 5), Ok(DeviceType::Block));
         assert_eq!(
             type_from_features(HYPE_BLK | 1 << 13 | 1 << 14),
             Ok(DeviceType::Block)
         );
         let t = DeviceType::Block;
-        assert_eq!(t.check_config(HYPE_BLK, &blk_config(512, 1), Some(1)), Ok(()));
-        assert!(t.check_config(HYPE_BLK, &blk_config(0, 1), Some(1)).is_err());
-        assert!(t.check_config(HYPE_BLK, &blk_config(4096, 4), Some(2)).is_err());
-        assert!(t.check_config(HYPE_BLK, &blk_config(4096, 0), None).is_err());
+        assert_eq!(
+            t.check_config(HYPE_BLK, &blk_config(512, 1), Some(1)),
+            Ok(())
+        );
+        assert!(t
+            .check_config(HYPE_BLK, &blk_config(0, 1), Some(1))
+            .is_err());
+        assert!(t
+            .check_config(HYPE_BLK, &blk_config(4096, 4), Some(2))
+            .is_err());
+        assert!(t
+            .check_config(HYPE_BLK, &blk_config(4096, 0), None)
+            .is_err());
         assert!(t.check_config(HYPE_BLK, &[0u8; 10], None).is_err());
-        assert_eq!(t.describe_config(&blk_config(512, 1)), "131072 sectors (64 MiB)");
+        assert_eq!(
+            t.describe_config(&blk_config(512, 1)),
+            "131072 sectors (64 MiB)"
+        );
     }
 
     #[test]

@@ -255,8 +255,7 @@ impl VhostUserDevice {
             )));
         }
         let mut config = info.config.clone();
-        if info.kind == DeviceType::Block && info.features & (1 << 12) != 0 && config.len() >= 36
-        {
+        if info.kind == DeviceType::Block && info.features & (1 << 12) != 0 && config.len() >= 36 {
             // virtio-blk num_queues: what this device exposes, not what the backend could.
             config[34..36].copy_from_slice(&num_queues.to_le_bytes());
         }
@@ -272,7 +271,8 @@ impl VhostUserDevice {
             Some(e) => e,
             None => DeviceEvents::new(num_queues).map_err(os("cannot create eventfds"))?,
         };
-        if events.kicks.len() < usize::from(num_queues) || events.calls.len() < usize::from(num_queues)
+        if events.kicks.len() < usize::from(num_queues)
+            || events.calls.len() < usize::from(num_queues)
         {
             return Err(opt_err(format!(
                 "{} eventfds given for {num_queues} queues",
@@ -325,7 +325,10 @@ impl VhostUserDevice {
         };
         let kind = worker.kind;
         let handle = std::thread::Builder::new()
-            .name(format!("vu-{}", name.split_whitespace().next().unwrap_or(name)))
+            .name(format!(
+                "vu-{}",
+                name.split_whitespace().next().unwrap_or(name)
+            ))
             .spawn(move || worker.run())
             .map_err(os("cannot start device thread"))?;
         Ok(VhostUserDevice {
@@ -385,7 +388,10 @@ impl VhostUserDevice {
         let cmd = match event {
             None => return,
             Some(TransportEvent::Notify(q)) => {
-                self.shared.stats.notify_exits.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .notify_exits
+                    .fetch_add(1, Ordering::Relaxed);
                 if let Some(k) = self.events.kicks.get(usize::from(q)) {
                     let _ = k.write(1);
                 }
@@ -642,7 +648,10 @@ impl Worker {
         match res {
             Ok(()) => {
                 active.started = true;
-                self.shared.stats.ring_starts.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .ring_starts
+                    .fetch_add(1, Ordering::Relaxed);
                 if replay {
                     // Make the backend look at its rings even if it waits for a kick.
                     for r in &active.rings {

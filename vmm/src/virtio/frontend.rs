@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -224,6 +225,7 @@ pub fn host_range(
 /// One connection to a backend.
 pub struct Connection {
     path: PathBuf,
+    watchdog: WatchdogHandle,
     frontend: Frontend,
     info: BackendInfo,
 }
@@ -307,17 +309,11 @@ impl Connection {
         kind: Option<DeviceType>,
     ) -> Result<Connection, FrontendError> {
         let path = path.to_owned();
-        let timeout_err = |source| FrontendError::Connect {
+        let watchdog = Watchdog::spawn(&stream).map_err(|source| FrontendError::Connect {
             path: path.clone(),
             source,
-        };
-        stream
-            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(timeout_err)?;
-        stream
-            .set_write_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(timeout_err)?;
-        let sock = stream.try_clone().map_err(timeout_err)?;
+        })?;
+        let _armed = watchdog.arm(HANDSHAKE_TIMEOUT);
         let mut fe = Frontend::from_stream(stream, u64::from(MAX_QUEUES));
         let not_vu = |op: &'static str| {
             let path = path.clone();
@@ -389,14 +385,15 @@ impl Connection {
                     source: DetectError::ConfigMismatch { kind, reason },
                 });
             }
-            log::warn!("backend {}: {kind} config looks odd: {reason}", path.display());
+            log::warn!(
+                "backend {}: {kind} config looks odd: {reason}",
+                path.display()
+            );
         }
-        sock.set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(timeout_err)?;
-        sock.set_write_timeout(Some(REPLY_TIMEOUT))
-            .map_err(timeout_err)?;
+        drop(_armed);
         Ok(Connection {
             path,
+            watchdog,
             frontend: fe,
             info: BackendInfo {
                 kind,
@@ -439,6 +436,7 @@ impl Connection {
         {
             return Ok(None);
         }
+        let _armed = self.watchdog.arm(REPLY_TIMEOUT);
         let ask = VhostUserInflight::new(0, 0, num_queues, queue_size);
         let r = self.frontend.get_inflight_fd(&ask);
         let (info, file) = r.map_err(self.req("GET_INFLIGHT_FD"))?;
@@ -456,6 +454,7 @@ impl Connection {
         calls: &[EventFd],
         inflight: Option<&InflightArea>,
     ) -> Result<(), FrontendError> {
+        let _armed = self.watchdog.arm(REPLY_TIMEOUT);
         let features = acked_features | (self.info.features & PROTOCOL_FEATURES_BIT);
         let r = self.frontend.set_features(features);
         r.map_err(self.req("SET_FEATURES"))?;
@@ -504,7 +503,9 @@ impl Connection {
             r.map_err(self.req("SET_VRING_KICK"))?;
         }
         for (ring, _) in rings {
-            let r = self.frontend.set_vring_enable(usize::from(ring.index), true);
+            let r = self
+                .frontend
+                .set_vring_enable(usize::from(ring.index), true);
             r.map_err(self.req("SET_VRING_ENABLE"))?;
         }
         Ok(())
@@ -513,6 +514,7 @@ impl Connection {
     /// Stops the rings (SET_VRING_ENABLE 0, GET_VRING_BASE); returns each ring's next avail
     /// index.
     pub fn stop(&mut self, rings: &[RingSetup]) -> Result<Vec<u32>, FrontendError> {
+        let _armed = self.watchdog.arm(REPLY_TIMEOUT);
         let mut bases = Vec::with_capacity(rings.len());
         for ring in rings {
             let q = usize::from(ring.index);
@@ -526,9 +528,112 @@ impl Connection {
 
     /// SET_CONFIG of `data` at `offset` in the device config.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        let _armed = self.watchdog.arm(REPLY_TIMEOUT);
         let r = self
             .frontend
             .set_config(offset, VhostUserConfigFlags::WRITABLE, data);
         r.map_err(self.req("SET_CONFIG"))
+    }
+}
+
+/// Cuts a connection whose backend does not answer in time.
+///
+/// The `vhost` crate retries reads that time out, so a socket timeout cannot bound a request.
+/// Instead, while a request sequence is in progress a deadline is armed; if it passes, this
+/// thread shuts the socket down, the pending read sees end-of-file and the request fails with
+/// a disconnect error (the device thread then reconnects).
+#[derive(Debug)]
+pub struct Watchdog {
+    state: Mutex<WatchState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WatchState {
+    deadline: Option<Instant>,
+    closed: bool,
+}
+
+/// Owns a watchdog thread: dropping it ends the thread (and its copy of the socket).
+#[derive(Debug)]
+pub struct WatchdogHandle(Arc<Watchdog>);
+
+impl std::ops::Deref for WatchdogHandle {
+    type Target = Watchdog;
+    fn deref(&self) -> &Watchdog {
+        &self.0
+    }
+}
+
+impl Drop for WatchdogHandle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Disarms the watchdog when dropped.
+pub struct Armed<'a>(&'a Watchdog);
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        self.0.lock().deadline = None;
+    }
+}
+
+impl Watchdog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the watchdog thread for `sock`; it ends when the handle is dropped.
+    pub fn spawn(sock: &UnixStream) -> io::Result<WatchdogHandle> {
+        let sock = sock.try_clone()?;
+        let dog = Arc::new(Watchdog {
+            state: Mutex::new(WatchState::default()),
+            cv: Condvar::new(),
+        });
+        let d = dog.clone();
+        std::thread::Builder::new()
+            .name("vu-watchdog".into())
+            .spawn(move || d.watch(sock))?;
+        Ok(WatchdogHandle(dog))
+    }
+
+    fn watch(&self, sock: UnixStream) {
+        let mut st = self.lock();
+        loop {
+            if st.closed {
+                return;
+            }
+            match st.deadline {
+                None => st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner()),
+                Some(d) if Instant::now() >= d => {
+                    log::warn!("vhost-user backend did not answer in time; dropping the connection");
+                    let _ = sock.shutdown(std::net::Shutdown::Both);
+                    st.deadline = None;
+                }
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    st = self
+                        .cv
+                        .wait_timeout(st, left)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            }
+        }
+    }
+
+    /// Arms a deadline `timeout` from now until the returned guard is dropped.
+    pub fn arm(&self, timeout: Duration) -> Armed<'_> {
+        self.lock().deadline = Some(Instant::now() + timeout);
+        self.cv.notify_all();
+        Armed(self)
+    }
+
+    /// Ends the thread.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.cv.notify_all();
     }
 }

@@ -444,9 +444,7 @@ impl MmioTransport {
             }
             reg::STATUS => return self.write_status(v),
             reg::SHM_SEL => self.shm_sel = v,
-            reg::QUEUE_RESET => {
-                self.guest_error(format!("QueueReset without VIRTIO_F_RING_RESET"))
-            }
+            reg::QUEUE_RESET => self.guest_error(format!("QueueReset without VIRTIO_F_RING_RESET")),
             _ => self.guest_error(format!(
                 "write of {v:#x} to read-only or unknown register {offset:#x}"
             )),
@@ -484,7 +482,9 @@ impl MmioTransport {
         }
         let Some(i) = self.selected_queue() else {
             let sel = self.queue_sel;
-            self.guest_error(format!("{what} write for queue {sel}, which does not exist"));
+            self.guest_error(format!(
+                "{what} write for queue {sel}, which does not exist"
+            ));
             return;
         };
         if self.queues[i].ready && what != "QueueReady" {
@@ -856,7 +856,11 @@ mod tests {
         assert_eq!(r(&mut t, reg::QUEUE_NUM), 0);
         w(&mut t, reg::QUEUE_READY, 5);
         assert_eq!(r(&mut t, reg::QUEUE_READY), 0);
-        assert_eq!(w(&mut t, reg::QUEUE_NOTIFY, 0), None, "notify before DRIVER_OK");
+        assert_eq!(
+            w(&mut t, reg::QUEUE_NOTIFY, 0),
+            None,
+            "notify before DRIVER_OK"
+        );
         w(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
         assert_eq!(t.driver_features(), 0, "features before DRIVER are ignored");
         w(&mut t, reg::STATUS, 0x1_0000);

@@ -100,3 +100,96 @@ pub fn texts(o: &Output) -> (String, String) {
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
 }
+
+/// A vhost-user backend process (`hype block-mem` / `hype block-file`) that a test can kill
+/// and start again on the same socket.
+pub struct Backend {
+    args: Vec<String>,
+    pub socket: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Backend {
+    /// Starts `hype <args...> --socket <socket>` and waits for the socket.
+    pub fn start(args: &[&str], socket: &Path) -> Backend {
+        let _ = std::fs::remove_file(socket);
+        let mut b = Backend {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            socket: socket.to_owned(),
+            child: None,
+        };
+        b.spawn(true);
+        b
+    }
+
+    /// A RAM disk of `size` (e.g. "16M").
+    pub fn block_mem(dir: &Path, size: &str) -> Backend {
+        Backend::start(&["block-mem", "--size", size], &dir.join("mem.sock"))
+    }
+
+    /// A disk backed by `file`, created with `size` bytes if missing.
+    pub fn block_file(dir: &Path, file: &Path, size: u64) -> Backend {
+        if !file.exists() {
+            std::fs::File::create(file).unwrap().set_len(size).unwrap();
+        }
+        Backend::start(
+            &["block-file", "--path", file.to_str().unwrap()],
+            &dir.join("file.sock"),
+        )
+    }
+
+    fn spawn(&mut self, wait: bool) {
+        let child = Command::new(env!("CARGO_BIN_EXE_hype"))
+            .args(&self.args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("HYPE_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start backend");
+        self.child = Some(child);
+        if wait {
+            self.wait_for_socket();
+        }
+    }
+
+    fn wait_for_socket(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !self.socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backend socket {} never appeared",
+                self.socket.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs the process (a crash) and removes its socket.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+
+    /// Starts the process again with the same arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn(true);
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
