@@ -21,14 +21,22 @@
 //!
 //! The vCPU run loop calls, on `VcpuExit::InternalError`:
 //! ```ignore
+//! // Once per vCPU, before the first KVM_RUN (optional, makes a fix-up ~3x cheaper on PVM):
+//! vcpu_fd.set_sync_valid_reg(SyncReg::Register);
+//! vcpu_fd.set_sync_valid_reg(SyncReg::SystemRegister);
+//! // On each VcpuExit::InternalError:
 //! if let Some(failure) = fixups::emulation_failure(vcpu_fd.get_kvm_run()) {
-//!     let mut cpu = fixups::KvmVcpuAccess::new(&vcpu_fd, &guest_mem);
-//!     match fixups.handle(&mut cpu, failure.insn_bytes()) {
-//!         Ok(_) => continue,           // run the vCPU again
+//!     let bytes = failure.insn_bytes().to_vec(); // empty: handle() fetches them at RIP
+//!     let mut cpu = fixups::KvmVcpuAccess::with_sync_regs(&mut vcpu_fd, &guest_mem);
+//!     // (or KvmVcpuAccess::new(&vcpu_fd, &guest_mem) to use plain ioctls)
+//!     match fixups.handle(&mut cpu, &bytes) {
+//!         Ok(_) => continue,              // run the vCPU again
 //!         Err(e) => return Err(e.into()), // clean error: RIP and bytes in the message
 //!     }
 //! }
 //! ```
+//! At start-up: `Fixups::new(mode)`, append [`Fixups::guest_cmdline_additions`] to the kernel
+//! command line, [`Fixups::announce`]; at exit: [`Fixups::log_summary`].
 
 mod decode;
 mod error;
