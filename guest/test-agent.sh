@@ -38,7 +38,7 @@ failures=0
 run_agent() {
     local name="$1" got want i
     printf '%s\n' "$2" >"$root/cmdline"
-    got="$(printf '%s' "$3" | HYPE_AGENT_CMDLINE_FILE=/cmdline timeout 30 \
+    got="$(printf '%s' "$3" | HYPE_AGENT_CMDLINE_FILE=/cmdline timeout -s KILL 30 \
         unshare --user --map-root-user --mount --pid --fork --net --kill-child \
         chroot "$root" /init 2>&1 | grep '^HYPE-' | grep -vx 'HYPE-ERR mount -a failed' || true)"
     mapfile -t got_lines <<<"$got"
@@ -66,7 +66,7 @@ run_agent() {
 step1="$(printf 'echo boot-step\nexit 4\n' | base64 -w0)"
 run_agent console-protocol \
     "console=ttyS0 hype.console=nosuch hype.loglevel=x hype.run=$step1 hype.run=@@@ hype.then=later" \
-    $'RUN 1 echo hello; echo err >&2\nRUN 2 exit 5\nRUN 3 printf \'a\\n\\nb\'\nRUN 4 echo "<$1>"\nRUN 5 read x; echo "read rc=$?"\nRUN bad!id echo x\nFOO\n\nRUN 6 echo \'x\\ty %s\'\r\nRUN 7 echo (\nRUN 8\nRUN k sh -c \'kill -9 $$\'\nPOWEROFF\nRUN 9 echo never\n' \
+    $'RUN 1 echo hello; echo err >&2\nRUN 2 exit 5\nRUN 3 printf \'a\\n\\nb\'\nRUN 4 echo "<$1>"\nRUN 5 read x; echo "read rc=$?"\nRUN bad!id echo x\nFOO\n\nRUN 6 echo \'x\\ty %s\'\r\nRUN 7 echo (\nRUN 8\nRUN k sh -c \'kill -9 $$\'\nRUN applets echo a b | xargs echo; env printf \'env-%s\\n\' ok; ls /bin\nPOWEROFF\nRUN 9 echo never\n' \
     "HYPE-AGENT READY
 HYPE-ERR hype.console: no such tty /dev/nosuch
 HYPE-ERR hype.loglevel: not a digit: x
@@ -96,6 +96,11 @@ HYPE-DONE 7 rc=2
 HYPE-DONE 8 rc=0
 HYPE-OUT k Killed
 HYPE-DONE k rc=137
+HYPE-OUT applets a b
+HYPE-OUT applets env-ok
+HYPE-OUT applets busybox
+HYPE-OUT applets sh
+HYPE-DONE applets rc=0
 HYPE-AGENT POWEROFF"
 
 run_agent then-reboot "quiet hype.then=reboot hype.run=$(printf 'uname -s' | base64 -w0)" \
