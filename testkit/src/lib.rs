@@ -38,6 +38,7 @@
 pub mod blk;
 pub mod driver;
 pub mod error;
+pub mod guest;
 pub mod loadgen;
 pub mod memory;
 pub mod virtqueue;
