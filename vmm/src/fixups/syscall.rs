@@ -8,12 +8,14 @@
 //!
 //! PVM's emulator performs the register part (RCX, R11, RFLAGS, RIP) but leaves the vCPU at
 //! CPL 3. Fetching the kernel's entry point at user privilege then faults: a #PF with CR2 = the
-//! entry point, error code "user-mode instruction fetch", delivered through IDT vector 14 with
-//! a switch to CPL 0 on the stack from TSS.RSP0, which gets the frame
-//! `[rsp] error code, RIP (= entry point), CS (user, RPL 3), RFLAGS (already masked, RF set),
-//! RSP (user), SS (user)`. Seen on this host with a probe guest: error code 0x5, frame RFLAGS
-//! 0x10002 after a user RFLAGS of 0x202 and Linux's FMASK, RCX/R11 correct, SS null. The #PF entry's first instruction, `clac`, then fails emulation, which is
-//! where the fix-ups see it.
+//! entry point and a user-mode error code, delivered through IDT vector 14 with a switch to
+//! CPL 0 on the stack from TSS.RSP0, which gets the frame `[rsp] error code, RIP (= entry
+//! point), CS (user, RPL 3), RFLAGS (already masked, RF set), RSP (user), SS (user)`. The #PF
+//! entry's first instruction, `clac`, then fails emulation, which is where the fix-ups see it.
+//!
+//! Seen on this host (probe guest in `kvm_tests`, and Linux 6.1 booting to its init): error
+//! code 0x5 without EFER.NXE/CR4.SMEP and 0x15 with them, frame RFLAGS 0x10002 after a user
+//! RFLAGS of 0x202, RCX and R11 as a correct SYSCALL sets them, SS a null selector.
 //!
 //! # Recognition
 //! All of these must hold, or the failure is treated as an ordinary `clac`:
@@ -24,10 +26,10 @@
 //! - the frame's RIP equals CR2, its CS and SS have RPL 3, its error code says user mode and
 //!   neither a write nor a reserved-bit fault (the instruction-fetch bit is not required: it is
 //!   only reported with EFER.NXE or CR4.SMEP, and PVM was seen without it);
-//! - the frame's RFLAGS (RF aside: the fault sets it, Linux 6.1's FMASK 0x257fd5 has it) has no
-//!   bit of FMASK set, IF clear, IOPL 0 and VM clear. Code at CPL 3
-//!   with IOPL 0 cannot clear IF, so a user program jumping to the entry point on its own cannot
-//!   produce this frame (Linux puts IF in FMASK; a guest whose FMASK lacks IF gets no repair);
+//! - the frame's RFLAGS (RF aside: the fault sets it, and Linux 6.1's FMASK 0x257fd5 has it)
+//!   has no bit of FMASK set, IF clear, IOPL 0 and VM clear. Code at CPL 3 with IOPL 0 cannot
+//!   clear IF, so a user program jumping to the entry point on its own cannot produce this
+//!   frame (Linux puts IF in FMASK; a guest whose FMASK lacks IF gets no repair);
 //! - R11 agrees with the frame's RFLAGS: frame = (R11 & ~FMASK) | bit 1, RF ignored;
 //! - RCX is a user address (lower half; 32 bits for the CSTAR entry) and the two bytes before
 //!   it are `0f 05`, the SYSCALL the user executed.
