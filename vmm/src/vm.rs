@@ -605,9 +605,14 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     };
     fixups.announce();
 
-    let supported = kvm
+    let mut supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    if fixups.is_active() {
+        // See cpuid::PVM_HIDDEN_KVM_FEATURES: PV IPIs do not work for emulated guests on PVM.
+        cpuid::hide_kvm_features(supported.as_mut_slice(), cpuid::PVM_HIDDEN_KVM_FEATURES);
+        log::debug!("PVM host: KVM PV IPIs hidden from the guest");
+    }
     let (signature, features) = supported
         .as_slice()
         .iter()
