@@ -690,7 +690,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
         for h in handles.iter().filter(|h| !h.is_finished()) {
             let _ = h.kill(SIGRTMIN());
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_micros(200));
     }
     for h in handles {
         let _ = h.join();
