@@ -26,9 +26,22 @@ fn build_guest() -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/startup.S");
     let obj = dir.join("startup.o");
     let elf = dir.join("startup.elf");
-    assert!(Command::new("as").args(["--64", "-o"]).arg(&obj).arg(&src).status().unwrap().success());
+    assert!(Command::new("as")
+        .args(["--64", "-o"])
+        .arg(&obj)
+        .arg(&src)
+        .status()
+        .unwrap()
+        .success());
     assert!(Command::new("ld")
-        .args(["-static", "-nostdlib", "-z", "max-page-size=4096", "-Ttext=0x200000", "-o"])
+        .args([
+            "-static",
+            "-nostdlib",
+            "-z",
+            "max-page-size=4096",
+            "-Ttext=0x200000",
+            "-o"
+        ])
         .arg(&elf)
         .arg(&obj)
         .status()
@@ -39,7 +52,9 @@ fn build_guest() -> PathBuf {
 
 /// Spawns `cmd`, waits with wait4 to get its rusage.
 fn measure(mut cmd: Command) -> Option<Sample> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = cmd.spawn().ok()?;
     let pid = child.id() as libc::pid_t;
@@ -59,12 +74,19 @@ fn measure(mut cmd: Command) -> Option<Sample> {
         return None;
     }
     let err = reader.join().unwrap_or_default();
-    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
     let marker_ms = err
         .lines()
         .find_map(|l| l.split("boot marker 1 at ").nth(1))
         .and_then(|rest| rest.trim_end_matches(" ms").trim().parse().ok());
-    Some(Sample { wall, cpu: tv(ru.ru_utime) + tv(ru.ru_stime), max_rss_kib: ru.ru_maxrss, marker_ms })
+    Some(Sample {
+        wall,
+        cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+        max_rss_kib: ru.ru_maxrss,
+        marker_ms,
+    })
 }
 
 fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
@@ -77,26 +99,58 @@ fn report(name: &str, s: &[Sample]) {
     let cpu = median(s.iter().map(|x| x.cpu.as_secs_f64() * 1e3).collect());
     let rss = median(s.iter().map(|x| x.max_rss_kib).collect());
     let marker: Vec<f64> = s.iter().filter_map(|x| x.marker_ms).collect();
-    let marker = if marker.is_empty() { "-".to_string() } else { format!("{:.2}", median(marker)) };
-    println!("| {name} | {} | {wall:.2} | {cpu:.2} | {marker} | {:.1} |", s.len(), rss as f64 / 1024.0);
+    let marker = if marker.is_empty() {
+        "-".to_string()
+    } else {
+        format!("{:.2}", median(marker))
+    };
+    println!(
+        "| {name} | {} | {wall:.2} | {cpu:.2} | {marker} | {:.1} |",
+        s.len(),
+        rss as f64 / 1024.0
+    );
 }
 
 fn main() {
-    let runs: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(20);
+    let runs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(20);
     let guest = build_guest();
     let hype = env!("CARGO_BIN_EXE_hype");
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok();
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok();
     let mut h = Vec::new();
     let mut q = Vec::new();
     for _ in 0..runs {
         let mut c = Command::new(hype);
-        c.args(["vmm", "--memory", "64M", "--serial", "none", "--kernel"]).arg(&guest).env("HYPE_LOG", "info");
+        c.args(["vmm", "--memory", "64M", "--serial", "none", "--kernel"])
+            .arg(&guest)
+            .env("HYPE_LOG", "info");
         h.extend(measure(c));
         if qemu {
             let mut c = Command::new("qemu-system-x86_64");
-            c.args(["-M", "microvm", "-accel", "kvm", "-m", "64M", "-nodefaults", "-no-user-config", "-display", "none"])
-                .args(["-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-kernel"])
-                .arg(&guest);
+            c.args([
+                "-M",
+                "microvm",
+                "-accel",
+                "kvm",
+                "-m",
+                "64M",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+            ])
+            .args([
+                "-no-reboot",
+                "-device",
+                "isa-debug-exit,iobase=0xf4,iosize=1",
+                "-kernel",
+            ])
+            .arg(&guest);
             q.extend(measure(c));
         }
     }
