@@ -1,0 +1,284 @@
+//! The `VhostUserBackend`: virtio-console with one port (receiveq 0, transmitq 1), one worker
+//! thread per queue.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::warn;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::shared::{guest_error, signal, GuestMemory, RxRing, Shared, Vring};
+
+/// `VIRTIO_CONSOLE_F_SIZE`: cols/rows in config space are valid.
+pub const VIRTIO_CONSOLE_F_SIZE: u32 = 0;
+/// `VIRTIO_CONSOLE_F_MULTIPORT`: never offered (needs control queues).
+pub const VIRTIO_CONSOLE_F_MULTIPORT: u32 = 1;
+/// `VIRTIO_CONSOLE_F_EMERG_WRITE`: the driver may write single bytes to `emerg_wr`.
+pub const VIRTIO_CONSOLE_F_EMERG_WRITE: u32 = 2;
+
+/// Queue index of the receive queue (host to guest).
+pub const RX_QUEUE: usize = 0;
+/// Queue index of the transmit queue (guest to host).
+pub const TX_QUEUE: usize = 1;
+const NUM_QUEUES: usize = 2;
+const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Size of the device config: cols u16, rows u16, max_nr_ports u32, emerg_wr u32.
+pub const CONFIG_SIZE: usize = 12;
+const EMERG_WR_OFFSET: u32 = 8;
+
+/// Guest output is copied out of a chain in pieces of this size.
+const TX_PIECE: usize = 64 << 10;
+/// Used entries returned before the guest is interrupted mid-batch.
+const TX_SIGNAL_BATCH: usize = 64;
+
+/// The backend of one frontend connection.
+pub(crate) struct ConsoleBackend {
+    shared: Arc<Shared>,
+    mem: GuestMemory,
+    event_idx: Arc<AtomicBool>,
+    acked: AtomicU64,
+    generation: u64,
+}
+
+impl ConsoleBackend {
+    pub fn new(shared: Arc<Shared>, mem: GuestMemory) -> Self {
+        let generation = shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        // A new connection: the previous one's ring is gone.
+        shared.lock().rx = None;
+        ConsoleBackend {
+            shared,
+            mem,
+            event_idx: Arc::new(AtomicBool::new(false)),
+            acked: AtomicU64::new(0),
+            generation,
+        }
+    }
+
+    /// The config space as the guest sees it now.
+    fn config(&self) -> [u8; CONFIG_SIZE] {
+        let (cols, rows) = self.shared.size();
+        let mut c = [0u8; CONFIG_SIZE];
+        c[0..2].copy_from_slice(&cols.to_le_bytes());
+        c[2..4].copy_from_slice(&rows.to_le_bytes());
+        c[4..8].copy_from_slice(&1u32.to_le_bytes());
+        c
+    }
+
+    fn process_rx(&self, vring: &Vring) {
+        let mut st = self.shared.lock();
+        let stale = st.rx.as_ref().is_none_or(|r| r.generation != self.generation);
+        if stale {
+            st.rx = Some(RxRing {
+                vring: vring.clone(),
+                mem: self.mem.clone(),
+                event_idx: self.event_idx.clone(),
+                generation: self.generation,
+            });
+        }
+        if self.shared.deliver_input(&mut st) > 0 {
+            drop(st);
+            // Room in the input buffer again: the I/O thread may read more.
+            self.shared.wake_io();
+        }
+    }
+
+    fn process_tx(&self, vring: &Vring) {
+        let mem = self.mem.memory();
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mut st = vring.get_mut();
+        if !st.get_queue().ready() {
+            return;
+        }
+        let mut piece = vec![0u8; TX_PIECE];
+        let mut completed = 0usize;
+        let mut idle_rounds = 0;
+        loop {
+            if event_idx {
+                if let Err(e) = st.disable_notification() {
+                    warn!("tx disable_notification: {e}");
+                }
+            }
+            let mut popped = 0usize;
+            while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                popped += 1;
+                let head = chain.head_index();
+                match chain.reader(&mem) {
+                    Ok(mut r) => loop {
+                        match r.read(&mut piece) {
+                            Ok(0) => break,
+                            Ok(n) => self.shared.push_output(&piece[..n]),
+                            Err(e) => {
+                                guest_error(format_args!("tx chain {head}: {e}"));
+                                break;
+                            }
+                        }
+                    },
+                    Err(e) => guest_error(format_args!("tx chain {head}: {e}")),
+                }
+                if let Err(e) = st.add_used(head, 0) {
+                    guest_error(format_args!("cannot return tx chain {head}: {e}"));
+                }
+                completed += 1;
+                if completed >= TX_SIGNAL_BATCH {
+                    signal(&mut st, event_idx);
+                    completed = 0;
+                }
+            }
+            if completed > 0 {
+                signal(&mut st, event_idx);
+                completed = 0;
+            }
+            if !event_idx {
+                break;
+            }
+            match st.enable_notification() {
+                Ok(true) => {
+                    // A garbage avail index never yields chains: do not spin on it.
+                    idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
+                    if idle_rounds >= 2 {
+                        break;
+                    }
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("tx enable_notification: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ConsoleBackend {
+    fn drop(&mut self) {
+        // Release the guest memory mapping held through the receive ring.
+        let mut st = self.shared.lock();
+        if st.rx.as_ref().is_some_and(|r| r.generation == self.generation) {
+            st.rx = None;
+        }
+    }
+}
+
+impl VhostUserBackend for ConsoleBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_CONSOLE_F_EMERG_WRITE
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.shared.has_size {
+            f |= 1 << VIRTIO_CONSOLE_F_SIZE;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Release);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config();
+        // Exactly `size` bytes; anything past the config space reads as zero.
+        (0..size)
+            .map(|i| {
+                offset
+                    .checked_add(i)
+                    .and_then(|o| config.get(o as usize).copied())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let emerg = self.acked.load(Ordering::Acquire) & (1 << VIRTIO_CONSOLE_F_EMERG_WRITE) != 0;
+        if emerg && offset == EMERG_WR_OFFSET && (1..=4).contains(&buf.len()) {
+            // The low byte of emerg_wr is one character of output.
+            self.shared.push_output(&buf[..1]);
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "config write of {} bytes at {offset} refused (only emerg_wr is writable)",
+                buf.len()
+            ),
+        ))
+    }
+
+    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
+        // The daemon updates the GuestMemoryAtomic we were built with.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // Receive and transmit on their own threads: a slow reader holding back guest output
+        // never delays input.
+        vec![1 << RX_QUEUE, 1 << TX_QUEUE]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match usize::from(device_event) {
+            RX_QUEUE => {
+                if let Some(v) = vrings.get(RX_QUEUE) {
+                    self.process_rx(v);
+                }
+            }
+            TX_QUEUE => {
+                if let Some(v) = vrings.get(TX_QUEUE) {
+                    self.process_tx(v);
+                }
+            }
+            other => warn!("unexpected event {other}"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,515 @@
+//! The user's end of the console and the I/O thread that moves bytes between it and the
+//! buffers: the backend's own terminal, a Unix socket clients attach to, a pty, or nothing
+//! but the log file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use hype_daemon::{Shutdown, SocketListener};
+use log::{info, warn};
+
+use crate::shared::Shared;
+use crate::terminal::{
+    is_tty, window_size, EscapeAction, EscapeFilter, NonBlockingGuard, RawModeGuard,
+};
+
+/// Bytes read from the user's side at a time.
+const READ_CHUNK: usize = 16 << 10;
+/// Bytes written to the user's side at a time.
+const WRITE_CHUNK: usize = 64 << 10;
+
+/// The backend's own terminal (or whatever stdin/stdout are).
+pub(crate) struct Stdio {
+    /// stdin, until it reaches end of file.
+    input: Option<RawFd>,
+    output: Option<RawFd>,
+    /// Present when stdin is a terminal: `Ctrl-a x` quits.
+    escape: Option<EscapeFilter>,
+    /// The terminal whose size is the console size.
+    tty: Option<RawFd>,
+    // Field order matters: drop the raw mode guard first, then restore the flags.
+    _raw: Option<RawModeGuard>,
+    _nonblock: Vec<NonBlockingGuard>,
+}
+
+/// A pty whose slave side the user opens (screen, minicom, `cat`).
+pub(crate) struct Pty {
+    master: File,
+    /// Kept open so the master never sees a hang-up while no one has the slave open.
+    _slave: File,
+    /// The slave's path.
+    pub path: PathBuf,
+}
+
+/// A Unix socket that one client at a time attaches to.
+pub(crate) struct ClientSocket {
+    listener: SocketListener,
+    client: Option<UnixStream>,
+}
+
+/// Where the console's other end is.
+pub(crate) enum Endpoint {
+    /// The backend's stdin/stdout.
+    Stdio(Stdio),
+    /// A pty.
+    Pty(Pty),
+    /// A client socket.
+    Socket(ClientSocket),
+    /// No reader: output only goes to the log file(s).
+    None,
+}
+
+impl Stdio {
+    /// Takes over stdin/stdout: raw mode if stdin is a terminal, non-blocking I/O.
+    pub fn open() -> io::Result<Self> {
+        let (inp, out) = (libc::STDIN_FILENO, libc::STDOUT_FILENO);
+        let tty_in = is_tty(inp);
+        let raw = if tty_in {
+            Some(RawModeGuard::new(inp)?)
+        } else {
+            None
+        };
+        let mut nonblock = vec![NonBlockingGuard::new(inp)?];
+        nonblock.push(NonBlockingGuard::new(out)?);
+        let tty = [out, inp].into_iter().find(|&fd| is_tty(fd));
+        Ok(Stdio {
+            input: Some(inp),
+            output: Some(out),
+            escape: tty_in.then(EscapeFilter::default),
+            tty,
+            _raw: raw,
+            _nonblock: nonblock,
+        })
+    }
+
+    /// The terminal's size, if stdin or stdout is a terminal.
+    pub fn size(&self) -> Option<(u16, u16)> {
+        self.tty.and_then(window_size)
+    }
+}
+
+impl Pty {
+    /// Allocates a pty in raw mode.
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: posix_openpt returns a new descriptor or -1.
+        let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let master = unsafe { File::from_raw_fd(fd) };
+        // SAFETY: grantpt/unlockpt on the master descriptor we own.
+        if unsafe { libc::grantpt(fd) } != 0 || unsafe { libc::unlockpt(fd) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: ptsname_r writes a NUL-terminated name of at most `name.len()` bytes.
+        let rc = unsafe { libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+        let path = PathBuf::from(path.to_string_lossy().into_owned());
+        let slave = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(&path)?;
+        // Raw on the slave side: no echo, no CR/LF translation of guest output.
+        let raw = RawModeGuard::new(slave.as_raw_fd())?;
+        std::mem::forget(raw); // the pty is ours; nothing to restore
+        let _ = NonBlockingGuard::new(master.as_raw_fd()).map(std::mem::forget);
+        Ok(Pty {
+            master,
+            _slave: slave,
+            path,
+        })
+    }
+}
+
+impl ClientSocket {
+    /// Listens for clients on `path` (mode `mode`).
+    pub fn bind(path: &std::path::Path, mode: u32) -> Result<Self, hype_daemon::Error> {
+        Ok(ClientSocket {
+            listener: SocketListener::bind(path, mode)?,
+            client: None,
+        })
+    }
+}
+
+impl Endpoint {
+    /// Whether a reader drains output from the start (a socket waits for its first client).
+    pub fn reader_at_start(&self) -> bool {
+        matches!(self, Endpoint::Stdio(_) | Endpoint::Pty(_))
+    }
+
+    fn input_fd(&self) -> Option<RawFd> {
+        match self {
+            Endpoint::Stdio(s) => s.input,
+            Endpoint::Pty(p) => Some(p.master.as_raw_fd()),
+            Endpoint::Socket(s) => s.client.as_ref().map(|c| c.as_raw_fd()),
+            Endpoint::None => None,
+        }
+    }
+
+    fn output_fd(&self) -> Option<RawFd> {
+        match self {
+            Endpoint::Stdio(s) => s.output,
+            Endpoint::Pty(p) => Some(p.master.as_raw_fd()),
+            Endpoint::Socket(s) => s.client.as_ref().map(|c| c.as_raw_fd()),
+            Endpoint::None => None,
+        }
+    }
+}
+
+/// The eventfd SIGWINCH/SIGHUP write to, or -1.
+static WINCH_FD: AtomicI32 = AtomicI32::new(-1);
+static HUP_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_winch(_: libc::c_int) {
+    write_one(WINCH_FD.load(Ordering::Acquire));
+}
+
+extern "C" fn on_hup(_: libc::c_int) {
+    write_one(HUP_FD.load(Ordering::Acquire));
+}
+
+fn write_one(fd: RawFd) {
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a valid 8-byte u64.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+fn install_handler(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) -> io::Result<()> {
+    // SAFETY: a zeroed sigaction with our handler and an empty mask; the handler only calls
+    // write(2). SA_RESTART keeps other threads' blocking calls going.
+    let rc = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(sig, &sa, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Routes SIGHUP to the shutdown latch (a closed terminal must restore nothing but still
+/// exit cleanly, like SIGINT/SIGTERM).
+pub(crate) fn hangup_shuts_down(shutdown: &Shutdown) -> io::Result<()> {
+    HUP_FD.store(shutdown.as_raw_fd(), Ordering::Release);
+    install_handler(libc::SIGHUP, on_hup)
+}
+
+/// Moves bytes between `endpoint` and the shared buffers until `shutdown` triggers.
+pub(crate) fn run_io(mut endpoint: Endpoint, shared: Arc<Shared>, shutdown: Shutdown) {
+    let winch = match (&endpoint, shared.has_size) {
+        (Endpoint::Stdio(s), true) if s.tty.is_some() => {
+            match vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
+                Ok(e) => {
+                    WINCH_FD.store(e.as_raw_fd(), Ordering::Release);
+                    if let Err(err) = install_handler(libc::SIGWINCH, on_winch) {
+                        warn!("cannot watch terminal resizes: {err}");
+                    }
+                    Some(e)
+                }
+                Err(err) => {
+                    warn!("cannot watch terminal resizes: {err}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    shared.set_reader_live(endpoint.reader_at_start());
+    let mut chunk = vec![0u8; READ_CHUNK];
+    let mut filtered = Vec::with_capacity(READ_CHUNK);
+    loop {
+        // What to wait for.
+        let (want_in, want_out) = {
+            let st = shared.lock();
+            (st.input.room() > 0, !st.out.is_empty())
+        };
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(6);
+        let mut add = |fd: RawFd, events: libc::c_short| {
+            fds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+            fds.len() - 1
+        };
+        let i_shutdown = add(shutdown.as_raw_fd(), libc::POLLIN);
+        let i_wake = add(shared.wake.as_raw_fd(), libc::POLLIN);
+        let i_winch = winch.as_ref().map(|w| add(w.as_raw_fd(), libc::POLLIN));
+        let i_listen = match &endpoint {
+            Endpoint::Socket(s) => Some(add(s.listener.as_raw_fd(), libc::POLLIN)),
+            _ => None,
+        };
+        let in_fd = endpoint.input_fd();
+        let out_fd = endpoint.output_fd();
+        let mut i_in = None;
+        let mut i_out = None;
+        if let Some(fd) = in_fd {
+            // Hang-ups are reported even without POLLIN, so a gone client is noticed.
+            let ev = if want_in { libc::POLLIN } else { 0 };
+            i_in = Some(add(fd, ev));
+        }
+        if let (Some(fd), true) = (out_fd, want_out) {
+            i_out = Some(add(fd, libc::POLLOUT));
+        }
+        // SAFETY: `fds` is a valid array of pollfd structs of the given length.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            warn!("console I/O poll failed: {e}");
+            break;
+        }
+        let ready = |i: Option<usize>, mask: libc::c_short| {
+            i.is_some_and(|i| fds[i].revents & mask != 0)
+        };
+        if ready(Some(i_shutdown), libc::POLLIN) {
+            break;
+        }
+        if ready(Some(i_wake), libc::POLLIN) {
+            let _ = shared.wake.read();
+        }
+        if let (true, Some(w)) = (ready(i_winch, libc::POLLIN), &winch) {
+            let _ = w.read();
+            if let Endpoint::Stdio(s) = &endpoint {
+                if let Some((cols, rows)) = s.size() {
+                    if shared.set_size(cols, rows) {
+                        info!("terminal resized to {cols}x{rows} (seen by the guest on its next config read; no config-change notification)");
+                    }
+                }
+            }
+        }
+        if ready(i_listen, libc::POLLIN) {
+            if let Endpoint::Socket(s) = &mut endpoint {
+                accept_client(s, &shared);
+            }
+        }
+        // Output first: it frees room the guest may be waiting for.
+        if ready(i_out, libc::POLLOUT | libc::POLLERR | libc::POLLHUP) {
+            if let Err(e) = write_output(&mut endpoint, &shared) {
+                lost_endpoint(&mut endpoint, &shared, "output", &e);
+            }
+        }
+        if !want_in && ready(i_in, libc::POLLERR | libc::POLLHUP) {
+            // Gone while the guest is not reading: do not spin on the hang-up.
+            let e = io::Error::from(io::ErrorKind::BrokenPipe);
+            lost_endpoint(&mut endpoint, &shared, "input", &e);
+        } else if ready(i_in, libc::POLLIN | libc::POLLERR | libc::POLLHUP) {
+            match read_input(&mut endpoint, &shared, &mut chunk, &mut filtered) {
+                Ok(InputEvent::Data) => {}
+                Ok(InputEvent::Quit) => {
+                    info!("Ctrl-a x typed: quitting");
+                    shutdown.trigger();
+                    break;
+                }
+                Ok(InputEvent::Eof) => {
+                    let e = io::Error::from(io::ErrorKind::UnexpectedEof);
+                    lost_endpoint(&mut endpoint, &shared, "input", &e);
+                }
+                Err(e) => lost_endpoint(&mut endpoint, &shared, "input", &e),
+            }
+        }
+    }
+    WINCH_FD.store(-1, Ordering::Release);
+    // Nobody drains output any more: never hold the guest back waiting for us.
+    shared.set_reader_live(false);
+    shared.log_totals();
+    drop(endpoint);
+}
+
+enum InputEvent {
+    Data,
+    Quit,
+    Eof,
+}
+
+fn read_input(
+    endpoint: &mut Endpoint,
+    shared: &Shared,
+    chunk: &mut [u8],
+    filtered: &mut Vec<u8>,
+) -> io::Result<InputEvent> {
+    let room = shared.lock().input.room();
+    if room == 0 {
+        return Ok(InputEvent::Data);
+    }
+    let want = room.min(chunk.len());
+    let n = match endpoint {
+        Endpoint::Stdio(s) => match s.input {
+            Some(fd) => read_fd(fd, &mut chunk[..want]),
+            None => return Ok(InputEvent::Data),
+        },
+        Endpoint::Pty(p) => (&p.master).read(&mut chunk[..want]),
+        Endpoint::Socket(s) => match &mut s.client {
+            Some(c) => c.read(&mut chunk[..want]),
+            None => return Ok(InputEvent::Data),
+        },
+        Endpoint::None => return Ok(InputEvent::Data),
+    };
+    let n = match n {
+        Ok(0) => return Ok(InputEvent::Eof),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(InputEvent::Data),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(InputEvent::Data),
+        Err(e) => return Err(e),
+    };
+    let mut quit = false;
+    let bytes: &[u8] = match endpoint {
+        Endpoint::Stdio(Stdio {
+            escape: Some(f), ..
+        }) => {
+            filtered.clear();
+            quit = f.filter(&chunk[..n], filtered) == EscapeAction::Quit;
+            filtered
+        }
+        _ => &chunk[..n],
+    };
+    let mut st = shared.lock();
+    // Never more than `room` bytes were read, and filtering only shrinks them... except a
+    // lone `Ctrl-a` carried over from the previous read; cap at the room either way.
+    let taken = st.input.push(bytes);
+    if taken < bytes.len() {
+        warn!(
+            "console input buffer full: {} bytes of input dropped",
+            bytes.len() - taken
+        );
+    }
+    shared.deliver_input(&mut st);
+    Ok(if quit {
+        InputEvent::Quit
+    } else {
+        InputEvent::Data
+    })
+}
+
+fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: read(2) into a valid, exclusively borrowed buffer of buf.len() bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+fn write_fd(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: write(2) from a valid buffer of buf.len() bytes.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Writes as much buffered output as the endpoint takes without blocking.
+fn write_output(endpoint: &mut Endpoint, shared: &Shared) -> io::Result<()> {
+    let Some(fd) = endpoint.output_fd() else {
+        return Ok(());
+    };
+    let mut st = shared.lock();
+    if let Some(n) = st.out.insert_drop_notice() {
+        info!("telling the reader that {n} bytes were dropped");
+    }
+    let mut progress = false;
+    let result = loop {
+        let front = st.out.front();
+        if front.is_empty() {
+            break Ok(());
+        }
+        let len = front.len().min(WRITE_CHUNK);
+        match write_fd(fd, &front[..len]) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                st.out.consume(n);
+                progress = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    if progress {
+        if st.stalled {
+            info!("console reader reads again");
+        }
+        st.stalled = false;
+        drop(st);
+        shared.room.notify_all();
+    }
+    result
+}
+
+/// The reader or writer side went away: a socket client detaches, stdin reached EOF, etc.
+fn lost_endpoint(endpoint: &mut Endpoint, shared: &Shared, side: &str, err: &io::Error) {
+    match endpoint {
+        Endpoint::Socket(s) => {
+            if s.client.take().is_some() {
+                info!("console client detached");
+                shared.set_reader_live(false);
+            }
+        }
+        Endpoint::Stdio(s) => {
+            if side == "input" {
+                info!("stdin closed ({err}); guest input ends");
+                s.input = None;
+            } else {
+                warn!("stdout failed ({err}); guest output now only buffered");
+                s.output = None;
+                shared.set_reader_live(false);
+            }
+        }
+        Endpoint::Pty(_) => {
+            // Our own slave descriptor keeps the pty alive; a transient error is logged.
+            warn!("pty {side}: {err}");
+        }
+        Endpoint::None => {}
+    }
+}
+
+fn accept_client(s: &mut ClientSocket, shared: &Shared) {
+    // SAFETY: accept4(2) on our listening socket; no address is requested.
+    let fd = unsafe {
+        libc::accept4(
+            s.listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+            warn!("cannot accept a console client: {e}");
+        }
+        return;
+    }
+    // SAFETY: accept4 returned a new descriptor that we own.
+    let mut stream = unsafe { UnixStream::from_raw_fd(fd) };
+    if s.client.is_some() {
+        let _ = stream.write_all(b"hype-console: another client is attached\r\n");
+        info!("refused a second console client");
+        return;
+    }
+    info!("console client attached");
+    s.client = Some(stream);
+    shared.set_reader_live(true);
+    shared.wake_io();
+}

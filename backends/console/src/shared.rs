@@ -1,0 +1,317 @@
+//! State shared by the vring worker threads and the console I/O thread: the bounded buffers,
+//! the receive ring of the current connection, the log file and the console size.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::buffer::{InputBuffer, OutputBuffer};
+
+/// Guest memory as the vhost-user daemon shares it with the backend.
+pub(crate) type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+/// A vring as the vhost-user daemon hands it to the backend.
+pub(crate) type Vring = VringRwLock<GuestMemory>;
+
+/// The receive queue (host to guest) of the connected frontend.
+pub(crate) struct RxRing {
+    pub vring: Vring,
+    pub mem: GuestMemory,
+    pub event_idx: Arc<AtomicBool>,
+    /// Which connection this ring belongs to.
+    pub generation: u64,
+}
+
+/// Mutable console state, under one lock.
+pub(crate) struct State {
+    /// Guest output not yet accepted by the reader.
+    pub out: OutputBuffer,
+    /// Input not yet placed in guest receive buffers.
+    pub input: InputBuffer,
+    /// Receive ring of the current connection, once the backend has seen it.
+    pub rx: Option<RxRing>,
+    /// A reader is attached that drains `out` (terminal, pty, socket client).
+    pub reader_live: bool,
+    /// The reader made no progress for the stall timeout: stop waiting for it until it does.
+    pub stalled: bool,
+}
+
+/// Counters, for logs and tests.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub tx_bytes: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub log_errors: AtomicU64,
+}
+
+/// Everything the console's threads share.
+pub(crate) struct Shared {
+    pub state: Mutex<State>,
+    /// Signalled when the reader drains output or goes away.
+    pub room: Condvar,
+    /// Wakes the I/O thread (output queued, input room freed).
+    pub wake: EventFd,
+    /// Append-only files that get a copy of all guest output.
+    logs: Mutex<Vec<File>>,
+    /// Whether output is buffered for a reader at all (false when the only sink is a file).
+    pub buffered: bool,
+    /// Console size: columns in the high 16 bits, rows in the low ones.
+    size: AtomicU32,
+    /// Whether VIRTIO_CONSOLE_F_SIZE is offered.
+    pub has_size: bool,
+    /// How long guest output waits for a live but slow reader before data is dropped.
+    pub stall_timeout: Duration,
+    /// Connection counter, see [`RxRing::generation`].
+    pub generation: AtomicU64,
+    pub stats: Stats,
+}
+
+impl Shared {
+    /// Builds the shared state.
+    pub fn new(
+        out_cap: usize,
+        in_cap: usize,
+        logs: Vec<File>,
+        buffered: bool,
+        size: Option<(u16, u16)>,
+        stall_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        Ok(Shared {
+            state: Mutex::new(State {
+                out: OutputBuffer::new(out_cap),
+                input: InputBuffer::new(in_cap),
+                rx: None,
+                reader_live: false,
+                stalled: false,
+            }),
+            room: Condvar::new(),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            logs: Mutex::new(logs),
+            buffered,
+            size: AtomicU32::new(size.map_or(0, pack_size)),
+            has_size: size.is_some(),
+            stall_timeout,
+            generation: AtomicU64::new(0),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Locks the state (a poisoned lock is still usable: the buffers stay consistent).
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the I/O thread.
+    pub fn wake_io(&self) {
+        let _ = self.wake.write(1);
+    }
+
+    /// The console size (columns, rows).
+    pub fn size(&self) -> (u16, u16) {
+        let v = self.size.load(Ordering::Acquire);
+        ((v >> 16) as u16, v as u16)
+    }
+
+    /// Records a new console size; returns whether it changed.
+    pub fn set_size(&self, cols: u16, rows: u16) -> bool {
+        self.size.swap(pack_size((cols, rows)), Ordering::AcqRel) != pack_size((cols, rows))
+    }
+
+    /// Hands guest output to every sink: the log file at once, the reader through the bounded
+    /// buffer. A live reader that is slow holds the caller back (flow control) for at most the
+    /// stall timeout; after that, or without a reader, the oldest buffered bytes are dropped
+    /// and counted, and the reader is told where.
+    pub fn push_output(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.stats
+            .tx_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        for file in logs.iter_mut() {
+            if let Err(e) = file.write_all(bytes) {
+                let n = self.stats.log_errors.fetch_add(1, Ordering::Relaxed);
+                if n < 10 || n % 1000 == 0 {
+                    warn!("cannot write guest output to the log file: {e}");
+                }
+            }
+        }
+        drop(logs);
+        if !self.buffered {
+            return;
+        }
+        let mut st = self.lock();
+        let need = bytes.len().min(st.out.capacity());
+        if st.out.room() < need && st.reader_live && !st.stalled {
+            let deadline = Instant::now() + self.stall_timeout;
+            while st.out.room() < need && st.reader_live && !st.stalled {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    st.stalled = true;
+                    warn!(
+                        "console reader stalled for {:?}; dropping the oldest guest output until it reads again",
+                        self.stall_timeout
+                    );
+                    break;
+                }
+                st = self
+                    .room
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        let was_empty = st.out.is_empty();
+        let dropped = st.out.push(bytes);
+        if dropped > 0 {
+            let total = st.out.dropped_total();
+            // One line per MiB dropped at most, plus the first.
+            if total == dropped as u64 || total >> 20 != (total - dropped as u64) >> 20 {
+                warn!("console output buffer full: {total} bytes of guest output dropped so far");
+            }
+        }
+        drop(st);
+        if was_empty {
+            self.wake_io();
+        }
+    }
+
+    /// Places buffered input into the guest's receive buffers (as many bytes per buffer as
+    /// fit, one used entry per buffer, one interrupt per batch). Returns the bytes delivered.
+    pub fn deliver_input(&self, st: &mut State) -> usize {
+        let State { rx, input, .. } = st;
+        let Some(rx) = rx.as_ref() else {
+            return 0;
+        };
+        if input.is_empty() {
+            return 0;
+        }
+        let mem = rx.mem.memory();
+        let event_idx = rx.event_idx.load(Ordering::Acquire);
+        let mut vs = rx.vring.get_mut();
+        if !vs.get_queue().ready() {
+            return 0; // stopped or not set up
+        }
+        let mut delivered = 0usize;
+        let mut used = 0usize;
+        let mut idle_rounds = 0;
+        loop {
+            if event_idx {
+                if let Err(e) = vs.disable_notification() {
+                    warn!("rx disable_notification: {e}");
+                }
+            }
+            let mut popped = 0usize;
+            while !input.is_empty() {
+                let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                    break;
+                };
+                popped += 1;
+                let head = chain.head_index();
+                let mut written = 0usize;
+                match chain.writer(&mem) {
+                    Ok(mut w) => {
+                        while !input.is_empty() && w.available_bytes() > 0 {
+                            let front = input.front();
+                            let n = front.len().min(w.available_bytes());
+                            match std::io::Write::write(&mut w, &front[..n]) {
+                                Ok(0) => break,
+                                Ok(k) => {
+                                    input.consume(k);
+                                    written += k;
+                                }
+                                Err(e) => {
+                                    guest_error(format_args!("rx chain {head}: {e}"));
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => guest_error(format_args!("rx chain {head}: {e}")),
+                }
+                if let Err(e) = vs.add_used(head, written as u32) {
+                    guest_error(format_args!("cannot return rx chain {head}: {e}"));
+                }
+                delivered += written;
+                used += 1;
+            }
+            if used > 0 {
+                signal(&mut vs, event_idx);
+                used = 0;
+            }
+            if !event_idx {
+                break;
+            }
+            // Re-arm notifications; if buffers arrived meanwhile and input is left, go again.
+            match vs.enable_notification() {
+                Ok(true) if !input.is_empty() => {
+                    idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
+                    if idle_rounds >= 2 {
+                        break;
+                    }
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    warn!("rx enable_notification: {e}");
+                    break;
+                }
+            }
+        }
+        self.stats
+            .rx_bytes
+            .fetch_add(delivered as u64, Ordering::Relaxed);
+        delivered
+    }
+
+    /// Marks the reader attached or gone and wakes anyone waiting for room.
+    pub fn set_reader_live(&self, live: bool) {
+        let mut st = self.lock();
+        st.reader_live = live;
+        st.stalled = false;
+        drop(st);
+        self.room.notify_all();
+    }
+
+    /// Logs totals (at exit).
+    pub fn log_totals(&self) {
+        let st = self.lock();
+        info!(
+            "console totals: {} bytes from the guest, {} bytes to the guest, {} bytes dropped, {} left unread",
+            self.stats.tx_bytes.load(Ordering::Relaxed),
+            self.stats.rx_bytes.load(Ordering::Relaxed),
+            st.out.dropped_total(),
+            st.out.len()
+        );
+    }
+}
+
+fn pack_size((cols, rows): (u16, u16)) -> u32 {
+    u32::from(cols) << 16 | u32::from(rows)
+}
+
+/// Signals the guest if EVENT_IDX allows.
+pub(crate) fn signal(st: &mut VringState<GuestMemory>, event_idx: bool) {
+    let needed = !event_idx || st.needs_notification().unwrap_or(true);
+    if needed {
+        if let Err(e) = st.signal_used_queue() {
+            warn!("cannot signal used queue: {e}");
+        }
+    }
+}
+
+/// Logs problems caused by the guest, rate-limited so a hostile guest cannot flood the log.
+pub(crate) fn guest_error(args: std::fmt::Arguments<'_>) {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    if n < 20 || n % 1000 == 0 {
+        warn!("guest error (#{}): {args}", n + 1);
+    }
+}
