@@ -63,6 +63,26 @@ impl DeviceType {
         }
     }
 
+    /// Config fields the driver may write, and the feature that allows it.
+    pub fn writable_config(self) -> Vec<super::mmio::ConfigField> {
+        use super::mmio::ConfigField;
+        match self {
+            // writeback, with VIRTIO_BLK_F_CONFIG_WCE.
+            DeviceType::Block => vec![ConfigField {
+                offset: 32,
+                len: 1,
+                feature: 1 << 11,
+            }],
+            DeviceType::Net => vec![],
+            // emerg_wr, with VIRTIO_CONSOLE_F_EMERG_WRITE.
+            DeviceType::Console => vec![ConfigField {
+                offset: 8,
+                len: 4,
+                feature: 1 << 2,
+            }],
+        }
+    }
+
     /// Device feature bits that identify the type.
     pub fn signature(self) -> u64 {
         match self {

@@ -265,6 +265,7 @@ impl VhostUserDevice {
             num_queues,
             queue_max,
             config,
+            writable_config: info.kind.writable_config(),
             vring_interrupt_always: true,
         };
         let events = match events {
@@ -628,10 +629,9 @@ impl Worker {
         for r in &active.rings {
             let base = if replay {
                 // used.idx is at offset 2 of the used ring.
-                match self.mem.read_obj::<u16>(GuestAddress(r.used + 2)) {
-                    Ok(v) => v,
-                    Err(_) => 0,
-                }
+                self.mem
+                    .read_obj::<u16>(GuestAddress(r.used + 2))
+                    .unwrap_or_default()
             } else {
                 0
             };

@@ -249,6 +249,17 @@ fn is_absent(e: &io::Error) -> bool {
 
 /// Connects once; `Ok(None)` when the backend is not there (yet).
 pub fn try_connect(path: &Path) -> Result<Option<UnixStream>, FrontendError> {
+    use std::os::unix::fs::FileTypeExt;
+    // connect() to something that is not a socket says "refused", like a socket whose
+    // backend is not listening yet: tell them apart, or hype would wait for a file forever.
+    if let Ok(m) = std::fs::metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(FrontendError::Connect {
+                path: path.to_owned(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a Unix socket"),
+            });
+        }
+    }
     match UnixStream::connect(path) {
         Ok(s) => Ok(Some(s)),
         Err(e) if is_absent(&e) => Ok(None),
@@ -460,7 +471,7 @@ impl Connection {
         r.map_err(self.req("SET_FEATURES"))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = mem
             .iter()
-            .map(|r| VhostUserMemoryRegionInfo::from_guest_region(r))
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<_, _>>()
             .map_err(FrontendError::Memory)?;
         let r = self.frontend.set_mem_table(&regions);
@@ -608,7 +619,9 @@ impl Watchdog {
             match st.deadline {
                 None => st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner()),
                 Some(d) if Instant::now() >= d => {
-                    log::warn!("vhost-user backend did not answer in time; dropping the connection");
+                    log::warn!(
+                        "vhost-user backend did not answer in time; dropping the connection"
+                    );
                     let _ = sock.shutdown(std::net::Shutdown::Both);
                     st.deadline = None;
                 }

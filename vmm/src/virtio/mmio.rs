@@ -157,6 +157,18 @@ pub enum TransportEvent {
     Notify(u16),
 }
 
+/// A config field the driver may write once it acked `feature` (virtio-blk `writeback` with
+/// CONFIG_WCE, virtio-console `emerg_wr` with EMERG_WRITE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConfigField {
+    /// Offset in the config space.
+    pub offset: u32,
+    /// Length in bytes.
+    pub len: u32,
+    /// Feature bit(s) that make it writable.
+    pub feature: u64,
+}
+
 /// What is fixed about the device when the transport is created.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceModel {
@@ -170,6 +182,9 @@ pub struct DeviceModel {
     pub queue_max: u16,
     /// Initial configuration space contents.
     pub config: Vec<u8>,
+    /// Fields the driver may write; every other config write is refused (and never reaches
+    /// the backend).
+    pub writable_config: Vec<ConfigField>,
     /// Report a used-buffer interrupt in InterruptStatus whenever the guest looks: true for
     /// vhost-user devices, whose backends signal the irqfd without telling the VMM.
     pub vring_interrupt_always: bool,
@@ -444,7 +459,7 @@ impl MmioTransport {
             }
             reg::STATUS => return self.write_status(v),
             reg::SHM_SEL => self.shm_sel = v,
-            reg::QUEUE_RESET => self.guest_error(format!("QueueReset without VIRTIO_F_RING_RESET")),
+            reg::QUEUE_RESET => self.guest_error("QueueReset without VIRTIO_F_RING_RESET".into()),
             _ => self.guest_error(format!(
                 "write of {v:#x} to read-only or unknown register {offset:#x}"
             )),
@@ -507,6 +522,22 @@ impl MmioTransport {
             ));
             return None;
         }
+        let len = data.len() as u64;
+        let acked = self.driver_features;
+        let negotiated = self.status & status::FEATURES_OK != 0;
+        let allowed = negotiated
+            && self.model.writable_config.iter().any(|f| {
+                acked & f.feature != 0
+                    && offset >= u64::from(f.offset)
+                    && offset + len <= u64::from(f.offset) + u64::from(f.len)
+            });
+        if !allowed {
+            self.guest_error(format!(
+                "{}-byte config write at {offset:#x}: not a field the negotiated features make writable",
+                data.len()
+            ));
+            return None;
+        }
         let start = offset as usize;
         self.config[start..start + data.len()].copy_from_slice(data);
         Some(TransportEvent::ConfigWrite {
@@ -561,7 +592,7 @@ impl MmioTransport {
         }
         if new_bits & status::DRIVER_OK != 0 {
             if accept & status::FEATURES_OK == 0 {
-                self.guest_error(format!("DRIVER_OK without FEATURES_OK"));
+                self.guest_error("DRIVER_OK without FEATURES_OK".into());
                 self.status = accept & !status::DRIVER_OK;
                 self.set_needs_reset();
                 return None;
@@ -643,6 +674,11 @@ mod tests {
             num_queues: 2,
             queue_max: 256,
             config: (0u8..60).collect(),
+            writable_config: vec![ConfigField {
+                offset: 32,
+                len: 1,
+                feature: 1 << 9,
+            }],
             vring_interrupt_always: true,
         }
     }
@@ -805,6 +841,14 @@ mod tests {
         assert_eq!(b, [59, 0], "bytes past the config space read as zero");
         t.read(u64::MAX - 1, &mut b);
         assert_eq!(b, [0, 0]);
+        // Writable only once the feature that makes it so is negotiated.
+        assert_eq!(t.write(reg::CONFIG + 32, &[1]), None);
+        negotiate(&mut t, F_VERSION_1);
+        assert_eq!(t.write(reg::CONFIG + 32, &[1]), None);
+        w(&mut t, reg::STATUS, 0);
+        negotiate(&mut t, F_VERSION_1 | 1 << 9);
+        assert_eq!(t.write(reg::CONFIG + 32, &[1, 1]), None, "past the field");
+        assert_eq!(t.write(reg::CONFIG, &[1]), None, "read-only field");
         assert_eq!(
             t.write(reg::CONFIG + 32, &[1]),
             Some(TransportEvent::ConfigWrite {
