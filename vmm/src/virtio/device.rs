@@ -199,6 +199,7 @@ pub struct VhostUserDevice {
     wake: EventFd,
     worker: Option<JoinHandle<()>>,
     kind: DeviceType,
+    backend: frontend::BackendInfo,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -325,6 +326,7 @@ impl VhostUserDevice {
             last_refusal: None,
         };
         let kind = worker.kind;
+        let backend = worker.info.clone();
         let handle = std::thread::Builder::new()
             .name(format!(
                 "vu-{}",
@@ -339,6 +341,7 @@ impl VhostUserDevice {
             wake,
             worker: Some(handle),
             kind,
+            backend,
         })
     }
 
@@ -350,6 +353,11 @@ impl VhostUserDevice {
     /// The device type.
     pub fn kind(&self) -> DeviceType {
         self.kind
+    }
+
+    /// What the backend said in the first handshake.
+    pub fn backend(&self) -> &frontend::BackendInfo {
+        &self.backend
     }
 
     /// Number of queues exposed to the guest.
