@@ -458,3 +458,142 @@ fn malformed_chains_are_dropped_and_counted() {
     assert!(log.contains("tx_malformed=3 "), "{log}");
     assert!(log.contains("rx_malformed=2 "), "{log}");
 }
+
+#[test]
+fn tcp_segmentation_offload_both_ways() {
+    if !can_run("tcp_segmentation_offload_both_ways") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let ns = Netns::new();
+    let be = Backend::spawn(&ns, &["--mac", GUEST_MAC_STR]);
+    let mut drv = be.connect(1, u64::MAX);
+    for b in [
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_MRG_RXBUF,
+    ] {
+        assert_ne!(drv.acked_features() & bit(b), 0, "bit {b}");
+    }
+    ns.configure_tap();
+    let tap_mac = ns.tap_mac();
+    let listener = ns.enter(|| std::net::TcpListener::bind("10.0.0.1:7000").unwrap());
+    post_rx(drv.queue(0).unwrap(), 200, 2048);
+    let frame = |ip: Vec<u8>| eth(tap_mac, GUEST_MAC, 0x0800, &ip);
+    let plain = VnetHdr {
+        flags: NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..VnetHdr::default()
+    };
+    let is_ours = |f: &RxFrame| tcp_of(&f.frame).is_some();
+
+    // Handshake played by hand.
+    let (sport, iss) = (40000u16, 1000u32);
+    send(
+        drv.queue(1).unwrap(),
+        &with_hdr(
+            plain,
+            &frame(tcp(sport, 7000, iss, 0, TCP_SYN, Some(1460), &[])),
+        ),
+    );
+    let synack = receive(drv.queue(0).unwrap(), 1, TIMEOUT, is_ours);
+    let synack = tcp_of(&synack[0].frame).unwrap();
+    assert_eq!(synack.flags & (TCP_SYN | TCP_ACK), TCP_SYN | TCP_ACK);
+    assert_eq!(synack.ack, iss + 1);
+    let mut rcv_next = synack.seq.wrapping_add(1);
+    let snd_next = iss + 1;
+    send(
+        drv.queue(1).unwrap(),
+        &with_hdr(
+            plain,
+            &frame(tcp(sport, 7000, snd_next, rcv_next, TCP_ACK, None, &[])),
+        ),
+    );
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+
+    // Host to guest: the host stack hands us TSO frames larger than the MTU, spread over
+    // several 2 KiB buffers.
+    let total = 40000usize;
+    let data: Vec<u8> = (0..total).map(|i| (i % 253) as u8).collect();
+    let writer = {
+        let mut c = conn.try_clone().unwrap();
+        let d = data.clone();
+        std::thread::spawn(move || c.write_all(&d).unwrap())
+    };
+    let mut got = Vec::new();
+    let mut biggest = (0usize, VnetHdr::default(), 0usize);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while got.len() < total && std::time::Instant::now() < deadline {
+        for f in receive(
+            drv.queue(0).unwrap(),
+            1,
+            Duration::from_millis(200),
+            is_ours,
+        ) {
+            let seg = tcp_of(&f.frame).unwrap();
+            if seg.seq == rcv_next && !seg.data.is_empty() {
+                if seg.data.len() > biggest.0 {
+                    biggest = (seg.data.len(), f.hdr, f.buffers);
+                }
+                got.extend_from_slice(&seg.data);
+                rcv_next = rcv_next.wrapping_add(seg.data.len() as u32);
+            }
+            // Acknowledge everything in order so the host keeps sending.
+            send(
+                drv.queue(1).unwrap(),
+                &with_hdr(
+                    plain,
+                    &frame(tcp(sport, 7000, snd_next, rcv_next, TCP_ACK, None, &[])),
+                ),
+            );
+        }
+        post_rx(drv.queue(0).unwrap(), 16, 2048);
+    }
+    writer.join().unwrap();
+    assert!(
+        got == data,
+        "received {} of {total} bytes intact",
+        got.len()
+    );
+    let (len, hdr, buffers) = biggest;
+    assert!(
+        len > 1460,
+        "no segment above the MSS arrived: largest {len}"
+    );
+    assert_eq!(hdr.gso_type & 0x7f, GSO_TCPV4, "{hdr:?}");
+    assert_eq!(hdr.gso_size, 1460, "{hdr:?}");
+    assert!(
+        buffers > 1 && usize::from(hdr.num_buffers) == buffers,
+        "{hdr:?} in {buffers}"
+    );
+
+    // Guest to host: one 20000-byte TSO frame, segmented by the host side.
+    let payload: Vec<u8> = (0..20000usize).map(|i| (i % 241) as u8).collect();
+    let gso = VnetHdr {
+        flags: NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1448,
+        csum_start: 34,
+        csum_offset: 16,
+        num_buffers: 0,
+    };
+    let ip = tcp(
+        sport,
+        7000,
+        snd_next,
+        rcv_next,
+        TCP_ACK | TCP_PSH,
+        None,
+        &payload,
+    );
+    send(drv.queue(1).unwrap(), &with_hdr(gso, &frame(ip)));
+    let mut back = vec![0u8; payload.len()];
+    conn.read_exact(&mut back).unwrap();
+    assert!(back == payload);
+    drop(drv);
+    let log = be.stop();
+    assert!(log.contains("tx_errors=0 "), "{log}");
+}

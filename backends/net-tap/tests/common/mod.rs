@@ -634,3 +634,69 @@ pub fn receive(
     }
     out
 }
+
+// ---- TCP, just enough to play a peer by hand ----
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// An IPv4/TCP packet from the guest to the host with a partial (pseudo-header) checksum, for
+/// NEEDS_CSUM. `mss` adds the MSS option.
+pub fn tcp(
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    mss: Option<u16>,
+    data: &[u8],
+) -> Vec<u8> {
+    let opt_len = if mss.is_some() { 4 } else { 0 };
+    let hl = 20 + opt_len;
+    let mut t = Vec::with_capacity(hl + data.len());
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&seq.to_be_bytes());
+    t.extend_from_slice(&ack.to_be_bytes());
+    t.push(((hl / 4) as u8) << 4);
+    t.push(flags);
+    t.extend_from_slice(&65535u16.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 0]);
+    if let Some(m) = mss {
+        t.extend_from_slice(&[2, 4]);
+        t.extend_from_slice(&m.to_be_bytes());
+    }
+    t.extend_from_slice(data);
+    let ps = csum_fold(pseudo_sum(GUEST_IP, HOST_IP, 6, t.len()));
+    t[16..18].copy_from_slice(&ps.to_be_bytes());
+    ipv4(GUEST_IP, HOST_IP, 6, &t)
+}
+
+/// A received IPv4/TCP segment.
+#[derive(Debug)]
+pub struct TcpSeg {
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub data: Vec<u8>,
+}
+
+pub fn tcp_of(frame: &[u8]) -> Option<TcpSeg> {
+    if frame.len() < 54 || frame[12..14] != [0x08, 0x00] || frame[23] != 6 {
+        return None;
+    }
+    let ip = &frame[14..];
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let t = &ip[ihl..total];
+    let doff = usize::from(t[12] >> 4) * 4;
+    let u32at = |i: usize| u32::from_be_bytes([t[i], t[i + 1], t[i + 2], t[i + 3]]);
+    Some(TcpSeg {
+        seq: u32at(4),
+        ack: u32at(8),
+        flags: t[13],
+        data: t[doff..].to_vec(),
+    })
+}
