@@ -8,6 +8,12 @@ use crate::layout::{
 };
 use crate::memory::GuestMemoryMmap;
 
+// The PVH structures must not overlap each other or the zero page.
+const _: () = assert!(PVH_INFO_ADDR + 56 <= PVH_MODLIST_ADDR);
+const _: () = assert!(PVH_MODLIST_ADDR + 32 <= PVH_MEMMAP_ADDR);
+const _: () =
+    assert!(PVH_MEMMAP_ADDR + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= crate::layout::ZERO_PAGE_ADDR);
+
 /// `hvm_start_info.magic`.
 pub const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
@@ -100,14 +106,5 @@ mod tests {
         assert_eq!(u64_at(&m, last), map[map.len() - 1].addr);
         assert_eq!(u64_at(&m, last + 8), map[map.len() - 1].size);
         assert_eq!(u32_at(&m, last + 16), 1);
-    }
-
-    #[test]
-    fn structures_fit_before_the_zero_page() {
-        assert!(PVH_INFO_ADDR + 56 <= PVH_MODLIST_ADDR);
-        assert!(PVH_MODLIST_ADDR + 32 <= PVH_MEMMAP_ADDR);
-        assert!(
-            PVH_MEMMAP_ADDR + 24 * PVH_MEMMAP_MAX_ENTRIES as u64 <= crate::layout::ZERO_PAGE_ADDR
-        );
     }
 }

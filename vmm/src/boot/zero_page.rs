@@ -21,13 +21,15 @@ pub fn build(
     initrd: Option<(u64, u64)>,
     map: &[E820Entry],
 ) -> boot_params {
-    let mut params = boot_params::default();
-    params.hdr = image_header.unwrap_or(setup_header {
-        boot_flag: BOOT_FLAG_MAGIC,
-        header: HDRS_MAGIC,
-        kernel_alignment: DEFAULT_KERNEL_ALIGNMENT,
+    let mut params = boot_params {
+        hdr: image_header.unwrap_or(setup_header {
+            boot_flag: BOOT_FLAG_MAGIC,
+            header: HDRS_MAGIC,
+            kernel_alignment: DEFAULT_KERNEL_ALIGNMENT,
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     let hdr = &mut params.hdr;
     hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     hdr.loadflags |= CAN_USE_HEAP;

@@ -76,11 +76,12 @@ impl PioBus {
                     s.write((p - COM1_BASE) as u8, value);
                 }
             }
-            i8042::DATA_PORT | i8042::COMMAND_PORT => {
-                if i8042::write(port, value) == I8042Action::Reset {
-                    return PioOutcome::Reset;
-                }
+            i8042::DATA_PORT | i8042::COMMAND_PORT
+                if i8042::write(port, value) == I8042Action::Reset =>
+            {
+                return PioOutcome::Reset;
             }
+            i8042::DATA_PORT | i8042::COMMAND_PORT => {}
             BOOT_MARKER_PORT => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
