@@ -143,8 +143,7 @@ fn pump(
             let n = unsafe { libc::read(inp, buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted && e.kind() != io::ErrorKind::WouldBlock
-                {
+                if e.kind() != io::ErrorKind::Interrupted && e.kind() != io::ErrorKind::WouldBlock {
                     return Err(e);
                 }
                 continue;
@@ -180,7 +179,9 @@ fn send_all(sock: &mut UnixStream, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
         match sock.write(data) {
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_fd(sock.as_raw_fd(), libc::POLLOUT),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_fd(sock.as_raw_fd(), libc::POLLOUT)
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }

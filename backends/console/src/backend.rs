@@ -77,7 +77,10 @@ impl ConsoleBackend {
 
     fn process_rx(&self, vring: &Vring) {
         let mut st = self.shared.lock();
-        let stale = st.rx.as_ref().is_none_or(|r| r.generation != self.generation);
+        let stale = st
+            .rx
+            .as_ref()
+            .is_none_or(|r| r.generation != self.generation);
         if stale {
             st.rx = Some(RxRing {
                 vring: vring.clone(),
@@ -164,7 +167,11 @@ impl Drop for ConsoleBackend {
     fn drop(&mut self) {
         // Release the guest memory mapping held through the receive ring.
         let mut st = self.shared.lock();
-        if st.rx.as_ref().is_some_and(|r| r.generation == self.generation) {
+        if st
+            .rx
+            .as_ref()
+            .is_some_and(|r| r.generation == self.generation)
+        {
             st.rx = None;
         }
     }
@@ -229,13 +236,12 @@ impl VhostUserBackend for ConsoleBackend {
             self.shared.push_output(&buf[..1]);
             return Ok(());
         }
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "config write of {} bytes at {offset} refused (only emerg_wr is writable)",
-                buf.len()
-            ),
-        ))
+        // Refusing would end the whole vhost-user connection: ignore the write instead.
+        guest_error(format_args!(
+            "config write of {} bytes at {offset} ignored (only emerg_wr is writable)",
+            buf.len()
+        ));
+        Ok(())
     }
 
     fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
@@ -264,20 +270,18 @@ impl VhostUserBackend for ConsoleBackend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
-        match usize::from(device_event) {
-            RX_QUEUE => {
-                if let Some(v) = vrings.get(RX_QUEUE) {
-                    self.process_rx(v);
-                }
-            }
-            TX_QUEUE => {
-                if let Some(v) = vrings.get(TX_QUEUE) {
-                    self.process_tx(v);
-                }
-            }
-            other => warn!("unexpected event {other}"),
+        // One queue per thread (see `queues_per_thread`): the thread id is the queue index,
+        // and the event, numbered within the thread, is always 0.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            warn!("unexpected event {device_event} on thread {thread_id}");
+            return Ok(());
+        };
+        match thread_id {
+            RX_QUEUE => self.process_rx(vring),
+            TX_QUEUE => self.process_tx(vring),
+            other => warn!("unexpected worker thread {other}"),
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use hype_daemon::{Shutdown, SocketListener};
 use log::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::shared::Shared;
 use crate::terminal::{
@@ -205,6 +206,14 @@ fn install_handler(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) -> io:
     Ok(())
 }
 
+/// Routes SIGWINCH to a new eventfd, for the I/O thread to re-read the terminal size.
+pub(crate) fn watch_resizes() -> io::Result<EventFd> {
+    let e = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+    WINCH_FD.store(e.as_raw_fd(), Ordering::Release);
+    install_handler(libc::SIGWINCH, on_winch)?;
+    Ok(e)
+}
+
 /// Routes SIGHUP to the shutdown latch (a closed terminal must restore nothing but still
 /// exit cleanly, like SIGINT/SIGTERM).
 pub(crate) fn hangup_shuts_down(shutdown: &Shutdown) -> io::Result<()> {
@@ -213,25 +222,14 @@ pub(crate) fn hangup_shuts_down(shutdown: &Shutdown) -> io::Result<()> {
 }
 
 /// Moves bytes between `endpoint` and the shared buffers until `shutdown` triggers.
-pub(crate) fn run_io(mut endpoint: Endpoint, shared: Arc<Shared>, shutdown: Shutdown) {
-    let winch = match (&endpoint, shared.has_size) {
-        (Endpoint::Stdio(s), true) if s.tty.is_some() => {
-            match vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) {
-                Ok(e) => {
-                    WINCH_FD.store(e.as_raw_fd(), Ordering::Release);
-                    if let Err(err) = install_handler(libc::SIGWINCH, on_winch) {
-                        warn!("cannot watch terminal resizes: {err}");
-                    }
-                    Some(e)
-                }
-                Err(err) => {
-                    warn!("cannot watch terminal resizes: {err}");
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
+///
+/// `winch` is the eventfd from [`watch_resizes`], for a terminal endpoint.
+pub(crate) fn run_io(
+    mut endpoint: Endpoint,
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+    winch: Option<EventFd>,
+) {
     shared.set_reader_live(endpoint.reader_at_start());
     let mut chunk = vec![0u8; READ_CHUNK];
     let mut filtered = Vec::with_capacity(READ_CHUNK);
@@ -279,9 +277,8 @@ pub(crate) fn run_io(mut endpoint: Endpoint, shared: Arc<Shared>, shutdown: Shut
             warn!("console I/O poll failed: {e}");
             break;
         }
-        let ready = |i: Option<usize>, mask: libc::c_short| {
-            i.is_some_and(|i| fds[i].revents & mask != 0)
-        };
+        let ready =
+            |i: Option<usize>, mask: libc::c_short| i.is_some_and(|i| fds[i].revents & mask != 0);
         if ready(Some(i_shutdown), libc::POLLIN) {
             break;
         }

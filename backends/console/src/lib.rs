@@ -196,7 +196,7 @@ pub fn run(args: Args) -> Result<(), Error> {
         Output::File(p) => Some(open_append(p)?),
         _ => None,
     };
-    let mut listener = SocketListener::open(&args.listen)?;
+    // Signals first, so no signal can leave the terminal raw.
     let shutdown = Shutdown::new()?;
     shutdown.install_signal_handlers()?;
     endpoint::hangup_shuts_down(&shutdown).map_err(Error::Signals)?;
@@ -213,10 +213,23 @@ pub fn run(args: Args) -> Result<(), Error> {
         ),
         Output::File(_) => Endpoint::None,
     };
-    let size = args.size.or(match &endpoint {
-        Endpoint::Stdio(s) => s.size(),
-        _ => None,
-    });
+    // Watch resizes before reading the size, so none is missed.
+    let (winch, size) = match (&endpoint, args.size) {
+        (_, Some(size)) => (None, Some(size)),
+        (Endpoint::Stdio(s), None) => match s.size() {
+            Some(_) => match endpoint::watch_resizes() {
+                Ok(w) => (Some(w), s.size()),
+                Err(e) => {
+                    log::warn!("cannot watch terminal resizes: {e}");
+                    (None, s.size())
+                }
+            },
+            None => (None, None),
+        },
+        _ => (None, None),
+    };
+    // The vhost-user socket last: once it exists, the client socket and resize watch are ready too.
+    let mut listener = SocketListener::open(&args.listen)?;
     let logs: Vec<_> = file_out.into_iter().chain(log).collect();
     let buffered = !matches!(endpoint, Endpoint::None);
     let shared = Arc::new(
@@ -234,7 +247,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     let io_shutdown = shutdown.clone();
     let io = std::thread::Builder::new()
         .name("console-io".into())
-        .spawn(move || endpoint::run_io(endpoint, io_shared, io_shutdown))
+        .spawn(move || endpoint::run_io(endpoint, io_shared, io_shutdown, winch))
         .map_err(Error::Thread)?;
     let served = hype_daemon::serve(
         &mut listener,
