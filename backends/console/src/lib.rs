@@ -131,6 +131,39 @@ pub struct Args {
     pub client_socket_mode: u32,
 }
 
+/// `hype console`: serve a console (the options of [`Args`]), or `attach PATH` to one.
+///
+/// The VMM's command line embeds this as its `console` subcommand and calls [`dispatch`].
+#[derive(clap::Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Command {
+    /// `attach PATH`; without it, serve.
+    #[command(subcommand)]
+    pub action: Option<Action>,
+    /// Options for serving.
+    #[command(flatten)]
+    pub serve: Args,
+}
+
+/// What `hype console` does besides serving.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Action {
+    /// Join this terminal to a console's client socket (--output socket:PATH) until Ctrl-a x.
+    Attach {
+        /// The console's client socket.
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
+}
+
+/// Runs a parsed [`Command`]: serves, or attaches until the user detaches.
+pub fn dispatch(cmd: Command) -> Result<(), Error> {
+    match cmd.action {
+        Some(Action::Attach { path }) => attach(&path).map(|_| ()),
+        None => run(cmd.serve),
+    }
+}
+
 /// Errors of the console backend.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
