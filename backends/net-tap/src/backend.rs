@@ -2,7 +2,7 @@
 //! queue), one for the control queue.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use log::{info, warn};
@@ -20,7 +20,8 @@ use crate::rx::{RxOutcome, RxState};
 use crate::stats::Stats;
 use crate::tap::Tap;
 use crate::tx::TxScratch;
-use crate::{ctrl, tx};
+use crate::{ctrl, tx, LEGACY_VNET_HDR_LEN, VNET_HDR_LEN};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 /// Guest memory as the vhost-user daemon shares it with the backend.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -51,6 +52,8 @@ pub struct NetBackend {
     stats: Arc<Stats>,
     acked_features: AtomicU64,
     event_idx: AtomicBool,
+    /// virtio-net header length the guest and the tap use.
+    hdr_len: AtomicUsize,
     /// Queue pairs the guest uses (VQ_PAIRS_SET); 1 until it says otherwise.
     active_pairs: AtomicU16,
     pairs: Vec<Mutex<PairState>>,
@@ -76,6 +79,7 @@ impl NetBackend {
             stats,
             acked_features: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
+            hdr_len: AtomicUsize::new(VNET_HDR_LEN),
             active_pairs: AtomicU16::new(1),
             pairs,
             handlers: OnceLock::new(),
@@ -150,8 +154,16 @@ impl NetBackend {
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let outcome = {
             let mut st = vring.get_mut();
-            ps.rx
-                .process(&mut st, &mem, fd, self.mrg_rxbuf(), event_idx, &self.stats)
+            let hdr_len = self.hdr_len.load(Ordering::Acquire);
+            ps.rx.process(
+                &mut st,
+                &mem,
+                fd,
+                self.mrg_rxbuf(),
+                event_idx,
+                hdr_len,
+                &self.stats,
+            )
         };
         match outcome {
             RxOutcome::TapEmpty | RxOutcome::Yield => self.set_listening(index, ps, true),
@@ -166,7 +178,16 @@ impl NetBackend {
         let mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut st = vring.get_mut();
-        tx::process(&mut st, &mem, fd, event_idx, &self.stats, &mut ps.tx);
+        let hdr_len = self.hdr_len.load(Ordering::Acquire);
+        tx::process(
+            &mut st,
+            &mem,
+            fd,
+            event_idx,
+            hdr_len,
+            &self.stats,
+            &mut ps.tx,
+        );
     }
 
     /// VQ_PAIRS_SET: attaches tap queues 0..n, detaches the rest.
@@ -233,6 +254,19 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked_features.store(features, Ordering::Release);
+        let modern = features & ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)) != 0;
+        let hdr_len = if modern {
+            VNET_HDR_LEN
+        } else {
+            LEGACY_VNET_HDR_LEN
+        };
+        match self.tap.set_vnet_hdr_len(hdr_len) {
+            Ok(()) => self.hdr_len.store(hdr_len, Ordering::Release),
+            Err(e) => warn!(
+                "tap {}: cannot set the header length {hdr_len}: {e}",
+                self.tap.name()
+            ),
+        }
         let flags = tap_offloads_for(features, self.tap.supported_offloads());
         if let Err(e) = self.tap.set_offloads(flags) {
             warn!(

@@ -34,8 +34,11 @@ pub use serve::serve;
 pub use stats::{Stats, StatsSnapshot};
 pub use tap::{offload, Tap, TapError};
 
-/// Size of the virtio-net header with VERSION_1 (`num_buffers` always present).
+/// Size of the virtio-net header with VERSION_1 or MRG_RXBUF (`num_buffers` present).
 pub const VNET_HDR_LEN: usize = 12;
+
+/// Size of the legacy virtio-net header (neither VERSION_1 nor MRG_RXBUF acked).
+pub const LEGACY_VNET_HDR_LEN: usize = 10;
 
 /// Command-line options of `hype net-tap`.
 #[derive(clap::Args, Debug, Clone)]

@@ -79,6 +79,7 @@ impl RxState {
         fd: RawFd,
         mrg_rxbuf: bool,
         event_idx: bool,
+        hdr_len: usize,
         stats: &Stats,
     ) -> RxOutcome {
         if !st.get_queue().ready() || !st.is_enabled() {
@@ -98,7 +99,7 @@ impl RxState {
             let len = match self.pending {
                 Some(len) => len,
                 None => match read_frame(fd, &mut self.bounce) {
-                    Ok(Some(len)) if len >= VNET_HDR_LEN => len,
+                    Ok(Some(len)) if len >= hdr_len => len,
                     Ok(Some(_)) => {
                         Stats::add(&stats.rx_dropped, 1);
                         continue;
@@ -111,14 +112,14 @@ impl RxState {
                 },
             };
             self.pending = Some(len);
-            match self.deliver(st, mem, len, mrg_rxbuf, stats) {
+            match self.deliver(st, mem, len, mrg_rxbuf, hdr_len, stats) {
                 Delivery::Done(chains) => {
                     self.pending = None;
                     frames += 1;
                     retried = false;
                     completed += chains;
                     Stats::add(&stats.rx_packets, 1);
-                    Stats::add(&stats.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                    Stats::add(&stats.rx_bytes, (len - hdr_len) as u64);
                 }
                 Delivery::Dropped => {
                     self.pending = None;
@@ -159,6 +160,7 @@ impl RxState {
         mem: &Mem,
         len: usize,
         mrg_rxbuf: bool,
+        hdr_len: usize,
         stats: &Stats,
     ) -> Delivery {
         let queue_size = usize::from(st.get_queue().size());
@@ -181,7 +183,7 @@ impl RxState {
             popped += 1;
             let head = chain.head_index();
             match collect(chain, mem, true, usize::MAX, &mut self.segs) {
-                Ok(cap) if cap >= VNET_HDR_LEN => {
+                Ok(cap) if cap >= hdr_len => {
                     self.chains.push((head, self.all_segs.len(), cap));
                     self.all_segs.extend_from_slice(&self.segs);
                     room = room.saturating_add(cap);
@@ -205,7 +207,9 @@ impl RxState {
         if room >= len {
             let num_buffers = self.chains.len() as u16;
             // num_buffers: the tap leaves bytes 10..12 of the header alone.
-            self.bounce[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+            if hdr_len == VNET_HDR_LEN {
+                self.bounce[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+            }
             let mut off = 0;
             for i in 0..self.chains.len() {
                 let (head, first, cap) = self.chains[i];

@@ -174,13 +174,6 @@ impl Tap {
                     got,
                 });
             }
-            let hdr_len = VNET_HDR_LEN as libc::c_int;
-            // SAFETY: TUNSETVNETHDRSZ reads one int from the valid pointer we pass.
-            check(unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) })
-                .map_err(|source| TapError::VnetHdrSize {
-                    name: name.to_string(),
-                    source,
-                })?;
             files.push(file);
         }
         let mut tap = Tap {
@@ -189,6 +182,11 @@ impl Tap {
             created,
             supported_offloads: 0,
         };
+        tap.set_vnet_hdr_len(VNET_HDR_LEN)
+            .map_err(|source| TapError::VnetHdrSize {
+                name: name.to_string(),
+                source,
+            })?;
         tap.supported_offloads = tap.probe_offloads()?;
         tap.set_offloads(0).map_err(|source| TapError::Offload {
             name: tap.name.clone(),
@@ -237,6 +235,17 @@ impl Tap {
     /// `TUN_F_*` offloads the kernel accepts on this tap.
     pub fn supported_offloads(&self) -> u32 {
         self.supported_offloads
+    }
+
+    /// Sets the virtio-net header length on every frame: 12 (VERSION_1 or MRG_RXBUF) or 10
+    /// (legacy). The length is per interface; it is set through every queue anyway.
+    pub fn set_vnet_hdr_len(&self, len: usize) -> io::Result<()> {
+        let len = len as libc::c_int;
+        for q in &self.queues {
+            // SAFETY: TUNSETVNETHDRSZ reads one int from the valid pointer we pass.
+            check(unsafe { libc::ioctl(q.as_raw_fd(), libc::TUNSETVNETHDRSZ, &len) })?;
+        }
+        Ok(())
     }
 
     /// Sets the offloads the reader (the guest) accepts: `TUN_F_*` bits.

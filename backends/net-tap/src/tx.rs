@@ -34,6 +34,7 @@ pub(crate) fn process(
     mem: &Mem,
     fd: RawFd,
     event_idx: bool,
+    hdr_len: usize,
     stats: &Stats,
     scratch: &mut TxScratch,
 ) {
@@ -50,7 +51,7 @@ pub(crate) fn process(
         while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             popped += 1;
             let head = chain.head_index();
-            send_chain(chain, mem, fd, stats, scratch, head);
+            send_chain(chain, mem, fd, hdr_len, stats, scratch, head);
             if let Err(e) = st.add_used(head, 0) {
                 guest_error(format_args!("tx: cannot return chain {head}: {e}"));
             }
@@ -84,6 +85,7 @@ fn send_chain<M>(
     chain: virtio_queue::DescriptorChain<M>,
     mem: &Mem,
     fd: RawFd,
+    hdr_len: usize,
     stats: &Stats,
     scratch: &mut TxScratch,
     head: u16,
@@ -92,7 +94,7 @@ fn send_chain<M>(
     M::Target: vm_memory::GuestMemory,
 {
     let total = match collect(chain, mem, false, MAX_TX_FRAME, &mut scratch.segs) {
-        Ok(t) if t >= VNET_HDR_LEN => t,
+        Ok(t) if t >= hdr_len => t,
         Ok(t) => {
             Stats::add(&stats.tx_malformed, 1);
             guest_error(format_args!(
@@ -117,7 +119,7 @@ fn send_chain<M>(
         let n = unsafe { libc::writev(fd, scratch.iov.as_ptr(), scratch.iov.len() as libc::c_int) };
         if n >= 0 {
             Stats::add(&stats.tx_packets, 1);
-            Stats::add(&stats.tx_bytes, (total - VNET_HDR_LEN) as u64);
+            Stats::add(&stats.tx_bytes, (total - hdr_len) as u64);
             return;
         }
         let err = io::Error::last_os_error();

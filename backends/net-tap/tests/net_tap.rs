@@ -597,3 +597,86 @@ fn tcp_segmentation_offload_both_ways() {
     let log = be.stop();
     assert!(log.contains("tx_errors=0 "), "{log}");
 }
+
+#[test]
+fn legacy_driver_gets_10_byte_headers() {
+    if !can_run("legacy_driver_gets_10_byte_headers") {
+        return;
+    }
+    let ns = Netns::new();
+    let be = Backend::spawn(&ns, &["--mac", GUEST_MAC_STR]);
+    let mut drv = be.connect(1, !(VIRTIO_F_VERSION_1 | bit(VIRTIO_NET_F_MRG_RXBUF)));
+    ns.configure_tap();
+    let (cap, sock) = ns.enter(|| (packet_socket(), udp_socket(HOST_IP, 5000)));
+    // TX: 10-byte header, then the frame.
+    let f = eth([0xff; 6], GUEST_MAC, 0x88b5, b"legacy header frame");
+    let mut chain = vec![0u8; 10];
+    chain.extend_from_slice(&f);
+    send(drv.queue(1).unwrap(), &chain);
+    assert_eq!(capture(&cap, 1, |g| g == &f[..]).len(), 1);
+    // RX: the frame starts right after 10 header bytes.
+    let q = drv.queue(0).unwrap();
+    post_rx(q, 4, 2048);
+    udp_send(&sock, GUEST_IP, 6000, b"legacy rx");
+    let c = q.wait(1, TIMEOUT).unwrap().remove(0);
+    let frame = &c.data[0][10..c.len as usize];
+    assert_eq!(udp_of(frame).unwrap().2, b"legacy rx");
+    drop(drv);
+    be.stop();
+}
+
+#[test]
+fn existing_tap_is_used_and_left_in_place() {
+    if !can_run("existing_tap_is_used_and_left_in_place") {
+        return;
+    }
+    let ns = Netns::new();
+    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
+    let be = Backend::spawn(&ns, &["--mac", GUEST_MAC_STR]);
+    let mut drv = be.connect(1, u64::MAX);
+    ns.configure_tap();
+    let cap = ns.enter(packet_socket);
+    let f = eth([0xff; 6], GUEST_MAC, 0x88b5, b"through a persistent tap");
+    send(drv.queue(1).unwrap(), &with_hdr(VnetHdr::default(), &f));
+    assert_eq!(capture(&cap, 1, |g| g == &f[..]).len(), 1);
+    drop(drv);
+    let log = be.stop();
+    assert!(log.contains("(existing)"), "{log}");
+    // Still there after the backend left.
+    ns.ip(&["link", "show", TAP]);
+}
+
+#[test]
+fn usage_and_runtime_errors_exit_with_their_codes() {
+    if !can_run("usage_and_runtime_errors_exit_with_their_codes") {
+        return;
+    }
+    let ns = Netns::new();
+    let exec = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, BIN])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("{}-errs", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("s.sock");
+    let sock = sock.to_str().unwrap();
+    // Usage errors: clap's exit code 2.
+    let out = exec(&["--socket", sock, "--tap", TAP, "--mac", "01:02:03:04:05:06"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out = exec(&["--socket", sock, "--tap", TAP, "--queue-size", "100"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // Runtime error: a single-queue tap cannot serve two queue pairs.
+    ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
+    let out = exec(&["--socket", sock, "--tap", TAP, "--queue-pairs", "2"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("hype-net-tap: cannot attach queue 0 of tap hnt0"),
+        "{err}"
+    );
+    assert!(!std::path::Path::new(sock).exists(), "socket left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
