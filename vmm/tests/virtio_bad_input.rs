@@ -7,6 +7,7 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -161,6 +162,8 @@ fn vmm_binary_reports_bad_devices_in_one_line() {
 /// A backend with configurable features and nothing behind its queues.
 struct Mystery {
     features: u64,
+    /// GET_CONFIG requests seen (each handshake sends one).
+    config_reads: Arc<AtomicUsize>,
 }
 
 impl VhostUserBackend for Mystery {
@@ -180,6 +183,7 @@ impl VhostUserBackend for Mystery {
     }
     fn set_event_idx(&self, _enabled: bool) {}
     fn get_config(&self, _offset: u32, size: u32) -> Vec<u8> {
+        self.config_reads.fetch_add(1, AtomicOrdering::SeqCst);
         vec![0; size as usize]
     }
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
@@ -196,24 +200,27 @@ impl VhostUserBackend for Mystery {
     }
 }
 
-fn mystery_backend(path: &Path, features: u64) {
+fn mystery_backend(path: &Path, features: u64) -> Arc<AtomicUsize> {
     let _ = std::fs::remove_file(path);
     // One connection per backend: vhost-user-backend daemons serve one frontend.
     let sock = path.to_owned();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let config_reads = reads.clone();
     std::thread::spawn(move || {
         let mut d = VhostUserDaemon::new(
             "mystery".into(),
-            Arc::new(Mystery { features }),
+            Arc::new(Mystery {
+                features,
+                config_reads,
+            }),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .unwrap();
         let _ = d.serve(&sock);
     });
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(t.elapsed() < Duration::from_secs(5));
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // No wait for the socket here: serve() unlinks it as soon as it accepted, and a frontend
+    // waits for a missing socket anyway.
+    reads
 }
 
 #[test]
@@ -221,7 +228,7 @@ fn unknown_device_type_needs_an_explicit_type() {
     let dir = work_dir("vb_unknown");
     let p = dir.join("mystery.sock");
     // VERSION_1, PROTOCOL_FEATURES and one device bit that identifies nothing.
-    mystery_backend(&p, 1 << 32 | 1 << 30 | 1 << 3);
+    let _ = mystery_backend(&p, 1 << 32 | 1 << 30 | 1 << 3);
     let e = attach_err(&p, None);
     assert!(
         e.to_string()
@@ -229,7 +236,7 @@ fn unknown_device_type_needs_an_explicit_type() {
         "{e}"
     );
     let p = dir.join("mystery2.sock");
-    mystery_backend(&p, 1 << 32 | 1 << 30 | 1 << 3);
+    let _ = mystery_backend(&p, 1 << 32 | 1 << 30 | 1 << 3);
     let mut opts = DeviceOptions::new(&p);
     opts.kind = Some(DeviceType::Console);
     let d = VhostUserDevice::attach("mystery", &opts, ram().memory().clone(), None).unwrap();
@@ -240,7 +247,7 @@ fn unknown_device_type_needs_an_explicit_type() {
     drop(d);
     // Without VERSION_1 there is nothing virtio-mmio v2 can do.
     let p2 = dir.join("legacy.sock");
-    mystery_backend(&p2, 1 << 30 | 1 << 2 | 1 << 6 | 1 << 9);
+    let _ = mystery_backend(&p2, 1 << 30 | 1 << 2 | 1 << 6 | 1 << 9);
     let e = attach_err(&p2, Some(DeviceType::Block));
     assert!(e.to_string().contains("lack VIRTIO_F_VERSION_1"), "{e}");
 }
@@ -328,6 +335,66 @@ fn guest_writing_nonsense_gets_needs_reset_and_the_device_recovers() {
     assert_eq!(
         d.stats()
             .ring_starts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn backend_coming_back_as_another_type_is_refused_until_the_right_one_returns() {
+    let dir = work_dir("vb_other_type");
+    let sock = dir.join("disk.sock");
+    let mut backend = Backend::start(&["block-mem", "--size", "1M"], &sock);
+    let ram = ram();
+    let d = VhostUserDevice::attach(
+        "swap",
+        &DeviceOptions::new(&sock),
+        ram.memory().clone(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(d.kind(), DeviceType::Block);
+    backend.kill();
+    // A console-looking backend takes the socket: hype must not use it.
+    let reads = mystery_backend(&sock, 1 << 32 | 1 << 30 | 1 << 2);
+    // The device connects, runs the handshake (GET_CONFIG included), sees a console and hangs
+    // up.
+    let t = Instant::now();
+    while reads.load(AtomicOrdering::SeqCst) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "device never tried the new backend"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!d
+        .stats()
+        .connected
+        .load(std::sync::atomic::Ordering::Acquire));
+    assert_eq!(
+        d.stats()
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    // The block backend comes back: accepted.
+    backend.restart();
+    let t = Instant::now();
+    while !d
+        .stats()
+        .connected
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "block backend not taken back"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        d.stats()
+            .reconnects
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
