@@ -16,7 +16,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::config::{tap_offloads_for, NetSpec};
-use crate::rx::{RxOutcome, RxState};
+use crate::rx::{Negotiated, RxOutcome, RxState};
 use crate::stats::Stats;
 use crate::tap::Tap;
 use crate::tx::TxScratch;
@@ -159,9 +159,11 @@ impl NetBackend {
                 &mut st,
                 &mem,
                 fd,
-                self.mrg_rxbuf(),
-                event_idx,
-                hdr_len,
+                Negotiated {
+                    mrg_rxbuf: self.mrg_rxbuf(),
+                    event_idx,
+                    hdr_len,
+                },
                 &self.stats,
             )
         };

@@ -48,7 +48,18 @@ impl Default for RxState {
     }
 }
 
-/// How a call to [`process`] ended.
+/// What the guest negotiated that the RX path needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Negotiated {
+    /// MRG_RXBUF: a frame may span several chains.
+    pub mrg_rxbuf: bool,
+    /// EVENT_IDX.
+    pub event_idx: bool,
+    /// virtio-net header length (12, or 10 for legacy drivers).
+    pub hdr_len: usize,
+}
+
+/// How a call to [`RxState::process`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RxOutcome {
     /// The tap has nothing more to read for now.
@@ -77,11 +88,14 @@ impl RxState {
         st: &mut VringState,
         mem: &Mem,
         fd: RawFd,
-        mrg_rxbuf: bool,
-        event_idx: bool,
-        hdr_len: usize,
+        neg: Negotiated,
         stats: &Stats,
     ) -> RxOutcome {
+        let Negotiated {
+            mrg_rxbuf,
+            event_idx,
+            hdr_len,
+        } = neg;
         if !st.get_queue().ready() || !st.is_enabled() {
             return RxOutcome::NoRing;
         }
