@@ -52,6 +52,11 @@ pub(crate) struct Pty {
 pub(crate) struct ClientSocket {
     listener: SocketListener,
     client: Option<UnixStream>,
+    /// The client hung up or stopped taking output: it gets no more output, but what it sent
+    /// before leaving is still read (until end of file) and given to the guest.
+    closing: bool,
+    /// The client shut down its sending side: no more input, output still goes to it.
+    input_done: bool,
 }
 
 /// Where the console's other end is.
@@ -141,6 +146,8 @@ impl ClientSocket {
         Ok(ClientSocket {
             listener: SocketListener::bind(path, mode)?,
             client: None,
+            closing: false,
+            input_done: false,
         })
     }
 }
@@ -155,6 +162,7 @@ impl Endpoint {
         match self {
             Endpoint::Stdio(s) => s.input,
             Endpoint::Pty(p) => Some(p.master.as_raw_fd()),
+            Endpoint::Socket(s) if s.input_done => None,
             Endpoint::Socket(s) => s.client.as_ref().map(|c| c.as_raw_fd()),
             Endpoint::None => None,
         }
@@ -164,6 +172,7 @@ impl Endpoint {
         match self {
             Endpoint::Stdio(s) => s.output,
             Endpoint::Pty(p) => Some(p.master.as_raw_fd()),
+            Endpoint::Socket(s) if s.closing => None,
             Endpoint::Socket(s) => s.client.as_ref().map(|c| c.as_raw_fd()),
             Endpoint::None => None,
         }
@@ -259,11 +268,23 @@ pub(crate) fn run_io(
         let out_fd = endpoint.output_fd();
         let mut i_in = None;
         let mut i_out = None;
+        let closing = matches!(&endpoint, Endpoint::Socket(s) if s.closing);
+        // A departing client is only read while there is room (its hang-up is permanent).
+        let in_fd = in_fd.filter(|_| want_in || !closing);
         if let Some(fd) = in_fd {
             // Hang-ups are reported even without POLLIN, so a gone client is noticed.
             let ev = if want_in { libc::POLLIN } else { 0 };
             i_in = Some(add(fd, ev));
         }
+        // A half-closed client is not read any more, but its final hang-up must be seen.
+        let i_gone = match &endpoint {
+            Endpoint::Socket(ClientSocket {
+                client: Some(c),
+                input_done: true,
+                ..
+            }) => Some(add(c.as_raw_fd(), 0)),
+            _ => None,
+        };
         if let (Some(fd), true) = (out_fd, want_out) {
             i_out = Some(add(fd, libc::POLLOUT));
         }
@@ -295,21 +316,20 @@ pub(crate) fn run_io(
                 }
             }
         }
-        if ready(i_listen, libc::POLLIN) {
-            if let Endpoint::Socket(s) = &mut endpoint {
-                accept_client(s, &shared);
-            }
-        }
         // Output first: it frees room the guest may be waiting for.
         if ready(i_out, libc::POLLOUT | libc::POLLERR | libc::POLLHUP) {
             if let Err(e) = write_output(&mut endpoint, &shared) {
-                lost_endpoint(&mut endpoint, &shared, "output", &e);
+                lost_endpoint(&mut endpoint, &shared, Loss::Output(e));
             }
         }
+        if ready(i_gone, libc::POLLHUP | libc::POLLERR) {
+            lost_endpoint(&mut endpoint, &shared, Loss::InputEnded { hangup: true });
+        }
+        let hangup = ready(i_in, libc::POLLHUP);
         if !want_in && ready(i_in, libc::POLLERR | libc::POLLHUP) {
-            // Gone while the guest is not reading: do not spin on the hang-up.
+            // Gone while the guest is not reading: stop writing to it, keep what it sent.
             let e = io::Error::from(io::ErrorKind::BrokenPipe);
-            lost_endpoint(&mut endpoint, &shared, "input", &e);
+            lost_endpoint(&mut endpoint, &shared, Loss::Output(e));
         } else if ready(i_in, libc::POLLIN | libc::POLLERR | libc::POLLHUP) {
             match read_input(&mut endpoint, &shared, &mut chunk, &mut filtered) {
                 Ok(InputEvent::Data) => {}
@@ -319,10 +339,15 @@ pub(crate) fn run_io(
                     break;
                 }
                 Ok(InputEvent::Eof) => {
-                    let e = io::Error::from(io::ErrorKind::UnexpectedEof);
-                    lost_endpoint(&mut endpoint, &shared, "input", &e);
+                    lost_endpoint(&mut endpoint, &shared, Loss::InputEnded { hangup })
                 }
-                Err(e) => lost_endpoint(&mut endpoint, &shared, "input", &e),
+                Err(e) => lost_endpoint(&mut endpoint, &shared, Loss::InputFailed(e)),
+            }
+        }
+        // New clients last, so a departing client's end of file is seen first.
+        if ready(i_listen, libc::POLLIN) {
+            if let Endpoint::Socket(s) = &mut endpoint {
+                accept_client(s, &shared);
             }
         }
     }
@@ -454,28 +479,62 @@ fn write_output(endpoint: &mut Endpoint, shared: &Shared) -> io::Result<()> {
     result
 }
 
+/// What went away on the user's side.
+enum Loss {
+    /// Writing output failed (or the peer hung up while we were not reading).
+    Output(io::Error),
+    /// Input reached end of file; `hangup` when the peer closed both directions.
+    InputEnded { hangup: bool },
+    /// Reading input failed.
+    InputFailed(io::Error),
+}
+
 /// The reader or writer side went away: a socket client detaches, stdin reached EOF, etc.
-fn lost_endpoint(endpoint: &mut Endpoint, shared: &Shared, side: &str, err: &io::Error) {
+fn lost_endpoint(endpoint: &mut Endpoint, shared: &Shared, loss: Loss) {
     match endpoint {
         Endpoint::Socket(s) => {
-            if s.client.take().is_some() {
-                info!("console client detached");
+            let detach = match &loss {
+                // Keep reading what it sent before leaving; no more output to it.
+                Loss::Output(_) => s.input_done,
+                // A half-closed client (shutdown of its write side) still reads output.
+                Loss::InputEnded { hangup } => *hangup || s.closing,
+                Loss::InputFailed(_) => true,
+            };
+            if detach {
+                if s.client.take().is_some() {
+                    info!("console client detached");
+                }
+                s.closing = false;
+                s.input_done = false;
                 shared.set_reader_live(false);
+            } else if matches!(loss, Loss::Output(_)) {
+                s.closing = true;
+                shared.set_reader_live(false);
+            } else {
+                s.input_done = true;
             }
         }
-        Endpoint::Stdio(s) => {
-            if side == "input" {
-                info!("stdin closed ({err}); guest input ends");
-                s.input = None;
-            } else {
-                warn!("stdout failed ({err}); guest output now only buffered");
+        Endpoint::Stdio(s) => match loss {
+            Loss::Output(e) => {
+                warn!("stdout failed ({e}); guest output is only buffered now");
                 s.output = None;
                 shared.set_reader_live(false);
             }
-        }
+            Loss::InputEnded { .. } => {
+                info!("stdin reached end of file; guest input ends");
+                s.input = None;
+            }
+            Loss::InputFailed(e) => {
+                warn!("stdin failed ({e}); guest input ends");
+                s.input = None;
+            }
+        },
         Endpoint::Pty(_) => {
             // Our own slave descriptor keeps the pty alive; a transient error is logged.
-            warn!("pty {side}: {err}");
+            match loss {
+                Loss::Output(e) | Loss::InputFailed(e) => warn!("pty: {e}"),
+                Loss::InputEnded { .. } => warn!("pty: end of file"),
+            }
         }
         Endpoint::None => {}
     }
@@ -500,13 +559,18 @@ fn accept_client(s: &mut ClientSocket, shared: &Shared) {
     }
     // SAFETY: accept4 returned a new descriptor that we own.
     let mut stream = unsafe { UnixStream::from_raw_fd(fd) };
-    if s.client.is_some() {
+    if s.client.is_some() && !s.closing {
         let _ = stream.write_all(b"hype-console: another client is attached\r\n");
         info!("refused a second console client");
         return;
     }
+    if s.client.is_some() {
+        info!("console client detached (replaced before all of its input was read)");
+    }
     info!("console client attached");
     s.client = Some(stream);
+    s.closing = false;
+    s.input_done = false;
     shared.set_reader_live(true);
     shared.wake_io();
 }
