@@ -11,8 +11,8 @@ use crate::chain::{collect, HostSeg};
 use crate::stats::Stats;
 use crate::VNET_HDR_LEN;
 
-/// Largest frame (with its header) we pass to the tap: a 64 KiB GSO frame plus headers.
-pub(crate) const MAX_TX_FRAME: usize = VNET_HDR_LEN + 65535 + 14 + 4;
+/// Largest chain we pass to the tap: a 64 KiB GSO frame, its headers and the vnet header.
+pub(crate) const MAX_TX_FRAME: usize = VNET_HDR_LEN + 65536 + 256;
 
 /// Chains returned between two used-ring signals while a guest keeps the ring busy.
 const SIGNAL_BATCH: usize = 64;

@@ -680,3 +680,62 @@ fn usage_and_runtime_errors_exit_with_their_codes() {
     assert!(!std::path::Path::new(sock).exists(), "socket left behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn reconnect_and_work_without_event_idx() {
+    if !can_run("reconnect_and_work_without_event_idx") {
+        return;
+    }
+    let ns = Netns::new();
+    let be = Backend::spawn(&ns, &["--mac", GUEST_MAC_STR]);
+    let mut first = true;
+    for mask in [u64::MAX, !EVENT_IDX] {
+        let mut drv = be.connect(1, mask);
+        assert_eq!(drv.acked_features() & EVENT_IDX != 0, mask == u64::MAX);
+        if first {
+            ns.configure_tap();
+            first = false;
+        }
+        let (cap, sock) = ns.enter(|| (packet_socket(), udp_socket(HOST_IP, 5000)));
+        // A batch of TX frames and a batch of RX frames, the rings kept busy.
+        let frames: Vec<Vec<u8>> = (0..100u8)
+            .map(|i| eth([0xff; 6], GUEST_MAC, 0x88b5, &[i; 50]))
+            .collect();
+        let q = drv.queue(1).unwrap();
+        let heads: Vec<u16> = frames
+            .iter()
+            .map(|f| {
+                q.add(
+                    &[Segment::Readable(&with_hdr(VnetHdr::default(), f))],
+                    false,
+                )
+                .unwrap()
+            })
+            .collect();
+        q.notify().unwrap();
+        let done = q.wait(heads.len(), TIMEOUT).unwrap();
+        assert_eq!(done.len(), heads.len());
+        let got = capture(&cap, frames.len(), |f| {
+            f.len() > 14 && f[12..14] == [0x88, 0xb5]
+        });
+        assert_eq!(got, frames);
+        let q = drv.queue(0).unwrap();
+        post_rx(q, 32, 2048);
+        let mut received = Vec::new();
+        for i in 0..100u16 {
+            udp_send(&sock, GUEST_IP, 6000, &i.to_le_bytes());
+            if i % 20 == 19 {
+                let got = receive(q, 20, TIMEOUT, |f| udp_of(&f.frame).is_some());
+                post_rx(q, got.len(), 2048);
+                received.extend(got.iter().map(|f| {
+                    let d = udp_of(&f.frame).unwrap().2;
+                    u16::from_le_bytes([d[0], d[1]])
+                }));
+            }
+        }
+        assert_eq!(received, (0..100).collect::<Vec<_>>());
+        drop(drv);
+    }
+    let log = be.stop();
+    assert_eq!(log.matches("frontend connected").count(), 2, "{log}");
+}
