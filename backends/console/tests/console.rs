@@ -544,3 +544,49 @@ fn half_closed_client_still_gets_output() {
     guest_write(&mut drv, b"next", 64);
     assert_eq!(read_exact_within(&mut c, 4), b"next");
 }
+
+#[test]
+fn attach_on_a_terminal_detaches_with_ctrl_a_x_and_restores_it() {
+    let dir = tempdir("attachtty");
+    let csock = dir.join("console.sock");
+    let b = Backend::spawn(&dir, &["--output", &format!("socket:{}", csock.display())]);
+    let mut drv = guest(&b);
+    let (mut master, slave) = openpty(80, 24);
+    let mut child = Command::new(BIN)
+        .arg("attach")
+        .arg(&csock)
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while lflag(&slave) & libc::ICANON != 0 {
+        assert!(Instant::now() < deadline, "attach never went raw");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    guest_write(&mut drv, b"prompt$ ", 64);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !seen.windows(8).any(|w| w == b"prompt$ ") {
+        let n = master.read(&mut buf).unwrap();
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Ctrl-a Ctrl-a is one Ctrl-a for the guest; Ctrl-a x detaches.
+    master.write_all(b"ls\x01\x01\r\x01x").unwrap();
+    assert_eq!(guest_read(&mut drv, 4, 64).0, b"ls\x01\r");
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "attach did not detach");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success());
+    assert_ne!(lflag(&slave) & libc::ICANON, 0, "terminal left in raw mode");
+    // The backend keeps running: a new client can attach and gets new output.
+    let mut c = client(&csock);
+    guest_write(&mut drv, b"again", 64);
+    assert_eq!(read_exact_within(&mut c, 5), b"again");
+}
