@@ -1,0 +1,81 @@
+//! End-to-end: Linux's own virtio drivers against hype's backends, each a separate process,
+//! attached with `--device`. Two boots share one disk image served by `hype block-file`: the
+//! first formats it, writes a file, syncs and reboots; the second finds the file. The second boot
+//! also gets a RAM disk from `hype block-mem` (type learned from the backend).
+//!
+//! Needs the artefacts from `scripts/test` (HYPE_GUEST_*); without them the test says SKIPPED.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{work_dir, Backend};
+use hype_testkit::guest::{GuestArtifacts, GuestVm, VmOptions};
+
+const BOOT: Duration = Duration::from_secs(400);
+const STEP: Duration = Duration::from_secs(180);
+
+fn hype() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_hype"))
+}
+
+#[test]
+fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
+    let Some(art) = GuestArtifacts::from_env_or_skip("linux_virtio") else {
+        return;
+    };
+    let dir = work_dir("linux_virtio");
+    let image = dir.join("disk.img");
+    let _ = std::fs::remove_file(&image);
+
+    // Boot 1: format, write, sync, reboot.
+    let disk = Backend::block_file(&dir, &image, 32 << 20);
+    let disk_sock = disk.socket.clone();
+    let opts = VmOptions::new(&art.vmlinux, &art.initramfs).device(disk_sock.to_str().unwrap());
+    let mut vm = GuestVm::boot(hype(), &opts).unwrap();
+    vm.wait_ready(BOOT).unwrap();
+    assert_eq!(
+        vm.check("cat /sys/block/vda/size", STEP).unwrap(),
+        (32u64 << 20 >> 9).to_string()
+    );
+    vm.check("mke2fs -q /dev/vda && mount -t ext2 /dev/vda /mnt", STEP)
+        .unwrap();
+    vm.check("echo 'written by boot one' > /mnt/note && dd if=/dev/urandom of=/mnt/blob bs=1k count=256 2>/dev/null && sync", STEP).unwrap();
+    let sum1 = vm.check("md5sum /mnt/blob | cut -d' ' -f1", STEP).unwrap();
+    vm.check("umount /mnt", STEP).unwrap();
+    let st = vm.reboot(STEP).unwrap();
+    assert_eq!(st.code(), Some(0), "{}", vm.log());
+    drop(vm);
+
+    // Boot 2: same backend process (it keeps serving after the VMM disconnects), plus a RAM disk.
+    let ram = Backend::block_mem(&dir, "8M");
+    let ram_sock = ram.socket.clone();
+    let opts = VmOptions::new(&art.vmlinux, &art.initramfs)
+        .device(disk_sock.to_str().unwrap())
+        .device(ram_sock.to_str().unwrap());
+    let mut vm = GuestVm::boot(hype(), &opts).unwrap();
+    vm.wait_ready(BOOT).unwrap();
+    vm.check("mount -t ext2 /dev/vda /mnt", STEP).unwrap();
+    assert_eq!(
+        vm.check("cat /mnt/note", STEP).unwrap(),
+        "written by boot one"
+    );
+    assert_eq!(
+        vm.check("md5sum /mnt/blob | cut -d' ' -f1", STEP).unwrap(),
+        sum1
+    );
+    assert_eq!(
+        vm.check("cat /sys/block/vdb/size", STEP).unwrap(),
+        (8u64 << 20 >> 9).to_string()
+    );
+    vm.check(
+        "echo ramdisk-ok | dd of=/dev/vdb bs=512 conv=sync 2>/dev/null && sync",
+        STEP,
+    )
+    .unwrap();
+    assert_eq!(vm.check("head -c 10 /dev/vdb", STEP).unwrap(), "ramdisk-ok");
+    let st = vm.poweroff(STEP).unwrap();
+    assert_eq!(st.code(), Some(0), "{}", vm.log());
+    drop((disk, ram));
+}
