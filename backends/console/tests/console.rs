@@ -214,6 +214,8 @@ fn config_features_and_emergency_write() {
     assert_ne!(f & 1 << VIRTIO_CONSOLE_F_SIZE, 0);
     assert_ne!(f & 1 << VIRTIO_CONSOLE_F_EMERG_WRITE, 0);
     assert_eq!(f & 1 << VIRTIO_CONSOLE_F_MULTIPORT, 0);
+    // Only console-defined device bits (0..=2): how a VMM tells a console from other types.
+    assert_eq!(f & ((1 << 24) - 1) & !0b111, 0);
     let cfg = drv.config().to_vec();
     assert_eq!(cfg.len(), 12);
     assert_eq!(u16::from_le_bytes([cfg[0], cfg[1]]), 100);
