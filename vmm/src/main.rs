@@ -30,6 +30,8 @@ enum Command {
     BlockFile(hype_block_file::Args),
     /// Serve a disk image from an http(s) URL (Range requests) as a vhost-user-blk backend.
     BlockHttp(hype_block_http::Args),
+    /// Serve a TAP interface as a vhost-user virtio-net backend.
+    NetTap(hype_net_tap::Args),
 }
 
 #[derive(Args)]
@@ -144,5 +146,6 @@ fn main() -> ExitCode {
         Command::BlockMem(a) => run_backend("block-mem", hype_block_mem::run(a)),
         Command::BlockFile(a) => run_backend("block-file", hype_block_file::run(a)),
         Command::BlockHttp(a) => run_backend("block-http", hype_block_http::run(a)),
+        Command::NetTap(a) => run_backend("net-tap", hype_net_tap::run(a)),
     }
 }
