@@ -234,3 +234,25 @@ fn backend_back_with_another_capacity_is_reported_to_the_guest() {
     assert_eq!(g.read(0, 10000, 512), pattern(3, 512));
     assert!(bigger.alive());
 }
+
+#[test]
+fn a_hung_backend_blocks_neither_register_accesses_nor_the_device_end() {
+    let dir = work_dir("vt_hung");
+    let backend = Backend::block_mem(&dir, "1M");
+    let g = Guest::new(1, 16);
+    let d = g.attach(&DeviceOptions::new(&backend.socket));
+    backend.signal(libc::SIGSTOP);
+    // DRIVER_OK: the device thread now waits for a backend that does not answer.
+    g.init(&d, F_VERSION_1);
+    let t = Instant::now();
+    for _ in 0..1000 {
+        assert_eq!(r(&d, reg::STATUS), RUNNING);
+        let mut b = [0u8; 8];
+        d.mmio_read(reg::CONFIG, &mut b);
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let t = Instant::now();
+    drop(d);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    backend.signal(libc::SIGCONT);
+}

@@ -168,6 +168,9 @@ struct Shared {
     transport: Mutex<MmioTransport>,
     config_irq: EventFd,
     stats: DeviceStats,
+    /// A copy of the current connection's socket, to cut it when the device goes away while
+    /// the device thread waits for a hung backend.
+    link: Mutex<Option<std::os::unix::net::UnixStream>>,
 }
 
 impl Shared {
@@ -290,6 +293,7 @@ impl VhostUserDevice {
                 .try_clone()
                 .map_err(os("cannot clone eventfd"))?,
             stats: DeviceStats::default(),
+            link: Mutex::new(conn.cutter().ok()),
         });
         shared.stats.connected.store(true, Ordering::Release);
         log::info!(
@@ -422,6 +426,12 @@ impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Shutdown);
         let _ = self.wake.write(1);
+        // A device thread stuck in a request to a hung backend must not hold the VM's end.
+        if let Ok(mut l) = self.shared.link.lock() {
+            if let Some(s) = l.take() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
         if let Some(h) = self.worker.take() {
             let _ = h.join();
         }
@@ -527,6 +537,12 @@ impl Worker {
     fn lost(&mut self, why: &str) {
         if self.conn.take().is_none() {
             return;
+        }
+        // Make sure the backend sees the hang-up too (the copy would keep the socket open).
+        if let Ok(mut l) = self.shared.link.lock() {
+            if let Some(s) = l.take() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
         self.shared.stats.connected.store(false, Ordering::Release);
         if let Some(a) = &mut self.active {
@@ -800,6 +816,9 @@ impl Worker {
             }
         }
         self.info = new;
+        if let Ok(mut l) = self.shared.link.lock() {
+            *l = conn.cutter().ok();
+        }
         self.conn = Some(conn);
         self.last_refusal = None;
         self.lost_since = None;

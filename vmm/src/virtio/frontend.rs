@@ -421,6 +421,19 @@ impl Connection {
         &self.info
     }
 
+    /// A handle that can cut the connection from another thread (shutting it down makes any
+    /// request in progress fail at once).
+    pub fn cutter(&self) -> io::Result<UnixStream> {
+        // SAFETY: the descriptor is the frontend's open socket for the duration of the call;
+        // dup gives this process a new descriptor owned by the returned stream.
+        let fd = unsafe { libc::dup(self.frontend.as_raw_fd()) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        Ok(unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
     /// The socket's descriptor (to watch it for hang-ups).
     pub fn raw_fd(&self) -> RawFd {
         self.frontend.as_raw_fd()

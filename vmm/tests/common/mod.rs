@@ -182,6 +182,14 @@ impl Backend {
         self.spawn(true);
     }
 
+    /// Sends `sig` to the process (SIGSTOP makes a hung backend).
+    pub fn signal(&self, sig: i32) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill() on our own child's pid has no memory-safety preconditions.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     /// Whether the process still runs.
     pub fn alive(&mut self) -> bool {
         self.child
