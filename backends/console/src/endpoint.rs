@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::shared::Shared;
 use crate::terminal::{
-    is_tty, window_size, EscapeAction, EscapeFilter, NonBlockingGuard, RawModeGuard,
+    is_tty, make_raw, window_size, EscapeAction, EscapeFilter, NonBlockingGuard, RawModeGuard,
 };
 
 /// Bytes read from the user's side at a time.
@@ -129,8 +129,7 @@ impl Pty {
             .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
             .open(&path)?;
         // Raw on the slave side: no echo, no CR/LF translation of guest output.
-        let raw = RawModeGuard::new(slave.as_raw_fd())?;
-        std::mem::forget(raw); // the pty is ours; nothing to restore
+        make_raw(slave.as_raw_fd())?;
         let _ = NonBlockingGuard::new(master.as_raw_fd()).map(std::mem::forget);
         Ok(Pty {
             master,

@@ -29,6 +29,26 @@ pub fn window_size(fd: RawFd) -> Option<(u16, u16)> {
     Some((ws.ws_col, ws.ws_row))
 }
 
+/// Puts terminal `fd` into raw mode for good (e.g. a pty this process owns).
+pub fn make_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: a zeroed termios is valid storage for tcgetattr to fill.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr writes into `t`, a valid local; cfmakeraw modifies only `t`;
+    // tcsetattr reads it.
+    let rc = unsafe {
+        if libc::tcgetattr(fd, &mut t) != 0 {
+            -1
+        } else {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(fd, libc::TCSANOW, &t)
+        }
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Puts a terminal into raw mode and restores its previous settings (and file status flags)
 /// when dropped, on every exit path that unwinds or returns.
 #[derive(Debug)]
@@ -49,9 +69,13 @@ impl RawModeGuard {
         let mut raw = saved;
         // SAFETY: cfmakeraw only modifies the struct it is given.
         unsafe { libc::cfmakeraw(&mut raw) };
+        install_panic_restore();
+        saved_terminals().push((fd, saved));
         // SAFETY: tcsetattr reads a valid termios.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
-            return Err(io::Error::last_os_error());
+            let err = io::Error::last_os_error();
+            saved_terminals().retain(|(f, _)| *f != fd);
+            return Err(err);
         }
         Ok(RawModeGuard { fd, saved })
     }
@@ -59,9 +83,39 @@ impl RawModeGuard {
 
 impl Drop for RawModeGuard {
     fn drop(&mut self) {
+        saved_terminals().retain(|(f, _)| *f != self.fd);
         // SAFETY: restores the settings read in `new` on the same descriptor.
         unsafe { libc::tcsetattr(self.fd, libc::TCSAFLUSH, &self.saved) };
     }
+}
+
+/// Terminals in raw mode and their original settings, for the panic hook: a panic on another
+/// thread ends the process without running the guard's destructor.
+static SAVED: std::sync::Mutex<Vec<(RawFd, libc::termios)>> = std::sync::Mutex::new(Vec::new());
+
+fn saved_terminals() -> std::sync::MutexGuard<'static, Vec<(RawFd, libc::termios)>> {
+    SAVED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Chains a panic hook that restores every terminal still in raw mode.
+fn install_panic_restore() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            // try_lock: never deadlock if the panic happened while the list was locked.
+            let list = match SAVED.try_lock() {
+                Ok(l) => Some(l),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            for (fd, t) in list.iter().flat_map(|l| l.iter()) {
+                // SAFETY: restores settings read earlier from the same descriptor.
+                unsafe { libc::tcsetattr(*fd, libc::TCSAFLUSH, t) };
+            }
+            previous(info);
+        }));
+    });
 }
 
 /// Sets `O_NONBLOCK` on a descriptor and restores its previous flags when dropped (stdio
