@@ -42,6 +42,16 @@ fn long_mode_elf_prints_and_resets() {
     assert!(err.contains("guest reset"), "{err}");
 }
 
+/// A guest larger than 3 GiB gets RAM above 4 GiB (second memory slot) and one more e820 entry.
+#[test]
+fn large_guest_memory_skips_the_mmio_hole() {
+    let elf = assemble("long_hello", 0x20_0000);
+    let o = hype(&["vmm", "--kernel", elf.to_str().unwrap(), "--memory", "4G"]);
+    let (out, err) = texts(&o);
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    assert_eq!(out, "hello from long mode, e820 entries: 5\n");
+}
+
 #[test]
 fn pvh_elf_gets_start_info_and_marker() {
     let elf = assemble("pvh_hello", 0x20_0000);
