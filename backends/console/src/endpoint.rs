@@ -17,7 +17,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::shared::Shared;
 use crate::terminal::{
-    is_tty, make_raw, window_size, EscapeAction, EscapeFilter, NonBlockingGuard, RawModeGuard,
+    is_tty, make_raw, set_nonblocking, window_size, EscapeAction, EscapeFilter, NonBlockingGuard,
+    RawModeGuard,
 };
 
 /// Bytes read from the user's side at a time.
@@ -130,7 +131,7 @@ impl Pty {
             .open(&path)?;
         // Raw on the slave side: no echo, no CR/LF translation of guest output.
         make_raw(slave.as_raw_fd())?;
-        let _ = NonBlockingGuard::new(master.as_raw_fd()).map(std::mem::forget);
+        set_nonblocking(master.as_raw_fd())?;
         Ok(Pty {
             master,
             _slave: slave,

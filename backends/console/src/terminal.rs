@@ -118,6 +118,23 @@ fn install_panic_restore() {
     });
 }
 
+/// Sets `O_NONBLOCK` on a descriptor this process owns, for good.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor; no memory involved.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sets `O_NONBLOCK` on a descriptor and restores its previous flags when dropped (stdio
 /// descriptors are shared with the parent shell, which must not be left non-blocking).
 #[derive(Debug)]
