@@ -110,7 +110,18 @@ fn qemu_storage_daemon_is_recognised_serves_io_and_survives_a_restart() {
         d.backend().features,
         d.backend().protocol_features
     );
-    g.init(&d, F_VERSION_1 | 1 << 9);
+    // FLUSH and CONFIG_WCE: the guest may write `writeback` (config offset 32), which goes to
+    // the backend as SET_CONFIG.
+    g.init(&d, F_VERSION_1 | 1 << 9 | 1 << 11);
+    d.mmio_write(reg::CONFIG + 32, &[0]);
+    let t = Instant::now();
+    while d.stats().config_writes.load(Ordering::Relaxed) == 0 {
+        assert_eq!(d.stats().config_writes_failed.load(Ordering::Relaxed), 0);
+        assert!(t.elapsed() < Duration::from_secs(5), "SET_CONFIG not sent");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    d.mmio_write(reg::CONFIG, &[0]);
+    assert_eq!(d.guest_errors(), 1, "capacity is not writable");
     for i in 0..4u64 {
         g.write(0, i * 8, pattern(i as u8, 4096));
     }
@@ -146,6 +157,12 @@ fn qemu_storage_daemon_is_recognised_serves_io_and_survives_a_restart() {
     }
     assert_eq!(g.read(0, 8, 4096), pattern(1, 4096));
     assert_eq!(d.stats().reconnects.load(Ordering::Relaxed), 1);
+    // The guest's writeback=0 went to the new process too.
+    assert_eq!(d.stats().config_writes.load(Ordering::Relaxed), 2);
+    assert_eq!(d.stats().config_writes_failed.load(Ordering::Relaxed), 0);
+    let mut wce = [0xffu8];
+    d.mmio_read(reg::CONFIG + 32, &mut wce);
+    assert_eq!(wce, [0]);
     let mut b = [0u8; 4];
     d.mmio_read(reg::STATUS, &mut b);
     assert_eq!(u32::from_le_bytes(b), RUNNING);

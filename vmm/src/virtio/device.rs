@@ -154,6 +154,10 @@ pub struct DeviceStats {
     pub reconnects: AtomicU64,
     /// Whether a backend is connected now.
     pub connected: AtomicBool,
+    /// Config writes forwarded to the backend (SET_CONFIG) and accepted.
+    pub config_writes: AtomicU64,
+    /// Config writes the backend refused or that could not be sent.
+    pub config_writes_failed: AtomicU64,
 }
 
 enum Command {
@@ -328,6 +332,7 @@ impl VhostUserDevice {
             lost_since: None,
             gave_up: false,
             last_refusal: None,
+            guest_config: Vec::new(),
         };
         let kind = worker.kind;
         let backend = worker.info.clone();
@@ -462,6 +467,9 @@ struct Worker {
     lost_since: Option<Instant>,
     gave_up: bool,
     last_refusal: Option<String>,
+    /// Config writes the guest made since its last reset (offset, bytes), replayed to a
+    /// backend that comes back.
+    guest_config: Vec<(u32, Vec<u8>)>,
 }
 
 enum Readiness {
@@ -564,19 +572,35 @@ impl Worker {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Activate(a) => self.activate(a),
-            Command::Reset => self.reset(),
+            Command::Reset => {
+                self.guest_config.clear();
+                self.reset()
+            }
             Command::ConfigWrite { offset, data } => {
+                // Keep the latest write per field (the transport only lets a few fields be
+                // written, so this stays tiny).
+                self.guest_config
+                    .retain(|(o, d)| *o != offset || d.len() != data.len());
+                self.guest_config.push((offset, data.clone()));
+                let stats = &self.shared.stats;
                 let Some(conn) = &mut self.conn else {
+                    stats.config_writes_failed.fetch_add(1, Ordering::Relaxed);
                     log::warn!(
                         "{}: config write at {offset} dropped: backend not connected",
                         self.shared.name
                     );
                     return;
                 };
-                if let Err(e) = conn.set_config(offset, &data) {
-                    log::warn!("{}: {e}", self.shared.name);
-                    if e.is_disconnect() {
-                        self.lost("SET_CONFIG failed");
+                match conn.set_config(offset, &data) {
+                    Ok(()) => {
+                        stats.config_writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        stats.config_writes_failed.fetch_add(1, Ordering::Relaxed);
+                        log::warn!("{}: {e}", self.shared.name);
+                        if e.is_disconnect() {
+                            self.lost("SET_CONFIG failed");
+                        }
                     }
                 }
             }
@@ -804,6 +828,13 @@ impl Worker {
             );
             let mut t = self.shared.transport();
             let mut config = new.config.clone();
+            // What the guest wrote stays as it wrote it (replayed below).
+            for (o, d) in &self.guest_config {
+                let o = *o as usize;
+                if let Some(dst) = config.get_mut(o..o + d.len()) {
+                    dst.copy_from_slice(d);
+                }
+            }
             // Keep the exposed num_queues (blk) as it was.
             let old = t.config().to_vec();
             if self.kind == DeviceType::Block && config.len() >= 36 && old.len() >= 36 {
@@ -818,6 +849,17 @@ impl Worker {
         self.info = new;
         if let Ok(mut l) = self.shared.link.lock() {
             *l = conn.cutter().ok();
+        }
+        let mut conn = conn;
+        for (offset, data) in &self.guest_config {
+            let stats = &self.shared.stats;
+            match conn.set_config(*offset, data) {
+                Ok(()) => stats.config_writes.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    log::warn!("{}: replaying a config write: {e}", self.shared.name);
+                    stats.config_writes_failed.fetch_add(1, Ordering::Relaxed)
+                }
+            };
         }
         self.conn = Some(conn);
         self.last_refusal = None;

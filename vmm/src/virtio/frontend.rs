@@ -385,7 +385,7 @@ impl Connection {
             .get_config(
                 0,
                 size,
-                VhostUserConfigFlags::WRITABLE,
+                VhostUserConfigFlags::empty(),
                 &vec![0u8; size as usize],
             )
             .map_err(not_vu("GET_CONFIG"))?;
@@ -553,9 +553,11 @@ impl Connection {
     /// SET_CONFIG of `data` at `offset` in the device config.
     pub fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
         let _armed = self.watchdog.arm(REPLY_TIMEOUT);
+        // Flags 0: a write from the frontend (QEMU's VHOST_SET_CONFIG_TYPE_FRONTEND); 1 would
+        // mean migration, which libvhost-user backends refuse.
         let r = self
             .frontend
-            .set_config(offset, VhostUserConfigFlags::WRITABLE, data);
+            .set_config(offset, VhostUserConfigFlags::empty(), data);
         r.map_err(self.req("SET_CONFIG"))
     }
 }
