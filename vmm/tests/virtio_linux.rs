@@ -34,15 +34,30 @@ fn linux_virtio_blk_reads_writes_and_survives_a_backend_restart() {
     data[1 << 20..(1 << 20) + 16].copy_from_slice(b"hype-disk-marker");
     std::fs::write(&img, &data).unwrap();
     let mut backend = Backend::block_file(&dir, &img, 4 << 20);
+    // A second disk, with options, started after the VMM (which waits for it).
+    let second = dir.join("second.sock");
+    let _ = std::fs::remove_file(&second);
     let opts = VmOptions::new(&art.vmlinux, &art.initramfs)
         .memory("192M")
-        .device(backend.socket.to_str().unwrap());
+        .device(backend.socket.to_str().unwrap())
+        .device(&format!(
+            "socket={},type=blk,queue-size=64",
+            second.display()
+        ));
     let mut vm = GuestVm::boot(hype(), &opts).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let _second = Backend::start(&["block-mem", "--size", "2M"], &second);
     vm.wait_ready(BOOT).unwrap();
+    assert!(
+        vm.log().contains("waiting for backend socket"),
+        "{}",
+        vm.log()
+    );
+    assert_eq!(vm.check("cat /sys/block/vdb/size", STEP).unwrap(), "4096");
     assert!(
         vm.check("cat /proc/cmdline", STEP)
             .unwrap()
-            .contains("virtio_mmio.device=4K@0xd0000000:5"),
+            .contains("virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"),
         "{}",
         vm.log()
     );
