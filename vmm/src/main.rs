@@ -32,6 +32,9 @@ enum Command {
     BlockHttp(hype_block_http::Args),
     /// Serve a TAP interface as a vhost-user virtio-net backend.
     NetTap(hype_net_tap::Args),
+    /// Serve a virtio-console (terminal, socket, pty or log file) as a vhost-user backend, or
+    /// `attach PATH` to a console's client socket.
+    Console(hype_console::Command),
 }
 
 #[derive(Args)]
@@ -147,5 +150,6 @@ fn main() -> ExitCode {
         Command::BlockFile(a) => run_backend("block-file", hype_block_file::run(a)),
         Command::BlockHttp(a) => run_backend("block-http", hype_block_http::run(a)),
         Command::NetTap(a) => run_backend("net-tap", hype_net_tap::run(a)),
+        Command::Console(a) => run_backend("console", hype_console::dispatch(a)),
     }
 }
