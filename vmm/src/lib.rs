@@ -9,6 +9,7 @@ pub mod devices;
 pub mod fixups;
 pub mod layout;
 pub mod memory;
+pub mod run;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;

@@ -1,0 +1,295 @@
+//! The `hype run` command line, and the VM description file (`--config vm.toml`) it can start
+//! from: both merge into one [`RunConfig`], flags winning.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::problem::Problem;
+
+/// Command-line options of `hype run`.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(after_help = "Examples:
+  hype run --kernel vmlinux --initrd initramfs.cpio --cmdline 'console=ttyS0' \\
+      --disk file:disk.img --disk mem:256M --disk http://host/image.raw,overlay=/var/tmp/o.img \\
+      --net tap:tap0 --cpus 2 --memory 1G
+  hype run --config vm.toml --memory 2G
+  hype run --config vm.toml --print-commands
+
+Disks: file:PATH[,ro], mem:SIZE, http(s)://URL[,overlay=PATH][,ro]; any spec may end in
+,socket=PATH. Each backend runs as its own `hype` process; a crashed backend is restarted
+and the guest carries on. Ctrl-C or SIGTERM stops the VM, then the backends. The exit code
+is the VMM's. See docs/run.md.")]
+pub struct RunArgs {
+    /// VM description file (TOML); command-line options override its settings.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Kernel image (bzImage or ELF vmlinux).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest memory (e.g. 512M, 1G; a bare number is MiB).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u8>,
+    /// The VMM's serial console (COM1): stdio, none or file:PATH. Default: stdio, or none
+    /// when `--console stdio` takes the terminal.
+    #[arg(long, value_name = "SINK")]
+    pub serial: Option<String>,
+    /// A disk: file:PATH[,ro], mem:SIZE, http(s)://URL[,overlay=PATH][,ro]. Repeatable;
+    /// given on the command line, they replace the config file's disks.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+    /// A network interface: tap:NAME[,mac=MAC]. Repeatable; replaces the config file's.
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
+    /// The console: serial (the VMM's UART, default), or a virtio-console backend with
+    /// output stdio, pty, socket:PATH or file:PATH.
+    #[arg(long, value_name = "SPEC")]
+    pub console: Option<String>,
+    /// A vhost-user backend you run yourself, as for `hype vmm --device`. Repeatable;
+    /// replaces the config file's.
+    #[arg(long = "device", value_name = "SPEC")]
+    pub devices: Vec<String>,
+    /// Name of the VM: names the private runtime directory (hype-NAME.PID).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Restarts allowed per backend within a minute before the VM is stopped.
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// Print the equivalent separate commands (backends, then the VMM) and exit.
+    #[arg(long)]
+    pub print_commands: bool,
+}
+
+/// A size given in the config file: a string with a suffix, or a number of MiB.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum SizeValue {
+    Mib(u64),
+    Text(String),
+}
+
+/// The VM description file. Every key is optional; relative paths are relative to the file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    memory: Option<SizeValue>,
+    cpus: Option<u8>,
+    serial: Option<String>,
+    console: Option<String>,
+    #[serde(default)]
+    disks: Vec<String>,
+    #[serde(default)]
+    nets: Vec<String>,
+    #[serde(default)]
+    devices: Vec<String>,
+    name: Option<String>,
+    max_restarts: Option<u32>,
+}
+
+/// The VM as described by the config file and the flags together, not yet checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunConfig {
+    /// Kernel image.
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+    /// Guest memory, as given.
+    pub memory: Option<String>,
+    /// vCPUs.
+    pub cpus: Option<u8>,
+    /// Serial sink, as given.
+    pub serial: Option<String>,
+    /// Console spec, as given.
+    pub console: Option<String>,
+    /// Disk specs, as given (file paths already made relative to the config file's directory).
+    pub disks: Vec<String>,
+    /// Net specs.
+    pub nets: Vec<String>,
+    /// External device specs.
+    pub devices: Vec<String>,
+    /// VM name.
+    pub name: Option<String>,
+    /// Restart limit per backend per minute.
+    pub max_restarts: Option<u32>,
+}
+
+/// Reads `path` and merges `args` over it.
+pub fn load(args: &RunArgs) -> Result<RunConfig, Problem> {
+    let mut cfg = match &args.config {
+        Some(path) => read_file(path)?,
+        None => RunConfig::default(),
+    };
+    merge(&mut cfg, args);
+    Ok(cfg)
+}
+
+/// Flags override the file: scalars one by one, lists as a whole.
+fn merge(cfg: &mut RunConfig, a: &RunArgs) {
+    fn over<T: Clone>(dst: &mut Option<T>, src: &Option<T>) {
+        if src.is_some() {
+            dst.clone_from(src);
+        }
+    }
+    over(&mut cfg.kernel, &a.kernel);
+    over(&mut cfg.initrd, &a.initrd);
+    over(&mut cfg.cmdline, &a.cmdline);
+    over(&mut cfg.memory, &a.memory);
+    over(&mut cfg.cpus, &a.cpus);
+    over(&mut cfg.serial, &a.serial);
+    over(&mut cfg.console, &a.console);
+    over(&mut cfg.name, &a.name);
+    over(&mut cfg.max_restarts, &a.max_restarts);
+    for (dst, src) in [
+        (&mut cfg.disks, &a.disks),
+        (&mut cfg.nets, &a.nets),
+        (&mut cfg.devices, &a.devices),
+    ] {
+        if !src.is_empty() {
+            dst.clone_from(src);
+        }
+    }
+}
+
+/// Parses a VM description file.
+fn read_file(path: &Path) -> Result<RunConfig, Problem> {
+    let text = std::fs::read_to_string(path).map_err(|source| Problem::ConfigRead {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_file(&text, path.parent().unwrap_or(Path::new("")), path)
+}
+
+/// Parses the text of a VM description file whose relative paths are relative to `base`.
+fn parse_file(text: &str, base: &Path, path: &Path) -> Result<RunConfig, Problem> {
+    let f: FileConfig = toml::from_str(text).map_err(|e| Problem::ConfigParse {
+        path: path.to_owned(),
+        message: e.message().to_string(),
+    })?;
+    let rebase = |p: PathBuf| {
+        if p.is_relative() && !base.as_os_str().is_empty() {
+            base.join(p)
+        } else {
+            p
+        }
+    };
+    let rebase_spec = |s: String| -> String {
+        let b = |p: &str| rebase(PathBuf::from(p)).to_string_lossy().into_owned();
+        if let Some(p) = s.strip_prefix("file:") {
+            format!("file:{}", rebase_opts(p, true, &b))
+        } else {
+            rebase_opts(&s, false, &b)
+        }
+    };
+    Ok(RunConfig {
+        kernel: f.kernel.map(rebase),
+        initrd: f.initrd.map(rebase),
+        cmdline: f.cmdline,
+        memory: f.memory.map(|m| match m {
+            SizeValue::Mib(n) => format!("{n}M"),
+            SizeValue::Text(s) => s,
+        }),
+        cpus: f.cpus,
+        serial: f.serial.map(|s| match s.strip_prefix("file:") {
+            Some(p) => format!("file:{}", rebase(PathBuf::from(p)).display()),
+            None => s,
+        }),
+        console: f.console,
+        disks: f.disks.into_iter().map(rebase_spec).collect(),
+        nets: f.nets,
+        devices: f.devices,
+        name: f.name,
+        max_restarts: f.max_restarts,
+    })
+}
+
+/// Rebases the `overlay=` / `socket=` options of a `HEAD,key=value,...` string, and the head
+/// too if `head_is_path`; anything else is kept as it is.
+fn rebase_opts(s: &str, head_is_path: bool, rebase: &dyn Fn(&str) -> String) -> String {
+    let mut parts = s.split(',');
+    let mut out = Vec::new();
+    if let Some(first) = parts.next() {
+        if !head_is_path || first.is_empty() {
+            out.push(first.to_string());
+        } else {
+            out.push(rebase(first));
+        }
+    }
+    for p in parts {
+        match p.split_once('=') {
+            Some((k @ ("overlay" | "socket"), v)) if !v.is_empty() => {
+                out.push(format!("{k}={}", rebase(v)))
+            }
+            _ => out.push(p.to_string()),
+        }
+    }
+    out.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+kernel = "vmlinux"
+initrd = "/abs/initrd.cpio"
+cmdline = "console=ttyS0"
+memory = 1024
+cpus = 2
+disks = ["file:disk.img,ro", "mem:64M", "http://h/i.raw,overlay=o.img"]
+nets = ["tap:tap0"]
+"#;
+
+    #[test]
+    fn file_paths_are_relative_to_the_file() {
+        let c = parse_file(FILE, Path::new("/etc/vms"), Path::new("/etc/vms/a.toml")).unwrap();
+        assert_eq!(c.kernel, Some(PathBuf::from("/etc/vms/vmlinux")));
+        assert_eq!(c.initrd, Some(PathBuf::from("/abs/initrd.cpio")));
+        assert_eq!(c.memory.as_deref(), Some("1024M"));
+        assert_eq!(
+            c.disks,
+            [
+                "file:/etc/vms/disk.img,ro",
+                "mem:64M",
+                "http://h/i.raw,overlay=/etc/vms/o.img"
+            ]
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut c = parse_file(FILE, Path::new("/d"), Path::new("/d/a.toml")).unwrap();
+        let a = RunArgs {
+            memory: Some("2G".into()),
+            disks: vec!["mem:1M".into()],
+            ..RunArgs::default()
+        };
+        merge(&mut c, &a);
+        assert_eq!(c.memory.as_deref(), Some("2G"));
+        assert_eq!(c.cpus, Some(2));
+        assert_eq!(c.disks, ["mem:1M"]);
+        assert_eq!(c.nets, ["tap:tap0"]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_errors() {
+        let p = Path::new("x.toml");
+        let e = parse_file("kernal = \"x\"", Path::new(""), p).unwrap_err();
+        assert!(e.to_string().contains("unknown field `kernal`"), "{e}");
+        let e = parse_file("cpus = \"two\"", Path::new(""), p).unwrap_err();
+        assert!(e.to_string().starts_with("x.toml: "), "{e}");
+    }
+}
