@@ -105,60 +105,55 @@ fn drain(pty: &Pty) {
     });
 }
 
-#[test]
-fn restored_after_guest_reset() {
-    let elf = assemble("long_hello", 0x20_0000);
+/// Runs `guest` on a fresh pty, does `during` while it runs, expects exit `code`, and checks the
+/// terminal settings are exactly what they were before.
+fn check_restored(
+    guest: &str,
+    extra: &[&str],
+    code: Option<i32>,
+    during: impl FnOnce(&Pty, &Child),
+) {
+    let elf = assemble(guest, 0x20_0000);
     let pty = openpty();
     drain(&pty);
     let before = termios(pty.slave.as_raw_fd());
     assert!(!is_raw(&before));
-    let mut c = spawn_on(&pty, elf.to_str().unwrap(), &[]);
-    assert_eq!(wait(&mut c, Duration::from_secs(20)), Some(0));
+    let mut c = spawn_on(&pty, elf.to_str().unwrap(), extra);
+    during(&pty, &c);
+    assert_eq!(wait(&mut c, Duration::from_secs(20)), code);
     assert!(same(&before, &termios(pty.slave.as_raw_fd())));
+}
+
+#[test]
+fn restored_after_guest_reset() {
+    check_restored("long_hello", &[], Some(0), |_, _| {});
 }
 
 #[test]
 fn restored_after_sigterm_and_raw_while_running() {
-    let elf = assemble("spin", 0x20_0000);
-    let pty = openpty();
-    drain(&pty);
-    let before = termios(pty.slave.as_raw_fd());
-    let mut c = spawn_on(&pty, elf.to_str().unwrap(), &[]);
-    wait_raw(&pty);
-    // SAFETY: sending SIGTERM to our own child.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    assert_eq!(wait(&mut c, Duration::from_secs(20)), Some(0));
-    assert!(same(&before, &termios(pty.slave.as_raw_fd())));
+    check_restored("spin", &[], Some(0), |pty, c| {
+        wait_raw(pty);
+        // SAFETY: sending SIGTERM to our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    });
 }
 
 #[test]
 fn restored_after_ctrl_a_x() {
-    let elf = assemble("spin", 0x20_0000);
-    let pty = openpty();
-    drain(&pty);
-    let before = termios(pty.slave.as_raw_fd());
-    let mut c = spawn_on(&pty, elf.to_str().unwrap(), &[]);
-    wait_raw(&pty);
-    pty.master.try_clone().unwrap().write_all(b"\x01x").unwrap();
-    assert_eq!(wait(&mut c, Duration::from_secs(20)), Some(0));
-    assert!(same(&before, &termios(pty.slave.as_raw_fd())));
+    check_restored("spin", &[], Some(0), |pty, _| {
+        wait_raw(pty);
+        pty.master.try_clone().unwrap().write_all(b"\x01x").unwrap();
+    });
 }
 
 #[test]
 fn restored_after_a_runtime_error() {
     // Without fix-ups the final int3 of this guest is an error on PVM hosts (exit 1); elsewhere it
     // triple-faults (exit 0). Either way the terminal must come back.
-    let elf = assemble("pvh_hello", 0x20_0000);
-    let pty = openpty();
-    drain(&pty);
-    let before = termios(pty.slave.as_raw_fd());
-    let mut c = spawn_on(&pty, elf.to_str().unwrap(), &["--emulation-fixups", "off"]);
-    let code = wait(&mut c, Duration::from_secs(20));
-    let expected = if hype_vmm::fixups::host_needs_fixups() {
+    let code = if hype_vmm::fixups::host_needs_fixups() {
         Some(1)
     } else {
         Some(0)
     };
-    assert_eq!(code, expected);
-    assert!(same(&before, &termios(pty.slave.as_raw_fd())));
+    check_restored("pvh_hello", &["--emulation-fixups", "off"], code, |_, _| {});
 }
