@@ -476,6 +476,7 @@ enum Readiness {
     Quiet,
     Commands,
     Hangup,
+    BackendRequest,
 }
 
 impl Worker {
@@ -491,8 +492,10 @@ impl Worker {
                 Duration::from_secs(1)
             };
             let readiness = self.wait(timeout);
-            if matches!(readiness, Readiness::Hangup) {
-                self.lost("the backend closed the connection");
+            match readiness {
+                Readiness::Hangup => self.lost("the backend closed the connection"),
+                Readiness::BackendRequest => self.backend_request(),
+                Readiness::Quiet | Readiness::Commands => {}
             }
             let _ = self.wake.read();
             loop {
@@ -522,6 +525,13 @@ impl Worker {
                 revents: 0,
             });
         }
+        if let Some(fd) = self.conn.as_ref().and_then(|c| c.backend_request_fd()) {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
@@ -534,6 +544,9 @@ impl Worker {
             if s.revents != 0 {
                 return Readiness::Hangup;
             }
+        }
+        if fds.get(2).is_some_and(|s| s.revents != 0) {
+            return Readiness::BackendRequest;
         }
         if fds[0].revents != 0 {
             Readiness::Commands
@@ -754,6 +767,56 @@ impl Worker {
         // The inflight area (if any) is dropped with `active`: a new setup starts clean.
     }
 
+    /// Shows the guest a config the backend now has: what the guest wrote stays as written,
+    /// the exposed queue count stays; generation bump and config interrupt if anything changed.
+    fn apply_backend_config(&mut self, backend_config: &[u8]) {
+        let mut config = backend_config.to_vec();
+        for (o, d) in &self.guest_config {
+            let o = *o as usize;
+            if let Some(dst) = config.get_mut(o..o + d.len()) {
+                dst.copy_from_slice(d);
+            }
+        }
+        let mut t = self.shared.transport();
+        let old = t.config().to_vec();
+        if self.kind == DeviceType::Block && config.len() >= 36 && old.len() >= 36 {
+            config[34..36].copy_from_slice(&old[34..36]);
+        }
+        if t.update_config(&config) {
+            t.set_config_interrupt();
+            drop(t);
+            self.shared.config_interrupt();
+        }
+    }
+
+    /// A request on the BACKEND_REQ channel: a config change makes hype fetch the config and
+    /// tell the guest.
+    fn backend_request(&mut self) {
+        let Some(conn) = &mut self.conn else {
+            return;
+        };
+        if !conn.handle_backend_request() {
+            return;
+        }
+        match conn.read_config() {
+            Ok(config) => {
+                log::info!(
+                    "{}: backend reports a config change: {}",
+                    self.shared.name,
+                    self.kind.describe_config(&config)
+                );
+                self.info.config = config.clone();
+                self.apply_backend_config(&config);
+            }
+            Err(e) => {
+                log::warn!("{}: {e}", self.shared.name);
+                if e.is_disconnect() {
+                    self.lost("GET_CONFIG failed");
+                }
+            }
+        }
+    }
+
     fn refuse(&mut self, msg: String) {
         if self.last_refusal.as_deref() != Some(msg.as_str()) {
             log::error!("{}: {msg}", self.shared.name);
@@ -826,25 +889,7 @@ impl Worker {
                 self.kind.describe_config(&new.config),
                 self.kind.describe_config(&self.info.config)
             );
-            let mut t = self.shared.transport();
-            let mut config = new.config.clone();
-            // What the guest wrote stays as it wrote it (replayed below).
-            for (o, d) in &self.guest_config {
-                let o = *o as usize;
-                if let Some(dst) = config.get_mut(o..o + d.len()) {
-                    dst.copy_from_slice(d);
-                }
-            }
-            // Keep the exposed num_queues (blk) as it was.
-            let old = t.config().to_vec();
-            if self.kind == DeviceType::Block && config.len() >= 36 && old.len() >= 36 {
-                config[34..36].copy_from_slice(&old[34..36]);
-            }
-            if t.update_config(&config) {
-                t.set_config_interrupt();
-                drop(t);
-                self.shared.config_interrupt();
-            }
+            self.apply_backend_config(&new.config);
         }
         self.info = new;
         if let Ok(mut l) = self.shared.link.lock() {

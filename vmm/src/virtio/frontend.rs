@@ -43,6 +43,30 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::BACKEND_REQ
+}
+
+/// Takes the backend's requests on the BACKEND_REQ channel: only config-change notifications
+/// are acted on (they set a flag the device thread looks at).
+#[derive(Debug, Default)]
+pub struct BackendRequests {
+    config_changed: std::sync::atomic::AtomicBool,
+}
+
+impl BackendRequests {
+    /// Whether a config change was reported since the last call.
+    pub fn take_config_change(&self) -> bool {
+        self.config_changed
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+}
+
+impl vhost::vhost_user::VhostUserFrontendReqHandler for BackendRequests {
+    fn handle_config_change(&self) -> vhost::vhost_user::HandlerResult<u64> {
+        self.config_changed
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(0)
+    }
 }
 
 /// Errors talking to a backend.
@@ -225,6 +249,10 @@ pub fn host_range(
 /// One connection to a backend.
 pub struct Connection {
     path: PathBuf,
+    backend_requests: Option<(
+        vhost::vhost_user::FrontendReqHandler<BackendRequests>,
+        Arc<BackendRequests>,
+    )>,
     watchdog: WatchdogHandle,
     frontend: Frontend,
     info: BackendInfo,
@@ -361,6 +389,17 @@ impl Connection {
         if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
+        let backend_requests = if acked.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let state = Arc::new(BackendRequests::default());
+            let mut h = vhost::vhost_user::FrontendReqHandler::new(state.clone())
+                .map_err(|e| not_vu("SET_BACKEND_REQ_FD")(vhost::Error::VhostUserProtocol(e)))?;
+            h.set_reply_ack_flag(acked.contains(VhostUserProtocolFeatures::REPLY_ACK));
+            fe.set_backend_request_fd(&h.get_tx_raw_fd())
+                .map_err(not_vu("SET_BACKEND_REQ_FD"))?;
+            Some((h, state))
+        } else {
+            None
+        };
         let queue_num = if acked.contains(VhostUserProtocolFeatures::MQ) {
             Some(fe.get_queue_num().map_err(not_vu("GET_QUEUE_NUM"))?)
         } else {
@@ -404,6 +443,7 @@ impl Connection {
         drop(_armed);
         Ok(Connection {
             path,
+            backend_requests,
             watchdog,
             frontend: fe,
             info: BackendInfo {
@@ -432,6 +472,43 @@ impl Connection {
         }
         // SAFETY: `fd` is a fresh descriptor nothing else owns.
         Ok(unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+
+    /// The BACKEND_REQ channel's descriptor, readable when the backend sent a request.
+    pub fn backend_request_fd(&self) -> Option<RawFd> {
+        self.backend_requests.as_ref().map(|(h, _)| h.as_raw_fd())
+    }
+
+    /// Serves one backend request; returns whether it reported a config change. A broken
+    /// channel is closed (the main socket tells whether the backend is gone).
+    pub fn handle_backend_request(&mut self) -> bool {
+        let Some((h, state)) = &mut self.backend_requests else {
+            return false;
+        };
+        if let Err(e) = h.handle_request() {
+            log::warn!(
+                "backend {}: request channel: {e}; closing it",
+                self.path.display()
+            );
+            self.backend_requests = None;
+            return false;
+        }
+        state.take_config_change()
+    }
+
+    /// GET_CONFIG of the device config again (after a config change).
+    pub fn read_config(&mut self) -> Result<Vec<u8>, FrontendError> {
+        let _armed = self.watchdog.arm(REPLY_TIMEOUT);
+        let size = self.info.kind.config_size();
+        let r = self.frontend.get_config(
+            0,
+            size,
+            VhostUserConfigFlags::empty(),
+            &vec![0u8; size as usize],
+        );
+        let (_, config) = r.map_err(self.req("GET_CONFIG"))?;
+        self.info.config = config.clone();
+        Ok(config)
     }
 
     /// The socket's descriptor (to watch it for hang-ups).
