@@ -14,7 +14,7 @@ mod file;
 
 use std::path::PathBuf;
 
-use hype_block::{parse_size, BlockDevice, DeviceArgs};
+use hype_block::{parse_size, BlockDevice, CommandError, DeviceArgs};
 
 pub use file::{FileOptions, FileStorage};
 
@@ -80,6 +80,22 @@ pub enum Error {
     /// Serving failed.
     #[error(transparent)]
     Block(#[from] hype_block::Error),
+}
+
+impl CommandError for Error {
+    /// The image named by `--path` missing, of the wrong kind, locked by another process or
+    /// with a block size it cannot take is the command line's fault; a failing flock(2) is not.
+    fn is_usage(&self) -> bool {
+        match self {
+            Error::Open { .. }
+            | Error::Locked(_)
+            | Error::UnsupportedFileType(_)
+            | Error::Size { .. }
+            | Error::InvalidBlockSize(_) => true,
+            Error::Lock { .. } => false,
+            Error::Block(e) => e.is_usage(),
+        }
+    }
 }
 
 /// Runs the file backend until SIGINT/SIGTERM.

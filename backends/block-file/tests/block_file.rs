@@ -2,6 +2,8 @@
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;
+#[path = "../../daemon/tests/exit_check/mod.rs"]
+mod exit_check;
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -151,9 +153,8 @@ fn read_only_and_locking() {
             .args(extra)
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(1));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("in use"), "{err}");
+        // Locked by another process, like a socket in use: a usage error.
+        exit_check::assert_exit(&out, exit_check::USAGE, "hype-block-file", "in use");
         assert!(!dir.join("x.sock").exists());
     }
     assert!(writer.signal_and_wait(libc::SIGTERM).success());
@@ -257,4 +258,58 @@ fn systemd_socket_activation() {
         sock.exists(),
         "a socket we did not create must not be removed"
     );
+}
+
+#[test]
+fn usage_errors_exit_2_runtime_errors_exit_1() {
+    let dir = tempdir("fileexit");
+    let img = image(&dir, 1 << 20);
+    let img_s = img.to_str().unwrap();
+    let sock = dir.join("blk.sock");
+    let sock_s = sock.to_str().unwrap();
+    let usage: [(&[&str], &str); 5] = [
+        (&["--socket", sock_s], "--path <PATH>"),
+        (
+            &["--path", "/nonexistent/disk.img", "--socket", sock_s],
+            "cannot open /nonexistent/disk.img",
+        ),
+        (
+            &["--path", "/dev/null", "--socket", sock_s],
+            "/dev/null is neither a regular file nor a block device",
+        ),
+        (
+            &["--path", img_s, "--block-size", "1000", "--socket", sock_s],
+            "invalid block size 1000",
+        ),
+        (
+            &["--path", img_s, "--num-queues", "0", "--socket", sock_s],
+            "invalid queue count 0",
+        ),
+    ];
+    for (args, needle) in usage {
+        let out = exit_check::run_bin(BIN, args);
+        exit_check::assert_exit(&out, exit_check::USAGE, "hype-block-file", needle);
+        assert!(!sock.exists());
+    }
+    let taken = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let out = exit_check::run_bin(BIN, &["--path", img_s, "--socket", sock_s]);
+    exit_check::assert_exit(&out, exit_check::USAGE, "hype-block-file", "is in use");
+    drop(taken);
+    std::fs::remove_file(&sock).unwrap();
+    // Runtime: serving starts, then the first frontend finds no file descriptors left for
+    // 64 queues' worker threads.
+    let cmd = exit_check::with_fd_limit(
+        &[],
+        32,
+        BIN,
+        &["--path", img_s, "--num-queues", "64", "--socket", sock_s],
+    );
+    let out = exit_check::exit_after_connect(cmd, &sock);
+    exit_check::assert_exit(
+        &out,
+        exit_check::RUNTIME,
+        "hype-block-file",
+        "Too many open files",
+    );
+    assert!(!sock.exists(), "socket left behind");
 }

@@ -39,7 +39,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hype_block::{parse_size, BlockDevice, DeviceArgs, SECTOR_SIZE};
+use hype_block::{parse_size, BlockDevice, CommandError, DeviceArgs, SECTOR_SIZE};
 
 pub use overlay::{Overlay, OverlayError, DEFAULT_GRANULE};
 pub use reader::{ReaderOptions, RemoteReader};
@@ -119,6 +119,23 @@ pub enum Error {
     /// Serving failed.
     #[error(transparent)]
     Block(#[from] hype_block::Error),
+}
+
+impl CommandError for Error {
+    /// Option checks, and the image or overlay the options name, are the command line's
+    /// business (see the `OpenError` and `OverlayError` implementations); threads are not.
+    fn is_usage(&self) -> bool {
+        match self {
+            Error::InvalidCacheBlock(_)
+            | Error::InvalidBlockSize(_)
+            | Error::InvalidConnections(_)
+            | Error::InvalidTimeout => true,
+            Error::Open(e) => e.is_usage(),
+            Error::Overlay(e) => e.is_usage(),
+            Error::Threads(_) => false,
+            Error::Block(e) => e.is_usage(),
+        }
+    }
 }
 
 /// Opens the image (and overlay) `args` describes.

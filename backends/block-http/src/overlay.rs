@@ -86,6 +86,20 @@ pub enum OverlayError {
     IdentityTooLong,
 }
 
+impl hype_block::CommandError for OverlayError {
+    /// Every overlay error concerns the file named by `--overlay` (unusable, in use, of another
+    /// format or made for another image) and happens before serving starts.
+    fn is_usage(&self) -> bool {
+        match self {
+            OverlayError::Io { .. }
+            | OverlayError::Locked(_)
+            | OverlayError::Format { .. }
+            | OverlayError::ImageMismatch { .. }
+            | OverlayError::IdentityTooLong => true,
+        }
+    }
+}
+
 /// An open overlay file.
 pub struct Overlay {
     file: File,

@@ -282,6 +282,36 @@ pub enum OpenError {
     },
 }
 
+impl hype_block::CommandError for OpenError {
+    /// A URL that is not an http(s) disk image server (bad URL, not found, no Range support,
+    /// no usable size) or an unusable `--ca-cert` is the command line's fault. A server that
+    /// cannot be reached or answers with a transient status may come back: a runtime error.
+    fn is_usage(&self) -> bool {
+        match self {
+            OpenError::Url { .. }
+            | OpenError::CaCert { .. }
+            | OpenError::SizeUnknown { .. }
+            | OpenError::TooLarge { .. }
+            | OpenError::Empty { .. }
+            | OpenError::RangeUnsupported { .. }
+            | OpenError::SizeMismatch { .. } => true,
+            OpenError::HeadStatus { status, .. } => !is_transient_status(*status),
+            OpenError::Probe { source, .. } => match **source {
+                FetchError::Status { status, .. } => !is_transient_status(status),
+                FetchError::RangeIgnored { .. }
+                | FetchError::BadContentRange { .. }
+                | FetchError::LongBody { .. } => true,
+                FetchError::Transport { .. }
+                | FetchError::ShortBody { .. }
+                | FetchError::ImageChanged { .. }
+                | FetchError::Stale
+                | FetchError::Closed => false,
+            },
+            OpenError::Client(_) | OpenError::Head { .. } => false,
+        }
+    }
+}
+
 /// Tunables of the HTTP side.
 #[derive(Clone, Debug)]
 pub struct RemoteOptions {

@@ -3,6 +3,8 @@
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;
+#[path = "../../daemon/tests/exit_check/mod.rs"]
+mod exit_check;
 mod http_server;
 
 use std::process::Command;
@@ -30,29 +32,30 @@ fn spawn(name: &str, server: &HttpServer, extra: &[&str]) -> (Process, std::path
     (p, dir)
 }
 
-/// Runs the binary expecting a start-up failure; returns its stderr.
-fn start_fails(server_url: &str, extra: &[&str]) -> String {
+/// Runs the binary expecting a start-up failure with exit code `code`; returns its stderr,
+/// which must be one line.
+fn start_fails(server_url: &str, extra: &[&str], code: i32) -> String {
     let dir = tempdir("fail");
-    let out = Command::new(BIN)
-        .args([
-            "--url",
-            server_url,
-            "--retries",
-            "1",
-            "--retry-delay-ms",
-            "1",
-        ])
-        .args(extra)
-        .arg("--socket")
-        .arg(dir.join("blk.sock"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--url",
+        server_url,
+        "--retries",
+        "1",
+        "--retry-delay-ms",
+        "1",
+    ])
+    .args(extra)
+    .arg("--socket")
+    .arg(dir.join("blk.sock"))
+    .env("HYPE_LOG", "off");
+    let out = exit_check::run_to_exit(cmd);
+    let line = exit_check::assert_exit(&out, code, "hype-block-http", "");
     assert!(
         !dir.join("blk.sock").exists(),
         "no socket on a refused image"
     );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    line
 }
 
 fn status(disk: &mut BlkDriver, req: &BlkRequest) -> BlkStatus {
@@ -153,7 +156,7 @@ fn refuses_servers_that_ignore_range_or_hide_the_size() {
         honour_range: false,
         ..Behaviour::new(img.clone())
     });
-    let err = start_fails(&plain.url(), &[]);
+    let err = start_fails(&plain.url(), &[], exit_check::USAGE);
     assert!(err.contains("does not support Range requests"), "{err}");
     assert!(err.contains("answered with 200"), "{err}");
 
@@ -162,20 +165,20 @@ fn refuses_servers_that_ignore_range_or_hide_the_size() {
         hide_total: true,
         ..Behaviour::new(img.clone())
     });
-    let err = start_fails(&no_size.url(), &[]);
+    let err = start_fails(&no_size.url(), &[], exit_check::USAGE);
     assert!(err.contains("image size unknown"), "{err}");
 
     let lying = HttpServer::start(Behaviour {
         head_size: Some(1 << 60),
         ..Behaviour::new(img.clone())
     });
-    let err = start_fails(&lying.url(), &[]);
+    let err = start_fails(&lying.url(), &[], exit_check::USAGE);
     assert!(
         err.contains("HEAD says 1152921504606846976 bytes but Content-Range says 1048576"),
         "{err}"
     );
     lying.set(|b| b.hide_total = true);
-    let err = start_fails(&lying.url(), &[]);
+    let err = start_fails(&lying.url(), &[], exit_check::USAGE);
     assert!(err.contains("larger than the supported"), "{err}");
 
     // No HEAD, but the probe's Content-Range gives the size: accepted.
@@ -192,14 +195,18 @@ fn refuses_servers_that_ignore_range_or_hide_the_size() {
         img[1000 * 512..1000 * 512 + 8192]
     );
 
-    let err = start_fails("http://127.0.0.1:1/disk.img", &[]);
+    let err = start_fails("http://127.0.0.1:1/disk.img", &[], exit_check::RUNTIME);
     assert!(
         err.contains("HEAD http://127.0.0.1:1/disk.img failed"),
         "{err}"
     );
-    let err = start_fails("ftp://example.invalid/x", &[]);
+    let err = start_fails("ftp://example.invalid/x", &[], exit_check::USAGE);
     assert!(err.contains("invalid url"), "{err}");
-    let err = start_fails(&no_head.url(), &["--cache-block", "1000"]);
+    let err = start_fails(
+        &no_head.url(),
+        &["--cache-block", "1000"],
+        exit_check::USAGE,
+    );
     assert!(err.contains("invalid --cache-block 1000"), "{err}");
 }
 
@@ -454,7 +461,11 @@ fn overlay_keeps_writes_locally_across_restarts() {
         b.content = std::sync::Arc::new(image(len, 8));
         b.etag = Some("\"v2\"".into());
     });
-    let err = start_fails(&server.url(), &["--overlay", ov.as_str()]);
+    let err = start_fails(
+        &server.url(),
+        &["--overlay", ov.as_str()],
+        exit_check::USAGE,
+    );
     assert!(err.contains("was made for"), "{err}");
 }
 
@@ -560,7 +571,7 @@ fn https_with_a_private_ca() {
     );
     assert!(server.url().starts_with("https://"));
     // The test CA is not a system root: refused without --ca-cert.
-    let err = start_fails(&server.url(), &[]);
+    let err = start_fails(&server.url(), &[], exit_check::RUNTIME);
     assert!(
         err.contains("HEAD") && err.to_lowercase().contains("certificate"),
         "{err}"
@@ -571,6 +582,51 @@ fn https_with_a_private_ca() {
     check_config(&mut disk, (1 << 20) / SECTOR_SIZE, 1);
     assert!(disk.read(0, 1 << 20).unwrap() == img);
     let missing = tls.join("missing.pem");
-    let err = start_fails(&server.url(), &["--ca-cert", missing.to_str().unwrap()]);
+    let err = start_fails(
+        &server.url(),
+        &["--ca-cert", missing.to_str().unwrap()],
+        exit_check::USAGE,
+    );
     assert!(err.contains("cannot use CA certificates"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2_runtime_errors_exit_1() {
+    let server = HttpServer::start(Behaviour::new(image(1 << 20, 4)));
+    let url = server.url();
+    let err = start_fails(&url, &["--connections", "0"], exit_check::USAGE);
+    assert!(err.contains("invalid --connections 0"), "{err}");
+    let err = start_fails(&url, &["--timeout", "x"], exit_check::USAGE);
+    assert!(err.contains("invalid value 'x' for '--timeout"), "{err}");
+    let dir = tempdir("http-exit");
+    let sock = dir.join("blk.sock");
+    let sock_s = sock.to_str().unwrap();
+    let taken = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--url", &url, "--socket", sock_s])
+        .env("HYPE_LOG", "off");
+    let out = exit_check::run_to_exit(cmd);
+    exit_check::assert_exit(&out, exit_check::USAGE, "hype-block-http", "is in use");
+    drop(taken);
+    std::fs::remove_file(&sock).unwrap();
+    // A server that keeps answering 503 may come back: runtime.
+    server.set(|b| b.fail_next = 1000);
+    let err = start_fails(&url, &[], exit_check::RUNTIME);
+    assert!(err.contains("server answered 503"), "{err}");
+    server.set(|b| b.fail_next = 0);
+    // Runtime after serving started: no file descriptors left for 64 queues' threads.
+    let cmd = exit_check::with_fd_limit(
+        &[],
+        32,
+        BIN,
+        &["--url", &url, "--num-queues", "64", "--socket", sock_s],
+    );
+    let out = exit_check::exit_after_connect(cmd, &sock);
+    exit_check::assert_exit(
+        &out,
+        exit_check::RUNTIME,
+        "hype-block-http",
+        "Too many open files",
+    );
+    assert!(!sock.exists(), "socket left behind");
 }

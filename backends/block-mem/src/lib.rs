@@ -8,7 +8,7 @@ mod store;
 
 use std::path::PathBuf;
 
-use hype_block::{parse_size, BlockDevice, DeviceArgs};
+use hype_block::{parse_size, BlockDevice, CommandError, DeviceArgs};
 
 pub use store::MemStorage;
 
@@ -60,6 +60,19 @@ pub enum Error {
     /// Serving failed.
     #[error(transparent)]
     Block(#[from] hype_block::Error),
+}
+
+impl CommandError for Error {
+    /// Everything decided before serving (size, image) comes from the command line.
+    fn is_usage(&self) -> bool {
+        match self {
+            Error::NoSize
+            | Error::UnalignedSize(_)
+            | Error::ImageTooLarge { .. }
+            | Error::Image { .. } => true,
+            Error::Block(e) => e.is_usage(),
+        }
+    }
 }
 
 /// Builds the RAM disk `args` describes.

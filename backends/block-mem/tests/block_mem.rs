@@ -2,6 +2,8 @@
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;
+#[path = "../../daemon/tests/exit_check/mod.rs"]
+mod exit_check;
 
 use conformance::*;
 
@@ -87,18 +89,51 @@ fn reconnect_keeps_data() {
 
 #[test]
 fn usage_errors_exit_2_runtime_errors_exit_1() {
-    let out = std::process::Command::new(BIN)
-        .args(["--size", "12Q", "--socket", "/tmp/x"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let out = std::process::Command::new(BIN)
-        .args(["--size", "1000", "--socket", "/tmp/x"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a multiple of 512"), "{err}");
+    let dir = tempdir("memexit");
+    let sock = dir.join("blk.sock");
+    let sock_s = sock.to_str().unwrap();
+    let usage: [(&[&str], &str); 5] = [
+        (
+            &["--size", "12Q", "--socket", sock_s],
+            "invalid value '12Q'",
+        ),
+        (&["--socket", sock_s], "give --size or --image"),
+        (
+            &["--size", "1000", "--socket", sock_s],
+            "not a multiple of 512",
+        ),
+        (
+            &["--image", "/nonexistent/disk.img", "--socket", sock_s],
+            "cannot read image /nonexistent/disk.img",
+        ),
+        (&["--size", "1M"], "no socket"),
+    ];
+    for (args, needle) in usage {
+        let out = exit_check::run_bin(BIN, args);
+        exit_check::assert_exit(&out, exit_check::USAGE, "hype-block-mem", needle);
+    }
+    // A socket path someone else listens on.
+    let taken = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let out = exit_check::run_bin(BIN, &["--size", "1M", "--socket", sock_s]);
+    exit_check::assert_exit(&out, exit_check::USAGE, "hype-block-mem", "is in use");
+    drop(taken);
+    std::fs::remove_file(&sock).unwrap();
+    // Runtime: serving starts, then the first frontend finds no file descriptors left for
+    // 64 queues' worker threads.
+    let cmd = exit_check::with_fd_limit(
+        &[],
+        32,
+        BIN,
+        &["--size", "1M", "--num-queues", "64", "--socket", sock_s],
+    );
+    let out = exit_check::exit_after_connect(cmd, &sock);
+    exit_check::assert_exit(
+        &out,
+        exit_check::RUNTIME,
+        "hype-block-mem",
+        "Too many open files",
+    );
+    assert!(!sock.exists(), "socket left behind");
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! Errors of the block library.
 
+use hype_daemon::CommandError;
+
 /// Why a block device could not be built or served.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -37,4 +39,21 @@ pub enum Error {
     /// Listening, accepting or signal handling failed.
     #[error(transparent)]
     Daemon(#[from] hype_daemon::Error),
+}
+
+impl CommandError for Error {
+    /// Device options (block size, queues, threads, serial) and a storage too small to be a
+    /// disk are the command line's fault; failing to start threads is not.
+    fn is_usage(&self) -> bool {
+        match self {
+            Error::InvalidBlockSize { .. }
+            | Error::TooSmall { .. }
+            | Error::InvalidQueueCount(_)
+            | Error::InvalidQueueSize(_)
+            | Error::InvalidIoThreads(_)
+            | Error::InvalidSerial(_) => true,
+            Error::Backend(_) => false,
+            Error::Daemon(e) => e.is_usage(),
+        }
+    }
 }

@@ -38,4 +38,6 @@ pub use request::RequestError;
 pub use storage::{write_zero_buffers, Storage, StorageInfo, SECTOR_SIZE};
 
 /// Re-exported so backends need not depend on the daemon crate for the common items.
-pub use hype_daemon::{error_chain, init_logging, ListenArgs, Shutdown, SocketListener};
+pub use hype_daemon::{
+    error_chain, init_logging, report_exit, CommandError, ListenArgs, Shutdown, SocketListener,
+};

@@ -76,6 +76,31 @@ pub enum Error {
     SpawnThread(#[source] io::Error),
 }
 
+impl crate::CommandError for Error {
+    /// The socket options and what systemd passed are the command line's business; a bind
+    /// that fails names a path the user gave. Everything from serving on is a runtime error.
+    fn is_usage(&self) -> bool {
+        match self {
+            Error::NoSocket
+            | Error::InvalidListenFds(_)
+            | Error::TooManyListenFds(_)
+            | Error::NotAUnixListener(_)
+            | Error::PathNotSocket(_)
+            | Error::SocketInUse(_)
+            | Error::StaleSocket { .. }
+            | Error::Bind { .. } => true,
+            Error::Chmod { .. }
+            | Error::Poll(_)
+            | Error::ShutdownEvent(_)
+            | Error::SignalHandler(_)
+            | Error::CreateBackend(_)
+            | Error::CreateDaemon(_)
+            | Error::Accept(_)
+            | Error::SpawnThread(_) => false,
+        }
+    }
+}
+
 /// Formats an error and all of its sources on one line: `outer: inner: innermost`.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();

@@ -9,18 +9,25 @@
 //!   building a fresh backend and `VhostUserDaemon` for every connection (a daemon object cannot
 //!   serve a second connection): [`serve`];
 //! * a clean exit on SIGINT/SIGTERM, removing the socket it created: [`Shutdown`];
-//! * one logging setup (`HYPE_LOG`, falling back to `RUST_LOG`): [`init_logging`].
+//! * one logging setup (`HYPE_LOG`, falling back to `RUST_LOG`): [`init_logging`];
+//! * one way to end `main`: the error chain on one line, exit code 2 for usage errors and 1 for
+//!   runtime errors ([`CommandError`], [`report_exit`], [`parse_command_line`]).
 //!
 //! Everything is generic over any [`vhost_user_backend::VhostUserBackend`], so the block, net and
 //! console backends share it.
 
 mod error;
+mod exit;
 mod listener;
 mod logging;
 mod serve;
 mod shutdown;
 
 pub use error::{error_chain, Error};
+pub use exit::{
+    error_line, exit_code, exit_code_number, parse_args_from, parse_command_line, report_exit,
+    usage_error_line, CommandError, EXIT_RUNTIME, EXIT_USAGE,
+};
 pub use listener::{parse_mode, ListenArgs, SocketListener, DEFAULT_SOCKET_MODE};
 pub use logging::init_logging;
 pub use serve::serve;

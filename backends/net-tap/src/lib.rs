@@ -26,7 +26,7 @@ mod tx;
 
 use std::sync::Arc;
 
-use hype_daemon::{ListenArgs, Shutdown, SocketListener};
+use hype_daemon::{CommandError, ListenArgs, Shutdown, SocketListener};
 
 pub use backend::{GuestMemory, NetBackend};
 pub use config::{tap_offloads_for, MacAddr, NetSpec, CONFIG_SIZE, MAX_QUEUE_PAIRS};
@@ -88,6 +88,16 @@ pub enum Error {
     /// Polling the socket failed.
     #[error("poll failed")]
     Poll(#[source] std::io::Error),
+}
+
+impl CommandError for Error {
+    fn is_usage(&self) -> bool {
+        match self {
+            Error::Tap(e) => e.is_usage(),
+            Error::Setup(e) => e.is_usage(),
+            Error::Daemon(_) | Error::Poll(_) => false,
+        }
+    }
 }
 
 /// Runs the backend until SIGINT/SIGTERM.

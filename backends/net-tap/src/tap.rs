@@ -89,6 +89,26 @@ pub enum TapError {
     },
 }
 
+impl hype_daemon::CommandError for TapError {
+    /// The tap named on the command line being invalid, of another kind or queue mode, in use
+    /// or not ours, or refusing `--mtu`, is the command line's fault. A missing tun driver and
+    /// offload or header-size failures are the host's.
+    fn is_usage(&self) -> bool {
+        let argument_errno = |e: &io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EBUSY | libc::EPERM | libc::EACCES)
+            )
+        };
+        match self {
+            TapError::InvalidName(_) | TapError::NameChanged { .. } => true,
+            TapError::SetIff { source, .. } => argument_errno(source),
+            TapError::Interface { source, .. } => source.raw_os_error() == Some(libc::EINVAL),
+            TapError::OpenTun(_) | TapError::VnetHdrSize { .. } | TapError::Offload { .. } => false,
+        }
+    }
+}
+
 /// An open TAP interface with one file descriptor per queue (`IFF_MULTI_QUEUE` when more than
 /// one), each non-blocking, with 12-byte virtio-net headers on every frame.
 #[derive(Debug)]

@@ -2,6 +2,8 @@
 //! hype-testkit: frames cross between the driver's virtqueues and host sockets on the tap.
 
 mod common;
+#[path = "../../daemon/tests/exit_check/mod.rs"]
+mod exit_check;
 
 use std::time::Duration;
 
@@ -656,6 +658,7 @@ fn usage_and_runtime_errors_exit_with_their_codes() {
         std::process::Command::new("ip")
             .args(["netns", "exec", &ns.name, BIN])
             .args(args)
+            .env("HYPE_LOG", "off")
             .output()
             .unwrap()
     };
@@ -663,19 +666,54 @@ fn usage_and_runtime_errors_exit_with_their_codes() {
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("s.sock");
     let sock = sock.to_str().unwrap();
-    // Usage errors: clap's exit code 2.
+    // Usage errors exit 2, with one line on stderr.
     let out = exec(&["--socket", sock, "--tap", TAP, "--mac", "01:02:03:04:05:06"]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    exit_check::assert_exit(&out, exit_check::USAGE, "hype-net-tap", "--mac");
     let out = exec(&["--socket", sock, "--tap", TAP, "--queue-size", "100"]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    // Runtime error: a single-queue tap cannot serve two queue pairs.
+    exit_check::assert_exit(
+        &out,
+        exit_check::USAGE,
+        "hype-net-tap",
+        "invalid queue size",
+    );
+    let out = exec(&["--socket", sock, "--tap", "a-name-far-too-long"]);
+    exit_check::assert_exit(
+        &out,
+        exit_check::USAGE,
+        "hype-net-tap",
+        "invalid interface name",
+    );
+    // The named tap contradicts the arguments: a single-queue tap cannot serve two pairs.
     ns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"]);
     let out = exec(&["--socket", sock, "--tap", TAP, "--queue-pairs", "2"]);
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("hype-net-tap: cannot attach queue 0 of tap hnt0"),
-        "{err}"
+    exit_check::assert_exit(
+        &out,
+        exit_check::USAGE,
+        "hype-net-tap",
+        "hype-net-tap: cannot attach queue 0 of tap hnt0",
+    );
+    assert!(!std::path::Path::new(sock).exists(), "socket left behind");
+    // A socket path someone else listens on.
+    let taken = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    let out = exec(&["--socket", sock, "--tap", TAP]);
+    exit_check::assert_exit(&out, exit_check::USAGE, "hype-net-tap", "is in use");
+    drop(taken);
+    std::fs::remove_file(sock).unwrap();
+    ns.ip(&["link", "del", TAP]);
+    // Runtime: serving starts, then the first frontend finds no file descriptors left for
+    // eight queue pairs' worker threads.
+    let cmd = exit_check::with_fd_limit(
+        &["ip", "netns", "exec", &ns.name],
+        32,
+        BIN,
+        &["--socket", sock, "--tap", TAP, "--queue-pairs", "8"],
+    );
+    let out = exit_check::exit_after_connect(cmd, std::path::Path::new(sock));
+    exit_check::assert_exit(
+        &out,
+        exit_check::RUNTIME,
+        "hype-net-tap",
+        "Too many open files",
     );
     assert!(!std::path::Path::new(sock).exists(), "socket left behind");
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,9 +1,7 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// A raw image file or block device served as a vhost-user-blk backend.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "hype-block-file", version)]
 struct Cli {
     #[command(flatten)]
@@ -11,12 +9,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    let cli: Cli = match hype_daemon::parse_command_line("hype-block-file") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     hype_daemon::init_logging();
-    match hype_block_file::run(Cli::parse().args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hype-block-file: {}", hype_daemon::error_chain(&e));
-            ExitCode::from(1)
-        }
-    }
+    hype_daemon::report_exit("hype-block-file", hype_block_file::run(cli.args))
 }

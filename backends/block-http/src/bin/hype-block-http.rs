@@ -1,10 +1,8 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// A disk image at an http(s) URL, read with Range requests and served as a vhost-user-blk
 /// backend.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "hype-block-http", version)]
 struct Cli {
     #[command(flatten)]
@@ -12,12 +10,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    let cli: Cli = match hype_daemon::parse_command_line("hype-block-http") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     hype_daemon::init_logging();
-    match hype_block_http::run(Cli::parse().args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hype-block-http: {}", hype_daemon::error_chain(&e));
-            ExitCode::from(1)
-        }
-    }
+    hype_daemon::report_exit("hype-block-http", hype_block_http::run(cli.args))
 }

@@ -1,9 +1,7 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// A RAM disk served as a vhost-user-blk backend.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "hype-block-mem", version)]
 struct Cli {
     #[command(flatten)]
@@ -11,12 +9,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    let cli: Cli = match hype_daemon::parse_command_line("hype-block-mem") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     hype_daemon::init_logging();
-    match hype_block_mem::run(Cli::parse().args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hype-block-mem: {}", hype_daemon::error_chain(&e));
-            ExitCode::from(1)
-        }
-    }
+    hype_daemon::report_exit("hype-block-mem", hype_block_mem::run(cli.args))
 }

@@ -1,9 +1,7 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 /// A virtio-net device on a TAP interface, served as a vhost-user backend.
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "hype-net-tap", version)]
 struct Cli {
     #[command(flatten)]
@@ -11,12 +9,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    let cli: Cli = match hype_daemon::parse_command_line("hype-net-tap") {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     hype_daemon::init_logging();
-    match hype_net_tap::run(Cli::parse().args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hype-net-tap: {}", hype_daemon::error_chain(&e));
-            ExitCode::from(1)
-        }
-    }
+    hype_daemon::report_exit("hype-net-tap", hype_net_tap::run(cli.args))
 }
