@@ -256,3 +256,55 @@ fn a_hung_backend_blocks_neither_register_accesses_nor_the_device_end() {
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     backend.signal(libc::SIGCONT);
 }
+
+#[test]
+fn console_is_recognised_and_emergency_writes_are_never_replayed() {
+    let dir = work_dir("vt_console");
+    let log = dir.join("console.log");
+    let _ = std::fs::remove_file(&log);
+    let log_arg = format!("file:{}", log.display());
+    let mut backend = Backend::start(
+        &["console", "--output", &log_arg, "--size", "80x25"],
+        &dir.join("console.sock"),
+    );
+    let g = Guest::new(2, 16);
+    let d = g.attach(&DeviceOptions::new(&backend.socket));
+    assert_eq!(d.kind(), DeviceType::Console);
+    assert_eq!(r(&d, reg::DEVICE_ID), 3);
+    // cols, rows from the config space (VIRTIO_CONSOLE_F_SIZE).
+    assert_eq!(r(&d, reg::CONFIG), 80 | 25 << 16);
+    // EMERG_WRITE acked: a write to emerg_wr (config offset 8) is a character on the console.
+    g.init(&d, F_VERSION_1 | 1 << 2);
+    d.mmio_write(reg::CONFIG + 8, &u32::from(b'E').to_le_bytes());
+    let t = Instant::now();
+    while std::fs::read(&log).unwrap_or_default() != b"E" {
+        assert!(t.elapsed() < Duration::from_secs(5), "emergency write lost");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A write to a read-only field is refused before it reaches the backend.
+    d.mmio_write(reg::CONFIG, &[1, 2]);
+    assert_eq!(d.guest_errors(), 1);
+    backend.restart();
+    let t = Instant::now();
+    while d
+        .stats()
+        .reconnects
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(t.elapsed() < Duration::from_secs(5), "no reconnect");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        b"E",
+        "the emergency write was replayed"
+    );
+    assert_eq!(
+        d.stats()
+            .config_writes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

@@ -72,6 +72,7 @@ impl DeviceType {
                 offset: 32,
                 len: 1,
                 feature: 1 << 11,
+                sticky: true,
             }],
             DeviceType::Net => vec![],
             // emerg_wr, with VIRTIO_CONSOLE_F_EMERG_WRITE.
@@ -79,6 +80,7 @@ impl DeviceType {
                 offset: 8,
                 len: 4,
                 feature: 1 << 2,
+                sticky: false,
             }],
         }
     }

@@ -590,11 +590,18 @@ impl Worker {
                 self.reset()
             }
             Command::ConfigWrite { offset, data } => {
-                // Keep the latest write per field (the transport only lets a few fields be
-                // written, so this stays tiny).
-                self.guest_config
-                    .retain(|(o, d)| *o != offset || d.len() != data.len());
-                self.guest_config.push((offset, data.clone()));
+                // Keep the latest write per state field (the transport only lets a few fields
+                // be written, so this stays tiny); event fields are never replayed.
+                let end = offset as usize + data.len();
+                let sticky =
+                    self.kind.writable_config().iter().any(|f| {
+                        f.sticky && offset >= f.offset && end <= (f.offset + f.len) as usize
+                    });
+                if sticky {
+                    self.guest_config
+                        .retain(|(o, d)| *o != offset || d.len() != data.len());
+                    self.guest_config.push((offset, data.clone()));
+                }
                 let stats = &self.shared.stats;
                 let Some(conn) = &mut self.conn else {
                     stats.config_writes_failed.fetch_add(1, Ordering::Relaxed);

@@ -167,6 +167,9 @@ pub struct ConfigField {
     pub len: u32,
     /// Feature bit(s) that make it writable.
     pub feature: u64,
+    /// Whether a write sets device state (replayed to a backend that comes back), rather than
+    /// being an event (virtio-console `emerg_wr` writes a character: never replayed).
+    pub sticky: bool,
 }
 
 /// What is fixed about the device when the transport is created.
@@ -678,6 +681,7 @@ mod tests {
                 offset: 32,
                 len: 1,
                 feature: 1 << 9,
+                sticky: true,
             }],
             vring_interrupt_always: true,
         }
