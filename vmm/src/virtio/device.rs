@@ -235,6 +235,13 @@ impl VhostUserDevice {
         let stream = frontend::connect_waiting(&opts.socket, opts.wait.as_option(), name)?;
         let conn = Connection::handshake(&opts.socket, stream, opts.kind)?;
         let info = conn.info().clone();
+        if let Some(d) = &info.doubt {
+            log::warn!(
+                "{name}: backend {}: {d}; using it as {}",
+                opts.socket.display(),
+                info.kind
+            );
+        }
         let opt_err = |what: String| DeviceError::Options {
             path: opts.socket.clone(),
             what,
@@ -850,28 +857,24 @@ impl Worker {
                 return;
             }
         };
-        let conn = match Connection::handshake(&self.socket, stream, None) {
+        // The handshake uses this device's type (so a third-party backend attached with an
+        // explicit type comes back too); whether the backend is still the same kind of device
+        // is judged by detection: what its features say now against what they said first.
+        let conn = match Connection::handshake(&self.socket, stream, Some(self.kind)) {
             Ok(c) => c,
-            Err(FrontendError::Detect { .. }) => {
-                // Not recognisable by itself: retry with our type to say what changed.
-                self.refuse(format!(
-                    "backend {} came back but is not recognisable as {} any more; not using it",
-                    self.socket.display(),
-                    self.kind
-                ));
-                return;
-            }
             Err(e) => {
                 log::debug!("{}: reconnect attempt: {e}", self.shared.name);
                 return;
             }
         };
         let new = conn.info().clone();
-        if new.kind != self.kind {
+        let was = super::detect::type_from_features(self.info.features).ok();
+        let now = super::detect::type_from_features(new.features).ok();
+        if now != was {
+            let what = now.map_or("an unrecognisable".to_string(), |k| format!("a {k}"));
             self.refuse(format!(
-                "backend {} came back as a {} device, but this is a {} device; not using it",
+                "backend {} came back as {what} device, but this is a {} device; not using it",
                 self.socket.display(),
-                new.kind,
                 self.kind
             ));
             return;

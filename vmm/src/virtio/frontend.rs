@@ -179,6 +179,9 @@ pub struct BackendInfo {
     pub queue_num: Option<u64>,
     /// Device config from GET_CONFIG at offset 0.
     pub config: Vec<u8>,
+    /// Doubts about an explicitly given type (its features or config look like another
+    /// type's), for the caller to log.
+    pub doubt: Option<String>,
 }
 
 /// One ring as the backend gets it.
@@ -407,12 +410,10 @@ impl Connection {
         };
         let explicit = kind.is_some();
         let detected = detect::type_from_features(features);
+        let mut doubt = None;
         let kind = match (kind, detected) {
             (Some(k), Ok(d)) if k != d => {
-                log::warn!(
-                    "backend {}: given as {k} but its features look like {d}; using {k}",
-                    path.display()
-                );
+                doubt = Some(format!("given as {k} but its features look like {d}"));
                 k
             }
             (Some(k), _) => k,
@@ -435,10 +436,7 @@ impl Connection {
                     source: DetectError::ConfigMismatch { kind, reason },
                 });
             }
-            log::warn!(
-                "backend {}: {kind} config looks odd: {reason}",
-                path.display()
-            );
+            doubt.get_or_insert(format!("its {kind} config looks odd: {reason}"));
         }
         drop(_armed);
         Ok(Connection {
@@ -452,6 +450,7 @@ impl Connection {
                 protocol_features: acked,
                 queue_num,
                 config,
+                doubt,
             },
         })
     }
