@@ -308,3 +308,42 @@ fn console_is_recognised_and_emergency_writes_are_never_replayed() {
         1
     );
 }
+
+#[test]
+fn reconnect_timeout_gives_up_with_needs_reset_and_a_new_setup_tries_again() {
+    let dir = work_dir("vt_giveup");
+    let mut backend = Backend::block_mem(&dir, "1M");
+    let g = Guest::new(1, 16);
+    let mut opts = DeviceOptions::new(&backend.socket);
+    opts.reconnect = WaitLimit::For(Duration::from_millis(300));
+    let d = g.attach(&opts);
+    g.init(&d, F_VERSION_1);
+    backend.kill();
+    let t = Instant::now();
+    while r(&d, reg::STATUS) & hype_vmm::virtio::mmio::status::DEVICE_NEEDS_RESET == 0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "never gave up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(d.events().config.read().unwrap(), 1);
+    // The guest resets and sets the device up again: hype tries again and the backend,
+    // back by then, is taken.
+    backend.restart();
+    w(&d, reg::STATUS, 0);
+    let g2 = Guest {
+        ram: g.ram.clone(),
+        queues: vec![Virtqueue::new(g.ram.clone(), 0, 16).unwrap()],
+    };
+    g2.init(&d, F_VERSION_1);
+    let t = Instant::now();
+    while d
+        .stats()
+        .reconnects
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == 0
+    {
+        assert!(t.elapsed() < Duration::from_secs(5), "no new attempt");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(r(&d, reg::STATUS), RUNNING);
+}
