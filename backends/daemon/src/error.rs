@@ -68,6 +68,9 @@ pub enum Error {
     /// `VhostUserDaemon` could not be created.
     #[error("cannot create vhost-user daemon: {0}")]
     CreateDaemon(String),
+    /// A backend's per-connection setup hook failed (see `ConnectionHooks::daemon_created`).
+    #[error("cannot set up the connection")]
+    ConnectionSetup(#[source] io::Error),
     /// Accepting a connection failed.
     #[error("cannot accept a frontend connection: {0}")]
     Accept(String),
@@ -95,6 +98,7 @@ impl crate::CommandError for Error {
             | Error::SignalHandler(_)
             | Error::CreateBackend(_)
             | Error::CreateDaemon(_)
+            | Error::ConnectionSetup(_)
             | Error::Accept(_)
             | Error::SpawnThread(_) => false,
         }

@@ -172,6 +172,7 @@ mod tests {
             Error::CreateDaemon("x".into()),
             Error::CreateBackend("no threads".into()),
             Error::SpawnThread(io::Error::from_raw_os_error(libc::EAGAIN)),
+            Error::ConnectionSetup(io::Error::from_raw_os_error(libc::EMFILE)),
             Error::Chmod {
                 path: p,
                 mode: 0o600,

@@ -7,7 +7,8 @@
 //!   or handed over by systemd socket activation (`LISTEN_FDS`/`LISTEN_PID`): [`SocketListener`];
 //! * an accept loop that serves one frontend at a time and keeps serving after it disconnects,
 //!   building a fresh backend and `VhostUserDaemon` for every connection (a daemon object cannot
-//!   serve a second connection): [`serve`];
+//!   serve a second connection): [`serve`], or [`serve_with`] for backends that register
+//!   their own fds with the worker threads ([`ConnectionHooks`]);
 //! * a clean exit on SIGINT/SIGTERM, removing the socket it created: [`Shutdown`];
 //! * one logging setup (`HYPE_LOG`, falling back to `RUST_LOG`): [`init_logging`];
 //! * one way to end `main`: the error chain on one line, exit code 2 for usage errors and 1 for
@@ -30,5 +31,5 @@ pub use exit::{
 };
 pub use listener::{parse_mode, ListenArgs, SocketListener, DEFAULT_SOCKET_MODE};
 pub use logging::init_logging;
-pub use serve::serve;
+pub use serve::{serve, serve_with, ConnectionHooks};
 pub use shutdown::Shutdown;

@@ -1,5 +1,6 @@
 //! The accept loop: one frontend at a time, a fresh backend and daemon per connection.
 
+use std::io;
 use std::os::fd::AsRawFd;
 use std::thread;
 
@@ -14,6 +15,33 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::shutdown::poll_readable;
 use crate::{Error, Shutdown, SocketListener};
 
+/// What a backend may do at fixed points of each connection, besides building its backend.
+///
+/// Give it to [`serve_with`]. A closure `FnMut(&T, &VhostUserDaemon<T>) -> io::Result<()>`
+/// is a hook with only [`daemon_created`](Self::daemon_created).
+pub trait ConnectionHooks<T: VhostUserBackend> {
+    /// Called for every connection once its daemon exists (and with it the worker threads'
+    /// epoll handlers, [`VhostUserDaemon::get_epoll_handlers`]) and before the daemon accepts
+    /// the frontend: the place to register a backend's extra fds (a TAP queue, a console's
+    /// input) with the handlers. `backend` is the backend the daemon serves. An error stops
+    /// [`serve_with`] with [`Error::ConnectionSetup`].
+    fn daemon_created(&mut self, backend: &T, daemon: &VhostUserDaemon<T>) -> io::Result<()>;
+
+    /// Called after a frontend disconnected (or was cut off by shutdown), once the daemon's
+    /// worker threads are joined.
+    fn disconnected(&mut self) {}
+}
+
+impl<T, F> ConnectionHooks<T> for F
+where
+    T: VhostUserBackend,
+    F: FnMut(&T, &VhostUserDaemon<T>) -> io::Result<()>,
+{
+    fn daemon_created(&mut self, backend: &T, daemon: &VhostUserDaemon<T>) -> io::Result<()> {
+        self(backend, daemon)
+    }
+}
+
 /// Serves frontends on `listener` until `shutdown` triggers.
 ///
 /// For every connection, `make_backend` is called with the guest memory object that the new
@@ -27,11 +55,13 @@ use crate::{Error, Shutdown, SocketListener};
 ///
 /// A connection that ends with a protocol error is logged and does not stop the loop; errors of
 /// the listener itself, or of `make_backend`, do.
+///
+/// [`serve_with`] does the same with hooks into each connection.
 pub fn serve<T, F, E>(
     listener: &mut SocketListener,
     name: &str,
     shutdown: &Shutdown,
-    mut make_backend: F,
+    make_backend: F,
 ) -> Result<(), Error>
 where
     T: VhostUserBackend + Clone + 'static,
@@ -39,6 +69,47 @@ where
     T::Vring: Clone + Send + Sync,
     F: FnMut(&GuestMemoryAtomic<GuestMemoryMmap<T::Bitmap>>) -> Result<T, E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let no_hooks = |_: &T, _: &VhostUserDaemon<T>| Ok(());
+    serve_with(listener, name, shutdown, make_backend, no_hooks)
+}
+
+/// Like [`serve`], calling `hooks` at fixed points of each connection: after its daemon is
+/// created and before it accepts the frontend ([`ConnectionHooks::daemon_created`], e.g. to
+/// register extra fds with the worker threads' epoll handlers), and after the frontend left
+/// ([`ConnectionHooks::disconnected`]).
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # fn demo<B>(listener: &mut hype_daemon::SocketListener, shutdown: &hype_daemon::Shutdown,
+/// #            make: impl FnMut(&vm_memory::GuestMemoryAtomic<vm_memory::GuestMemoryMmap>)
+/// #                -> std::io::Result<Arc<B>>) -> Result<(), hype_daemon::Error>
+/// # where B: vhost_user_backend::VhostUserBackend<Bitmap = ()> + 'static,
+/// #       B::Vring: Clone + Send + Sync {
+/// use vhost_user_backend::VhostUserDaemon;
+/// hype_daemon::serve_with(listener, "my-backend", shutdown, make,
+///     |_backend: &Arc<B>, daemon: &VhostUserDaemon<Arc<B>>| {
+///         let handlers = daemon.get_epoll_handlers();
+///         // handlers[i].register_listener(fd, EventSet::IN, data) for thread i ...
+///         # let _ = handlers;
+///         Ok(())
+///     })
+/// # }
+/// ```
+pub fn serve_with<T, F, E, H>(
+    listener: &mut SocketListener,
+    name: &str,
+    shutdown: &Shutdown,
+    mut make_backend: F,
+    mut hooks: H,
+) -> Result<(), Error>
+where
+    T: VhostUserBackend + Clone + 'static,
+    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    T::Vring: Clone + Send + Sync,
+    F: FnMut(&GuestMemoryAtomic<GuestMemoryMmap<T::Bitmap>>) -> Result<T, E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    H: ConnectionHooks<T>,
 {
     loop {
         let ready = poll_readable(&[listener.as_raw_fd(), shutdown.as_raw_fd()], -1)
@@ -52,8 +123,13 @@ where
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<T::Bitmap>::new());
         let backend = make_backend(&mem).map_err(|e| Error::CreateBackend(e.into()))?;
-        let mut daemon = VhostUserDaemon::new(name.to_string(), backend, mem)
+        let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
             .map_err(|e| Error::CreateDaemon(e.to_string()))?;
+        hooks
+            .daemon_created(&backend, &daemon)
+            .map_err(Error::ConnectionSetup)?;
+        // The daemon holds the backend from here on.
+        drop(backend);
         daemon
             .start(listener.vhost_listener())
             .map_err(|e| Error::Accept(e.to_string()))?;
@@ -65,6 +141,7 @@ where
             Ok(()) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e}"),
         }
+        hooks.disconnected();
     }
 }
 

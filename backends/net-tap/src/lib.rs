@@ -30,7 +30,6 @@ use hype_daemon::{CommandError, ListenArgs, Shutdown, SocketListener};
 
 pub use backend::{GuestMemory, NetBackend};
 pub use config::{tap_offloads_for, MacAddr, NetSpec, CONFIG_SIZE, MAX_QUEUE_PAIRS};
-pub use serve::serve;
 pub use stats::{Stats, StatsSnapshot};
 pub use tap::{offload, Tap, TapError};
 
@@ -79,15 +78,9 @@ pub enum Error {
     /// The tap could not be opened or configured.
     #[error(transparent)]
     Tap(#[from] TapError),
-    /// Listening or signal setup failed.
+    /// Listening, signal setup or serving failed.
     #[error(transparent)]
     Setup(#[from] hype_daemon::Error),
-    /// Creating or starting the vhost-user daemon failed.
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
-    /// Polling the socket failed.
-    #[error("poll failed")]
-    Poll(#[source] std::io::Error),
 }
 
 impl CommandError for Error {
@@ -95,7 +88,6 @@ impl CommandError for Error {
         match self {
             Error::Tap(e) => e.is_usage(),
             Error::Setup(e) => e.is_usage(),
-            Error::Daemon(_) | Error::Poll(_) => false,
         }
     }
 }
@@ -130,13 +122,13 @@ pub fn run(args: Args) -> Result<(), Error> {
     let shutdown = Shutdown::new()?;
     shutdown.install_signal_handlers()?;
     let stats = Arc::new(Stats::default());
-    let result = serve(
+    let result = serve::serve(
         &mut listener,
         "hype-net-tap",
         &shutdown,
-        |mem| NetBackend::new(spec.clone(), tap.clone(), mem, stats.clone()),
-        || log::info!("stats: {}", stats.snapshot()),
+        stats.clone(),
+        |mem| NetBackend::new(spec.clone(), tap.clone(), mem.clone(), stats.clone()),
     );
     log::info!("stats: {}", stats.snapshot());
-    result
+    Ok(result?)
 }
