@@ -1,7 +1,8 @@
 //! End-to-end: Linux's own virtio drivers against hype's backends, each a separate process,
 //! attached with `--device`. Two boots share one disk image served by `hype block-file`: the
 //! first formats it, writes a file, syncs and reboots; the second finds the file. The second boot
-//! also gets a RAM disk from `hype block-mem` (type learned from the backend).
+//! also gets a RAM disk from `hype block-mem` and a virtio console from `hype console` (types
+//! learned from the backends): the guest writes to hvc0 and the text lands in the console's log.
 //!
 //! Needs the artefacts from `scripts/test` (HYPE_GUEST_*); without them the test says SKIPPED.
 
@@ -51,9 +52,20 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
     // Boot 2: same backend process (it keeps serving after the VMM disconnects), plus a RAM disk.
     let ram = Backend::block_mem(&dir, "8M");
     let ram_sock = ram.socket.clone();
+    let console_log = dir.join("console.log");
+    let _ = std::fs::remove_file(&console_log);
+    let console = Backend::start(
+        &[
+            "console",
+            "--output",
+            &format!("file:{}", console_log.display()),
+        ],
+        &dir.join("con.sock"),
+    );
     let opts = VmOptions::new(&art.vmlinux, &art.initramfs)
         .device(disk_sock.to_str().unwrap())
-        .device(ram_sock.to_str().unwrap());
+        .device(ram_sock.to_str().unwrap())
+        .device(console.socket.to_str().unwrap());
     let mut vm = GuestVm::boot(hype(), &opts).unwrap();
     vm.wait_ready(BOOT).unwrap();
     vm.check("mount -t ext2 /dev/vda /mnt", STEP).unwrap();
@@ -75,7 +87,20 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
     )
     .unwrap();
     assert_eq!(vm.check("head -c 10 /dev/vdb", STEP).unwrap(), "ramdisk-ok");
+    vm.check("echo hello-from-hvc0 > /dev/hvc0", STEP).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&console_log).unwrap_or_default();
+        if text.contains("hello-from-hvc0") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "console log: {text:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let st = vm.poweroff(STEP).unwrap();
     assert_eq!(st.code(), Some(0), "{}", vm.log());
-    drop((disk, ram));
+    drop((disk, ram, console));
 }
