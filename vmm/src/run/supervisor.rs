@@ -58,9 +58,18 @@ impl Proc {
             cmd.process_group(0);
         }
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // system calls (prctl, getppid) without allocating.
+        // calls (sigemptyset, pthread_sigmask, prctl, getppid) on its own stack, without
+        // allocating.
         unsafe {
             cmd.pre_exec(move || {
+                // The supervisor blocks the signals it waits for; the child must not inherit
+                // that mask (std does not reset it here).
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                let r = libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                if r != 0 {
+                    return Err(std::io::Error::from_raw_os_error(r));
+                }
                 // If hype run dies without cleaning up, its children get SIGTERM.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -303,7 +312,7 @@ fn stop_backends(signals: &BlockedSignals, backends: &mut [Proc]) {
         let mut alive = false;
         for b in backends.iter_mut() {
             match b.reap() {
-                Ok(Some(st)) => log::debug!("{} stopped ({})", b.name, describe(st)),
+                Ok(Some(st)) => log::info!("{} stopped ({})", b.name, describe(st)),
                 Ok(None) => alive |= b.child.is_some(),
                 Err(e) => {
                     log::warn!("{e}");

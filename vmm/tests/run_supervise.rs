@@ -1,0 +1,207 @@
+//! `hype run` end to end with a tiny guest (`guests/run_two_disks.S`) on two disks (a file and
+//! a RAM disk) and a virtio console: the processes it starts, the guest completing, and
+//! cleanup (no processes, no sockets, no runtime directory) after a normal end, after SIGTERM,
+//! and after a backend is SIGKILLed mid-run (restarted; the guest carries on).
+
+mod common;
+mod run_support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{assemble, work_dir};
+use run_support::*;
+
+const GUEST_OUTPUT: &str = "run guest\ndisk1 ok\ndisk0 ok\nwaiting\ndone\n";
+const LIMIT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    dir: PathBuf,
+    img: PathBuf,
+    elf: PathBuf,
+}
+
+/// A test directory with the guest and an 8 MiB image whose sector 0 starts with HYPE.
+fn setup(name: &str) -> Setup {
+    let dir = fresh_dir(&work_dir("run"), name);
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    write_sector(&img, 0, b"HYPE");
+    let elf = assemble("run_two_disks", 0x20_0000);
+    Setup { dir, img, elf }
+}
+
+fn start(s: &Setup, extra: &[&str]) -> Run {
+    let disk0 = format!("file:{}", s.img.display());
+    let console = format!("file:{}", s.dir.join("console.log").display());
+    let mut args = vec![
+        "--kernel",
+        s.elf.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--disk",
+        &disk0,
+        "--disk",
+        "mem:1M",
+        "--console",
+        &console,
+    ];
+    args.extend_from_slice(extra);
+    Run::start(&s.dir, &args)
+}
+
+/// The four children expected while the VM runs: (role, pid).
+fn expected_children(run: &Run, img: &Path) -> Vec<(&'static str, u32)> {
+    let kids = run.children();
+    let rt = run.runtime_dir();
+    let rt = rt.to_str().unwrap();
+    let find = |role: &'static str, needle: &str| {
+        let hits: Vec<u32> = kids
+            .iter()
+            .filter(|(_, c)| c.contains(needle))
+            .map(|(p, _)| *p)
+            .collect();
+        assert_eq!(hits.len(), 1, "{role}: {kids:?}");
+        (role, hits[0])
+    };
+    let v = vec![
+        find(
+            "disk0",
+            &format!(" block-file --path {} --socket {rt}/disk0.sock", img.display()),
+        ),
+        find(
+            "disk1",
+            &format!(" block-mem --size 1048576 --socket {rt}/disk1.sock"),
+        ),
+        find("console", &format!(" console --output file:")),
+        find("vmm", &format!(" vmm --kernel ")),
+    ];
+    assert_eq!(kids.len(), 4, "{kids:?}");
+    v
+}
+
+/// Everything `hype run` started is gone and XDG_RUNTIME_DIR is empty again.
+fn assert_clean(run: &Run, pids: &[(&str, u32)]) {
+    for (role, pid) in pids {
+        assert!(
+            !still_there(*pid, "hype"),
+            "{role} (pid {pid}) still runs: {}",
+            cmdline(*pid)
+        );
+    }
+    assert_eq!(entries(&run.xdg), Vec::<String>::new(), "runtime dir left");
+}
+
+#[test]
+fn two_disks_and_a_console_run_to_completion() {
+    let s = setup("complete");
+    let mut run = start(&s, &[]);
+    run.wait_for_output("waiting\n", LIMIT);
+
+    let rt = run.runtime_dir();
+    assert_private_sockets(&rt, &["console.sock", "disk0.sock", "disk1.sock"]);
+    let pids = expected_children(&run, &s.img);
+    // The VMM got one --device per backend socket, in order.
+    let vmm = cmdline(pids[3].1);
+    let rt = rt.display();
+    assert!(
+        vmm.contains(&format!(
+            "--device {rt}/disk0.sock --device {rt}/disk1.sock --device {rt}/console.sock"
+        )),
+        "{vmm}"
+    );
+
+    write_sector(&s.img, 1, b"GO!!");
+    let st = run.wait(LIMIT);
+    assert_eq!(st.code(), Some(0), "stderr: {}", run.stderr());
+    assert_eq!(run.stdout(), GUEST_OUTPUT);
+    assert_eq!(read_sector(&s.img, 2, 4), b"DONE");
+    assert_clean(&run, &pids);
+    let err = run.stderr();
+    assert!(!err.contains("restarting"), "{err}");
+    assert!(err.contains("virtio2: console backend"), "{err}");
+}
+
+#[test]
+fn sigterm_stops_the_vm_first_then_the_backends() {
+    let s = setup("sigterm");
+    let mut run = start(&s, &[]);
+    run.wait_for_output("waiting\n", LIMIT);
+    let pids = expected_children(&run, &s.img);
+
+    run.signal(libc::SIGTERM);
+    let st = run.wait(LIMIT);
+    let err = run.stderr();
+    // The exit code is the VMM's: it stops cleanly (0) on SIGTERM.
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(!run.stdout().contains("done"), "{}", run.stdout());
+    assert_clean(&run, &pids);
+
+    let at = |needle: &str| {
+        err.find(needle)
+            .unwrap_or_else(|| panic!("no {needle:?} in {err}"))
+    };
+    let vmm_exit = at("vmm exited (exit code 0)");
+    assert!(at("signal 15: stopping the VM") < vmm_exit, "{err}");
+    for b in ["disk0 stopped", "disk1 stopped", "console stopped"] {
+        assert!(vmm_exit < at(b), "{b} before the VMM exited: {err}");
+    }
+    assert!(!err.contains("killing"), "a process needed SIGKILL: {err}");
+}
+
+#[test]
+fn backend_killed_mid_run_is_restarted_and_the_guest_completes() {
+    let s = setup("restart");
+    let mut run = start(&s, &[]);
+    run.wait_for_output("waiting\n", LIMIT);
+    let mut pids = expected_children(&run, &s.img);
+    let old = pids[0].1;
+
+    // SAFETY: kill(2) on the block-file backend that hype run started for this test.
+    unsafe { libc::kill(old as i32, libc::SIGKILL) };
+    let new = wait_until(Duration::from_secs(20), "disk0 restarted", || {
+        run.children()
+            .into_iter()
+            .find(|(p, c)| *p != old && c.contains(" block-file "))
+            .map(|(p, _)| p)
+    });
+    assert!(!still_there(old, "hype"));
+    let rt = run.runtime_dir();
+    wait_until(Duration::from_secs(20), "disk0 socket back", || {
+        rt.join("disk0.sock").exists().then_some(())
+    });
+    pids.push(("disk0 (restarted)", new));
+
+    write_sector(&s.img, 1, b"GO!!");
+    let st = run.wait(LIMIT);
+    let err = run.stderr();
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert_eq!(run.stdout(), GUEST_OUTPUT);
+    assert_eq!(read_sector(&s.img, 2, 4), b"DONE");
+    assert!(err.contains("disk0 exited (signal 9); restarting in 100ms"), "{err}");
+    assert!(err.contains(&format!("disk0 started (pid {new})")), "{err}");
+    assert_clean(&run, &pids);
+}
+
+#[test]
+fn crashes_past_the_restart_limit_stop_the_vm() {
+    let s = setup("limit");
+    let mut run = start(&s, &["--max-restarts", "0"]);
+    run.wait_for_output("waiting\n", LIMIT);
+    let pids = expected_children(&run, &s.img);
+
+    // SAFETY: kill(2) on the RAM disk backend that hype run started for this test.
+    unsafe { libc::kill(pids[1].1 as i32, libc::SIGKILL) };
+    let st = run.wait(LIMIT);
+    let err = run.stderr();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("hype run: disk1 crashed 1 times within 60s; stopped the VM"),
+        "{err}"
+    );
+    assert!(!run.stdout().contains("done"));
+    assert_clean(&run, &pids);
+}
