@@ -70,7 +70,10 @@ fn expected_children(run: &Run, img: &Path) -> Vec<(&'static str, u32)> {
     let v = vec![
         find(
             "disk0",
-            &format!(" block-file --path {} --socket {rt}/disk0.sock", img.display()),
+            &format!(
+                " block-file --path {} --socket {rt}/disk0.sock",
+                img.display()
+            ),
         ),
         find(
             "disk1",
@@ -181,7 +184,10 @@ fn backend_killed_mid_run_is_restarted_and_the_guest_completes() {
     assert_eq!(st.code(), Some(0), "{err}");
     assert_eq!(run.stdout(), GUEST_OUTPUT);
     assert_eq!(read_sector(&s.img, 2, 4), b"DONE");
-    assert!(err.contains("disk0 exited (signal 9); restarting in 100ms"), "{err}");
+    assert!(
+        err.contains("disk0 exited (signal 9); restarting in 100ms"),
+        "{err}"
+    );
     assert!(err.contains(&format!("disk0 started (pid {new})")), "{err}");
     assert_clean(&run, &pids);
 }
