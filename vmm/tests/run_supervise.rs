@@ -79,8 +79,8 @@ fn expected_children(run: &Run, img: &Path) -> Vec<(&'static str, u32)> {
             "disk1",
             &format!(" block-mem --size 1048576 --socket {rt}/disk1.sock"),
         ),
-        find("console", &format!(" console --output file:")),
-        find("vmm", &format!(" vmm --kernel ")),
+        find("console", " console --output file:"),
+        find("vmm", " vmm --kernel "),
     ];
     assert_eq!(kids.len(), 4, "{kids:?}");
     v
