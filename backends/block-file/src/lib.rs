@@ -14,12 +14,17 @@ mod file;
 
 use std::path::PathBuf;
 
-use hype_block::{parse_size, BlockDevice, CommandError, DeviceArgs};
+use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs};
 
 pub use file::{FileOptions, FileStorage};
 
+/// I/O threads when `--io-threads` is not given: a local file answers in microseconds, so each
+/// request runs on its queue's thread.
+pub const DEFAULT_IO_THREADS: usize = 0;
+
 /// Command-line options of `hype block-file`.
 #[derive(clap::Args, Debug, Clone)]
+#[command(mut_arg("io_threads", |a| a.help(io_threads_help(DEFAULT_IO_THREADS))))]
 pub struct Args {
     /// Raw image file or block device.
     #[arg(long, value_name = "PATH")]
@@ -110,6 +115,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     )?;
     BlockDevice::new(store)
         .name("hype-block-file")
+        .io_threads(DEFAULT_IO_THREADS)
         .run(&args.device)?;
     Ok(())
 }

@@ -8,8 +8,10 @@
 //! * **Reads.** The image is read in fixed-size blocks (`--cache-block`, 256 KiB) kept in a
 //!   bounded LRU cache (`--cache-size`, 64 MiB). A read touching several blocks requests them
 //!   all at once; `--connections` fetcher threads (8) keep that many range requests in flight.
-//!   Guest reads go before read-ahead. When a read starts right after a block the guest read,
-//!   the next `--readahead` blocks (4) are fetched in the background.
+//!   Guest reads go before read-ahead. `--io-threads` (16, [`DEFAULT_IO_THREADS`]) guest
+//!   requests are handled at once, so one queue's requests do not wait in line. When a read
+//!   starts right after a block the guest read, the next `--readahead` blocks (4) are fetched
+//!   in the background.
 //! * **Failures.** Connection errors, timeouts, short bodies and 408/425/429/500/502/503/504
 //!   are retried `--retries` times (5) with exponential back-off from `--retry-delay-ms` (100
 //!   ms, doubling, at most 5 s); then that request fails with IOERR and the backend keeps
@@ -39,7 +41,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hype_block::{parse_size, BlockDevice, CommandError, DeviceArgs, SECTOR_SIZE};
+use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs, SECTOR_SIZE};
 
 pub use overlay::{Overlay, OverlayError, DEFAULT_GRANULE};
 pub use reader::{ReaderOptions, RemoteReader};
@@ -47,8 +49,14 @@ pub use remote::{FetchError, OpenError, Remote, RemoteOptions, Validator};
 pub use retry::RetryPolicy;
 pub use storage::HttpStorage;
 
+/// I/O threads when `--io-threads` is not given: a guest request waits for the network for
+/// milliseconds, so up to this many are in flight at once (on all queues together) instead of
+/// each queue's requests waiting in line.
+pub const DEFAULT_IO_THREADS: usize = 16;
+
 /// Command-line options of `hype block-http`.
 #[derive(clap::Args, Debug, Clone)]
+#[command(mut_arg("io_threads", |a| a.help(io_threads_help(DEFAULT_IO_THREADS))))]
 pub struct Args {
     /// URL of the raw disk image (http:// or https://).
     #[arg(long, value_name = "URL")]
@@ -205,6 +213,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     let store = storage(&args)?;
     BlockDevice::new(store)
         .name("hype-block-http")
+        .io_threads(DEFAULT_IO_THREADS)
         .run(&args.device)?;
     Ok(())
 }

@@ -630,3 +630,50 @@ fn usage_errors_exit_2_runtime_errors_exit_1() {
     );
     assert!(!sock.exists(), "socket left behind");
 }
+
+/// Reads of `n` separate cache blocks, all submitted at once on queue 0; checks the data.
+fn read_blocks_at_once(disk: &mut BlkDriver, img: &[u8], n: u64) {
+    let reqs: Vec<BlkRequest> = (0..n)
+        .map(|i| BlkRequest::read(i * 2 * KIB64 / SECTOR_SIZE, 4096))
+        .collect();
+    for (r, resp) in reqs.iter().zip(disk.run_batch(&reqs).unwrap()) {
+        resp.check(r).unwrap();
+        let off = (r.sector() * SECTOR_SIZE) as usize;
+        assert!(resp.data == img[off..off + 4096]);
+    }
+}
+
+#[test]
+fn io_threads_default_to_16_so_one_queue_keeps_requests_in_flight() {
+    let img = image(8 << 20, 13);
+    let slow = || {
+        HttpServer::start(Behaviour {
+            delay: Duration::from_millis(100),
+            ..Behaviour::new(img.clone())
+        })
+    };
+    let opts = [
+        "--cache-block",
+        "64K",
+        "--readahead",
+        "0",
+        "--connections",
+        "32",
+    ];
+    // No --io-threads: 16 pool threads, so up to 16 of one queue's reads wait on the network
+    // together (more than the 8 connections of the default, at most the 16 threads).
+    let server = slow();
+    let (_p, _dir) = spawn("http-iot16", &server, &opts);
+    let mut disk = connect(&_p.socket, 1);
+    read_blocks_at_once(&mut disk, &img, 24);
+    let most = server.max_concurrent();
+    assert!((9..=16).contains(&most), "max concurrent GETs {most}");
+    // --io-threads 0: the queue thread runs one request at a time.
+    let server = slow();
+    let mut args = opts.to_vec();
+    args.extend(["--io-threads", "0"]);
+    let (_p, _dir) = spawn("http-iot0", &server, &args);
+    let mut disk = connect(&_p.socket, 1);
+    read_blocks_at_once(&mut disk, &img, 4);
+    assert_eq!(server.max_concurrent(), 1);
+}

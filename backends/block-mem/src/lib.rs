@@ -8,12 +8,17 @@ mod store;
 
 use std::path::PathBuf;
 
-use hype_block::{parse_size, BlockDevice, CommandError, DeviceArgs};
+use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs};
 
 pub use store::MemStorage;
 
+/// I/O threads when `--io-threads` is not given: memory answers in microseconds, so each
+/// request runs on its queue's thread.
+pub const DEFAULT_IO_THREADS: usize = 0;
+
 /// Command-line options of `hype block-mem`.
 #[derive(clap::Args, Debug, Clone)]
+#[command(mut_arg("io_threads", |a| a.help(io_threads_help(DEFAULT_IO_THREADS))))]
 pub struct Args {
     /// Disk size, with an optional K/M/G/T suffix (e.g. 256M). Defaults to the image size.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
@@ -123,6 +128,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     let store = storage(&args)?;
     BlockDevice::new(store)
         .name("hype-block-mem")
+        .io_threads(DEFAULT_IO_THREADS)
         .run(&args.device)?;
     Ok(())
 }

@@ -14,13 +14,26 @@ pub struct DeviceArgs {
     /// Largest virtqueue size the frontend may use.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
+    // `None` keeps what the backend set with `BlockDevice::io_threads` (0 unless it chose
+    // otherwise); a single doc paragraph, since it is also the `--help` text.
     /// I/O threads shared by all queues, letting slow stores have many requests in flight;
-    /// 0 runs each request on its queue's thread.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub io_threads: usize,
+    /// 0 runs each request on its queue's thread [default: the backend's, 0 for local stores]
+    #[arg(long, value_name = "N")]
+    pub io_threads: Option<usize>,
     /// Serial number the guest reads with GET_ID (at most 20 ASCII characters).
     #[arg(long, value_name = "SERIAL")]
     pub serial: Option<String>,
+}
+
+/// The `--help` text of `--io-threads` for a backend whose default is `default` threads.
+/// A backend that flattens [`DeviceArgs`] shows its own default with
+/// `#[command(mut_arg("io_threads", |a| a.help(hype_block::io_threads_help(N))))]` on its
+/// `Args`, and passes the same `N` to [`BlockDevice::io_threads`](crate::BlockDevice::io_threads).
+pub fn io_threads_help(default: usize) -> String {
+    format!(
+        "I/O threads shared by all queues, letting slow stores have many requests in flight; \
+         0 runs each request on its queue's thread [default: {default}]"
+    )
 }
 
 /// Parses a size with an optional binary suffix: `4096`, `512K`, `256M`, `1G`, `2T`, also
@@ -62,5 +75,22 @@ mod tests {
         assert!(parse_size("1X").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        device: DeviceArgs,
+    }
+
+    #[test]
+    fn io_threads_is_unset_unless_given() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["b", "--socket", "/s"]).unwrap();
+        assert_eq!(cli.device.io_threads, None);
+        let cli = Cli::try_parse_from(["b", "--socket", "/s", "--io-threads", "0"]).unwrap();
+        assert_eq!(cli.device.io_threads, Some(0));
+        let cli = Cli::try_parse_from(["b", "--socket", "/s", "--io-threads", "4"]).unwrap();
+        assert_eq!(cli.device.io_threads, Some(4));
     }
 }

@@ -74,7 +74,9 @@ impl<S: Storage> BlockDevice<S> {
     /// its queue's worker thread, which is fastest for stores that answer in microseconds
     /// (memory, local files). A store with millisecond latencies (network) wants a pool: up to
     /// `n` requests are then in flight at once, complete out of order, and no queue waits for
-    /// another.
+    /// another. `--io-threads` ([`DeviceArgs::io_threads`]) overrides it in
+    /// [`with_args`](Self::with_args) and [`run`](Self::run) when given, so a backend sets its
+    /// default here before applying the command line.
     pub fn io_threads(mut self, n: usize) -> Self {
         self.io_threads = n;
         self
@@ -99,10 +101,14 @@ impl<S: Storage> BlockDevice<S> {
     }
 
     /// Applies the shared command-line options (queues, queue size, I/O threads, serial).
+    /// Without `--io-threads` the device keeps its own I/O thread count: call
+    /// [`io_threads`](Self::io_threads) before this to give a backend its own default.
     pub fn with_args(mut self, args: &DeviceArgs) -> Self {
         self.num_queues = args.num_queues;
         self.queue_size = args.queue_size;
-        self.io_threads = args.io_threads;
+        if let Some(n) = args.io_threads {
+            self.io_threads = n;
+        }
         if let Some(s) = &args.serial {
             self.serial = Some(s.clone());
         }
@@ -213,5 +219,56 @@ impl<S: Storage> BlockDevice<S> {
             queue_size: self.queue_size,
             seg_max,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StorageInfo;
+
+    struct Zeroes;
+
+    impl Storage for Zeroes {
+        fn info(&self) -> StorageInfo {
+            StorageInfo::new(1 << 20)
+        }
+        fn read_at(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn args(io_threads: Option<usize>) -> DeviceArgs {
+        DeviceArgs {
+            listen: ListenArgs::path("/unused.sock"),
+            num_queues: 2,
+            queue_size: 128,
+            io_threads,
+            serial: None,
+        }
+    }
+
+    #[test]
+    fn io_threads_default_is_the_devices_unless_given() {
+        assert_eq!(
+            BlockDevice::new(Zeroes).with_args(&args(None)).io_threads,
+            0
+        );
+        let dev = BlockDevice::new(Zeroes).io_threads(16);
+        assert_eq!(dev.with_args(&args(None)).io_threads, 16);
+        let dev = BlockDevice::new(Zeroes).io_threads(16);
+        assert_eq!(dev.with_args(&args(Some(0))).io_threads, 0);
+        let dev = BlockDevice::new(Zeroes).with_args(&args(Some(3)));
+        assert_eq!(
+            (dev.io_threads, dev.num_queues, dev.queue_size),
+            (3, 2, 128)
+        );
     }
 }

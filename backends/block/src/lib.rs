@@ -27,7 +27,7 @@ mod iobuf;
 mod request;
 mod storage;
 
-pub use args::{parse_size, DeviceArgs};
+pub use args::{io_threads_help, parse_size, DeviceArgs};
 pub use backend::{BlockBackend, GuestMemory};
 pub use chain::DropReason;
 pub use config::CONFIG_SPACE_LEN;
