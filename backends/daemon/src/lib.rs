@@ -31,5 +31,5 @@ pub use exit::{
 };
 pub use listener::{parse_mode, ListenArgs, SocketListener, DEFAULT_SOCKET_MODE};
 pub use logging::init_logging;
-pub use serve::{serve, serve_with, ConnectionHooks};
+pub use serve::{serve, serve_with, ConnectionHooks, ServedBackend};
 pub use shutdown::Shutdown;

@@ -15,6 +15,26 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::shutdown::poll_readable;
 use crate::{Error, Shutdown, SocketListener};
 
+/// A backend [`serve`] can run: what `VhostUserDaemon` needs of it, in one name. Every
+/// cloneable [`VhostUserBackend`] with the usual bitmap and vring types (`()` or an atomic
+/// bitmap, `VringRwLock`/`VringMutex`) is one.
+pub trait ServedBackend:
+    VhostUserBackend<
+        Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+        Vring: Clone + Send + Sync,
+    > + Clone
+    + 'static
+{
+}
+
+impl<T> ServedBackend for T
+where
+    T: VhostUserBackend + Clone + 'static,
+    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
+    T::Vring: Clone + Send + Sync,
+{
+}
+
 /// What a backend may do at fixed points of each connection, besides building its backend.
 ///
 /// Give it to [`serve_with`]. A closure `FnMut(&T, &VhostUserDaemon<T>) -> io::Result<()>`
@@ -64,9 +84,7 @@ pub fn serve<T, F, E>(
     make_backend: F,
 ) -> Result<(), Error>
 where
-    T: VhostUserBackend + Clone + 'static,
-    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
-    T::Vring: Clone + Send + Sync,
+    T: ServedBackend,
     F: FnMut(&GuestMemoryAtomic<GuestMemoryMmap<T::Bitmap>>) -> Result<T, E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -104,9 +122,7 @@ pub fn serve_with<T, F, E, H>(
     mut hooks: H,
 ) -> Result<(), Error>
 where
-    T: VhostUserBackend + Clone + 'static,
-    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
-    T::Vring: Clone + Send + Sync,
+    T: ServedBackend,
     F: FnMut(&GuestMemoryAtomic<GuestMemoryMmap<T::Bitmap>>) -> Result<T, E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     H: ConnectionHooks<T>,
@@ -151,9 +167,7 @@ fn serve_connection<T>(
     shutdown: &Shutdown,
 ) -> Result<Result<(), DaemonError>, Error>
 where
-    T: VhostUserBackend + Clone + 'static,
-    T::Bitmap: BitmapReplace + NewBitmap + Clone + Send + Sync,
-    T::Vring: Clone + Send + Sync,
+    T: ServedBackend,
 {
     let done = EventFd::new(EFD_NONBLOCK).map_err(Error::ShutdownEvent)?;
     let done_watch = done.try_clone().map_err(Error::ShutdownEvent)?;
