@@ -46,7 +46,8 @@ fn stderr(o: &Output) -> String {
 fn files(name: &str) -> (std::path::PathBuf, String, String) {
     let dir = fresh_dir(&base(), name);
     let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    // Only the ELF magic: enough for the checks, which do not parse the kernel.
+    std::fs::write(&kernel, b"\x7fELF and nothing else").unwrap();
     let img = dir.join("disk.img");
     std::fs::File::create(&img)
         .unwrap()
@@ -95,6 +96,17 @@ fn missing_files() {
             nope.display()
         )),
         "{e}"
+    );
+}
+
+#[test]
+fn kernel_that_is_no_kernel() {
+    let (dir, _, img) = files("notkernel");
+    let o = run_in(&dir, &[], &["--kernel", &img]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        format!("hype run: --kernel: {img} is neither an ELF file nor a bzImage\n")
     );
 }
 

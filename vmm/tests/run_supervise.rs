@@ -211,3 +211,86 @@ fn crashes_past_the_restart_limit_stop_the_vm() {
     assert!(!run.stdout().contains("done"));
     assert_clean(&run, &pids);
 }
+
+#[test]
+fn sigint_and_sighup_also_stop_the_vm_in_order() {
+    for (name, sig) in [("sigint", libc::SIGINT), ("sighup", libc::SIGHUP)] {
+        let s = setup(name);
+        let mut run = start(&s, &[]);
+        run.wait_for_output("waiting\n", LIMIT);
+        let pids = expected_children(&run, &s.img);
+        run.signal(sig);
+        let st = run.wait(LIMIT);
+        let err = run.stderr();
+        assert_eq!(st.code(), Some(0), "{name}: {err}");
+        let vmm_exit = err.find("vmm exited").expect(&err);
+        assert!(err.find(&format!("signal {sig}: stopping the VM")).unwrap() < vmm_exit);
+        assert!(vmm_exit < err.find("disk0 stopped").expect(&err), "{err}");
+        assert_clean(&run, &pids);
+    }
+}
+
+/// A VMM that fails gives hype run its exit code; the backends are stopped and removed.
+#[test]
+fn the_exit_code_is_the_vmms() {
+    let s = setup("vmm_fails");
+    // An ELF linked at 256 MiB does not fit in 64 MiB: the VMM fails after the backends are up.
+    let high = assemble("run_two_disks", 0x1000_0000);
+    let mut run = Run::start(
+        &s.dir,
+        &[
+            "--kernel",
+            high.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--disk",
+            &format!("file:{}", s.img.display()),
+        ],
+    );
+    let st = run.wait(LIMIT);
+    let err = run.stderr();
+    let vmm_line = err
+        .lines()
+        .find(|l| l.contains("vmm exited (exit code "))
+        .unwrap_or_else(|| panic!("{err}"));
+    let code: u8 = vmm_line
+        .rsplit_once("exit code ")
+        .and_then(|(_, c)| c.strip_suffix(')'))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{vmm_line}"));
+    assert_ne!(code, 0, "{err}");
+    assert_eq!(st.code(), Some(i32::from(code)), "{err}");
+    assert!(err.contains("disk0 stopped"), "{err}");
+    assert!(err.contains("\nhype: "), "the VMM's own error: {err}");
+    assert_eq!(entries(&run.xdg), Vec::<String>::new());
+}
+
+/// A backend that cannot start (its image is locked by another process) stops the run
+/// before the VMM is started.
+#[test]
+fn backend_failing_at_start_stops_the_run() {
+    let s = setup("locked");
+    let lock = std::fs::File::open(&s.img).unwrap();
+    // SAFETY: flock(2) on a file this test opened.
+    assert_eq!(
+        unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        },
+        0
+    );
+    let mut run = start(&s, &[]);
+    let st = run.wait(LIMIT);
+    let err = run.stderr();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("hype run: disk0 exited (exit code 1) before its socket "),
+        "{err}"
+    );
+    assert!(!err.contains("vmm started"), "{err}");
+    assert_eq!(run.stdout(), "");
+    assert_eq!(entries(&run.xdg), Vec::<String>::new());
+    drop(lock);
+}

@@ -74,7 +74,9 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
 
     let kernel = match &cfg.kernel {
         Some(k) => {
-            check_readable("--kernel", k, false, &mut bad);
+            if check_readable("--kernel", k, false, &mut bad) {
+                check_kernel(k, &mut bad);
+            }
             k.clone()
         }
         None => {
@@ -341,6 +343,32 @@ fn check_readable(what: &str, path: &Path, write: bool, bad: &mut dyn FnMut(Prob
             false
         }
         Ok(_) => true,
+    }
+}
+
+/// Checks that `path` looks like something `hype vmm` boots: an ELF file or a bzImage
+/// (`HdrS` at offset 0x202).
+fn check_kernel(path: &Path, bad: &mut dyn FnMut(Problem)) {
+    use std::io::Read;
+    let mut head = [0u8; 0x206];
+    let n = File::open(path)
+        .and_then(|mut f| {
+            let mut n = 0;
+            while n < head.len() {
+                match f.read(&mut head[n..])? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            Ok(n)
+        })
+        .unwrap_or(0);
+    let elf = n >= 4 && head[..4] == *b"\x7fELF";
+    let bzimage = n >= 0x206 && head[0x202..0x206] == *b"HdrS";
+    if !elf && !bzimage {
+        bad(Problem::NotAKernel {
+            path: path.to_owned(),
+        });
     }
 }
 

@@ -37,6 +37,12 @@ pub enum Problem {
         /// The parse error.
         source: SpecError,
     },
+    /// The kernel is neither an ELF file nor a bzImage.
+    #[error("--kernel: {path} is neither an ELF file nor a bzImage")]
+    NotAKernel {
+        /// The file.
+        path: PathBuf,
+    },
     /// A value (memory, cpus, serial, device) is malformed.
     #[error("{what}: {reason}")]
     BadValue {
