@@ -3,12 +3,16 @@
 //! first formats it, writes a file, syncs and reboots; the second finds the file. The second boot
 //! also gets a RAM disk from `hype block-mem` and a virtio console from `hype console` (types
 //! learned from the backends): the guest writes to hvc0 and the text lands in the console's log.
+//! When the test may create network namespaces (root), the second boot also gets a virtio-net
+//! device from `hype net-tap`, whose TAP lives in a namespace made by the test, and the guest
+//! pings the TAP's address.
 //!
 //! Needs the artefacts from `scripts/test` (HYPE_GUEST_*); without them the test says SKIPPED.
 
 mod common;
 
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{work_dir, Backend};
@@ -19,6 +23,87 @@ const STEP: Duration = Duration::from_secs(180);
 
 fn hype() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_hype"))
+}
+
+/// A network namespace with a `hype net-tap` backend whose TAP is there, addressed 10.77.0.1/24.
+/// Everything is removed on drop.
+struct NetNs {
+    name: String,
+    backend: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl NetNs {
+    fn start(dir: &Path) -> Option<NetNs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED net part: needs root for a network namespace");
+            return None;
+        }
+        let name = format!("hype-e2e-{}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("SKIPPED net part: `ip netns add` failed");
+            return None;
+        }
+        let socket = dir.join("net.sock");
+        let _ = std::fs::remove_file(&socket);
+        let backend = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &name,
+                env!("CARGO_BIN_EXE_hype"),
+                "net-tap",
+                "--tap",
+                "hypetap0",
+                "--socket",
+            ])
+            .arg(&socket)
+            .env("HYPE_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start net-tap");
+        let ns = NetNs {
+            name,
+            backend,
+            socket,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !ns.socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "net-tap socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for cmd in [
+            &["addr", "add", "10.77.0.1/24", "dev", "hypetap0"][..],
+            &["link", "set", "hypetap0", "up"],
+        ] {
+            let st = Command::new("ip")
+                .args(["netns", "exec", &ns.name, "ip"])
+                .args(cmd)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {cmd:?} in the namespace");
+        }
+        Some(ns)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = self.backend.kill();
+        let _ = self.backend.wait();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }
 
 #[test]
@@ -62,10 +147,14 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
         ],
         &dir.join("con.sock"),
     );
-    let opts = VmOptions::new(&art.vmlinux, &art.initramfs)
+    let net = NetNs::start(&dir);
+    let mut opts = VmOptions::new(&art.vmlinux, &art.initramfs)
         .device(disk_sock.to_str().unwrap())
         .device(ram_sock.to_str().unwrap())
         .device(console.socket.to_str().unwrap());
+    if let Some(n) = &net {
+        opts = opts.device(n.socket.to_str().unwrap());
+    }
     let mut vm = GuestVm::boot(hype(), &opts).unwrap();
     vm.wait_ready(BOOT).unwrap();
     vm.check("mount -t ext2 /dev/vda /mnt", STEP).unwrap();
@@ -100,7 +189,19 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    if net.is_some() {
+        vm.check(
+            "ip addr add 10.77.0.2/24 dev eth0 && ip link set eth0 up",
+            STEP,
+        )
+        .unwrap();
+        let ping = vm.check("ping -c 3 -W 10 10.77.0.1", STEP).unwrap();
+        assert!(
+            ping.contains("3 packets transmitted, 3 packets received"),
+            "{ping}"
+        );
+    }
     let st = vm.poweroff(STEP).unwrap();
     assert_eq!(st.code(), Some(0), "{}", vm.log());
-    drop((disk, ram, console));
+    drop((disk, ram, console, net));
 }
