@@ -82,15 +82,10 @@ struct VmmArgs {
 
 use hype_daemon::error_chain;
 
-/// Runs a backend subcommand: errors print on one line, exit code 1.
-fn run_backend<E: std::error::Error>(name: &str, r: Result<(), E>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hype {name}: {}", error_chain(&e));
-            ExitCode::from(1)
-        }
-    }
+/// Runs a backend subcommand: the error chain on one line, exit 2 for usage errors, 1 for
+/// runtime errors.
+fn run_backend<E: hype_daemon::CommandError>(name: &str, r: Result<(), E>) -> ExitCode {
+    hype_daemon::report_exit(&format!("hype {name}"), r)
 }
 
 fn run_vmm(a: VmmArgs) -> ExitCode {

@@ -208,6 +208,22 @@ pub enum Error {
     },
 }
 
+impl hype_daemon::CommandError for Error {
+    /// Usage errors: what the command line named is unusable (a socket path in use, a log or
+    /// output file that cannot be opened, a console socket to attach to that is not there).
+    fn is_usage(&self) -> bool {
+        match self {
+            Error::Daemon(e) | Error::ClientSocket(e) => e.is_usage(),
+            Error::OpenFile { .. } | Error::Attach { .. } => true,
+            Error::Terminal(_)
+            | Error::Pty(_)
+            | Error::State(_)
+            | Error::Signals(_)
+            | Error::Thread(_) => false,
+        }
+    }
+}
+
 fn open_append(path: &std::path::Path) -> Result<std::fs::File, Error> {
     OpenOptions::new()
         .create(true)

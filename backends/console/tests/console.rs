@@ -484,7 +484,8 @@ fn usage_errors_exit_2() {
         .stderr(Stdio::null())
         .status()
         .unwrap();
-    assert_eq!(s.code(), Some(1));
+    // A socket path the user gave that cannot be bound is a usage error too.
+    assert_eq!(s.code(), Some(2));
     let _ = Segment::Writable(0);
 }
 

@@ -11,27 +11,10 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match hype_daemon::parse_command_line::<Cli>("hype-console") {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("hype-console: {first} (see --help)");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     hype_daemon::init_logging();
-    match hype_console::dispatch(cli.command) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("hype-console: {}", hype_daemon::error_chain(&e));
-            ExitCode::from(1)
-        }
-    }
+    hype_daemon::report_exit("hype-console", hype_console::dispatch(cli.command))
 }
