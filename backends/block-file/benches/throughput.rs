@@ -9,6 +9,7 @@
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -87,15 +88,16 @@ fn image_dir() -> PathBuf {
     d
 }
 
-/// Keeps `depth` requests in flight on `q` for `secs`; returns completed requests.
-fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> u64 {
+/// Keeps `w.depth` requests in flight on `q` for `secs`; returns each request's latency (ns).
+fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> Vec<u64> {
     q.set_read_back(false);
     let blocks = IMAGE / w.block;
     let data = vec![0x5au8; w.block as usize];
     let mut rng = seed | 1;
     let mut next_seq = 0u64;
     let mut in_flight = 0usize;
-    let mut done = 0u64;
+    let mut latencies: Vec<u64> = Vec::new();
+    let mut submitted: HashMap<u16, Instant> = HashMap::new();
     let start = Instant::now();
     loop {
         let running = start.elapsed() < secs;
@@ -117,7 +119,8 @@ fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> u64 {
                 } else {
                     BlkRequest::read(sector, w.block as u32)
                 };
-                add_request(q, &req).unwrap();
+                let head = add_request(q, &req).unwrap();
+                submitted.insert(head, Instant::now());
                 in_flight += 1;
                 added = true;
             }
@@ -125,13 +128,15 @@ fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> u64 {
                 q.notify().unwrap();
             }
         } else if in_flight == 0 {
-            return done;
+            return latencies;
         }
         for c in q.wait(1, Duration::from_secs(10)).unwrap() {
             let want = if w.write { 1 } else { w.block as u32 + 1 };
             assert_eq!(c.len, want, "request failed");
             in_flight -= 1;
-            done += 1;
+            if let Some(t) = submitted.remove(&c.head) {
+                latencies.push(t.elapsed().as_nanos() as u64);
+            }
         }
     }
 }
@@ -152,7 +157,7 @@ fn run(name: &str, socket: &Path) {
         };
         let mut disk = BlkDriver::connect(socket, opts).unwrap();
         let start = Instant::now();
-        let done: u64 = std::thread::scope(|s| {
+        let mut latencies: Vec<u64> = std::thread::scope(|s| {
             let handles: Vec<_> = disk
                 .driver()
                 .queues_mut()
@@ -160,14 +165,25 @@ fn run(name: &str, socket: &Path) {
                 .enumerate()
                 .map(|(i, q)| s.spawn(move || drive(q, w, secs, 0x9e37_79b9 * (i as u64 + 1))))
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).sum()
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
         });
         let t = start.elapsed().as_secs_f64();
+        let done = latencies.len() as u64;
+        latencies.sort_unstable();
+        let p99_us = latencies
+            .get(latencies.len() * 99 / 100)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e3;
         println!(
-            "{name:>22} | {:<28} | {:>9.0} IOPS | {:>8.1} MiB/s",
+            "{name:>22} | {:<28} | {:>9.0} IOPS | {:>8.1} MiB/s | p99 {:>8.1} us",
             w.name,
             done as f64 / t,
-            done as f64 * w.block as f64 / t / (1 << 20) as f64
+            done as f64 * w.block as f64 / t / (1 << 20) as f64,
+            p99_us
         );
     }
 }
