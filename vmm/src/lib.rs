@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod demo;
 pub mod devices;
 pub mod fixups;
 pub mod layout;
