@@ -132,6 +132,15 @@ fn exit_code(st: ExitStatus) -> u8 {
     }
 }
 
+/// The restart delay after the `n`-th crash within the window (n >= 1): 100 ms doubling,
+/// at most [`BACKOFF_MAX`].
+fn backoff(n: usize) -> Duration {
+    let shift = u32::try_from(n.saturating_sub(1))
+        .unwrap_or(u32::MAX)
+        .min(16);
+    BACKOFF_FIRST.saturating_mul(1 << shift).min(BACKOFF_MAX)
+}
+
 /// Runs the VM of `plan` to its end; returns the VMM's exit code.
 pub fn supervise(plan: &Plan) -> Result<u8, RunError> {
     let signals = BlockedSignals::block().map_err(RunError::Signals)?;
@@ -211,10 +220,7 @@ fn run_all(plan: &Plan, signals: &BlockedSignals, backends: &mut [Proc]) -> Resu
                     kill_at = Some(now + VMM_GRACE);
                     continue;
                 }
-                let shift = u32::try_from(n.saturating_sub(1))
-                    .unwrap_or(u32::MAX)
-                    .min(16);
-                let delay = BACKOFF_FIRST.saturating_mul(1 << shift).min(BACKOFF_MAX);
+                let delay = backoff(n);
                 log::warn!(
                     "{} exited ({}); restarting in {delay:?} (crash {n}, limit {} within {RESTART_WINDOW:?})",
                     b.name,
@@ -347,5 +353,26 @@ fn remove_socket(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let ms: Vec<u128> = (1..=8).map(|n| backoff(n).as_millis()).collect();
+        assert_eq!(ms, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(backoff(usize::MAX), BACKOFF_MAX);
+        assert_eq!(backoff(0), BACKOFF_FIRST);
+    }
+
+    #[test]
+    fn exit_codes_like_a_shell() {
+        assert_eq!(exit_code(ExitStatus::from_raw(3 << 8)), 3);
+        assert_eq!(exit_code(ExitStatus::from_raw(libc::SIGKILL)), 137);
+        assert_eq!(describe(ExitStatus::from_raw(libc::SIGKILL)), "signal 9");
+        assert_eq!(describe(ExitStatus::from_raw(0)), "exit code 0");
     }
 }

@@ -9,11 +9,27 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `hype` binary under test (`HYPE_BIN` overrides the one cargo built).
+/// The `hype` binary under test (`HYPE_BIN` overrides the one cargo built); it must have the
+/// `run` subcommand.
 pub fn hype_bin() -> PathBuf {
-    std::env::var_os("HYPE_BIN")
+    let bin = std::env::var_os("HYPE_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hype")))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_hype")));
+    static CHECKED: std::sync::Once = std::sync::Once::new();
+    CHECKED.call_once(|| {
+        let ok = Command::new(&bin)
+            .args(["run", "--help"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "{} has no `run` subcommand (vmm/src/main.rs needs `Run(hype_vmm::run::RunArgs)`)",
+            bin.display()
+        );
+    });
+    bin
 }
 
 /// A fresh, empty directory for one test.
