@@ -286,7 +286,14 @@ fn backend_failing_at_start_stops_the_run() {
     let err = run.stderr();
     assert_eq!(st.code(), Some(1), "{err}");
     assert!(
-        err.contains("hype run: disk0 exited (exit code 1) before its socket "),
+        err.contains("is already in use by another process"),
+        "the backend's own error: {err}"
+    );
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("hype run: disk0 exited (exit code ")
+            && last.contains(") before its socket ")
+            && last.ends_with("appeared; nothing else was started"),
         "{err}"
     );
     assert!(!err.contains("vmm started"), "{err}");
