@@ -301,3 +301,47 @@ fn backend_failing_at_start_stops_the_run() {
     assert_eq!(entries(&run.xdg), Vec::<String>::new());
     drop(lock);
 }
+
+/// The demo guest built into hype, booted by `hype run` on two disks and a console: it finds
+/// the first disk and the console, verifies its sectors and reports through the console
+/// backend, which writes the report to a file.
+#[test]
+fn demo_guest_completes_with_two_disks_and_a_console() {
+    use hype_vmm::demo::{console_report, verdict, Verdict, GUEST_ELF};
+    let s = setup("demo");
+    let elf = s.dir.join("demo.elf");
+    std::fs::write(&elf, GUEST_ELF).unwrap();
+    let console = s.dir.join("console.log");
+    let uart = s.dir.join("uart.log");
+    let mut run = Run::start(
+        &s.dir,
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--disk",
+            "mem:16M",
+            "--disk",
+            &format!("file:{}", s.img.display()),
+            "--console",
+            &format!("file:{}", console.display()),
+            "--serial",
+            &format!("file:{}", uart.display()),
+        ],
+    );
+    let st = run.wait(LIMIT);
+    let err = run.stderr();
+    let uart_log = std::fs::read_to_string(&uart).unwrap_or_default();
+    assert_eq!(st.code(), Some(0), "{err}\n{uart_log}");
+    assert_eq!(verdict(&uart_log), Verdict::Pass, "{uart_log}");
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        console_report(16 << 11)
+    );
+    for b in ["disk0 stopped", "disk1 stopped", "console stopped"] {
+        assert!(err.contains(b), "{err}");
+    }
+    assert_eq!(run.stdout(), "");
+    assert_eq!(entries(&run.xdg), Vec::<String>::new());
+}
