@@ -177,7 +177,8 @@ pub fn describe_processes(plan: &Plan, runtime_dir: &Path) -> String {
         s
     };
     let mut out = format!(
-        "hype demo: {} processes, sockets in {}:\n",
+        "hype demo: a guest built into hype, its devices served by backend processes; \
+         {} processes, sockets in {}:\n",
         plan.backends.len() + 1,
         runtime_dir.display()
     );
@@ -213,11 +214,6 @@ pub fn demo(args: DemoArgs) -> ExitCode {
         console: args.console,
         show_processes: true,
     };
-    eprintln!(
-        "hype demo: a guest built into hype, a RAM disk backend ({}) and a console backend; \
-         the guest reports through the virtio console",
-        opts.disk_size
-    );
     match run_demo(&opts) {
         Ok(o) if o.passed() => {
             if args.show_uart {
