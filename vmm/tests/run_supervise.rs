@@ -345,3 +345,50 @@ fn demo_guest_completes_with_two_disks_and_a_console() {
     assert_eq!(run.stdout(), "");
     assert_eq!(entries(&run.xdg), Vec::<String>::new());
 }
+
+/// With a TAP (in a private network namespace, so as root only): the net-tap backend runs
+/// and the VMM shows a net device; the guest (which ignores it) completes.
+#[test]
+fn net_tap_backend_in_a_private_network_namespace() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED net_tap_backend_in_a_private_network_namespace: needs root");
+        return;
+    }
+    let s = setup("net");
+    let disk0 = format!("file:{}", s.img.display());
+    let mut run = Run::start_under(
+        &s.dir,
+        &["unshare", "--net"],
+        &[
+            "--kernel",
+            s.elf.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--disk",
+            &disk0,
+            "--disk",
+            "mem:1M",
+            "--net",
+            "tap:hruntap0",
+        ],
+    );
+    run.wait_for_output("waiting\n", LIMIT);
+    let kids = run.children();
+    let rt = run.runtime_dir();
+    assert_private_sockets(&rt, &["disk0.sock", "disk1.sock", "net0.sock"]);
+    let net = kids
+        .iter()
+        .find(|(_, c)| c.contains(" net-tap --tap hruntap0 --socket "))
+        .unwrap_or_else(|| panic!("{kids:?}"))
+        .0;
+    write_sector(&s.img, 1, b"GO!!");
+    let st = run.wait(LIMIT);
+    let err = run.stderr();
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert_eq!(run.stdout(), GUEST_OUTPUT);
+    assert!(err.contains("virtio2: net backend at "), "{err}");
+    assert!(err.contains("net0 stopped"), "{err}");
+    assert!(!still_there(net, "hype"));
+    assert_eq!(entries(&run.xdg), Vec::<String>::new());
+}

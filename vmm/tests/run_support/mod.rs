@@ -78,10 +78,23 @@ pub struct Run {
 impl Run {
     /// Starts `hype run ARGS` with XDG_RUNTIME_DIR = `dir/xdg` (made empty).
     pub fn start(dir: &Path, args: &[&str]) -> Run {
+        Run::start_under(dir, &[], args)
+    }
+
+    /// Starts `PREFIX... hype run ARGS` (a prefix that execs, such as `unshare --net`).
+    pub fn start_under(dir: &Path, prefix: &[&str], args: &[&str]) -> Run {
         let xdg = fresh_dir(dir, "xdg");
         let out = dir.join("stdout.txt");
         let err = dir.join("stderr.txt");
-        let child = Command::new(hype_bin())
+        let mut cmd = match prefix.split_first() {
+            Some((p, rest)) => {
+                let mut c = Command::new(p);
+                c.args(rest).arg(hype_bin());
+                c
+            }
+            None => Command::new(hype_bin()),
+        };
+        let child = cmd
             .arg("run")
             .args(args)
             .env("XDG_RUNTIME_DIR", &xdg)
