@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
-use common::work_dir;
+use common::{texts, work_dir, Backend};
 use hype_vmm::demo::{self, console_report, DemoOptions, Verdict};
 
 /// 16 MiB in 512-byte sectors.
@@ -130,6 +130,89 @@ fn demo_guest_failure_is_reported_on_the_console() {
         format!("hype demo: FAILED: {reason}\r\n")
     );
     assert_cleaned_up(&o.runtime_dir);
+}
+
+/// Writes the built-in guest to `dir` for `hype vmm --kernel`.
+fn guest_elf(dir: &Path) -> PathBuf {
+    let p = dir.join("demo-guest.elf");
+    std::fs::write(&p, demo::GUEST_ELF).unwrap();
+    p
+}
+
+/// Runs the built-in guest with `hype vmm` on the given backend sockets, UART to a file;
+/// returns the UART log.
+fn boot_guest(dir: &Path, sockets: &[&Path]) -> String {
+    let elf = guest_elf(dir);
+    let uart = dir.join("uart.txt");
+    let serial = format!("file:{}", uart.display());
+    let mut args = vec![
+        "vmm",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--serial",
+        &serial,
+        "--device-wait",
+        "10s",
+    ];
+    for s in sockets {
+        args.extend(["--device", s.to_str().unwrap()]);
+    }
+    let o = common::hype(&args);
+    let (_, err) = texts(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("guest reset"), "{err}");
+    std::fs::read_to_string(&uart).unwrap()
+}
+
+/// The guest probes every window: a console before the disk works as well.
+#[test]
+fn guest_finds_its_devices_in_any_window() {
+    let dir = fresh_dir("any_window");
+    let console_out = dir.join("console.txt");
+    let console = Backend::start(
+        &[
+            "console",
+            "--output",
+            &format!("file:{}", console_out.display()),
+        ],
+        &dir.join("console.sock"),
+    );
+    let disk = Backend::block_mem(&dir, "1M");
+    let uart = boot_guest(&dir, &[&console.socket, &disk.socket]);
+    assert!(
+        uart.starts_with(
+            "hype demo guest: probing virtio-mmio windows\n\
+             \x20 window 0: virtio device id 3 (console)\n\
+             \x20 window 1: virtio device id 2 (block)\n"
+        ),
+        "{uart}"
+    );
+    assert!(uart.ends_with("hype demo guest: PASS\n"), "{uart}");
+    assert_eq!(
+        std::fs::read_to_string(&console_out).unwrap(),
+        console_report(2048)
+    );
+}
+
+/// Without a console the guest can only say so on the UART.
+#[test]
+fn guest_without_a_console_fails_on_the_uart() {
+    let dir = fresh_dir("no_console");
+    let disk = Backend::block_mem(&dir, "1M");
+    let uart = boot_guest(&dir, &[&disk.socket]);
+    assert_eq!(
+        uart,
+        "hype demo guest: probing virtio-mmio windows\n\
+         \x20 window 0: virtio device id 2 (block)\n\
+         hype demo: FAILED: no virtio-console device found\n\
+         hype demo guest: FAIL\n"
+    );
+    assert_eq!(
+        demo::verdict(&uart),
+        Verdict::Fail(Some("no virtio-console device found".into()))
+    );
 }
 
 fn binary_has_demo() -> bool {
