@@ -1,7 +1,6 @@
 //! Assembles the `hype demo` guest (`src/demo/guest.S`) into `$OUT_DIR/demo_guest.elf` with
-//! binutils (`as`, `ld`; override with the `AS` / `LD` environment variables). The VMM embeds
-//! the result with `include_bytes!`, so `hype demo` needs no download.
-
+//! binutils (`as`, `ld`; the `HYPE_AS` / `HYPE_LD` environment variables name others). The
+//! VMM embeds the result with `include_bytes!`, so `hype demo` needs no download.
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
@@ -13,8 +12,8 @@ const DEMO_GUEST_SOURCE: &str = "src/demo/guest.S";
 fn main() {
     println!("cargo:rerun-if-changed={DEMO_GUEST_SOURCE}");
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-env-changed=AS");
-    println!("cargo:rerun-if-env-changed=LD");
+    println!("cargo:rerun-if-env-changed=HYPE_AS");
+    println!("cargo:rerun-if-env-changed=HYPE_LD");
     let Some(out_dir) = env::var_os("OUT_DIR").map(PathBuf::from) else {
         fail("OUT_DIR is not set (build.rs must run under cargo)");
     };
@@ -23,8 +22,8 @@ fn main() {
     let object = out_dir.join("demo_guest.o");
     let elf = out_dir.join("demo_guest.elf");
 
-    let assembler = env::var("AS").unwrap_or_else(|_| "as".into());
-    let linker = env::var("LD").unwrap_or_else(|_| "ld".into());
+    let assembler = env::var("HYPE_AS").unwrap_or_else(|_| "as".into());
+    let linker = env::var("HYPE_LD").unwrap_or_else(|_| "ld".into());
     run(
         &assembler,
         Command::new(&assembler)
@@ -53,7 +52,7 @@ fn run(tool: &str, cmd: &mut Command) {
         )),
         Err(e) => fail(&format!(
             "cannot run `{tool}` ({e}): the `hype demo` guest is assembled with GNU binutils \
-             (as, ld); install binutils (e.g. `apt-get install binutils`) or point the AS/LD \
+             (as, ld); install binutils (e.g. `apt-get install binutils`) or point HYPE_AS/HYPE_LD \
              environment variables at them"
         )),
     }
