@@ -1,6 +1,7 @@
 //! Assembles the `hype demo` guest (`src/demo/guest.S`) into `$OUT_DIR/demo_guest.elf` with
 //! binutils (`as`, `ld`; the `HYPE_AS` / `HYPE_LD` environment variables name others). The
 //! VMM embeds the result with `include_bytes!`, so `hype demo` needs no download.
+
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};

@@ -120,8 +120,11 @@ fn demo_guest_failure_is_reported_on_the_console() {
     assert_eq!(o.verdict, Verdict::Fail(Some(reason.into())));
     assert!(!o.passed());
     assert!(
-        o.uart_log
-            .ends_with("virtio-blk ready, capacity 4 sectors\nhype demo: FAILED: disk too small, sectors: 4\nhype demo guest: FAIL\n"),
+        o.uart_log.ends_with(
+            "virtio-blk ready, capacity 4 sectors\n\
+             hype demo: FAILED: disk too small, sectors: 4\n\
+             hype demo guest: FAIL\n"
+        ),
         "{}",
         o.uart_log
     );
