@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Boot a Linux kernel in a VM.
     Vmm(VmmArgs),
+    /// Start the backends and the VMM together and supervise them (docs/run.md).
+    Run(hype_vmm::run::RunArgs),
     /// Serve a RAM disk as a vhost-user-blk backend.
     BlockMem(hype_block_mem::Args),
     /// Serve a raw image file or block device as a vhost-user-blk backend.
@@ -35,6 +37,9 @@ enum Command {
     /// Serve a virtio-console (terminal, socket, pty or log file) as a vhost-user backend, or
     /// `attach PATH` to a console's client socket.
     Console(hype_console::Command),
+    /// Boot a small built-in guest on a RAM disk and a console backend: the architecture at
+    /// work in a few seconds.
+    Demo(hype_vmm::demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -141,10 +146,12 @@ fn main() -> ExitCode {
     hype_daemon::init_logging();
     match cli.command {
         Command::Vmm(a) => run_vmm(a),
+        Command::Run(a) => hype_vmm::run::run(a),
         Command::BlockMem(a) => run_backend("block-mem", hype_block_mem::run(a)),
         Command::BlockFile(a) => run_backend("block-file", hype_block_file::run(a)),
         Command::BlockHttp(a) => run_backend("block-http", hype_block_http::run(a)),
         Command::NetTap(a) => run_backend("net-tap", hype_net_tap::run(a)),
         Command::Console(a) => run_backend("console", hype_console::dispatch(a)),
+        Command::Demo(a) => hype_vmm::demo::demo(a),
     }
 }
