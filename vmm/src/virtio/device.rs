@@ -175,6 +175,8 @@ struct Shared {
     /// A copy of the current connection's socket, to cut it when the device goes away while
     /// the device thread waits for a hung backend.
     link: Mutex<Option<std::os::unix::net::UnixStream>>,
+    /// Set when the device goes away: a hang-up from then on is the VMM's own doing.
+    stopping: AtomicBool,
 }
 
 impl Shared {
@@ -305,6 +307,7 @@ impl VhostUserDevice {
                 .map_err(os("cannot clone eventfd"))?,
             stats: DeviceStats::default(),
             link: Mutex::new(conn.cutter().ok()),
+            stopping: AtomicBool::new(false),
         });
         shared.stats.connected.store(true, Ordering::Release);
         log::info!(
@@ -436,6 +439,7 @@ impl VhostUserDevice {
 
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
         let _ = self.commands.send(Command::Shutdown);
         let _ = self.wake.write(1);
         // A device thread stuck in a request to a hung backend must not hold the VM's end.
@@ -563,6 +567,10 @@ impl Worker {
     }
 
     fn lost(&mut self, why: &str) {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            // The VM is ending and cut the connection itself: nothing is lost.
+            return;
+        }
         if self.conn.take().is_none() {
             return;
         }
