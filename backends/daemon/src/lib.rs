@@ -12,23 +12,28 @@
 //! * a clean exit on SIGINT/SIGTERM, removing the socket it created: [`Shutdown`];
 //! * one logging setup (`HYPE_LOG`, falling back to `RUST_LOG`): [`init_logging`];
 //! * one way to end `main`: the error chain on one line, exit code 2 for usage errors and 1 for
-//!   runtime errors ([`CommandError`], [`report_exit`], [`parse_command_line`]).
+//!   runtime errors ([`CommandError`], [`report_exit`], [`parse_command_line`]);
+//! * one EVENT_IDX-aware loop that drains a virtqueue and signals the guest: [`vring::Drain`],
+//!   with rate-limited logging of guest mistakes: [`guest_error`].
 //!
 //! Everything is generic over any [`vhost_user_backend::VhostUserBackend`], so the block, net and
 //! console backends share it.
 
 mod error;
 mod exit;
+mod guest_error;
 mod listener;
 mod logging;
 mod serve;
 mod shutdown;
+pub mod vring;
 
 pub use error::{error_chain, Error};
 pub use exit::{
     error_line, exit_code, exit_code_number, parse_args_from, parse_command_line, report_exit,
     usage_error_line, CommandError, EXIT_RUNTIME, EXIT_USAGE,
 };
+pub use guest_error::guest_error;
 pub use listener::{parse_mode, ListenArgs, SocketListener, DEFAULT_SOCKET_MODE};
 pub use logging::init_logging;
 pub use serve::{serve, serve_with, ConnectionHooks, ServedBackend};

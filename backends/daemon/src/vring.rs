@@ -1,0 +1,250 @@
+//! Draining a virtqueue: the loop every backend runs when a ring is kicked.
+//!
+//! The loop is easy to get subtly wrong, so it lives here once:
+//!
+//! 1. **Suppress kicks** while draining. With `VIRTIO_RING_F_EVENT_IDX` this is implicit (the
+//!    device simply does not move `avail_event` forward); without it the device may set
+//!    `VRING_USED_F_NO_NOTIFY` ([`Drain::suppress_without_event_idx`]).
+//! 2. **Pop every available chain** and hand it to the caller's handler, which answers with a
+//!    [`Handled`]: return it to the guest with a used length, leave it to someone else (a thread
+//!    pool that completes it later), or keep it in the ring for later and stop.
+//! 3. **Signal once per round** (and, if asked, every N used chains within a round), and only
+//!    when `needs_notification` says the driver wants an interrupt ([`signal_used`]).
+//! 4. **Re-arm and re-check**: `enable_notification` publishes `avail_event` (or clears
+//!    `NO_NOTIFY`) and reports whether the guest added buffers meanwhile. If it did, those
+//!    buffers will get no kick, so the loop goes round again. Without this step kicks are lost.
+//! 5. **Give up on a broken ring** instead of spinning: an avail index more than a ring ahead,
+//!    one that cannot be read, or one that promises chains two rounds in a row that never pop.
+//!
+//! Every problem the guest causes is logged through the rate-limited [`guest_error`].
+
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+
+use log::warn;
+use vhost_user_backend::VringState;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemory};
+
+use crate::guest_error::guest_error;
+
+/// Rounds in a row in which the guest's avail index promises chains that never pop, before
+/// [`Drain::run`] gives up on the ring.
+const MAX_IDLE_ROUNDS: u32 = 2;
+
+/// What a [`Drain::run`] handler did with a descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Done: put the chain in the used ring, saying this many bytes were written into it.
+    Used(u32),
+    /// The handler took the chain and it is not returned here: another thread completes it
+    /// later (and calls `add_used` and [`signal_used`] itself), or it cannot be returned at
+    /// all (a head index outside the ring).
+    Elsewhere,
+    /// The handler cannot take the chain now: it goes back to the available ring, untouched,
+    /// and draining stops (notifications re-armed) until the next call.
+    Keep,
+}
+
+/// How a [`Drain::run`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every available chain was taken; kicks are re-armed (when they were suppressed).
+    Empty,
+    /// The handler answered [`Handled::Keep`]; that chain is still available in the ring.
+    Kept,
+    /// The ring is not set up or was stopped: nothing was popped.
+    NotRunning,
+    /// The guest broke the ring (garbage or unreadable avail index, unwritable used ring):
+    /// draining stopped; it is tried again on the next kick.
+    Stuck,
+}
+
+/// How to drain one virtqueue: built once per call from what the guest negotiated, then
+/// [`run`](Drain::run).
+///
+/// ```
+/// use hype_daemon::vring::{Drain, Drained, Handled};
+/// use vhost_user_backend::VringState;
+/// use vm_memory::{GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+///
+/// /// Consumes every chain the guest offers on a transmit queue.
+/// fn drain_tx(
+///     st: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+///     mem: &GuestMemoryLoadGuard<GuestMemoryMmap>,
+///     event_idx: bool,
+/// ) -> Drained {
+///     Drain::new("tx", event_idx).signal_every(64).run(st, mem, |chain| {
+///         // ... read the chain's buffers ...
+///         Handled::Used(0)
+///     })
+/// }
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    label: &'static str,
+    event_idx: bool,
+    no_notify_flag: bool,
+    signal_batch: usize,
+}
+
+impl Drain {
+    /// A drain of the queue called `label` in log lines ("tx", "rx", "ctrl", ...), with
+    /// `event_idx` telling whether the guest negotiated `VIRTIO_RING_F_EVENT_IDX`.
+    ///
+    /// By default the guest is signalled once per round, and without EVENT_IDX the ring is
+    /// drained in a single pass with kicks left on.
+    pub fn new(label: &'static str, event_idx: bool) -> Self {
+        Drain {
+            label,
+            event_idx,
+            no_notify_flag: false,
+            signal_batch: usize::MAX,
+        }
+    }
+
+    /// Also signals the guest within a round, after every `n` used chains, so a guest that
+    /// keeps the ring full still sees completions promptly. `0` is taken as 1.
+    pub fn signal_every(mut self, n: usize) -> Self {
+        self.signal_batch = n.max(1);
+        self
+    }
+
+    /// Without EVENT_IDX, suppresses kicks while draining by setting `VRING_USED_F_NO_NOTIFY`
+    /// (clearing it and re-checking the ring at the end), as with EVENT_IDX. Saves the guest a
+    /// kick per buffer it adds while the ring is being drained.
+    pub fn suppress_without_event_idx(mut self) -> Self {
+        self.no_notify_flag = true;
+        self
+    }
+
+    /// Drains the ring held in `st`: pops each available chain (reading guest memory through
+    /// `mem`), hands it to `handle`, returns it to the guest as `handle` says, and signals the
+    /// guest as the negotiated features allow.
+    ///
+    /// Hold the vring's state lock (`vring.get_mut()`) for the whole call and never call the
+    /// vring's own `add_used`/`signal_used_queue` from `handle`: they take that lock again.
+    pub fn run<A, T, F>(&self, st: &mut VringState<A>, mem: &T, mut handle: F) -> Drained
+    where
+        A: GuestAddressSpace,
+        T: Clone + Deref,
+        T::Target: GuestMemory,
+        F: FnMut(DescriptorChain<T>) -> Handled,
+    {
+        if !st.get_queue().ready() {
+            return Drained::NotRunning;
+        }
+        let suppress = self.event_idx || self.no_notify_flag;
+        let mut idle_rounds = 0;
+        loop {
+            if suppress {
+                if let Err(e) = st.disable_notification() {
+                    guest_error(format_args!("{}: disable_notification: {e}", self.label));
+                }
+            }
+            if !self.avail_index_sane(st, &**mem) {
+                return Drained::Stuck;
+            }
+            let mut popped = 0usize;
+            let mut used = 0usize;
+            let mut kept = false;
+            while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                let head = chain.head_index();
+                match handle(chain) {
+                    Handled::Used(len) => {
+                        if let Err(e) = st.add_used(head, len) {
+                            guest_error(format_args!(
+                                "{}: cannot return chain {head}: {e}",
+                                self.label
+                            ));
+                        }
+                        used += 1;
+                        if used >= self.signal_batch {
+                            signal_used(st, self.event_idx);
+                            used = 0;
+                        }
+                    }
+                    Handled::Elsewhere => {}
+                    Handled::Keep => {
+                        st.get_queue_mut().go_to_previous_position();
+                        kept = true;
+                        break;
+                    }
+                }
+                popped += 1;
+            }
+            // Signal after every round, so a guest that keeps the ring busy gets its
+            // completions while we keep going.
+            if used > 0 {
+                signal_used(st, self.event_idx);
+            }
+            let done = if kept { Drained::Kept } else { Drained::Empty };
+            if !suppress {
+                // Kicks were never off: anything the guest adds from now on is kicked.
+                return done;
+            }
+            // Re-arm kicks, then look again: buffers added before the re-arm get no kick.
+            match st.enable_notification() {
+                Ok(true) if !kept => {
+                    idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
+                    if idle_rounds >= MAX_IDLE_ROUNDS {
+                        guest_error(format_args!(
+                            "{}: avail index promises chains that cannot be read",
+                            self.label
+                        ));
+                        return Drained::Stuck;
+                    }
+                }
+                Ok(_) => return done,
+                Err(e) => {
+                    guest_error(format_args!("{}: enable_notification: {e}", self.label));
+                    return Drained::Stuck;
+                }
+            }
+        }
+    }
+
+    /// Whether the guest's avail index can be read and is at most a ring's worth ahead of us.
+    /// A guest that publishes garbage there gets one rate-limited log line per kick instead of
+    /// a library error per pop, and the ring stalls until the guest repairs it.
+    fn avail_index_sane<A, M>(&self, st: &VringState<A>, mem: &M) -> bool
+    where
+        A: GuestAddressSpace,
+        M: GuestMemory + ?Sized,
+    {
+        let q = st.get_queue();
+        let size = q.size();
+        match q.avail_idx(mem, Ordering::Acquire) {
+            Ok(idx) => {
+                let pending = idx.0.wrapping_sub(q.next_avail());
+                if pending > size {
+                    guest_error(format_args!(
+                        "{}: avail index {} is {pending} entries ahead of a {size}-entry ring",
+                        self.label, idx.0
+                    ));
+                    return false;
+                }
+                true
+            }
+            Err(e) => {
+                guest_error(format_args!("{}: cannot read avail index: {e}", self.label));
+                false
+            }
+        }
+    }
+}
+
+/// Signals the guest that used buffers are ready, if it wants to know: always without
+/// EVENT_IDX, otherwise when the used index has passed the driver's `used_event` since the
+/// last signal. When that cannot be read the guest is signalled anyway (a spurious interrupt
+/// is harmless, a missing one hangs the driver).
+pub fn signal_used<A: GuestAddressSpace>(st: &mut VringState<A>, event_idx: bool) {
+    let needed = !event_idx || st.needs_notification().unwrap_or(true);
+    if needed {
+        if let Err(e) = st.signal_used_queue() {
+            warn!("cannot signal used queue: {e}");
+        }
+    }
+}
+#[cfg(test)]
+mod tests;

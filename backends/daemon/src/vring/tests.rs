@@ -1,0 +1,401 @@
+//! Tests of [`Drain`] against a split virtqueue laid out by hand in guest memory, playing the
+//! driver's part (descriptors, avail ring, `used_event`) and reading what the device wrote.
+
+use std::cell::Cell;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use vhost_user_backend::{VringRwLock, VringT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::*;
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+const SIZE: u16 = 16;
+const DESC_TABLE: u64 = 0x0;
+const AVAIL_RING: u64 = 0x1000;
+const USED_RING: u64 = 0x2000;
+const BUFFERS: u64 = 0x1_0000;
+const MEM_SIZE: usize = 0x2_0000;
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+
+/// The driver side of one queue, plus the device's vring over the same memory.
+struct Ring {
+    mem: Mem,
+    vring: VringRwLock<Mem>,
+    call: EventFd,
+    avail_ring: u64,
+    avail_idx: u16,
+}
+
+impl Ring {
+    fn new(event_idx: bool) -> Self {
+        Self::with_avail_ring(event_idx, AVAIL_RING)
+    }
+
+    fn with_avail_ring(event_idx: bool, avail_ring: u64) -> Self {
+        let mmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = GuestMemoryAtomic::new(mmap);
+        let vring = VringRwLock::new(mem.clone(), SIZE).unwrap();
+        vring.set_queue_size(SIZE);
+        vring
+            .set_queue_info(DESC_TABLE, avail_ring, USED_RING)
+            .unwrap();
+        vring.set_queue_event_idx(event_idx);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // SAFETY: dup() returns a new descriptor that nothing else owns (checked below).
+        let dup = unsafe { libc::dup(call.as_raw_fd()) };
+        assert!(dup >= 0);
+        // SAFETY: `dup` is a fresh, valid descriptor owned only by this OwnedFd.
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        vring.set_call(Some(File::from(owned)));
+        Ring {
+            mem,
+            vring,
+            call,
+            avail_ring,
+            avail_idx: 0,
+        }
+    }
+
+    /// Offers a one-descriptor chain with head `head` (a device-writable 512-byte buffer).
+    fn offer(&mut self, head: u16) {
+        offer(&self.mem, self.avail_ring, &mut self.avail_idx, head);
+    }
+
+    fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.write_u16(self.avail_ring + 2, idx);
+    }
+
+    /// The driver's `used_event` (the used index it wants an interrupt after).
+    fn set_used_event(&self, v: u16) {
+        self.write_u16(self.avail_ring + 4 + 2 * u64::from(SIZE), v);
+    }
+
+    fn used_flags(&self) -> u16 {
+        read_u16(&self.mem, USED_RING)
+    }
+
+    fn used_idx(&self) -> u16 {
+        read_u16(&self.mem, USED_RING + 2)
+    }
+
+    /// The device's `avail_event` (the avail index it wants a kick at).
+    fn avail_event(&self) -> u16 {
+        read_u16(&self.mem, USED_RING + 4 + 8 * u64::from(SIZE))
+    }
+
+    /// Used ring entries 0..used_idx as (head, length).
+    fn used(&self) -> Vec<(u32, u32)> {
+        let m = self.mem.memory();
+        (0..u64::from(self.used_idx()))
+            .map(|i| {
+                let at = GuestAddress(USED_RING + 4 + 8 * i);
+                let id: u32 = m.read_obj(at).unwrap();
+                let len: u32 = m.read_obj(at.unchecked_add(4)).unwrap();
+                (id, len)
+            })
+            .collect()
+    }
+
+    /// Interrupts sent since the last call.
+    fn signals(&self) -> u64 {
+        self.call.read().unwrap_or(0)
+    }
+
+    fn next_avail(&self) -> u16 {
+        self.vring.get_ref().get_queue().next_avail()
+    }
+
+    fn write_u16(&self, addr: u64, v: u16) {
+        self.mem.memory().write_obj(v, GuestAddress(addr)).unwrap();
+    }
+
+    /// Runs `drain` over the ring with `handle`.
+    fn drain<F>(&self, drain: Drain, handle: F) -> Drained
+    where
+        F: FnMut(DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>) -> Handled,
+    {
+        let mem = self.mem.memory();
+        let mut st = self.vring.get_mut();
+        drain.run(&mut st, &mem, handle)
+    }
+}
+
+fn read_u16(mem: &Mem, addr: u64) -> u16 {
+    mem.memory().read_obj(GuestAddress(addr)).unwrap()
+}
+
+/// Writes descriptor `head` and publishes it in the avail ring at `avail_ring`.
+fn offer(mem: &Mem, avail_ring: u64, avail_idx: &mut u16, head: u16) {
+    let m = mem.memory();
+    let desc = GuestAddress(DESC_TABLE + 16 * u64::from(head));
+    m.write_obj(BUFFERS + 512 * u64::from(head), desc).unwrap();
+    m.write_obj(512u32, desc.unchecked_add(8)).unwrap();
+    m.write_obj(VRING_DESC_F_WRITE, desc.unchecked_add(12))
+        .unwrap();
+    m.write_obj(0u16, desc.unchecked_add(14)).unwrap();
+    let slot = u64::from(*avail_idx % SIZE);
+    m.write_obj(head, GuestAddress(avail_ring + 4 + 2 * slot))
+        .unwrap();
+    *avail_idx = avail_idx.wrapping_add(1);
+    m.write_obj(*avail_idx, GuestAddress(avail_ring + 2))
+        .unwrap();
+}
+
+#[test]
+fn returns_every_chain_with_its_length_and_signals_once_per_round() {
+    let mut ring = Ring::new(false);
+    for head in [3, 0, 7] {
+        ring.offer(head);
+    }
+    let mut seen = Vec::new();
+    let end = ring.drain(Drain::new("test", false), |chain| {
+        seen.push(chain.head_index());
+        Handled::Used(u32::from(chain.head_index()) * 10)
+    });
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(seen, [3, 0, 7]);
+    assert_eq!(ring.used(), [(3, 30), (0, 0), (7, 70)]);
+    assert_eq!(ring.signals(), 1);
+    assert_eq!(ring.next_avail(), 3);
+}
+
+#[test]
+fn an_empty_ring_is_not_signalled() {
+    let ring = Ring::new(true);
+    let end = ring.drain(Drain::new("test", true), |_| Handled::Used(0));
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(ring.signals(), 0);
+    assert_eq!(ring.used_idx(), 0);
+}
+
+#[test]
+fn signal_every_also_signals_within_a_round() {
+    let mut ring = Ring::new(false);
+    for head in 0..5 {
+        ring.offer(head);
+    }
+    let end = ring.drain(Drain::new("test", false).signal_every(2), |_| {
+        Handled::Used(1)
+    });
+    assert_eq!(end, Drained::Empty);
+    // After chains 2 and 4, then the last one at the end of the round.
+    assert_eq!(ring.signals(), 3);
+    assert_eq!(ring.used_idx(), 5);
+}
+
+#[test]
+fn without_event_idx_kicks_stay_on_unless_asked() {
+    let mut ring = Ring::new(false);
+    ring.offer(0);
+    let flags_seen = Cell::new(None);
+    ring.drain(Drain::new("test", false), |_| {
+        flags_seen.set(Some(read_u16(&ring.mem, USED_RING)));
+        Handled::Used(0)
+    });
+    assert_eq!(flags_seen.get(), Some(0));
+    assert_eq!(ring.used_flags(), 0);
+
+    ring.offer(1);
+    let drain = Drain::new("test", false).suppress_without_event_idx();
+    let end = ring.drain(drain, |_| {
+        flags_seen.set(Some(read_u16(&ring.mem, USED_RING)));
+        Handled::Used(0)
+    });
+    assert_eq!(end, Drained::Empty);
+    // NO_NOTIFY while draining, cleared again at the end.
+    assert_eq!(flags_seen.get(), Some(VRING_USED_F_NO_NOTIFY));
+    assert_eq!(ring.used_flags(), 0);
+    assert_eq!(ring.used_idx(), 2);
+}
+
+#[test]
+fn event_idx_rearms_kicks_at_the_next_chain() {
+    let mut ring = Ring::new(true);
+    for head in 0..3 {
+        ring.offer(head);
+    }
+    let avail_event_seen = Cell::new(None);
+    let end = ring.drain(Drain::new("test", true), |_| {
+        avail_event_seen.set(Some(ring.avail_event()));
+        Handled::Used(0)
+    });
+    assert_eq!(end, Drained::Empty);
+    // No kicks wanted while draining; the next one wanted for chain 3.
+    assert_eq!(avail_event_seen.get(), Some(0));
+    assert_eq!(ring.avail_event(), 3);
+    assert_eq!(ring.used_flags(), 0);
+}
+
+#[test]
+fn event_idx_signals_only_when_the_used_index_passes_used_event() {
+    let mut ring = Ring::new(true);
+    ring.set_used_event(10);
+    for head in 0..3 {
+        ring.offer(head);
+    }
+    ring.drain(Drain::new("test", true), |_| Handled::Used(0));
+    assert_eq!(ring.used_idx(), 3);
+    assert_eq!(
+        ring.signals(),
+        0,
+        "the driver asked for an interrupt after entry 10"
+    );
+
+    // The driver now wants an interrupt once entry 3 is used.
+    ring.set_used_event(3);
+    for head in 3..5 {
+        ring.offer(head);
+    }
+    ring.drain(Drain::new("test", true), |_| Handled::Used(0));
+    assert_eq!(ring.used_idx(), 5);
+    assert_eq!(ring.signals(), 1);
+}
+
+#[test]
+fn chains_offered_while_draining_are_taken_in_the_same_call() {
+    let mut ring = Ring::new(true);
+    ring.offer(0);
+    let mut avail_idx = ring.avail_idx;
+    let mut calls = 0;
+    let end = ring.drain(Drain::new("test", true), |_| {
+        calls += 1;
+        if calls <= 2 {
+            // The guest adds a buffer while the device works: it sends no kick for it.
+            offer(&ring.mem, AVAIL_RING, &mut avail_idx, calls);
+        }
+        Handled::Used(0)
+    });
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(calls, 3);
+    assert_eq!(ring.used_idx(), 3);
+    assert_eq!(ring.avail_event(), 3);
+}
+
+#[test]
+fn keep_leaves_the_chain_in_the_ring_and_stops() {
+    let mut ring = Ring::new(true);
+    for head in 0..4 {
+        ring.offer(head);
+    }
+    let end = ring.drain(Drain::new("test", true), |chain| {
+        if chain.head_index() == 2 {
+            Handled::Keep
+        } else {
+            Handled::Used(0)
+        }
+    });
+    assert_eq!(end, Drained::Kept);
+    assert_eq!(ring.used(), [(0, 0), (1, 0)]);
+    assert_eq!(ring.next_avail(), 2);
+    assert_eq!(ring.avail_event(), 2, "kicks re-armed at the kept chain");
+    assert_eq!(ring.signals(), 1, "what was used is signalled");
+
+    // The next call starts with the kept chain.
+    let mut seen = Vec::new();
+    let end = ring.drain(Drain::new("test", true), |chain| {
+        seen.push(chain.head_index());
+        Handled::Used(5)
+    });
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(seen, [2, 3]);
+    assert_eq!(ring.used(), [(0, 0), (1, 0), (2, 5), (3, 5)]);
+}
+
+#[test]
+fn keep_without_event_idx_stops_too() {
+    let mut ring = Ring::new(false);
+    for head in 0..3 {
+        ring.offer(head);
+    }
+    let mut calls = 0;
+    let end = ring.drain(Drain::new("test", false), |_| {
+        calls += 1;
+        Handled::Keep
+    });
+    assert_eq!(end, Drained::Kept);
+    assert_eq!(calls, 1);
+    assert_eq!(ring.next_avail(), 0);
+    assert_eq!(ring.used_idx(), 0);
+    assert_eq!(ring.signals(), 0);
+}
+
+#[test]
+fn chains_completed_elsewhere_are_neither_returned_nor_signalled() {
+    let mut ring = Ring::new(true);
+    for head in 0..3 {
+        ring.offer(head);
+    }
+    let mut taken = Vec::new();
+    let end = ring.drain(Drain::new("test", true), |chain| {
+        taken.push(chain.head_index());
+        Handled::Elsewhere
+    });
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(taken, [0, 1, 2]);
+    assert_eq!(ring.used_idx(), 0);
+    assert_eq!(ring.signals(), 0);
+    assert_eq!(ring.next_avail(), 3);
+    assert_eq!(ring.avail_event(), 3);
+
+    // Whoever completes them returns and signals them through the same state.
+    let mut st = ring.vring.get_mut();
+    for head in taken {
+        st.add_used(head, 1).unwrap();
+    }
+    signal_used(&mut st, true);
+    drop(st);
+    assert_eq!(ring.used_idx(), 3);
+    assert_eq!(ring.signals(), 1);
+}
+
+#[test]
+fn a_ring_that_is_not_ready_is_left_alone() {
+    let mut ring = Ring::new(true);
+    ring.offer(0);
+    ring.vring.set_queue_ready(false);
+    let end = ring.drain(Drain::new("test", true), |_| {
+        panic!("no chain may be popped from a stopped ring")
+    });
+    assert_eq!(end, Drained::NotRunning);
+    assert_eq!(ring.next_avail(), 0);
+}
+
+#[test]
+fn an_avail_index_more_than_a_ring_ahead_stops_draining() {
+    let mut ring = Ring::new(true);
+    ring.offer(0);
+    ring.set_avail_idx(SIZE + 5);
+    let end = ring.drain(Drain::new("test", true), |_| {
+        panic!("no chain may be popped past a garbage avail index")
+    });
+    assert_eq!(end, Drained::Stuck);
+    assert_eq!(ring.next_avail(), 0);
+    assert_eq!(ring.used_idx(), 0);
+
+    // Once the guest repairs it, the ring works again.
+    ring.set_avail_idx(1);
+    let end = ring.drain(Drain::new("test", true), |_| Handled::Used(0));
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(ring.used_idx(), 1);
+}
+
+#[test]
+fn unreadable_avail_entries_give_up_instead_of_spinning() {
+    // The avail ring's index is the last thing in guest memory: its entries are not.
+    let avail_ring = MEM_SIZE as u64 - 4;
+    let mut ring = Ring::with_avail_ring(true, avail_ring);
+    ring.set_avail_idx(1);
+    let end = ring.drain(Drain::new("test", true), |_| panic!("no chain can be read"));
+    assert_eq!(end, Drained::Stuck);
+    assert_eq!(ring.next_avail(), 0);
+}
