@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hype_daemon::guest_error;
+use hype_daemon::vring::{signal_used, Drain, Handled};
 use log::warn;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -93,87 +95,37 @@ impl<S: Storage> BlockBackend<S> {
             addr: GuestAddress(st.get_queue().desc_table()),
             size: st.get_queue().size(),
         };
-        let mut completed = 0usize;
-        let mut idle_rounds = 0;
-        loop {
-            if event_idx {
-                if let Err(e) = st.disable_notification() {
-                    warn!("disable_notification: {e}");
-                }
-            }
-            let mut popped = 0usize;
-            if !avail_index_sane(&st, &mem, table.size) {
-                break;
-            }
-            while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-                popped += 1;
-                let head = chain.head_index();
-                let req = match request::parse(head, table, &mem, &self.spec) {
-                    Ok(req) => req,
-                    Err(reason) => {
-                        guest_error(format_args!("dropping chain {head}: {reason}"));
-                        if head >= table.size {
-                            continue; // not a descriptor: there is nothing to return
-                        }
-                        if let Err(e) = st.add_used(head, 0) {
-                            guest_error(format_args!("cannot return chain {head}: {e}"));
-                        }
-                        completed += 1;
-                        continue;
+        Drain::new("blk", event_idx).run(&mut st, &mem, |chain| {
+            let head = chain.head_index();
+            let req = match request::parse(head, table, &mem, &self.spec) {
+                Ok(req) => req,
+                Err(reason) => {
+                    guest_error(format_args!("dropping chain {head}: {reason}"));
+                    if head >= table.size {
+                        return Handled::Elsewhere; // not a descriptor: nothing to return
                     }
-                };
-                if let request::Op::Fail(e) = &req.op {
-                    guest_error(format_args!("request {head}: {e}"));
+                    return Handled::Used(0);
                 }
-                match &self.pool {
-                    Some(pool) => {
-                        // Counted under the ring lock, so a concurrent GET_VRING_BASE that
-                        // stops the ring also sees this request and waits for it.
-                        ctx.inflight.start();
-                        let job = self.job(req, vring.clone(), mem.clone().into_inner(), ctx);
-                        pool.submit(job);
-                    }
-                    None => {
-                        let c =
-                            request::execute(&req.op, &*self.storage, &mem, &self.spec, &mut buf);
-                        write_status(&mem, &req, c);
-                        if let Err(e) = st.add_used(req.head, c.used_len()) {
-                            guest_error(format_args!("cannot return chain {}: {e}", req.head));
-                        }
-                        completed += 1;
-                    }
+            };
+            if let request::Op::Fail(e) = &req.op {
+                guest_error(format_args!("request {head}: {e}"));
+            }
+            match &self.pool {
+                Some(pool) => {
+                    // Counted under the ring lock, so a concurrent GET_VRING_BASE that stops
+                    // the ring also sees this request and waits for it.
+                    ctx.inflight.start();
+                    let job = self.job(req, vring.clone(), mem.clone().into_inner(), ctx);
+                    pool.submit(job);
+                    Handled::Elsewhere
+                }
+                None => {
+                    let c = request::execute(&req.op, &*self.storage, &mem, &self.spec, &mut buf);
+                    write_status(&mem, &req, c);
+                    Handled::Used(c.used_len())
                 }
             }
-            // Signal after every round, so a guest that keeps the ring busy still gets its
-            // completions while we keep going.
-            if completed > 0 {
-                signal(&mut st, event_idx);
-                completed = 0;
-            }
-            if !event_idx {
-                break;
-            }
-            // Re-enable notifications and re-check: buffers added meanwhile must be processed
-            // now, because the guest will not kick for them.
-            match st.enable_notification() {
-                Ok(true) => {
-                    // A ring whose avail index is garbage never yields chains; stop after
-                    // two empty rounds instead of spinning.
-                    idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
-                    if idle_rounds >= 2 {
-                        break;
-                    }
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    warn!("enable_notification: {e}");
-                    break;
-                }
-            }
-        }
-        if completed > 0 {
-            signal(&mut st, event_idx);
-        }
+        });
     }
 
     /// Wraps a request for the pool: execute, write status, return the chain, signal.
@@ -196,38 +148,10 @@ impl<S: Storage> BlockBackend<S> {
                 if let Err(e) = st.add_used(req.head, c.used_len()) {
                     guest_error(format_args!("cannot return chain {}: {e}", req.head));
                 }
-                signal(&mut st, event_idx.load(Ordering::Acquire));
+                signal_used(&mut st, event_idx.load(Ordering::Acquire));
             }
             inflight.finish();
         })
-    }
-}
-
-/// Whether the ring is running and the guest's avail index is at most a ring's worth ahead
-/// of us. A guest that
-/// publishes garbage there gets one rate-limited log line per kick instead of a library error
-/// per pop, and the ring simply stalls until the guest repairs it.
-fn avail_index_sane(st: &VringState<GuestMemory>, mem: &GuestMemoryMmap, size: u16) -> bool {
-    let q = st.get_queue();
-    if !q.ready() {
-        return false; // stopped (GET_VRING_BASE) or never set up: nothing to do
-    }
-    match q.avail_idx(mem, Ordering::Acquire) {
-        Ok(idx) => {
-            let pending = idx.0.wrapping_sub(q.next_avail());
-            if pending > size {
-                guest_error(format_args!(
-                    "avail index {} is {pending} entries ahead of a {size}-entry ring",
-                    idx.0
-                ));
-                return false;
-            }
-            true
-        }
-        Err(e) => {
-            guest_error(format_args!("cannot read avail index: {e}"));
-            false
-        }
     }
 }
 
@@ -237,24 +161,6 @@ fn write_status(mem: &GuestMemoryMmap, req: &Request, c: Completion) {
             "cannot write status of chain {}: {e}",
             req.head
         ));
-    }
-}
-
-fn signal(st: &mut VringState<GuestMemory>, event_idx: bool) {
-    let needed = !event_idx || st.needs_notification().unwrap_or(true);
-    if needed {
-        if let Err(e) = st.signal_used_queue() {
-            warn!("cannot signal used queue: {e}");
-        }
-    }
-}
-
-/// Logs problems caused by the guest, rate-limited so a hostile guest cannot flood the log.
-fn guest_error(args: std::fmt::Arguments<'_>) {
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let n = COUNT.fetch_add(1, Ordering::Relaxed);
-    if n < 20 || n % 1000 == 0 {
-        warn!("guest error (#{}): {args}", n + 1);
     }
 }
 
