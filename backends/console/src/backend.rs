@@ -5,19 +5,20 @@ use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use hype_daemon::guest_error;
+use hype_daemon::vring::{Drain, Handled};
 use log::warn;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::shared::{guest_error, signal, GuestMemory, RxRing, Shared, Vring};
+use crate::shared::{GuestMemory, RxRing, Shared, Vring};
 
 /// `VIRTIO_CONSOLE_F_SIZE`: cols/rows in config space are valid.
 pub const VIRTIO_CONSOLE_F_SIZE: u32 = 0;
@@ -100,66 +101,25 @@ impl ConsoleBackend {
         let mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut st = vring.get_mut();
-        if !st.get_queue().ready() {
-            return;
-        }
         let mut piece = vec![0u8; TX_PIECE];
-        let mut completed = 0usize;
-        let mut idle_rounds = 0;
-        loop {
-            if event_idx {
-                if let Err(e) = st.disable_notification() {
-                    warn!("tx disable_notification: {e}");
-                }
-            }
-            let mut popped = 0usize;
-            while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-                popped += 1;
-                let head = chain.head_index();
-                match chain.reader(&mem) {
-                    Ok(mut r) => loop {
-                        match r.read(&mut piece) {
-                            Ok(0) => break,
-                            Ok(n) => self.shared.push_output(&piece[..n]),
-                            Err(e) => {
-                                guest_error(format_args!("tx chain {head}: {e}"));
-                                break;
-                            }
+        let drain = Drain::new("tx", event_idx).signal_every(TX_SIGNAL_BATCH);
+        drain.run(&mut st, &mem, |chain| {
+            let head = chain.head_index();
+            match chain.reader(&mem) {
+                Ok(mut r) => loop {
+                    match r.read(&mut piece) {
+                        Ok(0) => break,
+                        Ok(n) => self.shared.push_output(&piece[..n]),
+                        Err(e) => {
+                            guest_error(format_args!("tx chain {head}: {e}"));
+                            break;
                         }
-                    },
-                    Err(e) => guest_error(format_args!("tx chain {head}: {e}")),
-                }
-                if let Err(e) = st.add_used(head, 0) {
-                    guest_error(format_args!("cannot return tx chain {head}: {e}"));
-                }
-                completed += 1;
-                if completed >= TX_SIGNAL_BATCH {
-                    signal(&mut st, event_idx);
-                    completed = 0;
-                }
-            }
-            if completed > 0 {
-                signal(&mut st, event_idx);
-                completed = 0;
-            }
-            if !event_idx {
-                break;
-            }
-            match st.enable_notification() {
-                Ok(true) => {
-                    // A garbage avail index never yields chains: do not spin on it.
-                    idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
-                    if idle_rounds >= 2 {
-                        break;
                     }
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    warn!("tx enable_notification: {e}");
-                    break;
-                }
+                },
+                Err(e) => guest_error(format_args!("tx chain {head}: {e}")),
             }
-        }
+            Handled::Used(0)
+        });
     }
 }
 

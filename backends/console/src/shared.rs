@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use hype_daemon::guest_error;
+use hype_daemon::vring::{Drain, Handled};
 use log::{info, warn};
-use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -197,74 +198,37 @@ impl Shared {
         let mem = rx.mem.memory();
         let event_idx = rx.event_idx.load(Ordering::Acquire);
         let mut vs = rx.vring.get_mut();
-        if !vs.get_queue().ready() {
-            return 0; // stopped or not set up
-        }
         let mut delivered = 0usize;
-        let mut used = 0usize;
-        let mut idle_rounds = 0;
-        loop {
-            if event_idx {
-                if let Err(e) = vs.disable_notification() {
-                    warn!("rx disable_notification: {e}");
-                }
+        Drain::new("rx", event_idx).run(&mut vs, &mem, |chain| {
+            if input.is_empty() {
+                // Nothing left to deliver: the buffer stays the guest's for later input.
+                return Handled::Keep;
             }
-            let mut popped = 0usize;
-            while !input.is_empty() {
-                let Some(chain) = vs.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
-                    break;
-                };
-                popped += 1;
-                let head = chain.head_index();
-                let mut written = 0usize;
-                match chain.writer(&mem) {
-                    Ok(mut w) => {
-                        while !input.is_empty() && w.available_bytes() > 0 {
-                            let front = input.front();
-                            let n = front.len().min(w.available_bytes());
-                            match std::io::Write::write(&mut w, &front[..n]) {
-                                Ok(0) => break,
-                                Ok(k) => {
-                                    input.consume(k);
-                                    written += k;
-                                }
-                                Err(e) => {
-                                    guest_error(format_args!("rx chain {head}: {e}"));
-                                    break;
-                                }
+            let head = chain.head_index();
+            let mut written = 0usize;
+            match chain.writer(&mem) {
+                Ok(mut w) => {
+                    while !input.is_empty() && w.available_bytes() > 0 {
+                        let front = input.front();
+                        let n = front.len().min(w.available_bytes());
+                        match std::io::Write::write(&mut w, &front[..n]) {
+                            Ok(0) => break,
+                            Ok(k) => {
+                                input.consume(k);
+                                written += k;
+                            }
+                            Err(e) => {
+                                guest_error(format_args!("rx chain {head}: {e}"));
+                                break;
                             }
                         }
                     }
-                    Err(e) => guest_error(format_args!("rx chain {head}: {e}")),
                 }
-                if let Err(e) = vs.add_used(head, written as u32) {
-                    guest_error(format_args!("cannot return rx chain {head}: {e}"));
-                }
-                delivered += written;
-                used += 1;
+                Err(e) => guest_error(format_args!("rx chain {head}: {e}")),
             }
-            if used > 0 {
-                signal(&mut vs, event_idx);
-                used = 0;
-            }
-            if !event_idx {
-                break;
-            }
-            // Re-arm notifications; if buffers arrived meanwhile and input is left, go again.
-            match vs.enable_notification() {
-                Ok(true) if !input.is_empty() => {
-                    idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
-                    if idle_rounds >= 2 {
-                        break;
-                    }
-                }
-                Ok(_) => break,
-                Err(e) => {
-                    warn!("rx enable_notification: {e}");
-                    break;
-                }
-            }
-        }
+            delivered += written;
+            Handled::Used(written as u32)
+        });
         self.stats
             .rx_bytes
             .fetch_add(delivered as u64, Ordering::Relaxed);
@@ -295,23 +259,4 @@ impl Shared {
 
 fn pack_size((cols, rows): (u16, u16)) -> u32 {
     u32::from(cols) << 16 | u32::from(rows)
-}
-
-/// Signals the guest if EVENT_IDX allows.
-pub(crate) fn signal(st: &mut VringState<GuestMemory>, event_idx: bool) {
-    let needed = !event_idx || st.needs_notification().unwrap_or(true);
-    if needed {
-        if let Err(e) = st.signal_used_queue() {
-            warn!("cannot signal used queue: {e}");
-        }
-    }
-}
-
-/// Logs problems caused by the guest, rate-limited so a hostile guest cannot flood the log.
-pub(crate) fn guest_error(args: std::fmt::Arguments<'_>) {
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let n = COUNT.fetch_add(1, Ordering::Relaxed);
-    if n < 20 || n % 1000 == 0 {
-        warn!("guest error (#{}): {args}", n + 1);
-    }
 }
