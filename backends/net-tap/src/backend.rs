@@ -219,25 +219,6 @@ impl NetBackend {
     }
 }
 
-/// Signals the guest if it wants to be (always, without EVENT_IDX).
-pub(crate) fn signal(st: &mut VringState, event_idx: bool) {
-    let needed = !event_idx || st.needs_notification().unwrap_or(true);
-    if needed {
-        if let Err(e) = st.signal_used_queue() {
-            warn!("cannot signal used queue: {e}");
-        }
-    }
-}
-
-/// Logs problems caused by the guest, rate-limited so a hostile guest cannot flood the log.
-pub(crate) fn guest_error(args: std::fmt::Arguments<'_>) {
-    static COUNT: AtomicU64 = AtomicU64::new(0);
-    let n = COUNT.fetch_add(1, Ordering::Relaxed);
-    if n < 20 || n % 1000 == 0 {
-        warn!("guest error (#{}): {args}", n + 1);
-    }
-}
-
 impl VhostUserBackend for NetBackend {
     type Bitmap = ();
     type Vring = Vring;

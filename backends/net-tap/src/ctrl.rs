@@ -1,11 +1,13 @@
 //! The control queue: `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`; every other command is refused.
 
+use hype_daemon::guest_error;
+use hype_daemon::vring::{Drain, Handled};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR, VIRTIO_NET_OK,
 };
-use virtio_queue::QueueT;
+use virtio_queue::DescriptorChain;
 
-use crate::backend::{guest_error, signal, Mem, VringState};
+use crate::backend::{Mem, VringState};
 use crate::chain::{HostSeg, MAX_SEGMENTS};
 use crate::stats::Stats;
 
@@ -21,126 +23,89 @@ pub(crate) fn process(
     stats: &Stats,
     mut set_pairs: impl FnMut(u16) -> bool,
 ) {
-    if !st.get_queue().ready() || !st.is_enabled() {
+    if !st.is_enabled() {
         return;
     }
-    let mut completed = 0;
-    let mut idle_rounds = 0;
-    loop {
-        let popped = completed;
-        process_available(st, mem, stats, &mut set_pairs, &mut completed);
-        // Re-arm kicks (with EVENT_IDX this publishes avail_event) and look again.
-        match st.enable_notification() {
-            Ok(true) => {
-                idle_rounds = if completed == popped {
-                    idle_rounds + 1
-                } else {
-                    0
-                };
-                if idle_rounds >= 2 {
-                    break;
-                }
-            }
-            Ok(false) => break,
-            Err(e) => {
-                guest_error(format_args!("ctrl: enable_notification: {e}"));
-                break;
-            }
-        }
-    }
-    if completed > 0 {
-        signal(st, event_idx);
-    }
+    Drain::new("ctrl", event_idx)
+        .suppress_without_event_idx()
+        .run(st, mem, |chain| answer(chain, mem, stats, &mut set_pairs));
 }
 
-fn process_available(
-    st: &mut VringState,
+/// Reads one command chain, applies it and writes its one-byte ack.
+fn answer(
+    chain: DescriptorChain<Mem>,
     mem: &Mem,
     stats: &Stats,
     set_pairs: &mut impl FnMut(u16) -> bool,
-    completed: &mut usize,
-) {
-    while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-        let head = chain.head_index();
-        let mut cmd = [0u8; MAX_COMMAND];
-        let mut cmd_len = 0usize;
-        let mut ack: Option<HostSeg> = None;
-        let mut ok = true;
-        for (i, desc) in chain.enumerate() {
-            if i >= MAX_SEGMENTS {
+) -> Handled {
+    let head = chain.head_index();
+    let mut cmd = [0u8; MAX_COMMAND];
+    let mut cmd_len = 0usize;
+    let mut ack: Option<HostSeg> = None;
+    let mut ok = true;
+    for (i, desc) in chain.enumerate() {
+        if i >= MAX_SEGMENTS {
+            ok = false;
+            break;
+        }
+        let len = desc.len() as usize;
+        if !desc.is_write_only() {
+            if ack.is_some() {
+                ok = false; // readable after writable
+                break;
+            }
+            let room = MAX_COMMAND - cmd_len;
+            if len > room {
                 ok = false;
                 break;
             }
-            let len = desc.len() as usize;
-            if !desc.is_write_only() {
-                if ack.is_some() {
-                    ok = false; // readable after writable
-                    break;
-                }
-                let room = MAX_COMMAND - cmd_len;
-                if len > room {
-                    ok = false;
-                    break;
-                }
-                if vm_memory::Bytes::read_slice(
-                    &**mem,
-                    &mut cmd[cmd_len..cmd_len + len],
-                    desc.addr(),
-                )
+            if vm_memory::Bytes::read_slice(&**mem, &mut cmd[cmd_len..cmd_len + len], desc.addr())
                 .is_err()
-                {
+            {
+                ok = false;
+                break;
+            }
+            cmd_len += len;
+        } else if ack.is_none() && len >= 1 {
+            match vm_memory::GuestMemoryBackend::get_slice(&**mem, desc.addr(), 1) {
+                Ok(s) => {
+                    ack = Some(HostSeg {
+                        addr: s.ptr_guard().as_ptr() as usize,
+                        len: 1,
+                    })
+                }
+                Err(_) => {
                     ok = false;
                     break;
                 }
-                cmd_len += len;
-            } else if ack.is_none() && len >= 1 {
-                match vm_memory::GuestMemoryBackend::get_slice(&**mem, desc.addr(), 1) {
-                    Ok(s) => {
-                        ack = Some(HostSeg {
-                            addr: s.ptr_guard().as_ptr() as usize,
-                            len: 1,
-                        })
-                    }
-                    Err(_) => {
-                        ok = false;
-                        break;
-                    }
-                }
             }
         }
-        let Some(ack) = ack.filter(|_| ok) else {
-            Stats::add(&stats.ctrl_errors, 1);
-            guest_error(format_args!("ctrl: dropping malformed chain {head}"));
-            if let Err(e) = st.add_used(head, 0) {
-                guest_error(format_args!("ctrl: cannot return chain {head}: {e}"));
-            }
-            *completed += 1;
-            continue;
-        };
-        let status = match &cmd[..cmd_len] {
-            [class, command, lo, hi]
-                if u32::from(*class) == VIRTIO_NET_CTRL_MQ
-                    && u32::from(*command) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET =>
-            {
-                if set_pairs(u16::from_le_bytes([*lo, *hi])) {
-                    VIRTIO_NET_OK
-                } else {
-                    VIRTIO_NET_ERR
-                }
-            }
-            _ => VIRTIO_NET_ERR,
-        } as u8;
-        if status != VIRTIO_NET_OK as u8 {
-            Stats::add(&stats.ctrl_errors, 1);
-            guest_error(format_args!(
-                "ctrl: refused command {:?}",
-                &cmd[..cmd_len.min(2)]
-            ));
-        }
-        crate::chain::copy_to_segments(&[ack], &[status]);
-        if let Err(e) = st.add_used(head, 1) {
-            guest_error(format_args!("ctrl: cannot return chain {head}: {e}"));
-        }
-        *completed += 1;
     }
+    let Some(ack) = ack.filter(|_| ok) else {
+        Stats::add(&stats.ctrl_errors, 1);
+        guest_error(format_args!("ctrl: dropping malformed chain {head}"));
+        return Handled::Used(0);
+    };
+    let status = match &cmd[..cmd_len] {
+        [class, command, lo, hi]
+            if u32::from(*class) == VIRTIO_NET_CTRL_MQ
+                && u32::from(*command) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET =>
+        {
+            if set_pairs(u16::from_le_bytes([*lo, *hi])) {
+                VIRTIO_NET_OK
+            } else {
+                VIRTIO_NET_ERR
+            }
+        }
+        _ => VIRTIO_NET_ERR,
+    } as u8;
+    if status != VIRTIO_NET_OK as u8 {
+        Stats::add(&stats.ctrl_errors, 1);
+        guest_error(format_args!(
+            "ctrl: refused command {:?}",
+            &cmd[..cmd_len.min(2)]
+        ));
+    }
+    crate::chain::copy_to_segments(&[ack], &[status]);
+    Handled::Used(1)
 }

@@ -7,9 +7,11 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use hype_daemon::guest_error;
+use hype_daemon::vring::signal_used;
 use virtio_queue::{QueueOwnedT, QueueT};
 
-use crate::backend::{guest_error, signal, Mem, VringState};
+use crate::backend::{Mem, VringState};
 use crate::chain::{collect, copy_to_segments, HostSeg};
 use crate::stats::Stats;
 use crate::VNET_HDR_LEN;
@@ -157,12 +159,12 @@ impl RxState {
                 }
             }
             if completed >= SIGNAL_BATCH {
-                signal(st, event_idx);
+                signal_used(st, event_idx);
                 completed = 0;
             }
         };
         if completed > 0 {
-            signal(st, event_idx);
+            signal_used(st, event_idx);
         }
         outcome
     }

@@ -4,9 +4,10 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use virtio_queue::QueueT;
+use hype_daemon::guest_error;
+use hype_daemon::vring::{Drain, Handled};
 
-use crate::backend::{guest_error, signal, Mem, VringState};
+use crate::backend::{Mem, VringState};
 use crate::chain::{collect, HostSeg};
 use crate::stats::Stats;
 use crate::VNET_HDR_LEN;
@@ -38,47 +39,17 @@ pub(crate) fn process(
     stats: &Stats,
     scratch: &mut TxScratch,
 ) {
-    if !st.get_queue().ready() || !st.is_enabled() {
+    if !st.is_enabled() {
         return;
     }
-    let mut completed = 0usize;
-    let mut idle_rounds = 0;
-    loop {
-        if let Err(e) = st.disable_notification() {
-            guest_error(format_args!("tx: disable_notification: {e}"));
-        }
-        let mut popped = 0usize;
-        while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-            popped += 1;
+    Drain::new("tx", event_idx)
+        .suppress_without_event_idx()
+        .signal_every(SIGNAL_BATCH)
+        .run(st, mem, |chain| {
             let head = chain.head_index();
             send_chain(chain, mem, fd, hdr_len, stats, scratch, head);
-            if let Err(e) = st.add_used(head, 0) {
-                guest_error(format_args!("tx: cannot return chain {head}: {e}"));
-            }
-            completed += 1;
-            if completed >= SIGNAL_BATCH {
-                signal(st, event_idx);
-                completed = 0;
-            }
-        }
-        match st.enable_notification() {
-            Ok(true) => {
-                // A garbage avail index never yields chains: stop instead of spinning.
-                idle_rounds = if popped == 0 { idle_rounds + 1 } else { 0 };
-                if idle_rounds >= 2 {
-                    break;
-                }
-            }
-            Ok(false) => break,
-            Err(e) => {
-                guest_error(format_args!("tx: enable_notification: {e}"));
-                break;
-            }
-        }
-    }
-    if completed > 0 {
-        signal(st, event_idx);
-    }
+            Handled::Used(0)
+        });
 }
 
 fn send_chain<M>(
