@@ -14,11 +14,14 @@
 //! * one way to end `main`: the error chain on one line, exit code 2 for usage errors and 1 for
 //!   runtime errors ([`CommandError`], [`report_exit`], [`parse_command_line`]);
 //! * one EVENT_IDX-aware loop that drains a virtqueue and signals the guest: [`vring::Drain`],
-//!   with rate-limited logging of guest mistakes: [`guest_error`].
+//!   with rate-limited logging of guest mistakes: [`guest_error`];
+//! * the answers every backend gives alike (protocol features, exit events, a read-only config
+//!   space): [`backend_defaults`].
 //!
 //! Everything is generic over any [`vhost_user_backend::VhostUserBackend`], so the block, net and
 //! console backends share it.
 
+pub mod backend_defaults;
 mod error;
 mod exit;
 mod guest_error;
