@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hype_daemon::backend_defaults;
 use hype_daemon::guest_error;
 use hype_daemon::vring::{signal_used, Drain, Handled};
 use log::warn;
@@ -14,9 +15,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::DescTable;
 use crate::config::DeviceSpec;
@@ -185,10 +184,7 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        backend_defaults::PROTOCOL_FEATURES
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -200,13 +196,7 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!(
-                "config space is read-only (write of {} bytes at {offset})",
-                buf.len()
-            ),
-        ))
+        Err(backend_defaults::config_write_refused(offset, buf.len()))
     }
 
     fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
@@ -220,13 +210,7 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                warn!("cannot create exit event: {e}");
-                None
-            }
-        }
+        backend_defaults::exit_event()
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
