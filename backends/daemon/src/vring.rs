@@ -137,13 +137,15 @@ impl Drain {
         let suppress = self.event_idx || self.no_notify_flag;
         let mut idle_rounds = 0;
         loop {
+            // Checked before kicks are suppressed, so a stuck ring keeps them on: the guest
+            // can repair its avail index and kick again.
+            if !self.avail_index_sane(st, &**mem) {
+                return Drained::Stuck;
+            }
             if suppress {
                 if let Err(e) = st.disable_notification() {
                     guest_error(format_args!("{}: disable_notification: {e}", self.label));
                 }
-            }
-            if !self.avail_index_sane(st, &**mem) {
-                return Drained::Stuck;
             }
             let mut popped = 0usize;
             let mut used = 0usize;

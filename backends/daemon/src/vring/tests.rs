@@ -390,6 +390,20 @@ fn an_avail_index_more_than_a_ring_ahead_stops_draining() {
 }
 
 #[test]
+fn a_stuck_ring_leaves_kicks_on() {
+    let mut ring = Ring::new(false);
+    ring.offer(0);
+    ring.set_avail_idx(SIZE + 1);
+    let drain = Drain::new("test", false).suppress_without_event_idx();
+    assert_eq!(ring.drain(drain, |_| Handled::Used(0)), Drained::Stuck);
+    assert_eq!(
+        ring.used_flags(),
+        0,
+        "NO_NOTIFY must not stay set on a stuck ring"
+    );
+}
+
+#[test]
 fn unreadable_avail_entries_give_up_instead_of_spinning() {
     // The avail ring's index is the last thing in guest memory: its entries are not.
     let avail_ring = MEM_SIZE as u64 - 4;
