@@ -14,6 +14,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::*;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+/// A chain as the drain hands it over.
+type Chain = DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>;
 
 const SIZE: u16 = 16;
 const DESC_TABLE: u64 = 0x0;
@@ -70,6 +72,13 @@ impl Ring {
         offer(&self.mem, self.avail_ring, &mut self.avail_idx, head);
     }
 
+    /// Offers a chain for each head in `heads`, in order.
+    fn offer_all(&mut self, heads: impl IntoIterator<Item = u16>) {
+        for head in heads {
+            self.offer(head);
+        }
+    }
+
     fn set_avail_idx(&mut self, idx: u16) {
         self.avail_idx = idx;
         self.write_u16(self.avail_ring + 2, idx);
@@ -122,7 +131,7 @@ impl Ring {
     /// Runs `drain` over the ring with `handle`.
     fn drain<F>(&self, drain: Drain, handle: F) -> Drained
     where
-        F: FnMut(DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>) -> Handled,
+        F: FnMut(Chain) -> Handled,
     {
         let mem = self.mem.memory();
         let mut st = self.vring.get_mut();
@@ -154,9 +163,7 @@ fn offer(mem: &Mem, avail_ring: u64, avail_idx: &mut u16, head: u16) {
 #[test]
 fn returns_every_chain_with_its_length_and_signals_once_per_round() {
     let mut ring = Ring::new(false);
-    for head in [3, 0, 7] {
-        ring.offer(head);
-    }
+    ring.offer_all([3, 0, 7]);
     let mut seen = Vec::new();
     let end = ring.drain(Drain::new("test", false), |chain| {
         seen.push(chain.head_index());
@@ -181,9 +188,7 @@ fn an_empty_ring_is_not_signalled() {
 #[test]
 fn signal_every_also_signals_within_a_round() {
     let mut ring = Ring::new(false);
-    for head in 0..5 {
-        ring.offer(head);
-    }
+    ring.offer_all(0..5);
     let end = ring.drain(Drain::new("test", false).signal_every(2), |_| {
         Handled::Used(1)
     });
@@ -197,20 +202,20 @@ fn signal_every_also_signals_within_a_round() {
 fn without_event_idx_kicks_stay_on_unless_asked() {
     let mut ring = Ring::new(false);
     ring.offer(0);
+    // Records the used ring's flags as the handler sees them.
     let flags_seen = Cell::new(None);
-    ring.drain(Drain::new("test", false), |_| {
-        flags_seen.set(Some(read_u16(&ring.mem, USED_RING)));
+    let mem = ring.mem.clone();
+    let watch_flags = |_: Chain| {
+        flags_seen.set(Some(read_u16(&mem, USED_RING)));
         Handled::Used(0)
-    });
+    };
+    ring.drain(Drain::new("test", false), &watch_flags);
     assert_eq!(flags_seen.get(), Some(0));
     assert_eq!(ring.used_flags(), 0);
 
     ring.offer(1);
     let drain = Drain::new("test", false).suppress_without_event_idx();
-    let end = ring.drain(drain, |_| {
-        flags_seen.set(Some(read_u16(&ring.mem, USED_RING)));
-        Handled::Used(0)
-    });
+    let end = ring.drain(drain, &watch_flags);
     assert_eq!(end, Drained::Empty);
     // NO_NOTIFY while draining, cleared again at the end.
     assert_eq!(flags_seen.get(), Some(VRING_USED_F_NO_NOTIFY));
@@ -221,9 +226,7 @@ fn without_event_idx_kicks_stay_on_unless_asked() {
 #[test]
 fn event_idx_rearms_kicks_at_the_next_chain() {
     let mut ring = Ring::new(true);
-    for head in 0..3 {
-        ring.offer(head);
-    }
+    ring.offer_all(0..3);
     let avail_event_seen = Cell::new(None);
     let end = ring.drain(Drain::new("test", true), |_| {
         avail_event_seen.set(Some(ring.avail_event()));
@@ -240,9 +243,7 @@ fn event_idx_rearms_kicks_at_the_next_chain() {
 fn event_idx_signals_only_when_the_used_index_passes_used_event() {
     let mut ring = Ring::new(true);
     ring.set_used_event(10);
-    for head in 0..3 {
-        ring.offer(head);
-    }
+    ring.offer_all(0..3);
     ring.drain(Drain::new("test", true), |_| Handled::Used(0));
     assert_eq!(ring.used_idx(), 3);
     assert_eq!(
@@ -253,9 +254,7 @@ fn event_idx_signals_only_when_the_used_index_passes_used_event() {
 
     // The driver now wants an interrupt once entry 3 is used.
     ring.set_used_event(3);
-    for head in 3..5 {
-        ring.offer(head);
-    }
+    ring.offer_all(3..5);
     ring.drain(Drain::new("test", true), |_| Handled::Used(0));
     assert_eq!(ring.used_idx(), 5);
     assert_eq!(ring.signals(), 1);
@@ -284,9 +283,7 @@ fn chains_offered_while_draining_are_taken_in_the_same_call() {
 #[test]
 fn keep_leaves_the_chain_in_the_ring_and_stops() {
     let mut ring = Ring::new(true);
-    for head in 0..4 {
-        ring.offer(head);
-    }
+    ring.offer_all(0..4);
     let end = ring.drain(Drain::new("test", true), |chain| {
         if chain.head_index() == 2 {
             Handled::Keep
@@ -314,9 +311,7 @@ fn keep_leaves_the_chain_in_the_ring_and_stops() {
 #[test]
 fn keep_without_event_idx_stops_too() {
     let mut ring = Ring::new(false);
-    for head in 0..3 {
-        ring.offer(head);
-    }
+    ring.offer_all(0..3);
     let mut calls = 0;
     let end = ring.drain(Drain::new("test", false), |_| {
         calls += 1;
@@ -332,9 +327,7 @@ fn keep_without_event_idx_stops_too() {
 #[test]
 fn chains_completed_elsewhere_are_neither_returned_nor_signalled() {
     let mut ring = Ring::new(true);
-    for head in 0..3 {
-        ring.offer(head);
-    }
+    ring.offer_all(0..3);
     let mut taken = Vec::new();
     let end = ring.drain(Drain::new("test", true), |chain| {
         taken.push(chain.head_index());
