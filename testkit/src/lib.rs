@@ -18,6 +18,9 @@
 //! - [`memory::GuestRam`]: memfd-backed guest memory and a buffer allocator.
 //! - [`blk`]: virtio-blk requests, status, config decoding, [`blk::BlkDriver`] with
 //!   `read`/`write`/`flush`/`get_id`/`discard`/`write_zeroes` and `run_batch`.
+//! - [`http_server::HttpServer`]: a tiny HTTP/1.1 server on 127.0.0.1 serving one image with
+//!   HEAD and ranged GET, with switchable misbehaviour ([`http_server::Behaviour`]) and a
+//!   request log, for tests of HTTP-backed disks; TLS is left to the caller's connection wrapper.
 //! - [`loadgen::closed_loop`]: keep N requests in flight on a queue and report IOPS and latency
 //!   percentiles (for benchmarks).
 //!
@@ -39,6 +42,7 @@ pub mod blk;
 pub mod driver;
 pub mod error;
 pub mod guest;
+pub mod http_server;
 pub mod loadgen;
 pub mod memory;
 pub mod virtqueue;
