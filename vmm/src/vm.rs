@@ -500,12 +500,22 @@ fn load_raw(mem: &GuestMemoryMmap, code: &[u8], load_addr: u64) -> Result<(), Vm
         .map_err(|_| VmmError::RawTooBig(code.len()))
 }
 
+/// Where and how the boot vCPU starts.
+#[derive(Clone, Copy, Debug)]
+struct BootEntry {
+    mode: EntryMode,
+    rip: u64,
+    /// boot_params (RSI) or hvm_start_info (EBX).
+    boot_info: u64,
+    stack: u64,
+}
+
 fn setup_vcpu(
     vm: &VmFd,
     supported: &kvm_bindings::CpuId,
     index: u8,
     count: u8,
-    boot: Option<(EntryMode, u64, u64, u64)>,
+    boot: Option<BootEntry>,
 ) -> Result<VcpuFd, VmmError> {
     let vcpu = vm
         .create_vcpu(u64::from(index))
@@ -516,18 +526,136 @@ fn setup_vcpu(
     regs::setup_msrs(&vcpu)?;
     regs::setup_fpu(&vcpu)?;
     regs::setup_lapic(&vcpu)?;
-    if let Some((mode, entry, info, stack)) = boot {
+    if let Some(b) = boot {
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-        let mut sregs = regs::entry_sregs(sregs, mode);
-        if mode == EntryMode::Real {
+        let mut sregs = regs::entry_sregs(sregs, b.mode);
+        if b.mode == EntryMode::Real {
             sregs.cs.base = 0;
             sregs.cs.selector = 0;
         }
         vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&regs::entry_regs(mode, entry, info, stack))
+        vcpu.set_regs(&regs::entry_regs(b.mode, b.rip, b.boot_info, b.stack))
             .map_err(kvm_err("KVM_SET_REGS"))?;
     }
     Ok(vcpu)
+}
+
+/// Loads what `cfg.image` names into guest memory; returns where the boot vCPU starts. A kernel's
+/// command line gets the device descriptions and, on PVM hosts, the fix-ups' additions.
+fn load_image(
+    cfg: &VmConfig,
+    mem: &GuestMemoryMmap,
+    device_cmdline: &[String],
+    fixups: &Fixups,
+) -> Result<BootEntry, VmmError> {
+    match &cfg.image {
+        BootImage::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let mut cmdline = cmdline.clone();
+            for entry in device_cmdline {
+                cmdline.push(' ');
+                cmdline.push_str(entry);
+            }
+            if fixups.is_active() {
+                for extra in fixups.guest_cmdline_additions() {
+                    if !cmdline.split_whitespace().any(|w| w == *extra) {
+                        cmdline.push(' ');
+                        cmdline.push_str(extra);
+                    }
+                }
+            }
+            let src = BootSource {
+                kernel,
+                initrd: initrd.as_deref(),
+                cmdline: &cmdline,
+            };
+            let setup = boot::load(mem, cfg.memory, &src)?;
+            log::debug!(
+                "boot: {:?} entry {:#x}, command line: {cmdline}",
+                setup.protocol,
+                setup.entry
+            );
+            Ok(BootEntry {
+                mode: setup.mode,
+                rip: setup.entry,
+                boot_info: setup.boot_info,
+                stack: setup.stack,
+            })
+        }
+        BootImage::Raw {
+            code,
+            load_addr,
+            entry,
+            mode,
+        } => {
+            load_raw(mem, code, *load_addr)?;
+            regs::write_descriptor_tables(mem)?;
+            let (mode, stack) = match mode {
+                RawMode::Real => (EntryMode::Real, 0),
+                RawMode::Long => {
+                    let cr3 = crate::arch::paging::write_identity_map(mem)
+                        .map_err(BootError::GuestWrite)?;
+                    (EntryMode::Long64 { cr3 }, crate::layout::BOOT_STACK_POINTER)
+                }
+            };
+            Ok(BootEntry {
+                mode,
+                rip: *entry,
+                boot_info: 0,
+                stack,
+            })
+        }
+    }
+}
+
+/// The CPUID table every vCPU starts from (filtered per vCPU later).
+fn guest_cpuid(kvm: &Kvm, fixups: &Fixups) -> Result<kvm_bindings::CpuId, VmmError> {
+    let mut supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    if fixups.is_active() {
+        // See cpuid::PVM_HIDDEN_KVM_FEATURES: PV IPIs do not work for emulated guests on PVM.
+        cpuid::hide_kvm_features(supported.as_mut_slice(), cpuid::PVM_HIDDEN_KVM_FEATURES);
+        log::debug!("PVM host: KVM PV IPIs hidden from the guest");
+    }
+    Ok(supported)
+}
+
+/// Waits for the first vCPU to end, or for a stop request from the host (signal, Ctrl-a x).
+fn wait_for_end(
+    rx: &mpsc::Receiver<(u8, VcpuEnd)>,
+    stop_req: &AtomicBool,
+) -> Option<(u8, VcpuEnd)> {
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(ev) => return Some(ev),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if STOP_SIGNAL.load(Ordering::SeqCst) || stop_req.load(Ordering::SeqCst) {
+                    return None;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+}
+
+/// Stops every vCPU thread and joins it.
+fn stop_vcpus(shared: &VcpuShared, handles: Vec<std::thread::JoinHandle<()>>) {
+    shared.stop.store(true, Ordering::Release);
+    // Kick every vCPU out of KVM_RUN until all threads are gone; a kick can race with the
+    // thread entering KVM_RUN, so repeat it.
+    while handles.iter().any(|h| !h.is_finished()) {
+        for h in handles.iter().filter(|h| !h.is_finished()) {
+            let _ = h.kill(SIGRTMIN());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
 }
 
 /// Creates the VM described by `cfg` and runs it to its end.
@@ -547,72 +675,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     let mem = memory::create_guest_memory(cfg.memory)?;
     register_memory(&vm, &mem)?;
     let (mmio, device_cmdline) = attach_devices(&vm, &mem, &cfg.devices)?;
-
-    let boot = match &cfg.image {
-        BootImage::Kernel {
-            kernel,
-            initrd,
-            cmdline,
-        } => {
-            let mut cmdline = cmdline.clone();
-            for entry in &device_cmdline {
-                cmdline.push(' ');
-                cmdline.push_str(entry);
-            }
-            if fixups.is_active() {
-                for extra in fixups.guest_cmdline_additions() {
-                    if !cmdline.split_whitespace().any(|w| w == *extra) {
-                        cmdline.push(' ');
-                        cmdline.push_str(extra);
-                    }
-                }
-            }
-            let src = BootSource {
-                kernel,
-                initrd: initrd.as_deref(),
-                cmdline: &cmdline,
-            };
-            let setup = boot::load(&mem, cfg.memory, &src)?;
-            log::debug!(
-                "boot: {:?} entry {:#x}, command line: {cmdline}",
-                setup.protocol,
-                setup.entry
-            );
-            (setup.mode, setup.entry, setup.boot_info, setup.stack)
-        }
-        BootImage::Raw {
-            code,
-            load_addr,
-            entry,
-            mode,
-        } => {
-            load_raw(&mem, code, *load_addr)?;
-            regs::write_descriptor_tables(&mem)?;
-            match mode {
-                RawMode::Real => (EntryMode::Real, *entry, 0, 0),
-                RawMode::Long => {
-                    let cr3 = crate::arch::paging::write_identity_map(&mem)
-                        .map_err(BootError::GuestWrite)?;
-                    (
-                        EntryMode::Long64 { cr3 },
-                        *entry,
-                        0,
-                        crate::layout::BOOT_STACK_POINTER,
-                    )
-                }
-            }
-        }
-    };
+    let boot = load_image(cfg, &mem, &device_cmdline, &fixups)?;
     fixups.announce();
 
-    let mut supported = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    if fixups.is_active() {
-        // See cpuid::PVM_HIDDEN_KVM_FEATURES: PV IPIs do not work for emulated guests on PVM.
-        cpuid::hide_kvm_features(supported.as_mut_slice(), cpuid::PVM_HIDDEN_KVM_FEATURES);
-        log::debug!("PVM host: KVM PV IPIs hidden from the guest");
-    }
+    let supported = guest_cpuid(&kvm, &fixups)?;
     let (signature, features) = supported
         .as_slice()
         .iter()
@@ -672,68 +738,35 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     }
     drop(tx);
 
-    let first = loop {
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(ev) => break Some(ev),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if STOP_SIGNAL.load(Ordering::SeqCst) || stop_req.load(Ordering::SeqCst) {
-                    break None;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
-        }
-    };
-    shared.stop.store(true, Ordering::Release);
-    // Kick every vCPU out of KVM_RUN until all threads are gone; a kick can race with the
-    // thread entering KVM_RUN, so repeat it.
-    while handles.iter().any(|h| !h.is_finished()) {
-        for h in handles.iter().filter(|h| !h.is_finished()) {
-            let _ = h.kill(SIGRTMIN());
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    for h in handles {
-        let _ = h.join();
-    }
+    let first = wait_for_end(&rx, &stop_req);
+    stop_vcpus(&shared, handles);
     if let Ok(mut s) = serial.lock() {
         s.flush();
     }
     drop(raw_guard);
     shared.fixups.log_summary();
-    let markers = shared.pio.markers();
-    let mmio_counts = shared.mmio.counts();
-    let devices = device_reports(&shared.mmio);
-    match first {
+    let end = match first {
         Some((i, VcpuEnd::Error(e))) => {
             log::debug!("vCPU {i} failed");
-            Err(e.into())
+            return Err(e.into());
         }
         Some((i, VcpuEnd::Reset)) => {
             log::info!("guest reset (vCPU {i}): VM ends");
-            Ok(VmOutcome {
-                end: VmEnd::Reset,
-                markers,
-                mmio: mmio_counts,
-                devices,
-            })
+            VmEnd::Reset
         }
         Some((i, VcpuEnd::Shutdown)) => {
             log::info!("guest shut down or triple-faulted (vCPU {i}): VM ends");
-            Ok(VmOutcome {
-                end: VmEnd::Shutdown,
-                markers,
-                mmio: mmio_counts,
-                devices,
-            })
+            VmEnd::Shutdown
         }
         Some((_, VcpuEnd::Stopped)) | None => {
             log::info!("VM stopped from the host");
-            Ok(VmOutcome {
-                end: VmEnd::Stopped,
-                markers,
-                mmio: mmio_counts,
-                devices,
-            })
+            VmEnd::Stopped
         }
-    }
+    };
+    Ok(VmOutcome {
+        end,
+        markers: shared.pio.markers(),
+        mmio: shared.mmio.counts(),
+        devices: device_reports(&shared.mmio),
+    })
 }
