@@ -5,7 +5,8 @@
 //! learned from the backends): the guest writes to hvc0 and the text lands in the console's log.
 //! When the test may create network namespaces (root), the second boot also gets a virtio-net
 //! device from `hype net-tap`, whose TAP lives in a namespace made by the test, and the guest
-//! pings the TAP's address.
+//! pings the TAP's address. The second boot also reads a disk from `hype block-http`, served by
+//! the test kit's HTTP server on 127.0.0.1: read-only, first sector and md5 as served.
 //!
 //! Needs the artefacts from `scripts/test` (HYPE_GUEST_*); without them the test says SKIPPED.
 
@@ -17,12 +18,42 @@ use std::time::Duration;
 
 use common::{work_dir, Backend};
 use hype_testkit::guest::{GuestArtifacts, GuestVm, VmOptions};
+use hype_testkit::http_server::{Behaviour, HttpServer};
 
 const BOOT: Duration = Duration::from_secs(400);
 const STEP: Duration = Duration::from_secs(180);
 
 fn hype() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_hype"))
+}
+
+/// The first 32 bytes of the image served over HTTP.
+const HTTP_DISK_TEXT: &str = "hype-http-disk: served over HTTP";
+/// Size of the image served over HTTP.
+const HTTP_DISK_SIZE: usize = 4 << 20;
+
+/// The image served over HTTP: [`HTTP_DISK_TEXT`], then a pattern that differs per sector.
+fn http_disk_image() -> Vec<u8> {
+    let mut img: Vec<u8> = (0..HTTP_DISK_SIZE)
+        .map(|i| ((i / 512) as u8).wrapping_mul(31) ^ (i % 251) as u8)
+        .collect();
+    img[..HTTP_DISK_TEXT.len()].copy_from_slice(HTTP_DISK_TEXT.as_bytes());
+    img
+}
+
+/// md5 of `data` as hex, by the host's `md5sum`.
+fn md5_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run md5sum");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "md5sum failed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    text.split_whitespace().next().unwrap().to_string()
 }
 
 /// A network namespace with a `hype net-tap` backend whose TAP is there, addressed 10.77.0.1/24.
@@ -148,9 +179,16 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
         &dir.join("con.sock"),
     );
     let net = NetNs::start(&dir);
+    let http_image = http_disk_image();
+    let http_md5 = md5_hex(&http_image);
+    let server = HttpServer::start(Behaviour::new(http_image)).unwrap();
+    let http_url = format!("http://127.0.0.1:{}/", server.port());
+    let http = Backend::start(&["block-http", "--url", &http_url], &dir.join("http.sock"));
+    // Block devices are named in --device order: vda (file), vdb (RAM), vdc (HTTP).
     let mut opts = VmOptions::new(&art.vmlinux, &art.initramfs)
         .device(disk_sock.to_str().unwrap())
         .device(ram_sock.to_str().unwrap())
+        .device(http.socket.to_str().unwrap())
         .device(console.socket.to_str().unwrap());
     if let Some(n) = &net {
         opts = opts.device(n.socket.to_str().unwrap());
@@ -176,6 +214,24 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
     )
     .unwrap();
     assert_eq!(vm.check("head -c 10 /dev/vdb", STEP).unwrap(), "ramdisk-ok");
+    assert_eq!(
+        vm.check("cat /sys/block/vdc/size", STEP).unwrap(),
+        (HTTP_DISK_SIZE >> 9).to_string()
+    );
+    assert_eq!(vm.check("cat /sys/block/vdc/ro", STEP).unwrap(), "1");
+    assert_eq!(
+        vm.check("head -c 32 /dev/vdc", STEP).unwrap(),
+        HTTP_DISK_TEXT
+    );
+    assert_eq!(
+        vm.check("md5sum /dev/vdc | cut -d' ' -f1", STEP).unwrap(),
+        http_md5
+    );
+    assert!(
+        !server.served_ranges().is_empty(),
+        "the guest's reads reached the server: {:?}",
+        server.log()
+    );
     vm.check("echo hello-from-hvc0 > /dev/hvc0", STEP).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -203,5 +259,5 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
     }
     let st = vm.poweroff(STEP).unwrap();
     assert_eq!(st.code(), Some(0), "{}", vm.log());
-    drop((disk, ram, console, net));
+    drop((disk, ram, console, net, http, server));
 }
