@@ -4,6 +4,9 @@
 //! the recognised instructions or `None`. Only exact encodings match: anything that merely looks
 //! alike (other `0f 01` group members, `int 3` written as `cd 03`, popcnt with a memory operand,
 //! a lock or repne prefix, bytes cut short) is not recognised and stays an unhandled failure.
+//!
+//! `cmpxchg16b` is the one instruction with a memory operand: its ModRM/SIB/displacement are
+//! decoded into a [`MemOperand`], whose effective address the fix-up computes from the registers.
 
 /// Execution mode of the vCPU, which decides default operand size and whether REX exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,6 +63,47 @@ pub enum Insn {
         /// Encoded length in bytes, prefixes included.
         len: u8,
     },
+    /// `[lock] cmpxchg16b m128` (`[f0] rex.w 0f c7 /1`, memory form, 64-bit mode only).
+    Cmpxchg16b {
+        /// The memory operand.
+        mem: MemOperand,
+        /// Whether the `lock` prefix is present (the fix-up is atomic either way).
+        lock: bool,
+        /// Encoded length in bytes, prefixes included.
+        len: u8,
+    },
+}
+
+/// A segment whose base a memory operand adds in 64-bit mode (the others have base 0 there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentBase {
+    /// No `fs`/`gs` override: base 0.
+    Flat,
+    /// `fs` override (`64`).
+    Fs,
+    /// `gs` override (`65`).
+    Gs,
+}
+
+/// A decoded 64-bit-mode memory operand: `segment:[base + index * scale + disp]`, or
+/// `[rip + disp]`, optionally truncated to 32 bits by the address-size prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemOperand {
+    /// Base register (hardware numbering, 0..=15); `None` for no base or RIP-relative.
+    pub base: Option<u8>,
+    /// Index register and scale (1, 2, 4 or 8); `None` without an index.
+    pub index: Option<(u8, u8)>,
+    /// Sign-extended displacement.
+    pub disp: i32,
+    /// RIP-relative: the address is RIP of the *next* instruction plus `disp`.
+    pub rip_relative: bool,
+    /// 32-bit addressing (`67` prefix): registers and the result are taken modulo 2^32.
+    pub addr32: bool,
+    /// Segment base added to the effective address.
+    pub segment: SegmentBase,
+    /// The default segment is SS (base rSP or rBP, no override): a non-canonical address
+    /// then raises #SS rather than #GP.
+    pub stack: bool,
 }
 
 impl Insn {
@@ -68,7 +112,7 @@ impl Insn {
         match self {
             Insn::Clac | Insn::Stac => 3,
             Insn::Fwait | Insn::Int3 => 1,
-            Insn::Popcnt { len, .. } => *len,
+            Insn::Popcnt { len, .. } | Insn::Cmpxchg16b { len, .. } => *len,
         }
     }
 }
@@ -96,7 +140,7 @@ pub fn decode(bytes: &[u8], mode: CpuMode) -> Option<Insn> {
         [0x0f, 0x01, 0xcb, ..] => Some(Insn::Stac),
         [0x9b, ..] => Some(Insn::Fwait),
         [0xcc, ..] => Some(Insn::Int3),
-        _ => decode_popcnt(bytes, mode),
+        _ => decode_popcnt(bytes, mode).or_else(|| decode_cmpxchg16b(bytes, mode)),
     }
 }
 
@@ -172,6 +216,116 @@ fn decode_popcnt(bytes: &[u8], mode: CpuMode) -> Option<Insn> {
         dst,
         src,
         len: len as u8,
+    })
+}
+
+const PREFIX_FS: u8 = 0x64;
+const PREFIX_GS: u8 = 0x65;
+
+/// `[f0] [seg] [67] rex.w 0f c7 /1` with a memory operand, in 64-bit mode. REX.W selects
+/// cmpxchg16b over cmpxchg8b; REX.X and REX.B extend the index and base registers.
+fn decode_cmpxchg16b(bytes: &[u8], mode: CpuMode) -> Option<Insn> {
+    // REX.W exists only in 64-bit mode.
+    if mode != CpuMode::Bits64 {
+        return None;
+    }
+    let mut lock = false;
+    let mut addr32 = false;
+    let mut segment = None;
+    let mut pos = 0;
+    while let Some(&b) = bytes.get(pos) {
+        match b {
+            PREFIX_LOCK => lock = true,
+            PREFIX_ADDRSIZE => addr32 = true,
+            // The last segment override wins, as on hardware.
+            b if SEGMENT_PREFIXES.contains(&b) => segment = Some(b),
+            // 66/f2/f3 select other instructions in the 0f c7 group (or xacquire/xrelease
+            // hints): not handled.
+            _ => break,
+        }
+        pos += 1;
+    }
+    let rex = *bytes.get(pos)?;
+    if rex & 0xf0 != 0x40 || rex & 0x8 == 0 {
+        return None;
+    }
+    pos += 1;
+    let modrm = match bytes.get(pos..)? {
+        [0x0f, 0xc7, modrm, ..] => *modrm,
+        _ => return None,
+    };
+    pos += 3;
+    let md = modrm >> 6;
+    let reg = (modrm >> 3) & 7;
+    let rm = modrm & 7;
+    // /1 only; mod == 11 would be a register operand (#UD for cmpxchg16b).
+    if reg != 1 || md == 0b11 {
+        return None;
+    }
+    let rex_x = (rex >> 1) & 1;
+    let rex_b = rex & 1;
+    let mut base = None;
+    let mut index = None;
+    let mut rip_relative = false;
+    let mut disp_len = match md {
+        0b01 => 1,
+        0b10 => 4,
+        _ => 0,
+    };
+    if rm == 0b100 {
+        let sib = *bytes.get(pos)?;
+        pos += 1;
+        let scale = 1u8 << (sib >> 6);
+        let idx = ((sib >> 3) & 7) | (rex_x << 3);
+        // Index 100 without REX.X means no index (r12 can be an index).
+        if idx != 0b100 {
+            index = Some((idx, scale));
+        }
+        let sib_base = sib & 7;
+        if sib_base == 0b101 && md == 0b00 {
+            // No base, disp32 (whatever REX.B says).
+            disp_len = 4;
+        } else {
+            base = Some(sib_base | (rex_b << 3));
+        }
+    } else if rm == 0b101 && md == 0b00 {
+        // RIP-relative disp32 (whatever REX.B says).
+        rip_relative = true;
+        disp_len = 4;
+    } else {
+        base = Some(rm | (rex_b << 3));
+    }
+    let disp = match disp_len {
+        1 => i32::from(*bytes.get(pos)? as i8),
+        4 => i32::from_le_bytes(bytes.get(pos..pos + 4)?.try_into().ok()?),
+        _ => 0,
+    };
+    pos += disp_len;
+    if pos > MAX_INSN_LEN {
+        return None;
+    }
+    let segment_base = match segment {
+        Some(PREFIX_FS) => SegmentBase::Fs,
+        Some(PREFIX_GS) => SegmentBase::Gs,
+        _ => SegmentBase::Flat,
+    };
+    // SS is the default segment for rSP/rBP bases (not r12/r13) when no override is given.
+    let stack = match segment {
+        Some(s) => s == 0x36,
+        None => matches!(base, Some(4) | Some(5)),
+    };
+    Some(Insn::Cmpxchg16b {
+        mem: MemOperand {
+            base,
+            index,
+            disp,
+            rip_relative,
+            addr32,
+            segment: segment_base,
+            stack,
+        },
+        lock,
+        len: pos as u8,
     })
 }
 
@@ -352,5 +506,197 @@ mod tests {
             decode(ok, Bits64),
             Some(Insn::Popcnt { len: 15, .. })
         ));
+    }
+
+    fn mem(base: Option<u8>, index: Option<(u8, u8)>, disp: i32) -> MemOperand {
+        MemOperand {
+            base,
+            index,
+            disp,
+            rip_relative: false,
+            addr32: false,
+            segment: SegmentBase::Flat,
+            stack: matches!(base, Some(4) | Some(5)),
+        }
+    }
+
+    fn cx16(mem: MemOperand, lock: bool, len: u8) -> Option<Insn> {
+        Some(Insn::Cmpxchg16b { mem, lock, len })
+    }
+
+    #[test]
+    fn cmpxchg16b_as_debian_emits_it() {
+        // lock cmpxchg16b 0x20(%rbp); je ... (the bytes KVM reported)
+        let bytes = [0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20, 0x74, 0x66];
+        assert_eq!(
+            decode(&bytes, Bits64),
+            cx16(mem(Some(5), None, 0x20), true, 6)
+        );
+    }
+
+    #[test]
+    fn cmpxchg16b_addressing_forms() {
+        // (%rdi)
+        assert_eq!(
+            decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x0f], Bits64),
+            cx16(mem(Some(7), None, 0), true, 5)
+        );
+        // Without lock: still cmpxchg16b.
+        assert_eq!(
+            decode(&[0x48, 0x0f, 0xc7, 0x0f], Bits64),
+            cx16(mem(Some(7), None, 0), false, 4)
+        );
+        // -0x10(%r13): REX.B, disp8 sign-extended
+        assert_eq!(
+            decode(&[0xf0, 0x49, 0x0f, 0xc7, 0x4d, 0xf0], Bits64),
+            cx16(mem(Some(13), None, -16), true, 6)
+        );
+        // 0x12345678(%rsi) disp32
+        assert_eq!(
+            decode(
+                &[0xf0, 0x48, 0x0f, 0xc7, 0x8e, 0x78, 0x56, 0x34, 0x12],
+                Bits64
+            ),
+            cx16(mem(Some(6), None, 0x1234_5678), true, 9)
+        );
+        // (%rsp): SIB with no index
+        assert_eq!(
+            decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x0c, 0x24], Bits64),
+            cx16(mem(Some(4), None, 0), true, 6)
+        );
+        // (%r12): SIB required even with REX.B; not a stack reference
+        assert_eq!(
+            decode(&[0xf0, 0x49, 0x0f, 0xc7, 0x0c, 0x24], Bits64),
+            cx16(mem(Some(12), None, 0), true, 6)
+        );
+        // 0x8(%rax,%rcx,8)
+        assert_eq!(
+            decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x4c, 0xc8, 0x08], Bits64),
+            cx16(mem(Some(0), Some((1, 8)), 8), true, 7)
+        );
+        // (%r9,%r12,2): REX.X makes index 100 mean r12
+        assert_eq!(
+            decode(&[0xf0, 0x4b, 0x0f, 0xc7, 0x0c, 0x61], Bits64),
+            cx16(mem(Some(9), Some((12, 2)), 0), true, 6)
+        );
+        // 0x1000(,%rdx,4): SIB base 101 with mod 00 = no base, disp32
+        assert_eq!(
+            decode(&[0xf0, 0x48, 0x0f, 0xc7, 0x0c, 0x95, 0, 0x10, 0, 0], Bits64),
+            cx16(mem(None, Some((2, 4)), 0x1000), true, 10)
+        );
+        // 0x10(%r13) with SIB base 101 and mod 01: base r13, disp8
+        assert_eq!(
+            decode(&[0x49, 0x0f, 0xc7, 0x4c, 0x25, 0x10], Bits64),
+            cx16(mem(Some(13), None, 0x10), false, 6)
+        );
+        // -0x20(%rip)
+        let mut rip_rel = mem(None, None, -0x20);
+        rip_rel.rip_relative = true;
+        assert_eq!(
+            decode(
+                &[0xf0, 0x48, 0x0f, 0xc7, 0x0d, 0xe0, 0xff, 0xff, 0xff],
+                Bits64
+            ),
+            cx16(rip_rel, true, 9)
+        );
+        // REX.B does not turn RIP-relative into r13.
+        assert_eq!(
+            decode(
+                &[0xf0, 0x49, 0x0f, 0xc7, 0x0d, 0xe0, 0xff, 0xff, 0xff],
+                Bits64
+            ),
+            cx16(rip_rel, true, 9)
+        );
+    }
+
+    #[test]
+    fn cmpxchg16b_prefixes() {
+        // %gs:0x18(%rbx), prefixes in either order; the default SS of rbp is overridden.
+        let mut gs = mem(Some(3), None, 0x18);
+        gs.segment = SegmentBase::Gs;
+        assert_eq!(
+            decode(&[0x65, 0xf0, 0x48, 0x0f, 0xc7, 0x4b, 0x18], Bits64),
+            cx16(gs, true, 7)
+        );
+        assert_eq!(
+            decode(&[0xf0, 0x65, 0x48, 0x0f, 0xc7, 0x4b, 0x18], Bits64),
+            cx16(gs, true, 7)
+        );
+        let mut fs_rbp = mem(Some(5), None, 0);
+        fs_rbp.segment = SegmentBase::Fs;
+        fs_rbp.stack = false;
+        assert_eq!(
+            decode(&[0x64, 0x48, 0x0f, 0xc7, 0x4d, 0x00], Bits64),
+            cx16(fs_rbp, false, 6)
+        );
+        // ds/es/cs overrides have base 0; the last override wins.
+        let mut flat = mem(Some(3), None, 0);
+        flat.stack = false;
+        assert_eq!(
+            decode(&[0x3e, 0x48, 0x0f, 0xc7, 0x0b], Bits64),
+            cx16(flat, false, 5)
+        );
+        assert_eq!(
+            decode(&[0x65, 0x26, 0x48, 0x0f, 0xc7, 0x0b], Bits64),
+            cx16(flat, false, 6)
+        );
+        // ss override makes it a stack reference.
+        let mut ss = flat;
+        ss.stack = true;
+        assert_eq!(
+            decode(&[0x36, 0x48, 0x0f, 0xc7, 0x0b], Bits64),
+            cx16(ss, false, 5)
+        );
+        // Address-size prefix: 32-bit addressing.
+        let mut a32 = mem(Some(7), None, 0);
+        a32.addr32 = true;
+        assert_eq!(
+            decode(&[0x67, 0xf0, 0x48, 0x0f, 0xc7, 0x0f], Bits64),
+            cx16(a32, true, 6)
+        );
+    }
+
+    #[test]
+    fn cmpxchg16b_lookalikes_do_not_match() {
+        for bytes in [
+            &[0xf0, 0x0f, 0xc7, 0x4d, 0x20][..],         // cmpxchg8b (no REX)
+            &[0xf0, 0x41, 0x0f, 0xc7, 0x4d, 0x20],       // cmpxchg8b (REX without W)
+            &[0xf0, 0x48, 0x0f, 0xc7, 0xc9],             // register form
+            &[0x48, 0x0f, 0xc7, 0xf0],                   // rdrand rax
+            &[0x48, 0x0f, 0xc7, 0xf8],                   // rdseed rax
+            &[0x48, 0x0f, 0xc7, 0x45, 0x20],             // /0: undefined
+            &[0x48, 0x0f, 0xc7, 0x65, 0x20],             // /4: xsavec
+            &[0x48, 0x0f, 0xc7, 0x5d, 0x20],             // /3: xrstors
+            &[0x48, 0x0f, 0xc7, 0x6d, 0x20],             // /5: xsaves
+            &[0x66, 0x48, 0x0f, 0xc7, 0x4d, 0x20],       // 66 prefix
+            &[0xf2, 0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20], // xacquire
+            &[0xf3, 0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20], // xrelease
+            &[0x48, 0xf0, 0x0f, 0xc7, 0x4d, 0x20],       // REX not directly before 0f
+            &[0xf0, 0x48, 0x0f, 0xc6, 0x4d, 0x20],       // other opcode
+            &[0xf0, 0x48, 0x0f, 0xc7],                   // cut short
+            &[0xf0, 0x48, 0x0f, 0xc7, 0x4d],             // disp8 missing
+            &[0xf0, 0x48, 0x0f, 0xc7, 0x0c],             // SIB missing
+            &[0xf0, 0x48, 0x0f, 0xc7, 0x8d, 0, 0, 0],    // disp32 cut short
+            &[0xf0, 0x48, 0x0f, 0xc7, 0x0d, 0, 0, 0],    // rip disp32 cut short
+        ] {
+            assert_eq!(decode(bytes, Bits64), None, "{bytes:02x?}");
+        }
+        // Outside 64-bit mode 0x48 is dec eax and the rest cmpxchg8b: not handled.
+        let bytes = [0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20];
+        assert_eq!(decode(&bytes, Bits32), None);
+        assert_eq!(decode(&bytes, Bits16), None);
+    }
+
+    #[test]
+    fn overlong_cmpxchg16b_is_rejected() {
+        // 5 prefixes + f0 + rex + 0f c7 + modrm + sib + disp32 = 15 bytes: fine.
+        let mut bytes = vec![0x3e; 5];
+        bytes.extend_from_slice(&[0xf0, 0x48, 0x0f, 0xc7, 0x8c, 0x24, 0, 0, 0, 0]);
+        assert!(matches!(
+            decode(&bytes, Bits64),
+            Some(Insn::Cmpxchg16b { len: 15, .. })
+        ));
+        bytes.insert(0, 0x3e);
+        assert_eq!(decode(&bytes, Bits64), None);
     }
 }

@@ -1,9 +1,10 @@
 //! A synthetic vCPU for unit tests: registers, MSRs, x87 words and a sparse virtual memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
+use super::page_walk::{pf, WriteAccess};
 use super::vcpu::{VcpuAccess, VcpuError, X87State, CR0_PE, EFER_LMA, EFER_SCE};
 
 const PAGE: u64 = 0x1000;
@@ -17,6 +18,10 @@ pub struct FakeVcpu {
     pub x87: X87State,
     /// Virtual pages, by page number.
     pub pages: BTreeMap<u64, Vec<u8>>,
+    /// Virtual page numbers that are read-only (writes page-fault).
+    pub read_only: BTreeSet<u64>,
+    /// The access of the last cmpxchg16b.
+    pub last_write_access: Option<WriteAccess>,
     /// Exceptions injected, in order.
     pub injected: Vec<(u8, Option<u32>)>,
     /// Whether an exception is already pending (injection then fails).
@@ -153,6 +158,39 @@ impl VcpuAccess for FakeVcpu {
             *out = page[(a % PAGE) as usize];
         }
         Ok(())
+    }
+
+    fn cmpxchg16b(
+        &mut self,
+        gva: u64,
+        access: WriteAccess,
+        expected: u128,
+        new: u128,
+    ) -> Result<u128, VcpuError> {
+        if gva % 16 != 0 {
+            return Err(VcpuError::Misaligned { gva });
+        }
+        self.last_write_access = Some(access);
+        let user = if access.user { pf::USER } else { 0 };
+        if !self.pages.contains_key(&(gva / PAGE)) {
+            return Err(VcpuError::PageFault {
+                gva,
+                error_code: pf::WRITE | user,
+            });
+        }
+        if self.read_only.contains(&(gva / PAGE)) {
+            return Err(VcpuError::PageFault {
+                gva,
+                error_code: pf::PRESENT | pf::WRITE | user,
+            });
+        }
+        let mut old = [0u8; 16];
+        self.read_virt(gva, &mut old)?;
+        let found = u128::from_le_bytes(old);
+        if found == expected {
+            self.poke(gva, &new.to_le_bytes());
+        }
+        Ok(found)
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VcpuError> {

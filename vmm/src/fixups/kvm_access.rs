@@ -8,10 +8,11 @@ use kvm_bindings::{
     KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
 use kvm_ioctls::{SyncReg, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::decode::MAX_INSN_LEN;
-use super::page_walk;
+use super::host_atomic;
+use super::page_walk::{self, WriteAccess, WriteFault};
 use super::vcpu::{VcpuAccess, VcpuError, X87State, EFER_LMA};
 
 /// How registers are reached: ioctls, or the `kvm_run` sync area.
@@ -87,6 +88,14 @@ impl KvmVcpuAccess<'_> {
         }
         let read_entry = |gpa: u64| self.mem.read_obj::<u64>(GuestAddress(gpa)).ok();
         Ok(page_walk::translate(read_entry, sregs.cr3, sregs.cr4, gva))
+    }
+
+    /// Host address of `len` bytes of guest memory at `gpa`, if they lie in one region and the
+    /// host address is aligned to `len` (the atomic operations need both).
+    fn host_ptr(&self, gpa: u64, len: usize) -> Option<*mut u8> {
+        let slice = self.mem.get_slice(GuestAddress(gpa), len).ok()?;
+        let ptr = slice.ptr_guard_mut().as_ptr();
+        (ptr as usize % len == 0).then_some(ptr)
     }
 }
 
@@ -209,6 +218,54 @@ impl VcpuAccess for KvmVcpuAccess<'_> {
             done += chunk;
         }
         Ok(())
+    }
+
+    fn cmpxchg16b(
+        &mut self,
+        gva: u64,
+        access: WriteAccess,
+        expected: u128,
+        new: u128,
+    ) -> Result<u128, VcpuError> {
+        if gva % 16 != 0 {
+            return Err(VcpuError::Misaligned { gva });
+        }
+        let sregs = self.sregs()?;
+        if sregs.efer & EFER_LMA == 0 {
+            return Err(VcpuError::NotLongMode { gva });
+        }
+        let read_entry = |gpa: u64| self.mem.read_obj::<u64>(GuestAddress(gpa)).ok();
+        let target = page_walk::translate_write(read_entry, sregs.cr3, sregs.cr4, gva, access)
+            .map_err(|fault| match fault {
+                WriteFault::PageFault { error_code } => VcpuError::PageFault { gva, error_code },
+                WriteFault::TableUnreadable { gpa } => VcpuError::ReadMemory { gva, gpa },
+            })?;
+        let gpa = target.gpa;
+        let data = self
+            .host_ptr(gpa, 16)
+            .ok_or(VcpuError::WriteMemory { gva, gpa })?;
+        // Accessed bits on every entry walked, dirty on the leaf: a locked cmpxchg16b always
+        // writes (the old value back on failure), so hardware sets them either way.
+        let levels = target.levels.min(target.entries.len());
+        for (i, &entry_gpa) in target.entries[..levels].iter().enumerate() {
+            let bits = if i + 1 == levels {
+                page_walk::ACCESSED | page_walk::DIRTY
+            } else {
+                page_walk::ACCESSED
+            };
+            let entry = self.host_ptr(entry_gpa, 8).ok_or(VcpuError::WriteMemory {
+                gva,
+                gpa: entry_gpa,
+            })?;
+            // SAFETY: `host_ptr` checked that the 8 bytes lie inside one mapped region of guest
+            // memory, which outlives `self`, and are 8-byte aligned. The guest may access the
+            // entry concurrently; the update is atomic.
+            unsafe { host_atomic::set_bits_u64(entry, bits) };
+        }
+        // SAFETY: `host_ptr` checked that the 16 bytes lie inside one mapped region of guest
+        // memory, which outlives `self`, and are 16-byte aligned; other vCPUs may access them
+        // concurrently, which the locked instruction makes safe.
+        Ok(unsafe { host_atomic::cmpxchg16b(data, expected, new) })
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VcpuError> {

@@ -23,6 +23,8 @@ const USER_BASE: u64 = 0x20_0000;
 const USER_STACK: u64 = 0x28_0000;
 /// Stubs for the other exception vectors, 16 bytes each: ebx = vector, report 0x90, hlt.
 const STUBS: u64 = KERNEL_BASE + 0x400;
+/// The 16 bytes the kernel's cmpxchg16b works on (zero at start).
+const CX16_SLOT: u64 = 0x6000;
 const PML4: u64 = 0x1000;
 const IDT: u64 = 0x4000;
 const GDT: u64 = 0x5000;
@@ -56,6 +58,22 @@ const KERNEL_CODE: &[u8] = &[
     0xcc,                                           // int3
     0x48, 0x8d, 0x0d, 0xf9, 0xff, 0xff, 0xff,       // after: lea after(%rip), %rcx
     0xb0, 0x05, 0xe6, 0x80,                         // report 5
+    0xbf, 0x00, 0x60, 0x00, 0x00,                   // mov $CX16_SLOT, %edi
+    0x31, 0xc0,                                     // xor %eax, %eax
+    0x31, 0xd2,                                     // xor %edx, %edx
+    0x45, 0x31, 0xc0,                               // xor %r8d, %r8d
+    0x45, 0x31, 0xc9,                               // xor %r9d, %r9d
+    0x48, 0xbb, 0x44, 0x44, 0x33, 0x33, 0x22, 0x22, 0x11, 0x11, // movabs $0x1111222233334444, %rbx
+    0x48, 0xb9, 0x88, 0x88, 0x77, 0x77, 0x66, 0x66, 0x55, 0x55, // movabs $0x5555666677778888, %rcx
+    0xf0, 0x48, 0x0f, 0xc7, 0x0f,                   // lock cmpxchg16b (%rdi): 0 == 0, stores
+    0x41, 0x0f, 0x94, 0xc0,                         // sete %r8b
+    0x48, 0x0f, 0xc7, 0x4f, 0x00,                   // cmpxchg16b 0(%rdi): 0 != new, loads
+    0x41, 0x0f, 0x94, 0xc1,                         // sete %r9b
+    0x4c, 0x8b, 0x17,                               // mov (%rdi), %r10
+    0x4c, 0x8b, 0x5f, 0x08,                         // mov 8(%rdi), %r11
+    0x49, 0x89, 0xc4,                               // mov %rax, %r12
+    0x49, 0x89, 0xd5,                               // mov %rdx, %r13
+    0xb0, 0x06, 0xe6, 0x80,                         // report 6
     0x6a, 0x2b,                                     // push $0x2b (user ss)
     0x68, 0x00, 0x00, 0x28, 0x00,                   // push $USER_STACK
     0x68, 0x02, 0x02, 0x00, 0x00,                   // push $0x202 (rflags)
@@ -144,6 +162,8 @@ fn write_image(mem: &GuestMemoryMmap<()>) {
     put(SYSCALL_CODE, SYSCALL_ENTRY);
     put(USER_CODE, USER_BASE);
     assert!(KERNEL_CODE.len() <= (PF_HANDLER - KERNEL_BASE) as usize);
+    // The kernel's cmpxchg16b expects zero there.
+    put(&[0; 16], CX16_SLOT);
     for v in 0..32u64 {
         let mut stub = vec![0xbb];
         stub.extend_from_slice(&(v as u32).to_le_bytes());
@@ -374,7 +394,7 @@ fn check_events(events: &[Event]) {
     let codes: Vec<u8> = events.iter().map(|e| e.code).collect();
     assert_eq!(
         codes,
-        [1, 2, 3, 4, 0x83, 5, 0x10, 0x10, 0x83, 0x10, 0x90],
+        [1, 2, 3, 4, 0x83, 5, 6, 0x10, 0x10, 0x83, 0x10, 0x90],
         "event sequence"
     );
     let ac = 1 << 18;
@@ -389,8 +409,19 @@ fn check_events(events: &[Event]) {
     // int3 in the kernel: #BP pushed the address after int3, and execution resumed there.
     assert_eq!(events[4].regs.rbx, KERNEL_BASE + KERNEL_AFTER_INT3);
     assert_eq!(events[5].regs.rcx, KERNEL_BASE + KERNEL_AFTER_INT3);
+    // cmpxchg16b: the first stored RCX:RBX (ZF=1), the second found it and loaded RDX:RAX
+    // (ZF=0).
+    let e = &events[6].regs;
+    let (new_lo, new_hi) = (0x1111_2222_3333_4444, 0x5555_6666_7777_8888);
+    assert_eq!((e.r8, e.r9), (1, 0), "ZF after the two cmpxchg16b");
+    assert_eq!((e.r10, e.r11), (new_lo, new_hi), "memory after cmpxchg16b");
+    assert_eq!(
+        (e.r12, e.r13),
+        (new_lo, new_hi),
+        "RDX:RAX after the failed one"
+    );
     // Three system calls from user mode, each entering at CPL 0 with SYSCALL's state.
-    for (i, (n, after)) in [(6, 7u64), (7, 24), (9, 33)].into_iter().enumerate() {
+    for (i, (n, after)) in [(7, 7u64), (8, 24), (10, 33)].into_iter().enumerate() {
         let e = &events[n];
         assert_eq!(e.regs.rdi, i as u64 + 1, "syscall {i}");
         assert_eq!(e.regs.rip, SYSCALL_ENTRY + 10, "syscall {i}");
@@ -411,11 +442,11 @@ fn check_events(events: &[Event]) {
         );
     }
     // popcnt in user mode
-    assert_eq!(events[7].regs.rsi, 8);
+    assert_eq!(events[8].regs.rsi, 8);
     // int3 in user mode: #BP with the user address after it
-    assert_eq!(events[8].regs.rbx, USER_BASE + 25);
+    assert_eq!(events[9].regs.rbx, USER_BASE + 25);
     // clac in user mode: #UD
-    assert_eq!(events[10].regs.rbx, u64::from(vcpu::vector::UD));
+    assert_eq!(events[11].regs.rbx, u64::from(vcpu::vector::UD));
 }
 
 #[test]

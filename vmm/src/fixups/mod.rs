@@ -13,6 +13,7 @@
 //! | `popcnt` | `f3 [rex] 0f b8 /r`, register form | result and flags computed, RIP skipped |
 //! | `fwait` | `9b` | RIP += 1 (#NM / #MF when hardware would raise them) |
 //! | `int3` | `cc` | RIP += 1, #BP injected |
+//! | `cmpxchg16b` | `[f0] rex.w 0f c7 /1`, memory form | locked compare-exchange on the host mapping, ZF and RDX:RAX set, RIP skipped (#GP/#SS/#PF when hardware would raise them) |
 //!
 //! Each instruction is decoded from the bytes KVM reports and checked against the vCPU state
 //! before anything is changed; anything else stays an error ([`FixupError`]) carrying RIP and the
@@ -41,6 +42,7 @@
 mod decode;
 mod error;
 mod host;
+mod host_atomic;
 mod insn;
 mod kvm_access;
 mod page_walk;
@@ -59,10 +61,11 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use decode::{decode, CpuMode, Insn, OperandSize, MAX_INSN_LEN};
+pub use decode::{decode, CpuMode, Insn, MemOperand, OperandSize, SegmentBase, MAX_INSN_LEN};
 pub use error::{FixupError, InsnBytes};
 pub use host::{host_needs_fixups, pvm_module_loaded, PVM_MODULE, SYS_MODULE_DIR};
 pub use kvm_access::{emulation_failure, EmulationFailure, KvmVcpuAccess};
+pub use page_walk::WriteAccess;
 pub use vcpu::{
     cpl, cpu_mode, VcpuAccess, VcpuError, X87State, MSR_CSTAR, MSR_EFER, MSR_LSTAR, MSR_STAR,
     MSR_SYSCALL_MASK,
@@ -132,17 +135,20 @@ pub enum Fixup {
     Fwait,
     /// `int3` turned into an injected #BP.
     Int3,
+    /// `cmpxchg16b m128` completed atomically (or #GP/#SS/#PF raised).
+    Cmpxchg16b,
 }
 
 impl Fixup {
     /// Every fix-up, in summary order.
-    pub const ALL: [Fixup; 6] = [
+    pub const ALL: [Fixup; 7] = [
         Fixup::Clac,
         Fixup::Stac,
         Fixup::Syscall,
         Fixup::Popcnt,
         Fixup::Fwait,
         Fixup::Int3,
+        Fixup::Cmpxchg16b,
     ];
 
     /// Short name, as logged.
@@ -154,6 +160,7 @@ impl Fixup {
             Fixup::Popcnt => "popcnt",
             Fixup::Fwait => "fwait",
             Fixup::Int3 => "int3",
+            Fixup::Cmpxchg16b => "cmpxchg16b",
         }
     }
 
@@ -168,6 +175,7 @@ impl Fixup {
             Insn::Popcnt { .. } => Fixup::Popcnt,
             Insn::Fwait => Fixup::Fwait,
             Insn::Int3 => Fixup::Int3,
+            Insn::Cmpxchg16b { .. } => Fixup::Cmpxchg16b,
         }
     }
 }
@@ -184,7 +192,7 @@ pub enum Outcome {
     /// The instruction was completed; RIP is past it.
     Completed,
     /// The exception hardware raises here was injected instead (#BP for `int3`, #UD for
-    /// `clac`/`stac` outside CPL 0, #NM/#MF for `fwait`).
+    /// `clac`/`stac` outside CPL 0, #NM/#MF for `fwait`, #GP/#SS/#PF for `cmpxchg16b`).
     Raised {
         /// Exception vector.
         vector: u8,
@@ -293,7 +301,8 @@ impl Fixups {
     }
 
     /// Counters for the exit log, e.g.
-    /// `emulation fix-ups: clac=3780 stac=395 syscall=167 popcnt=3 fwait=3 int3=1 unhandled=0`.
+    /// `emulation fix-ups: clac=3780 stac=395 syscall=167 popcnt=3 fwait=3 int3=1 cmpxchg16b=2
+    /// unhandled=0`.
     pub fn summary(&self) -> String {
         self.stats.summary()
     }

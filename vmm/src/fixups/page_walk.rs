@@ -5,10 +5,21 @@
 //! unmapped, and it is one more ioctl (several microseconds on PVM). The SYSCALL check must
 //! read the user's code from kernel mode, so [`super::KvmVcpuAccess`] walks the tables itself
 //! in long mode and uses `KVM_TRANSLATE` only for other paging modes.
+//!
+//! Writes (the `cmpxchg16b` fix-up) go through [`translate_write`] instead, which checks the
+//! permissions hardware checks for a data write and reports the page fault it would raise.
 
 /// CR4.LA57: five-level paging.
 const CR4_LA57: u64 = 1 << 12;
 const PRESENT: u64 = 1 << 0;
+/// Writable.
+const RW: u64 = 1 << 1;
+/// User-accessible.
+const US: u64 = 1 << 2;
+/// Accessed.
+pub const ACCESSED: u64 = 1 << 5;
+/// Dirty (leaf entries only).
+pub const DIRTY: u64 = 1 << 6;
 /// Page-size bit in PDPTEs (1 GiB) and PDEs (2 MiB).
 const PAGE_SIZE_BIT: u64 = 1 << 7;
 /// Physical-address bits 51:12 of an entry.
@@ -41,6 +52,112 @@ pub fn translate(
         table = entry & ADDR_MASK;
     }
     None
+}
+
+/// The privilege a data write is checked with, from the vCPU state at the instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAccess {
+    /// A user-mode (CPL 3) access.
+    pub user: bool,
+    /// CR0.WP: supervisor writes honour read-only pages.
+    pub write_protect: bool,
+    /// CR4.SMAP set and RFLAGS.AC clear: supervisor accesses to user pages fault.
+    pub smap: bool,
+}
+
+/// Page-fault error code bits.
+pub mod pf {
+    /// The page was present (a protection violation).
+    pub const PRESENT: u32 = 1 << 0;
+    /// A write access.
+    pub const WRITE: u32 = 1 << 1;
+    /// A user-mode access.
+    pub const USER: u32 = 1 << 2;
+}
+
+/// Where a permitted write goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteTarget {
+    /// Guest physical address of the byte at the virtual address.
+    pub gpa: u64,
+    /// Guest physical addresses of the paging entries walked, the leaf last; only the first
+    /// `levels` are valid. The caller sets their accessed (and the leaf's dirty) bits.
+    pub entries: [u64; 5],
+    /// How many entries were walked.
+    pub levels: usize,
+}
+
+/// Why a write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFault {
+    /// The page fault hardware raises, with its error code.
+    PageFault {
+        /// Error code (bits of [`pf`]).
+        error_code: u32,
+    },
+    /// A paging-structure entry lies outside guest memory.
+    TableUnreadable {
+        /// Its guest physical address.
+        gpa: u64,
+    },
+}
+
+/// Translates `gva` for a data write with `access`, through the 4- or 5-level page tables at
+/// `cr3`, checking present, writable, user and SMAP as hardware does (reserved bits and
+/// protection keys are not checked).
+pub fn translate_write(
+    read_entry: impl Fn(u64) -> Option<u64>,
+    cr3: u64,
+    cr4: u64,
+    gva: u64,
+    access: WriteAccess,
+) -> Result<WriteTarget, WriteFault> {
+    let base_code = pf::WRITE | if access.user { pf::USER } else { 0 };
+    let levels: u32 = if cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+    let mut table = cr3 & ADDR_MASK;
+    let mut target = WriteTarget {
+        gpa: 0,
+        entries: [0; 5],
+        levels: 0,
+    };
+    let mut writable = true;
+    let mut user = true;
+    for level in (1..=levels).rev() {
+        let shift = 12 + 9 * (level - 1);
+        let index = (gva >> shift) & 0x1ff;
+        let entry_gpa = table + index * 8;
+        let entry = read_entry(entry_gpa).ok_or(WriteFault::TableUnreadable { gpa: entry_gpa })?;
+        if entry & PRESENT == 0 {
+            return Err(WriteFault::PageFault {
+                error_code: base_code,
+            });
+        }
+        target.entries[target.levels] = entry_gpa;
+        target.levels += 1;
+        writable &= entry & RW != 0;
+        user &= entry & US != 0;
+        let offset_mask = (1u64 << shift) - 1;
+        let leaf = level == 1 || ((level == 2 || level == 3) && entry & PAGE_SIZE_BIT != 0);
+        if leaf {
+            let protection = if access.user {
+                !user || !writable
+            } else {
+                (user && access.smap) || (!writable && access.write_protect)
+            };
+            if protection {
+                return Err(WriteFault::PageFault {
+                    error_code: base_code | pf::PRESENT,
+                });
+            }
+            target.gpa = (entry & ADDR_MASK & !offset_mask) | (gva & offset_mask);
+            return Ok(target);
+        }
+        table = entry & ADDR_MASK;
+    }
+    // Unreachable for levels >= 1: level 1 is always a leaf.
+    Err(WriteFault::PageFault {
+        error_code: base_code,
+    })
 }
 
 #[cfg(test)]
@@ -124,5 +241,102 @@ mod tests {
         assert_eq!(translate(t.read(), 0x1000, CR4_LA57, gva), Some(0xabc_d677));
         // Without LA57 the same tables are walked as 4 levels and miss.
         assert_eq!(translate(t.read(), 0x1000, 0, gva), None);
+    }
+
+    const KERNEL: WriteAccess = WriteAccess {
+        user: false,
+        write_protect: true,
+        smap: true,
+    };
+
+    /// One 4 KiB page at `gva` mapped to `page` with leaf flags `leaf` and upper flags `upper`.
+    fn one_page(gva: u64, page: u64, upper: u64, leaf: u64) -> Tables {
+        let mut t = HashMap::new();
+        t.insert(0x1000 + idx(gva, 4) * 8, 0x2000 | upper);
+        t.insert(0x2000 + idx(gva, 3) * 8, 0x3000 | upper);
+        t.insert(0x3000 + idx(gva, 2) * 8, 0x4000 | upper);
+        t.insert(0x4000 + idx(gva, 1) * 8, page | leaf);
+        Tables(t)
+    }
+
+    #[test]
+    fn write_to_writable_pages() {
+        let gva = 0xffff_8880_0123_4560_u64;
+        let t = one_page(gva, 0x77_7000, 3, 3);
+        let w = translate_write(t.read(), 0x1000, 0, gva, KERNEL).unwrap();
+        assert_eq!(w.gpa, 0x77_7560);
+        assert_eq!(w.levels, 4);
+        assert_eq!(w.entries[3], 0x4000 + idx(gva, 1) * 8);
+        assert_eq!(w.entries[0], 0x1000 + idx(gva, 4) * 8);
+        // A user page written from user mode.
+        let t = one_page(gva, 0x77_7000, 7, 7);
+        let user = WriteAccess {
+            user: true,
+            ..KERNEL
+        };
+        assert_eq!(
+            translate_write(t.read(), 0x1000, 0, gva, user).unwrap().gpa,
+            0x77_7560
+        );
+    }
+
+    #[test]
+    fn write_faults_like_hardware() {
+        let gva = 0x7f00_0000_1010_u64;
+        let user = WriteAccess {
+            user: true,
+            ..KERNEL
+        };
+        let fault = |t: &Tables, access| translate_write(t.read(), 0x1000, 0, gva, access);
+        let pf_code = |error_code| Err(WriteFault::PageFault { error_code });
+        // Not present: P=0.
+        let t = one_page(gva, 0x5000, 7, 6);
+        assert_eq!(fault(&t, user), pf_code(pf::WRITE | pf::USER));
+        assert_eq!(fault(&t, KERNEL), pf_code(pf::WRITE));
+        // Read-only leaf (copy-on-write): user faults; supervisor faults only with CR0.WP.
+        let t = one_page(gva, 0x5000, 7, 5);
+        assert_eq!(fault(&t, user), pf_code(pf::PRESENT | pf::WRITE | pf::USER));
+        let no_smap = WriteAccess {
+            smap: false,
+            ..KERNEL
+        };
+        assert_eq!(fault(&t, no_smap), pf_code(pf::PRESENT | pf::WRITE));
+        let no_wp = WriteAccess {
+            write_protect: false,
+            ..no_smap
+        };
+        assert_eq!(fault(&t, no_wp).unwrap().gpa, 0x5010);
+        // Read-only upper level counts too.
+        let t = one_page(gva, 0x5000, 5, 7);
+        assert_eq!(fault(&t, user), pf_code(pf::PRESENT | pf::WRITE | pf::USER));
+        // Supervisor page from user mode.
+        let t = one_page(gva, 0x5000, 3, 3);
+        assert_eq!(fault(&t, user), pf_code(pf::PRESENT | pf::WRITE | pf::USER));
+        // User page from the kernel: SMAP faults unless AC (smap: false).
+        let t = one_page(gva, 0x5000, 7, 7);
+        assert_eq!(fault(&t, KERNEL), pf_code(pf::PRESENT | pf::WRITE));
+        assert_eq!(fault(&t, no_smap).unwrap().gpa, 0x5010);
+        // A missing table is not a page fault but a VMM-side failure.
+        let t = Tables(HashMap::new());
+        assert_eq!(
+            fault(&t, KERNEL),
+            Err(WriteFault::TableUnreadable {
+                gpa: 0x1000 + idx(gva, 4) * 8
+            })
+        );
+    }
+
+    #[test]
+    fn write_through_a_2m_page() {
+        let gva = 0xffff_ffff_8123_4570_u64;
+        let mut t = HashMap::new();
+        t.insert(0x1000 + idx(gva, 4) * 8, 0x5000 | 3);
+        t.insert(0x5000 + idx(gva, 3) * 8, 0x6000 | 3);
+        t.insert(0x6000 + idx(gva, 2) * 8, 0x4000_0000 | 0x83);
+        let t = Tables(t);
+        let w = translate_write(t.read(), 0x1000, 0, gva, KERNEL).unwrap();
+        assert_eq!(w.gpa, 0x4000_0000 | (gva & 0x1f_ffff));
+        assert_eq!(w.levels, 3);
+        assert_eq!(w.entries[2], 0x6000 + idx(gva, 2) * 8);
     }
 }

@@ -76,7 +76,8 @@ mod tests {
         assert_eq!(stats.unhandled_count(), 4);
         assert_eq!(
             stats.summary(),
-            "emulation fix-ups: clac=4000 stac=0 syscall=0 popcnt=0 fwait=0 int3=4 unhandled=4"
+            "emulation fix-ups: clac=4000 stac=0 syscall=0 popcnt=0 fwait=0 int3=4 cmpxchg16b=0 \
+             unhandled=4"
         );
     }
 

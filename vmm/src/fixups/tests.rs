@@ -365,7 +365,8 @@ fn summary_counts_each_fixup() {
     let _ = fixups.handle(&mut cpu, &[0x0f, 0x0b]);
     assert_eq!(
         fixups.summary(),
-        "emulation fix-ups: clac=3 stac=0 syscall=0 popcnt=0 fwait=1 int3=0 unhandled=1"
+        "emulation fix-ups: clac=3 stac=0 syscall=0 popcnt=0 fwait=1 int3=0 cmpxchg16b=0 \
+         unhandled=1"
     );
 }
 
@@ -700,4 +701,221 @@ fn unreadable_syscall_msrs_fail_cleanly() {
     let e = fixups.handle(&mut cpu, &[0x0f, 0x01, 0xca]).unwrap_err();
     assert!(matches!(e, FixupError::Apply { .. }), "{e}");
     assert_eq!(cpu.writes, 0);
+}
+
+/// Kernel data used by the cmpxchg16b tests: a 16-byte slot at rbp + 0x20.
+const SLOT: u64 = 0xffff_8880_0456_7020;
+const OLD: u128 = 0x1111_2222_3333_4444_5555_6666_7777_8888;
+const NEW: u128 = 0x9999_aaaa_bbbb_cccc_dddd_eeee_ffff_0000;
+/// lock cmpxchg16b 0x20(%rbp), as Debian's kernel executes it.
+const CX16_RBP: [u8; 6] = [0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20];
+
+fn cx16_cpu(expected: u128) -> FakeVcpu {
+    let mut cpu = kernel_cpu();
+    cpu.sregs.cr0 |= vcpu::CR0_WP;
+    cpu.sregs.cr4 |= vcpu::CR4_SMAP;
+    cpu.regs.rbp = SLOT - 0x20;
+    cpu.regs.rax = expected as u64;
+    cpu.regs.rdx = (expected >> 64) as u64;
+    cpu.regs.rbx = NEW as u64;
+    cpu.regs.rcx = (NEW >> 64) as u64;
+    cpu.regs.rflags = 0x2 | rflags::CF | rflags::RF;
+    cpu.poke(SLOT, &OLD.to_le_bytes());
+    cpu
+}
+
+fn slot(cpu: &FakeVcpu, at: u64) -> u128 {
+    let mut b = [0u8; 16];
+    cpu.read_virt(at, &mut b).unwrap();
+    u128::from_le_bytes(b)
+}
+
+#[test]
+fn cmpxchg16b_success_stores_and_sets_zf() {
+    let fixups = active();
+    let mut cpu = cx16_cpu(OLD);
+    let before = cpu.regs;
+    let applied = fixups.handle(&mut cpu, &[0xf0, 0x48, 0x0f, 0xc7, 0x4d, 0x20, 0x74, 0x66]);
+    assert_eq!(
+        applied.unwrap(),
+        Applied {
+            fixup: Fixup::Cmpxchg16b,
+            rip: KERNEL_RIP,
+            outcome: Outcome::Completed
+        }
+    );
+    assert_eq!(slot(&cpu, SLOT), NEW);
+    assert_eq!(cpu.regs.rip, KERNEL_RIP + 6);
+    // ZF set, other flags kept, RF cleared.
+    assert_eq!(cpu.regs.rflags, 0x2 | rflags::CF | rflags::ZF);
+    // RDX:RAX unchanged on success.
+    assert_eq!((cpu.regs.rax, cpu.regs.rdx), (before.rax, before.rdx));
+    assert_eq!(fixups.hits(Fixup::Cmpxchg16b), 1);
+    // A kernel write with CR0.WP and SMAP (AC clear) checked.
+    assert_eq!(
+        cpu.last_write_access,
+        Some(WriteAccess {
+            user: false,
+            write_protect: true,
+            smap: true
+        })
+    );
+}
+
+#[test]
+fn cmpxchg16b_failure_loads_rdx_rax_and_clears_zf() {
+    let fixups = active();
+    // Differs in the high half only.
+    let mut cpu = cx16_cpu(OLD ^ (1 << 100));
+    cpu.regs.rflags |= rflags::ZF;
+    fixups.handle(&mut cpu, &CX16_RBP).unwrap();
+    assert_eq!(slot(&cpu, SLOT), OLD);
+    assert_eq!(cpu.regs.rax, OLD as u64);
+    assert_eq!(cpu.regs.rdx, (OLD >> 64) as u64);
+    assert_eq!(cpu.regs.rflags, 0x2 | rflags::CF);
+    assert_eq!(cpu.regs.rip, KERNEL_RIP + 6);
+    // RCX:RBX untouched.
+    assert_eq!(cpu.regs.rbx, NEW as u64);
+    assert_eq!(cpu.regs.rcx, (NEW >> 64) as u64);
+}
+
+#[test]
+fn cmpxchg16b_without_lock_and_with_gs_and_rip_relative() {
+    let fixups = active();
+    // cmpxchg16b %gs:0x10(%rdi,%rsi,2), no lock prefix.
+    let mut cpu = cx16_cpu(OLD);
+    cpu.sregs.gs.base = SLOT - 0x1000;
+    cpu.regs.rsi = 0x7f8;
+    cpu.regs.rdi = 0x1000 - 0x10 - 2 * 0x7f8;
+    fixups
+        .handle(&mut cpu, &[0x65, 0x48, 0x0f, 0xc7, 0x4c, 0x77, 0x10])
+        .unwrap();
+    assert_eq!(slot(&cpu, SLOT), NEW);
+    assert_eq!(cpu.regs.rip, KERNEL_RIP + 7);
+    // lock cmpxchg16b -0x30(%rip): relative to the next instruction.
+    let mut cpu = cx16_cpu(OLD);
+    cpu.regs.rip = SLOT + 0x30 - 9;
+    cpu.poke(
+        cpu.regs.rip,
+        &[0xf0, 0x48, 0x0f, 0xc7, 0x0d, 0xd0, 0xff, 0xff, 0xff],
+    );
+    // Bytes fetched at RIP (none reported).
+    fixups.handle(&mut cpu, &[]).unwrap();
+    assert_eq!(slot(&cpu, SLOT), NEW);
+    assert_eq!(cpu.regs.rip, SLOT + 0x30);
+}
+
+#[test]
+fn cmpxchg16b_misaligned_raises_gp0() {
+    let fixups = active();
+    let mut cpu = cx16_cpu(OLD);
+    cpu.regs.rbp += 8;
+    let before = cpu.regs;
+    let applied = fixups.handle(&mut cpu, &CX16_RBP).unwrap();
+    assert_eq!(applied.outcome, Outcome::Raised { vector: vector::GP });
+    assert_eq!(cpu.injected, [(vector::GP, Some(0))]);
+    // Faulting: nothing changed, RIP at the instruction.
+    assert_eq!(cpu.regs, before);
+    assert_eq!(slot(&cpu, SLOT), OLD);
+}
+
+#[test]
+fn cmpxchg16b_non_canonical_raises_ss_or_gp() {
+    let fixups = active();
+    // Base rbp: the stack segment, #SS(0).
+    let mut cpu = cx16_cpu(OLD);
+    cpu.regs.rbp = 0x0000_8000_0000_0000;
+    let applied = fixups.handle(&mut cpu, &CX16_RBP).unwrap();
+    assert_eq!(applied.outcome, Outcome::Raised { vector: vector::SS });
+    assert_eq!(cpu.injected, [(vector::SS, Some(0))]);
+    // Base rdi: #GP(0).
+    let mut cpu = cx16_cpu(OLD);
+    cpu.regs.rdi = 0x0000_8000_0000_0000;
+    let applied = fixups
+        .handle(&mut cpu, &[0xf0, 0x48, 0x0f, 0xc7, 0x0f])
+        .unwrap();
+    assert_eq!(applied.outcome, Outcome::Raised { vector: vector::GP });
+    // With LA57 the same address is canonical (and here unmapped: #PF).
+    let mut cpu = cx16_cpu(OLD);
+    cpu.sregs.cr4 |= vcpu::CR4_LA57;
+    cpu.regs.rdi = 0x0000_8000_0000_0000;
+    let applied = fixups
+        .handle(&mut cpu, &[0xf0, 0x48, 0x0f, 0xc7, 0x0f])
+        .unwrap();
+    assert_eq!(applied.outcome, Outcome::Raised { vector: vector::PF });
+}
+
+#[test]
+fn cmpxchg16b_unmapped_or_read_only_raises_pf_with_cr2() {
+    let fixups = active();
+    let mut cpu = cx16_cpu(OLD);
+    cpu.unmap(SLOT);
+    let before = cpu.regs;
+    let applied = fixups.handle(&mut cpu, &CX16_RBP).unwrap();
+    assert_eq!(applied.outcome, Outcome::Raised { vector: vector::PF });
+    assert_eq!(cpu.injected, [(vector::PF, Some(0b010))]);
+    assert_eq!(cpu.sregs.cr2, SLOT);
+    assert_eq!(cpu.regs, before);
+    // Read-only page written from user mode: P|W|U.
+    let mut cpu = cx16_cpu(OLD);
+    let user = FakeVcpu::long_mode(3);
+    cpu.sregs.cs = user.sregs.cs;
+    cpu.read_only.insert(SLOT / 0x1000);
+    fixups.handle(&mut cpu, &CX16_RBP).unwrap();
+    assert_eq!(cpu.injected, [(vector::PF, Some(0b111))]);
+    assert_eq!(slot(&cpu, SLOT), OLD);
+    assert_eq!(
+        cpu.last_write_access,
+        Some(WriteAccess {
+            user: true,
+            write_protect: true,
+            smap: false
+        })
+    );
+    // Kernel with AC set: SMAP does not apply.
+    let mut cpu = cx16_cpu(OLD);
+    cpu.regs.rflags |= rflags::AC;
+    fixups.handle(&mut cpu, &CX16_RBP).unwrap();
+    assert!(!cpu.last_write_access.unwrap().smap);
+}
+
+#[test]
+fn cmpxchg16b_with_an_exception_pending_fails_cleanly() {
+    let fixups = active();
+    let mut cpu = cx16_cpu(OLD);
+    cpu.unmap(SLOT);
+    cpu.exception_pending = true;
+    let before = cpu.clone();
+    let err = fixups.handle(&mut cpu, &CX16_RBP).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FixupError::Apply {
+                fixup: Fixup::Cmpxchg16b,
+                source: VcpuError::ExceptionPending { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(cpu.regs, before.regs);
+    assert_eq!(cpu.sregs.cr2, before.sregs.cr2);
+    assert_eq!(fixups.unhandled(), 1);
+}
+
+#[test]
+fn cmpxchg8b_and_register_forms_stay_unhandled() {
+    let fixups = active();
+    for bytes in [
+        &[0xf0, 0x0f, 0xc7, 0x4d, 0x20][..],
+        &[0xf0, 0x48, 0x0f, 0xc7, 0xc9],
+        &[0x48, 0x0f, 0xc7, 0x65, 0x20],
+    ] {
+        let mut cpu = cx16_cpu(OLD);
+        let before = cpu.clone();
+        let err = fixups.handle(&mut cpu, bytes).unwrap_err();
+        assert!(matches!(err, FixupError::Unrecognised { .. }), "{err}");
+        assert_eq!(cpu.regs, before.regs);
+        assert_eq!(slot(&cpu, SLOT), OLD);
+    }
 }

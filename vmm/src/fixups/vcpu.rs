@@ -4,6 +4,7 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use super::decode::{CpuMode, MAX_INSN_LEN};
+use super::page_walk::WriteAccess;
 
 /// MSR_EFER.
 pub const MSR_EFER: u32 = 0xc000_0080;
@@ -24,6 +25,12 @@ pub mod vector {
     pub const UD: u8 = 6;
     /// #NM, device not available.
     pub const NM: u8 = 7;
+    /// #SS, stack-segment fault.
+    pub const SS: u8 = 12;
+    /// #GP, general protection.
+    pub const GP: u8 = 13;
+    /// #PF, page fault.
+    pub const PF: u8 = 14;
     /// #MF, x87 floating-point error.
     pub const MF: u8 = 16;
 }
@@ -62,6 +69,12 @@ pub const CR0_PE: u64 = 1 << 0;
 pub const CR0_MP: u64 = 1 << 1;
 /// CR0.TS: task switched (lazy FPU).
 pub const CR0_TS: u64 = 1 << 3;
+/// CR0.WP: supervisor writes honour read-only pages.
+pub const CR0_WP: u64 = 1 << 16;
+/// CR4.LA57: 57-bit linear addresses.
+pub const CR4_LA57: u64 = 1 << 12;
+/// CR4.SMAP: supervisor-mode access prevention.
+pub const CR4_SMAP: u64 = 1 << 21;
 /// EFER.SCE: SYSCALL enabled.
 pub const EFER_SCE: u64 = 1 << 0;
 /// EFER.LMA: long mode active.
@@ -132,6 +145,34 @@ pub enum VcpuError {
         /// Guest physical address it translated to.
         gpa: u64,
     },
+    /// A write would raise this page fault; nothing was written.
+    #[error("write to guest virtual address {gva:#x} page-faults (error code {error_code:#x})")]
+    PageFault {
+        /// Guest virtual address.
+        gva: u64,
+        /// Page-fault error code.
+        error_code: u32,
+    },
+    /// The address translated to guest physical memory the VMM cannot write atomically.
+    #[error("write guest physical address {gpa:#x} (virtual {gva:#x}) failed")]
+    WriteMemory {
+        /// Guest virtual address.
+        gva: u64,
+        /// Guest physical address it translated to.
+        gpa: u64,
+    },
+    /// An atomic 16-byte operation was asked for at an address that is not 16-byte aligned.
+    #[error("guest virtual address {gva:#x} not 16-byte aligned")]
+    Misaligned {
+        /// Guest virtual address.
+        gva: u64,
+    },
+    /// A write through the guest page tables was asked for outside long mode.
+    #[error("write to guest virtual address {gva:#x} outside long mode")]
+    NotLongMode {
+        /// Guest virtual address.
+        gva: u64,
+    },
     /// KVM_GET_VCPU_EVENTS failed.
     #[error("get vcpu events: {0}")]
     GetEvents(#[source] kvm_ioctls::Error),
@@ -170,6 +211,19 @@ pub trait VcpuAccess {
     /// current page tables without permission checks (supervisor and user pages alike, whatever
     /// SMAP says).
     fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), VcpuError>;
+    /// Atomically compares the 16 bytes at guest *virtual* address `gva` with `expected` and,
+    /// if equal, stores `new` (a locked `cmpxchg16b` on guest memory, atomic against the other
+    /// vCPUs). `gva` is translated for a data write with `access` (long mode only), setting the
+    /// accessed and dirty bits as hardware does. Returns the value found, equal to `expected`
+    /// exactly when `new` was stored. A write hardware would refuse fails with
+    /// [`VcpuError::PageFault`] and changes nothing; `gva` must be 16-byte aligned.
+    fn cmpxchg16b(
+        &mut self,
+        gva: u64,
+        access: WriteAccess,
+        expected: u128,
+        new: u128,
+    ) -> Result<u128, VcpuError>;
     /// Injects exception `vector` (with `error_code` if it has one) to be delivered on the next
     /// entry. For `#BP` RIP must already point after the `int3`.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VcpuError>;
