@@ -502,3 +502,94 @@ fn probe_guest_stops_cleanly_with_fixups_off() {
         check_events(&result.unwrap());
     }
 }
+
+/// `KvmVcpuAccess::cmpxchg16b` on a real vCPU's page tables (the vCPU never runs): a permitted
+/// write sets the accessed/dirty bits, refused writes are page faults, memory the VMM does not
+/// have is a clean error.
+#[test]
+fn kvm_access_cmpxchg16b_walks_the_guest_page_tables() {
+    let Some(kvm) = open_kvm() else {
+        return;
+    };
+    let vm = kvm.create_vm().unwrap();
+    let mem: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    for (slot, r) in mem.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.start_addr().0,
+            memory_size: r.len(),
+            userspace_addr: r.as_ptr() as u64,
+        };
+        // SAFETY: `mem` is a live mapping that outlives the VM (dropped after it).
+        unsafe { vm.set_user_memory_region(region).unwrap() };
+    }
+    write_image(&mem);
+    let pd = PML4 + 0x2000;
+    // 0x40_0000 -> 1 GiB (outside guest memory); 0x60_0000 -> 0, read-only.
+    mem.write_obj(0x4000_0000u64 | 0x83, GuestAddress(pd + 16))
+        .unwrap();
+    mem.write_obj(0x81u64, GuestAddress(pd + 24)).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let features = GuestFeatures {
+        nx_smep_smap: false,
+        sync_regs: false,
+    };
+    setup_vcpu(&kvm, &vcpu, features);
+    let kernel = WriteAccess {
+        user: false,
+        write_protect: true,
+        smap: false,
+    };
+    let mut cpu = KvmVcpuAccess::new(&vcpu, &mem);
+    let old = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210_u128;
+    mem.write_obj(old, GuestAddress(CX16_SLOT + 0x10)).unwrap();
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(pd)).unwrap(), 0x83);
+    // Mismatch: nothing stored, but the entries are marked as a locked write marks them.
+    assert_eq!(cpu.cmpxchg16b(CX16_SLOT + 0x10, kernel, 5, 6).unwrap(), old);
+    assert_eq!(
+        mem.read_obj::<u128>(GuestAddress(CX16_SLOT + 0x10))
+            .unwrap(),
+        old
+    );
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(pd)).unwrap(), 0x83 | 0x60);
+    assert_eq!(
+        mem.read_obj::<u64>(GuestAddress(PML4)).unwrap() & 0x20,
+        0x20
+    );
+    // Match: stored.
+    assert_eq!(
+        cpu.cmpxchg16b(CX16_SLOT + 0x10, kernel, old, 6).unwrap(),
+        old
+    );
+    assert_eq!(
+        mem.read_obj::<u128>(GuestAddress(CX16_SLOT + 0x10))
+            .unwrap(),
+        6
+    );
+    // Read-only with CR0.WP, not present, outside guest memory, misaligned.
+    assert!(matches!(
+        cpu.cmpxchg16b(0x60_0000, kernel, 0, 1),
+        Err(VcpuError::PageFault {
+            gva: 0x60_0000,
+            error_code: 3
+        })
+    ));
+    assert!(matches!(
+        cpu.cmpxchg16b(0x8000_0000, kernel, 0, 1),
+        Err(VcpuError::PageFault { error_code: 2, .. })
+    ));
+    assert!(matches!(
+        cpu.cmpxchg16b(0x40_0010, kernel, 0, 1),
+        Err(VcpuError::WriteMemory {
+            gva: 0x40_0010,
+            gpa: 0x4000_0010
+        })
+    ));
+    assert!(matches!(
+        cpu.cmpxchg16b(CX16_SLOT + 8, kernel, 0, 1),
+        Err(VcpuError::Misaligned { .. })
+    ));
+    assert_eq!(mem.read_obj::<u128>(GuestAddress(0)).unwrap() & 0xff, 0);
+}
