@@ -262,6 +262,26 @@ fn r(d: &VhostUserDevice, off: u64) -> u32 {
     u32::from_le_bytes(b)
 }
 
+/// The driver initialisation sequence with VERSION_1, one 16-entry queue at the given guest
+/// addresses, ending with DRIVER_OK.
+fn driver_setup(d: &VhostUserDevice, desc: u32, driver: u32, device: u32) {
+    w(d, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    w(d, reg::DRIVER_FEATURES_SEL, 1);
+    w(d, reg::DRIVER_FEATURES, 1);
+    w(
+        d,
+        reg::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    w(d, reg::QUEUE_SEL, 0);
+    w(d, reg::QUEUE_NUM, 16);
+    w(d, reg::QUEUE_DESC_LOW, desc);
+    w(d, reg::QUEUE_DRIVER_LOW, driver);
+    w(d, reg::QUEUE_DEVICE_LOW, device);
+    w(d, reg::QUEUE_READY, 1);
+    w(d, reg::STATUS, 0xf);
+}
+
 #[test]
 fn guest_writing_nonsense_gets_needs_reset_and_the_device_recovers() {
     let dir = work_dir("vb_nonsense");
@@ -290,21 +310,7 @@ fn guest_writing_nonsense_gets_needs_reset_and_the_device_recovers() {
     // Rings outside guest RAM: DRIVER_OK is accepted by the register file, the device thread
     // refuses the rings and asks for a reset.
     w(&d, reg::STATUS, 0);
-    w(&d, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-    w(&d, reg::DRIVER_FEATURES_SEL, 1);
-    w(&d, reg::DRIVER_FEATURES, 1);
-    w(
-        &d,
-        reg::STATUS,
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-    );
-    w(&d, reg::QUEUE_SEL, 0);
-    w(&d, reg::QUEUE_NUM, 16);
-    w(&d, reg::QUEUE_DESC_LOW, 0xfff0_0000);
-    w(&d, reg::QUEUE_DRIVER_LOW, 0x1000);
-    w(&d, reg::QUEUE_DEVICE_LOW, 0x2000);
-    w(&d, reg::QUEUE_READY, 1);
-    w(&d, reg::STATUS, 0xf);
+    driver_setup(&d, 0xfff0_0000, 0x1000, 0x2000);
     let t = Instant::now();
     while r(&d, reg::STATUS) & status::DEVICE_NEEDS_RESET == 0 {
         assert!(t.elapsed() < Duration::from_secs(5), "no NEEDS_RESET");
@@ -315,21 +321,7 @@ fn guest_writing_nonsense_gets_needs_reset_and_the_device_recovers() {
     // After a reset the same device takes a correct setup.
     w(&d, reg::STATUS, 0);
     assert_eq!(r(&d, reg::STATUS), 0);
-    w(&d, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-    w(&d, reg::DRIVER_FEATURES_SEL, 1);
-    w(&d, reg::DRIVER_FEATURES, 1);
-    w(
-        &d,
-        reg::STATUS,
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-    );
-    w(&d, reg::QUEUE_SEL, 0);
-    w(&d, reg::QUEUE_NUM, 16);
-    w(&d, reg::QUEUE_DESC_LOW, 0x10000);
-    w(&d, reg::QUEUE_DRIVER_LOW, 0x11000);
-    w(&d, reg::QUEUE_DEVICE_LOW, 0x12000);
-    w(&d, reg::QUEUE_READY, 1);
-    w(&d, reg::STATUS, 0xf);
+    driver_setup(&d, 0x10000, 0x11000, 0x12000);
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(r(&d, reg::STATUS), 0xf);
     assert_eq!(
