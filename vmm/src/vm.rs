@@ -617,9 +617,9 @@ fn guest_cpuid(kvm: &Kvm, fixups: &Fixups) -> Result<kvm_bindings::CpuId, VmmErr
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
     if fixups.is_active() {
-        // See cpuid::PVM_HIDDEN_KVM_FEATURES: PV IPIs do not work for emulated guests on PVM.
+        // See cpuid::PVM_HIDDEN_KVM_FEATURES: hypercalls never return for emulated guests.
         cpuid::hide_kvm_features(supported.as_mut_slice(), cpuid::PVM_HIDDEN_KVM_FEATURES);
-        log::debug!("PVM host: KVM PV IPIs hidden from the guest");
+        log::debug!("PVM host: KVM PV IPIs, PV sched yield and PV unhalt hidden from the guest");
     }
     Ok(supported)
 }
@@ -679,6 +679,13 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     fixups.announce();
 
     let supported = guest_cpuid(&kvm, &fixups)?;
+    if fixups.is_active() && cfg.cpus > 1 {
+        log::warn!(
+            "PVM host: with {} vCPUs a busy host can show guest processes stale memory \
+             mappings after they move between vCPUs (a known PVM issue, see README)",
+            cfg.cpus
+        );
+    }
     let (signature, features) = supported
         .as_slice()
         .iter()

@@ -57,14 +57,22 @@ fn id_bits(count: u32) -> u32 {
 
 /// KVM paravirt leaf with the feature bits (EAX).
 pub const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+/// KVM_FEATURE_PV_UNHALT: paravirt spinlocks (a waiter halts, the holder kicks it by hypercall).
+pub const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
 /// KVM_FEATURE_PV_SEND_IPI: IPIs through a hypercall.
 pub const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+/// KVM_FEATURE_PV_SCHED_YIELD: yield to a preempted IPI target by hypercall.
+pub const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
 
-/// KVM paravirt features hidden from guests on PVM hosts. An ordinary (non-PVM) guest kernel
-/// runs under PVM's instruction emulator there, and its PV IPI hypercalls do not deliver: a
-/// 2-vCPU Linux 6.1 guest hangs bringing up CPU 1 (measured here). Without the bit Linux sends
-/// IPIs through the local APIC, which works.
-pub const PVM_HIDDEN_KVM_FEATURES: u32 = KVM_FEATURE_PV_SEND_IPI;
+/// KVM paravirt features hidden from guests on PVM hosts, where an ordinary (non-PVM) guest
+/// kernel runs under PVM's instruction emulator. There `vmcall` never completes: the vCPU spins
+/// in the host kernel and never comes back (measured: a 2-vCPU Linux 6.1 guest with PV IPIs hangs
+/// bringing up CPU 1; a tiny guest doing one `vmcall` spins for minutes). So every feature whose
+/// guest side makes hypercalls goes: PV IPIs, PV sched yield (taken when an IPI target is
+/// preempted, that is on a busy host) and PV unhalt (the kick of PV spinlocks). Linux then sends
+/// IPIs through the local APIC and uses native spinlocks.
+pub const PVM_HIDDEN_KVM_FEATURES: u32 =
+    KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD;
 
 /// Clears KVM paravirt feature bits (leaf 0x4000_0001 EAX).
 pub fn hide_kvm_features(entries: &mut [kvm_cpuid_entry2], mask: u32) {
@@ -238,7 +246,7 @@ mod tests {
         e.push(entry(
             LEAF_KVM_FEATURES,
             0,
-            0x0100_0eff | KVM_FEATURE_PV_SEND_IPI,
+            0x0100_0eff | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD,
             0,
             0,
             0,
@@ -246,7 +254,10 @@ mod tests {
         hide_kvm_features(&mut e, PVM_HIDDEN_KVM_FEATURES);
         let l = find(&e, LEAF_KVM_FEATURES, 0);
         assert_eq!(l.eax & KVM_FEATURE_PV_SEND_IPI, 0);
-        assert_eq!(l.eax, 0x0100_0eff & !KVM_FEATURE_PV_SEND_IPI);
+        assert_eq!(l.eax & KVM_FEATURE_PV_UNHALT, 0);
+        assert_eq!(l.eax & KVM_FEATURE_PV_SCHED_YIELD, 0);
+        // Everything else stays: clock sources, async PF, steal time, PV EOI, TLB flush, ...
+        assert_eq!(l.eax, 0x0100_067f);
     }
 
     #[test]
