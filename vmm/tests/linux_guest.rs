@@ -20,7 +20,7 @@ fn hype() -> &'static Path {
 
 /// One guest at a time, so the 2-vCPU guest has the host's cores to itself: on PVM hosts an SMP
 /// guest on an overcommitted host now and then sees a stale memory mapping (about 1 process in
-/// 130 crashed with 2 busy vCPUs on 2 overcommitted host cores, none in 150 on idle cores; see
+/// 150 crashed with 2 busy vCPUs on 2 overcommitted host cores, none in 150 on idle cores; see
 /// the README's PVM section), and two guests side by side on a 2-core CI machine overcommit it.
 fn one_guest_at_a_time() -> MutexGuard<'static, ()> {
     static GUEST: Mutex<()> = Mutex::new(());
@@ -62,6 +62,11 @@ fn pvh_boot_reports_cmdline_memory_cpus_and_powers_off() {
         assert_eq!(
             pv, "",
             "guest set up KVM paravirt features that break on PVM"
+        );
+        assert!(
+            vm.log().contains("PVM host: with 2 vCPUs"),
+            "no SMP warning: {}",
+            vm.log()
         );
     }
     // MemTotal is RAM minus what the kernel reserved for itself: within 192 MiB, above 150 MiB.
