@@ -8,6 +8,8 @@
 //! (from the start of VM setup to the guest's first instruction).
 //!
 //! `cargo bench -p hype-vmm --bench startup [-- RUNS]` (needs binutils, /dev/kvm; QEMU optional).
+//! `HYPE_BENCH_OTHER=/path/to/hype[:/path/to/another]` adds other builds of `hype` (say, with
+//! other profile settings) to the same alternating runs, to compare builds side by side.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -122,14 +124,29 @@ fn main() {
         .arg("--version")
         .output()
         .is_ok();
-    let mut h = Vec::new();
-    let mut q = Vec::new();
-    for _ in 0..runs {
-        let mut c = Command::new(hype);
+    let others: Vec<String> = std::env::var("HYPE_BENCH_OTHER")
+        .map(|v| {
+            v.split(':')
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let hype_run = |exe: &str| {
+        let mut c = Command::new(exe);
         c.args(["vmm", "--memory", "64M", "--serial", "none", "--kernel"])
             .arg(&guest)
             .env("HYPE_LOG", "info");
-        h.extend(measure(c));
+        measure(c)
+    };
+    let mut h = Vec::new();
+    let mut o: Vec<Vec<Sample>> = others.iter().map(|_| Vec::new()).collect();
+    let mut q = Vec::new();
+    for _ in 0..runs {
+        h.extend(hype_run(hype));
+        for (exe, samples) in others.iter().zip(o.iter_mut()) {
+            samples.extend(hype_run(exe));
+        }
         if qemu {
             let mut c = Command::new("qemu-system-x86_64");
             c.args([
@@ -157,6 +174,13 @@ fn main() {
     println!("| VMM | runs | wall to exit (ms) | CPU (ms) | start to first instruction (ms) | peak RSS (MiB) |");
     println!("|---|---|---|---|---|---|");
     report("hype vmm", &h);
+    for (exe, samples) in others.iter().zip(&o) {
+        if samples.is_empty() {
+            println!("({exe}: no successful run)");
+        } else {
+            report(&format!("hype vmm ({exe})"), samples);
+        }
+    }
     if !q.is_empty() {
         report("qemu-system-x86_64 -M microvm", &q);
     } else {
