@@ -17,9 +17,8 @@ pub fn work_dir(test: &str) -> PathBuf {
 
 /// Assembles `guests/<name>.S` and links it at `text_addr`; returns the ELF path.
 pub fn assemble(name: &str, text_addr: u64) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/guests")
-        .join(format!("{name}.S"));
+    let guests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+    let src = guests.join(format!("{name}.S"));
     let dir = work_dir("guests");
     // Tests run in parallel and may assemble the same program: build under a unique name and
     // rename into place atomically.
@@ -33,7 +32,10 @@ pub fn assemble(name: &str, text_addr: u64) -> PathBuf {
     let tmp_elf = dir.join(format!("{name}.{uniq}.elf"));
     let elf = dir.join(format!("{name}.{text_addr:x}.elf"));
     let st = Command::new("as")
-        .args(["--64", "-o"])
+        .arg("--64")
+        .arg("-I")
+        .arg(&guests) // for `.include "serial.inc"`
+        .arg("-o")
         .arg(&obj)
         .arg(&src)
         .status()

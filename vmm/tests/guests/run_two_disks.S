@@ -197,20 +197,7 @@ bad_sector0:  lea m_sector0(%rip), %rsi
 mismatch:     lea m_mismatch(%rip), %rsi
 fail:
   call puts
-reset:
-  mov $0xfe, %al
-  out %al, $0x64
-8: hlt
-  jmp 8b
-
-puts:
-  mov $0x3f8, %dx
-9: lodsb
-  test %al, %al
-  jz 10f
-  out %al, %dx
-  jmp 9b
-10: ret
+.include "serial.inc"
 
 hello:      .asciz "run guest\n"
 m_disk1:    .asciz "disk1 ok\n"

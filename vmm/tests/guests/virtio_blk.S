@@ -217,51 +217,8 @@ fail:
   mov %r12, %rax
   call puthex
   call newline
-reset:
-  mov $0xfe, %al
-  out %al, $0x64
-9: hlt
-  jmp 9b
+.include "serial.inc"
 
-puts:
-  mov $0x3f8, %dx
-10: lodsb
-  test %al, %al
-  jz 11f
-  out %al, %dx
-  jmp 10b
-11: ret
-
-newline:
-  mov $'\n', %al
-  mov $0x3f8, %dx
-  out %al, %dx
-  ret
-
-/* Prints %rax in hex (no leading zeros). */
-puthex:
-  mov %rax, %r9
-  mov $0x3f8, %dx
-  mov $60, %cl
-  xor %r10d, %r10d                  /* printed anything yet */
-12: mov %r9, %rax
-  shr %cl, %rax
-  and $0xf, %eax
-  test %r10d, %r10d
-  jnz 13f
-  test %eax, %eax
-  jnz 13f
-  test %cl, %cl
-  jnz 14f
-13: mov $1, %r10d
-  lea hexdigits(%rip), %rsi
-  mov (%rsi,%rax), %al
-  out %al, %dx
-14: sub $4, %cl
-  jns 12b
-  ret
-
-hexdigits: .ascii "0123456789abcdef"
 hello:     .asciz "virtio-blk guest\n"
 capmsg:    .asciz "capacity 0x"
 waitmsg:   .asciz "\nwaiting\n"

@@ -193,47 +193,11 @@ fail:
   cli
   lea m_fail(%rip), %rsi
   call puts
-reset:
-  mov $0xfe, %al
-  out %al, $0x64
-7: hlt
-  jmp 7b
-
-puts:
-  mov $0x3f8, %dx
-8: lodsb
-  test %al, %al
-  jz 9f
-  out %al, %dx
-  jmp 8b
-9: ret
-
-puthex:
-  mov %rax, %r9
-  mov $0x3f8, %dx
-  mov $60, %cl
-  xor %r10d, %r10d
-10: mov %r9, %rax
-  shr %cl, %rax
-  and $0xf, %eax
-  test %r10d, %r10d
-  jnz 11f
-  test %eax, %eax
-  jnz 11f
-  test %cl, %cl
-  jnz 12f
-11: mov $1, %r10d
-  lea hexdigits(%rip), %rsi
-  mov (%rsi,%rax), %al
-  out %al, %dx
-12: sub $4, %cl
-  jns 10b
-  ret
+.include "serial.inc"
 
 .balign 8
 idtr:      .word 256*16-1
            .quad IDT
-hexdigits: .ascii "0123456789abcdef"
 m_count:   .asciz "interrupts 0x"
 m_vring:   .asciz ", vring 0x"
 m_ok:      .asciz "\nirq ok\n"
