@@ -8,8 +8,9 @@
 //! (from the start of VM setup to the guest's first instruction).
 //!
 //! `cargo bench -p hype-vmm --bench startup [-- RUNS]` (needs binutils, /dev/kvm; QEMU optional).
-//! `HYPE_BENCH_OTHER=/path/to/hype[:/path/to/another]` adds other builds of `hype` (say, with
-//! other profile settings) to the same alternating runs, to compare builds side by side.
+//! It runs the VMM-only binary `hype-vmm`. `HYPE_BENCH_OTHER=/path/to/hype[:/path/to/another]`
+//! adds other builds (say, the multi-call `hype`, run as `hype vmm`, or a build with other
+//! profile settings) to the same alternating runs, to compare builds side by side.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -119,7 +120,7 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(20);
     let guest = build_guest();
-    let hype = env!("CARGO_BIN_EXE_hype");
+    let hype = env!("CARGO_BIN_EXE_hype-vmm");
     let qemu = Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()
@@ -134,7 +135,11 @@ fn main() {
         .unwrap_or_default();
     let hype_run = |exe: &str| {
         let mut c = Command::new(exe);
-        c.args(["vmm", "--memory", "64M", "--serial", "none", "--kernel"])
+        // The multi-call `hype` takes the VMM's arguments after `vmm`; `hype-vmm` directly.
+        if !exe.ends_with("hype-vmm") {
+            c.arg("vmm");
+        }
+        c.args(["--memory", "64M", "--serial", "none", "--kernel"])
             .arg(&guest)
             .env("HYPE_LOG", "info");
         measure(c)
@@ -173,7 +178,7 @@ fn main() {
     }
     println!("| VMM | runs | wall to exit (ms) | CPU (ms) | start to first instruction (ms) | peak RSS (MiB) |");
     println!("|---|---|---|---|---|---|");
-    report("hype vmm", &h);
+    report("hype-vmm", &h);
     for (exe, samples) in others.iter().zip(&o) {
         if samples.is_empty() {
             println!("({exe}: no successful run)");

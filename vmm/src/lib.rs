@@ -4,13 +4,11 @@
 
 pub mod arch;
 pub mod boot;
+pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod devices;
-pub mod fixups;
 pub mod layout;
 pub mod memory;
-pub mod run;
 pub mod terminal;
 pub mod vcpu;
 pub mod virtio;

@@ -9,7 +9,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::pio::{PioBus, PioOutcome};
-use crate::fixups::{self, Fixups};
+use hype_fixups::{self as fixups, Fixups};
 use crate::memory::GuestMemoryMmap;
 use crate::virtio::bus::MmioBus;
 

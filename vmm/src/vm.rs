@@ -22,7 +22,7 @@ use crate::boot::{self, BootError, BootSource};
 use crate::config::{DeviceSpec, SerialSpec};
 use crate::devices::pio::PioBus;
 use crate::devices::serial::{Serial, COM1_IRQ};
-use crate::fixups::{FixupMode, Fixups};
+use hype_fixups::{FixupMode, Fixups};
 use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
 use crate::terminal::RawModeGuard;
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};

@@ -105,25 +105,11 @@ impl crate::CommandError for Error {
     }
 }
 
-/// Formats an error and all of its sources on one line: `outer: inner: innermost`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let msg = e.to_string();
-        // Some errors repeat their source in their own message; avoid "x: x".
-        if !out.ends_with(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        source = e.source();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hype_base::{error_chain, exit_code_number, CommandError, EXIT_RUNTIME, EXIT_USAGE};
+    use std::path::PathBuf;
 
     #[test]
     fn chain_joins_sources() {
@@ -135,4 +121,42 @@ mod tests {
         assert!(s.starts_with("cannot bind /x/s.sock: "), "{s}");
         assert!(s.contains("ermission denied"), "{s}");
     }
+
+    #[test]
+    fn daemon_errors_are_classified() {
+        let p = PathBuf::from("/x/s.sock");
+        let usage = [
+            Error::NoSocket,
+            Error::SocketInUse(p.clone()),
+            Error::PathNotSocket(p.clone()),
+            Error::InvalidListenFds("x".into()),
+            Error::TooManyListenFds(2),
+            Error::Bind {
+                path: p.clone(),
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            },
+        ];
+        for e in &usage {
+            assert!(e.is_usage(), "{e}");
+            assert_eq!(exit_code_number(e), EXIT_USAGE);
+        }
+        let runtime = [
+            Error::Poll(io::Error::from_raw_os_error(libc::EBADF)),
+            Error::Accept("x".into()),
+            Error::CreateDaemon("x".into()),
+            Error::CreateBackend("no threads".into()),
+            Error::SpawnThread(io::Error::from_raw_os_error(libc::EAGAIN)),
+            Error::ConnectionSetup(io::Error::from_raw_os_error(libc::EMFILE)),
+            Error::Chmod {
+                path: p,
+                mode: 0o600,
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            },
+        ];
+        for e in &runtime {
+            assert!(!e.is_usage(), "{e}");
+            assert_eq!(exit_code_number(e), EXIT_RUNTIME);
+        }
+    }
+
 }

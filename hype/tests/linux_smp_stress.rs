@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! HYPE_GUEST_VMLINUX=... HYPE_GUEST_INITRAMFS=... HYPE_GUEST_BZIMAGE=... \
-//!   cargo test -p hype-vmm --test linux_smp_stress -- --ignored --nocapture
+//!   cargo test -p hype --test linux_smp_stress -- --ignored --nocapture
 //! ```
 //!
 //! Knobs (environment): `STRESS_CPUS` (vCPUs, default 2), `STRESS_LOOPS` (parallel shell loops,

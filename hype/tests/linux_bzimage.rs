@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::work_dir;
-use hype_vmm::fixups::host_needs_fixups;
+use hype_fixups::host_needs_fixups;
 
 #[test]
 fn debian_bzimage_boots_with_our_command_line_memory_and_initrd() {

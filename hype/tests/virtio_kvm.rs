@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{assemble, flat, symbol, work_dir, Backend};
 use hype_vmm::config::{DeviceSpec, SerialSpec};
-use hype_vmm::fixups::FixupMode;
+use hype_fixups::FixupMode;
 use hype_vmm::virtio::{DeviceType, WaitLimit};
 use hype_vmm::vm::{self, BootImage, RawMode, VmConfig, VmEnd};
 

@@ -25,7 +25,7 @@ pub fn hype_bin() -> PathBuf {
             .is_ok_and(|s| s.success());
         assert!(
             ok,
-            "{} has no `run` subcommand (vmm/src/main.rs needs `Run(hype_vmm::run::RunArgs)`)",
+            "{} has no `run` subcommand (hype/src/main.rs needs `Run(hype_run::RunArgs)`)",
             bin.display()
         );
     });

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::config::parse_size;
+use hype_vmm::config::parse_size;
 
 /// Why a spec string was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -150,7 +150,7 @@ fn restored_after_ctrl_a_x() {
 fn restored_after_a_runtime_error() {
     // Without fix-ups the final int3 of this guest is an error on PVM hosts (exit 1); elsewhere it
     // triple-faults (exit 0). Either way the terminal must come back.
-    let code = if hype_vmm::fixups::host_needs_fixups() {
+    let code = if hype_fixups::host_needs_fixups() {
         Some(1)
     } else {
         Some(0)

@@ -10,6 +10,7 @@
 //! * [`supervisor`]: start, restart with back-off, ordered shutdown.
 
 pub mod args;
+pub mod demo;
 pub mod plan;
 pub mod problem;
 pub mod runtime_dir;

@@ -4,7 +4,7 @@ mod common;
 
 use common::{assemble, flat, hype, symbol, texts, work_dir};
 use hype_vmm::config::SerialSpec;
-use hype_vmm::fixups::{host_needs_fixups, FixupMode};
+use hype_fixups::{host_needs_fixups, FixupMode};
 use hype_vmm::vm::{self, BootImage, RawMode, VmConfig, VmEnd};
 
 fn raw_config(

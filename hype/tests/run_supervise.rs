@@ -307,7 +307,7 @@ fn backend_failing_at_start_stops_the_run() {
 /// backend, which writes the report to a file.
 #[test]
 fn demo_guest_completes_with_two_disks_and_a_console() {
-    use hype_vmm::demo::{console_report, verdict, Verdict, GUEST_ELF};
+    use hype_run::demo::{console_report, verdict, Verdict, GUEST_ELF};
     let s = setup("demo");
     let elf = s.dir.join("demo.elf");
     std::fs::write(&elf, GUEST_ELF).unwrap();

@@ -13,7 +13,7 @@ use super::args::RunConfig;
 use super::problem::{Problem, Problems};
 use super::spec::{ConsoleSpec, DiskSource, DiskSpec, NetSpec};
 use super::tap_probe::probe_tap;
-use crate::config::{parse_memory, DeviceSpec, SerialSpec};
+use hype_vmm::config::{parse_memory, DeviceSpec, SerialSpec};
 
 /// Default restarts allowed per backend within [`super::supervisor::RESTART_WINDOW`].
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;

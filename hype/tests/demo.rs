@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 
 use common::{texts, work_dir, Backend};
-use hype_vmm::demo::{self, console_report, DemoOptions, Verdict};
+use hype_run::demo::{self, console_report, DemoOptions, Verdict};
 
 /// 16 MiB in 512-byte sectors.
 const DEMO_SECTORS: u64 = 32768;

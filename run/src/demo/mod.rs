@@ -5,7 +5,7 @@
 //! (`hype block-mem`) and a console (`hype console`, on this terminal). The guest finds both
 //! virtio-mmio devices, writes 8 sectors and reads them back, prints a report through the
 //! virtio console and resets the machine. Everything is started, supervised and cleaned up by
-//! `hype run`'s machinery ([`crate::run`]): a private runtime directory for the sockets and the
+//! `hype run`'s machinery ([`crate`]): a private runtime directory for the sockets and the
 //! guest image, backends first, the VMM last, an ordered stop.
 //!
 //! The guest also logs its progress on the UART (COM1), written to a file in the runtime
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::run::{plan, supervisor, Plan, RunConfig, RunError, RuntimeDir};
+use crate::{plan, supervisor, Plan, RunConfig, RunError, RuntimeDir};
 
 pub use guest::{console_report, verdict, Verdict, GUEST_ELF};
 

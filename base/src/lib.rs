@@ -1,0 +1,16 @@
+//! The small pieces every hype program shares, whatever it is: one way to format an error
+//! chain, one way to end `main` with the right exit code, one logging setup.
+//!
+//! May depend on: `std`, `clap`, `log`/`env_logger`, `thiserror`. Nothing KVM-, virtio- or
+//! network-specific belongs here: the VMM, the supervisor and every backend link it.
+
+mod error_chain;
+mod exit;
+mod logging;
+
+pub use error_chain::error_chain;
+pub use exit::{
+    error_line, exit_code, exit_code_number, parse_args_from, parse_command_line, report_exit,
+    usage_error_line, CommandError, EXIT_RUNTIME, EXIT_USAGE,
+};
+pub use logging::init_logging;
