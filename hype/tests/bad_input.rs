@@ -1,4 +1,5 @@
 //! Bad input gets one clear line on stderr and exit code 2: never a panic or a backtrace.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 

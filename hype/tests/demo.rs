@@ -2,6 +2,7 @@
 //! backend, each its own process, started and cleaned up by `hype run`'s supervisor. Checks
 //! what the guest printed on the virtio console and its UART, the exit code, and that no
 //! process, socket or runtime directory is left behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! The guest's agent talks over the serial console, i.e. hype run's own stdin/stdout passed
 //! through to the VMM. The guest sees both disks, one backend is SIGKILLed and restarted by
 //! hype run while the guest reads, and a poweroff ends the run with nothing left behind.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod run_support;
 

@@ -1,6 +1,7 @@
 //! `hype run` refuses bad VM descriptions with clear errors before anything is started (no
 //! runtime directory, no process), reads a TOML description that flags override, and prints
 //! the equivalent separate commands.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod run_support;
 

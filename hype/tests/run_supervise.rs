@@ -2,6 +2,7 @@
 //! a RAM disk) and a virtio console: the processes it starts, the guest completing, and
 //! cleanup (no processes, no sockets, no runtime directory) after a normal end, after SIGTERM,
 //! and after a backend is SIGKILLed mid-run (restarted; the guest carries on).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 mod run_support;
@@ -271,8 +272,8 @@ fn the_exit_code_is_the_vmms() {
 fn backend_failing_at_start_stops_the_run() {
     let s = setup("locked");
     let lock = std::fs::File::open(&s.img).unwrap();
-    // SAFETY: flock(2) on a file this test opened.
     assert_eq!(
+        // SAFETY: flock(2) on a file this test opened.
         unsafe {
             libc::flock(
                 std::os::fd::AsRawFd::as_raw_fd(&lock),

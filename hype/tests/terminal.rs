@@ -1,6 +1,7 @@
 //! With `--serial stdio` on a terminal, hype puts it in raw mode while the guest runs and restores
 //! it on every exit path: guest reset, a runtime error, SIGTERM, and the Ctrl-a x escape.
 //! The terminal is a pseudo-terminal made by the test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 

@@ -1,10 +1,11 @@
 //! KVM tests with tiny guest programs (run in well under a second, also on PVM hosts).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 
 use common::{assemble, flat, hype, symbol, texts, work_dir};
-use hype_vmm::config::SerialSpec;
 use hype_fixups::{host_needs_fixups, FixupMode};
+use hype_vmm::config::SerialSpec;
 use hype_vmm::vm::{self, BootImage, RawMode, VmConfig, VmEnd};
 
 fn raw_config(

@@ -1,6 +1,7 @@
 //! End to end on KVM: a tiny guest drives a virtio-blk backend process through the virtio-mmio
 //! transport; queue notifications never reach the VMM (ioeventfd); the backend is killed and
 //! restarted in the middle of a run.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 
@@ -9,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{assemble, flat, symbol, work_dir, Backend};
-use hype_vmm::config::{DeviceSpec, SerialSpec};
 use hype_fixups::FixupMode;
+use hype_vmm::config::{DeviceSpec, SerialSpec};
 use hype_vmm::virtio::{DeviceType, WaitLimit};
 use hype_vmm::vm::{self, BootImage, RawMode, VmConfig, VmEnd};
 

@@ -5,6 +5,7 @@
 //!
 //! Needs the guest artefacts (`scripts/test` exports HYPE_GUEST_*); without them it says
 //! SKIPPED. On PVM hosts a boot takes ~20 s of CPU.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 

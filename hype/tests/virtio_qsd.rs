@@ -2,6 +2,7 @@
 //! type, serves I/O through the transport, and survives a restart with requests pending
 //! (through INFLIGHT_SHMFD, which libvhost-user offers). Skipped when qemu-storage-daemon is
 //! not installed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The virtio-mmio transport and the vhost-user frontend driven without KVM: the test plays the
 //! guest driver (register accesses through the device, rings built with hype-testkit in
 //! testkit guest RAM) against real backend processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Driver overhead: 4 KiB random reads at queue depth 32 against the in-test RAM disk backend
 //! (tests/common), one queue, with and without EVENT_IDX. Run with
 //! `cargo bench -p hype-testkit --bench qd32 [-- SECONDS]`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../tests/common/mod.rs"]
 mod common;

@@ -1,4 +1,5 @@
 //! The virtio-blk helpers against the in-test RAM disk backend (tests/common).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The driver against a small in-test vhost-user backend (tests/common).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 

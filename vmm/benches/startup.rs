@@ -11,6 +11,7 @@
 //! It runs the VMM-only binary `hype-vmm`. `HYPE_BENCH_OTHER=/path/to/hype[:/path/to/another]`
 //! adds other builds (say, the multi-call `hype`, run as `hype vmm`, or a build with other
 //! profile settings) to the same alternating runs, to compare builds side by side.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

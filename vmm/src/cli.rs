@@ -82,4 +82,3 @@ pub fn run(a: VmmArgs) -> ExitCode {
         }
     }
 }
-

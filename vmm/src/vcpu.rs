@@ -9,9 +9,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::pio::{PioBus, PioOutcome};
-use hype_fixups::{self as fixups, Fixups};
 use crate::memory::GuestMemoryMmap;
 use crate::virtio::bus::MmioBus;
+use hype_fixups::{self as fixups, Fixups};
 
 /// Why a vCPU stopped running.
 #[derive(Debug)]

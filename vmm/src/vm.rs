@@ -22,13 +22,13 @@ use crate::boot::{self, BootError, BootSource};
 use crate::config::{DeviceSpec, SerialSpec};
 use crate::devices::pio::PioBus;
 use crate::devices::serial::{Serial, COM1_IRQ};
-use hype_fixups::{FixupMode, Fixups};
 use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
 use crate::terminal::RawModeGuard;
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
 use crate::virtio::bus::{MmioBus, MmioExitCounts};
 use crate::virtio::device::DeviceError;
 use crate::virtio::{self as virtio_mod, mmio::reg, VhostUserDevice};
+use hype_fixups::{FixupMode, Fixups};
 
 /// Command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";

@@ -5,6 +5,7 @@
 //! `cargo bench -p hype-block-file --bench throughput` (HYPE_BENCH_SECS=N per workload,
 //! default 2). The image lives in /dev/shm when it exists, so the numbers measure the
 //! vhost-user path and the backend, not a disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;

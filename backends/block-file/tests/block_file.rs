@@ -1,4 +1,5 @@
 //! hype-block-file as a real process, driven through hype-testkit.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;

@@ -3,6 +3,7 @@
 //! same statuses, the same data and the same image bytes.
 //!
 //! Skipped, with a message, when `qemu-storage-daemon` is not installed.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;

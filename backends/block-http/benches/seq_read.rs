@@ -5,6 +5,7 @@
 //! Cases: cold cache (every byte over HTTP) with and without read-ahead, with 0 and 2 ms of
 //! server latency per request, at guest queue depth 1 (1 MiB reads, one stream) and 8
 //! (eight 1 MiB reads in flight); then a warm pass served from the cache.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;

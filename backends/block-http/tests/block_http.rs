@@ -1,5 +1,6 @@
 //! hype-block-http as a real process against HTTP servers started by the tests: one that
 //! honours Range, one that does not, one that fails transiently, one whose content changes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;

@@ -1,6 +1,7 @@
 //! Console throughput: guest output to a client socket and to a file, and client input to the
 //! guest, through the real backend process. `cargo bench -p hype-console`.
 //! `HYPE_BENCH_MB` sets the megabytes moved per case (default 64).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../tests/common/mod.rs"]
 mod common;

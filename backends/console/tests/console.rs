@@ -1,4 +1,5 @@
 //! hype-console as a real process, driven through hype-testkit's guest driver.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
 
@@ -388,8 +389,8 @@ fn stdio_terminal_raw_mode_resize_and_escape() {
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    // SAFETY: TIOCSWINSZ reads a valid winsize.
     assert_eq!(
+        // SAFETY: TIOCSWINSZ reads a valid winsize.
         unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
         0
     );

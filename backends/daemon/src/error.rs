@@ -158,5 +158,4 @@ mod tests {
             assert_eq!(exit_code_number(e), EXIT_RUNTIME);
         }
     }
-
 }

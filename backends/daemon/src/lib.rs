@@ -30,11 +30,11 @@ mod shutdown;
 pub mod vring;
 
 pub use error::Error;
+pub use guest_error::guest_error;
 pub use hype_base::{
     error_chain, error_line, exit_code, exit_code_number, init_logging, parse_args_from,
     parse_command_line, report_exit, usage_error_line, CommandError, EXIT_RUNTIME, EXIT_USAGE,
 };
-pub use guest_error::guest_error;
 pub use listener::{parse_mode, ListenArgs, SocketListener, DEFAULT_SOCKET_MODE};
 pub use serve::{serve, serve_with, ConnectionHooks, ServedBackend};
 pub use shutdown::Shutdown;

@@ -1,6 +1,7 @@
 //! `serve_with` hooks against a real frontend (hype-testkit's driver): an fd registered in
 //! `daemon_created` reaches the backend's `handle_event` on the worker thread, `disconnected`
 //! runs once per frontend, and a failing hook stops serving with a runtime error.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::io;
 use std::os::fd::AsRawFd;

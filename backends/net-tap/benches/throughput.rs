@@ -5,6 +5,7 @@
 //! The driver uses fixed raw descriptors (no per-frame copy on its side), 256-entry queues,
 //! EVENT_IDX, one queue pair. RX frames come from a generator thread sending with sendmmsg on
 //! a packet socket bound to the tap; the same generator feeds the plain reader.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../tests/common/mod.rs"]
 mod common;

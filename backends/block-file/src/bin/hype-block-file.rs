@@ -1,3 +1,5 @@
+//! `hype-block-file`: the backend as its own binary (the same as `hype block-file`).
+
 use std::process::ExitCode;
 
 /// A raw image file or block device served as a vhost-user-blk backend.

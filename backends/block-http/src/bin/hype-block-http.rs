@@ -1,3 +1,5 @@
+//! `hype-block-http`: the backend as its own binary (the same as `hype block-http`).
+
 use std::process::ExitCode;
 
 /// A disk image at an http(s) URL, read with Range requests and served as a vhost-user-blk

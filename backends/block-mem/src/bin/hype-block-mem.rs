@@ -1,3 +1,5 @@
+//! `hype-block-mem`: the backend as its own binary (the same as `hype block-mem`).
+
 use std::process::ExitCode;
 
 /// A RAM disk served as a vhost-user-blk backend.

@@ -1,3 +1,5 @@
+//! `hype-console`: the backend as its own binary (the same as `hype console`).
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -1,3 +1,5 @@
+//! `hype-net-tap`: the backend as its own binary (the same as `hype net-tap`).
+
 use std::process::ExitCode;
 
 /// A virtio-net device on a TAP interface, served as a vhost-user backend.
