@@ -54,12 +54,14 @@ pub fn error_line(program: &str, err: &dyn std::error::Error) -> String {
     format!("{program}: {}", flat.join(" "))
 }
 
-/// Ends a backend's `main`: success, or the error on one line of stderr and its exit code.
+/// Ends a program's `main`: success, or the error on one line of stderr and its exit code.
 ///
 /// ```no_run
-/// # fn run() -> Result<(), hype_daemon::Error> { Ok(()) }
+/// # #[derive(Debug, thiserror::Error)] #[error("failed")] struct Failed;
+/// # impl hype_base::CommandError for Failed { fn is_usage(&self) -> bool { false } }
+/// # fn run() -> Result<(), Failed> { Ok(()) }
 /// fn main() -> std::process::ExitCode {
-///     hype_daemon::report_exit("hype-example", run())
+///     hype_base::report_exit("hype-example", run())
 /// }
 /// ```
 pub fn report_exit<E: CommandError>(program: &str, result: Result<(), E>) -> ExitCode {
@@ -79,7 +81,7 @@ pub fn report_exit<E: CommandError>(program: &str, result: Result<(), E>) -> Exi
 /// ```no_run
 /// # #[derive(clap::Parser)] struct Cli {}
 /// fn main() -> std::process::ExitCode {
-///     let cli: Cli = match hype_daemon::parse_command_line("hype-example") {
+///     let cli: Cli = match hype_base::parse_command_line("hype-example") {
 ///         Ok(cli) => cli,
 ///         Err(code) => return code,
 ///     };

@@ -3,7 +3,7 @@
 //! On hosts whose `/dev/kvm` is PVM (see [`host_needs_fixups`]) an ordinary guest kernel runs
 //! under an in-kernel instruction emulator that gives up on a few instructions:
 //! `KVM_RUN` returns `KVM_EXIT_INTERNAL_ERROR` with suberror `KVM_INTERNAL_ERROR_EMULATION`.
-//! This module completes those instructions from userspace so that `KVM_RUN` can go on:
+//! This crate completes those instructions from userspace so that `KVM_RUN` can go on:
 //!
 //! | fix-up | bytes | what is done |
 //! |---|---|---|
@@ -38,6 +38,9 @@
 //! ```
 //! At start-up: `Fixups::new(mode)`, append [`Fixups::guest_cmdline_additions`] to the kernel
 //! command line, [`Fixups::announce`]; at exit: [`Fixups::log_summary`].
+//!
+//! May depend on: kvm-ioctls, kvm-bindings, vm-memory. It knows nothing of the rest of the VMM:
+//! the vCPU loop calls it through [`Fixups::handle`].
 
 mod decode;
 mod error;

@@ -8,6 +8,11 @@
 //! * [`plan`]: checks against the host (all before anything starts) and the process plan,
 //!   also printable as separate commands (`--print-commands`).
 //! * [`supervisor`]: start, restart with back-off, ordered shutdown.
+//!
+//! `hype demo` ([`demo`]) is built on the same machinery.
+//!
+//! May depend on: `hype-vmm` and the backends' argument types (to build each child's command
+//! line), `hype-base`. It talks to its children only through their command lines and exit codes.
 
 pub mod args;
 pub mod demo;

@@ -37,6 +37,8 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! A dev-dependency only: no production crate may depend on it.
 
 pub mod blk;
 pub mod driver;

@@ -1,6 +1,11 @@
-//! hype's VMM library: KVM, guest memory, vCPUs, Linux boot, legacy devices.
+//! hype's VMM library: KVM, guest memory, vCPUs, Linux boot, legacy devices, the virtio-mmio
+//! transport and the vhost-user frontends.
 //!
-//! The `hype` binary (`src/main.rs`) is a thin command line over [`vm::run`].
+//! [`cli`] is `hype vmm`'s command line over [`vm::run`], used by the multi-call `hype` binary and
+//! by the VMM-only `hype-vmm` binary (`src/bin/hype-vmm.rs`).
+//!
+//! May depend on: `hype-fixups`, `hype-base`, the rust-vmm crates. Never on a backend, an HTTP
+//! or TLS crate, or the supervisor: the VMM process carries only what running a VM needs.
 
 pub mod arch;
 pub mod boot;

@@ -9,6 +9,8 @@
 //! * `--direct` opens with `O_DIRECT` (bypassing the host page cache).
 //! * The file is locked (`flock`): exclusively when writable, shared when read-only, so the
 //!   same image is never opened twice for writing.
+//!
+//! May depend on: `hype-block`, `hype-daemon`.
 
 mod file;
 

@@ -29,6 +29,8 @@
 //!   the overlay. `--readonly` with an overlay presents the overlaid image read-only.
 //! * **https** needs the default `https` cargo feature (rustls, system roots through the
 //!   platform verifier); `--ca-cert PEM` adds private CAs.
+//!
+//! May depend on: `hype-block`, `hype-daemon` and reqwest (HTTP/TLS).
 
 mod cache;
 pub mod overlay;

@@ -3,6 +3,8 @@
 //!
 //! Memory is allocated in 1 MiB chunks on first write, so an untouched disk costs nothing and
 //! discarded ranges give their memory back. The disk can start as a copy of an image file.
+//!
+//! May depend on: `hype-block`, `hype-daemon`.
 
 mod store;
 

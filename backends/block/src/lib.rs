@@ -14,6 +14,9 @@
 //! plumbing of [`hype_daemon`] (socket, socket activation, reconnects, signals).
 //!
 //! See `docs/custom-storage-backend.md` and `examples/checksummed.rs`.
+//!
+//! May depend on: `hype-daemon`, `hype-base`, the vhost-user/virtio crates. Storage-specific
+//! code (files, HTTP) lives in the backends built on it, never here.
 
 mod args;
 mod backend;

@@ -23,6 +23,8 @@
 //! Limitation: the guest learns of a resize only when it re-reads the config space; vhost
 //! 0.18's `Backend` cannot send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, so no config-change
 //! notification is sent.
+//!
+//! May depend on: `hype-daemon`, `hype-base`, the vhost-user/virtio crates.
 
 mod attach;
 mod backend;

@@ -13,6 +13,8 @@
 //!   thread's epoll until the next RX kick; the frame already read waits.
 //! * Malformed chains are dropped and counted ([`Stats`]); counters are logged when a
 //!   frontend disconnects and on exit.
+//!
+//! May depend on: `hype-daemon`, `hype-base`, the vhost-user/virtio crates.
 
 mod backend;
 mod chain;
