@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs};
 
-pub use store::MemStorage;
+pub use store::{MemStorage, MAX_SIZE};
 
 /// I/O threads when `--io-threads` is not given: memory answers in microseconds, so each
 /// request runs on its queue's thread.
@@ -45,6 +45,14 @@ pub enum Error {
     /// The size is not a whole number of 512-byte sectors.
     #[error("size {0} is not a multiple of 512")]
     UnalignedSize(u64),
+    /// The size is above what a RAM disk serves ([`MAX_SIZE`]).
+    #[error("size {size} is larger than the maximum {max} (1 EiB)")]
+    TooLarge {
+        /// Requested disk size.
+        size: u64,
+        /// The maximum.
+        max: u64,
+    },
     /// The image does not fit the requested size.
     #[error("image {path} ({image_size} bytes) is larger than --size {size}")]
     ImageTooLarge {
@@ -75,6 +83,7 @@ impl CommandError for Error {
         match self {
             Error::NoSize
             | Error::UnalignedSize(_)
+            | Error::TooLarge { .. }
             | Error::ImageTooLarge { .. }
             | Error::Image { .. } => true,
             Error::Block(e) => e.is_usage(),
@@ -103,6 +112,12 @@ pub fn storage(args: &Args) -> Result<MemStorage, Error> {
     };
     if size == 0 || size % 512 != 0 {
         return Err(Error::UnalignedSize(size));
+    }
+    if size > store::MAX_SIZE {
+        return Err(Error::TooLarge {
+            size,
+            max: store::MAX_SIZE,
+        });
     }
     let store = MemStorage::new(size, args.readonly);
     if let (Some(path), Some(image_size)) = (&args.image, image_size) {

@@ -1,40 +1,59 @@
-//! The RAM disk storage: sparse, chunked, lock per chunk.
+//! The RAM disk storage: sparse, chunked, locks per shard of chunks.
+//!
+//! Bookkeeping is proportional to what was written, not to the disk's size: chunks live in
+//! hash maps keyed by chunk index, so a 10 TiB disk that the guest never writes costs a few
+//! hundred bytes. The maps are split into [`SHARDS`] shards, each with its own lock, so requests
+//! on different chunks mostly run in parallel.
 
+use std::collections::HashMap;
 use std::io::{self, Read};
-use std::sync::RwLock;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hype_block::{Storage, StorageInfo};
 
-/// Allocation and locking unit.
+/// Allocation unit.
 const CHUNK: u64 = 1 << 20;
 
-type Chunk = RwLock<Option<Box<[u8]>>>;
+/// Number of independently locked shards (chunk `i` lives in shard `i % SHARDS`).
+const SHARDS: usize = 64;
+
+/// The largest disk a [`MemStorage`] serves: 1 EiB. Any size up to it costs the same until the
+/// guest writes; only written chunks take memory.
+pub const MAX_SIZE: u64 = 1 << 60;
+
+type Shard = RwLock<HashMap<u64, Box<[u8]>>>;
 
 /// A RAM disk. Chunks are allocated on first write; discarding or zeroing a whole chunk frees
-/// it. Each chunk has its own lock, so requests on different chunks run in parallel.
+/// it.
 pub struct MemStorage {
     size: u64,
     read_only: bool,
-    chunks: Vec<Chunk>,
+    shards: Vec<Shard>,
 }
 
 impl MemStorage {
-    /// An all-zero disk of `size` bytes.
+    /// An all-zero disk of `size` bytes (at most [`MAX_SIZE`]; larger sizes are clamped, the
+    /// command line refuses them before this is called).
     pub fn new(size: u64, read_only: bool) -> Self {
-        let n = size.div_ceil(CHUNK) as usize;
         MemStorage {
-            size,
+            size: size.min(MAX_SIZE),
             read_only,
-            chunks: (0..n).map(|_| RwLock::new(None)).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
         }
+    }
+
+    fn shard(&self, idx: u64) -> &Shard {
+        // `idx % SHARDS` is below SHARDS, the length of `shards`.
+        &self.shards[(idx % SHARDS as u64) as usize]
     }
 
     /// Copies `src` to the start of the disk (up to its size). All-zero chunks stay
     /// unallocated.
     pub fn load(&self, mut src: impl Read) -> io::Result<()> {
         let mut buf = vec![0u8; CHUNK as usize];
-        for (i, chunk) in self.chunks.iter().enumerate() {
-            let len = self.chunk_len(i);
+        let chunks = self.size.div_ceil(CHUNK);
+        for idx in 0..chunks {
+            let len = self.chunk_len(idx);
             let mut filled = 0;
             while filled < len {
                 match src.read(&mut buf[filled..len]) {
@@ -47,7 +66,7 @@ impl MemStorage {
             if buf[..filled].iter().any(|&b| b != 0) {
                 let mut data = vec![0u8; len].into_boxed_slice();
                 data[..filled].copy_from_slice(&buf[..filled]);
-                *write(chunk) = Some(data);
+                write(self.shard(idx)).insert(idx, data);
             }
             if filled < len {
                 break; // end of image
@@ -58,21 +77,20 @@ impl MemStorage {
 
     /// Bytes of memory currently allocated for data.
     pub fn allocated_bytes(&self) -> u64 {
-        self.chunks
+        self.shards
             .iter()
-            .enumerate()
-            .filter(|(_, c)| read(c).is_some())
-            .map(|(i, _)| self.chunk_len(i) as u64)
+            .map(|s| read(s).values().map(|d| d.len() as u64).sum::<u64>())
             .sum()
     }
 
-    fn chunk_len(&self, i: usize) -> usize {
-        (self.size - i as u64 * CHUNK).min(CHUNK) as usize
+    /// Length of chunk `idx` (the last one may be short).
+    fn chunk_len(&self, idx: u64) -> usize {
+        (self.size.saturating_sub(idx * CHUNK)).min(CHUNK) as usize
     }
 
     /// Splits `offset..offset+len` into per-chunk pieces: (chunk index, offset in chunk,
     /// length, offset in the caller's buffer).
-    fn pieces(&self, offset: u64, len: u64) -> io::Result<Vec<(usize, usize, usize, usize)>> {
+    fn pieces(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, usize, usize, usize)>> {
         let end = offset
             .checked_add(len)
             .filter(|&e| e <= self.size)
@@ -85,7 +103,7 @@ impl MemStorage {
         let mut out = Vec::new();
         let mut pos = offset;
         while pos < end {
-            let idx = (pos / CHUNK) as usize;
+            let idx = pos / CHUNK;
             let in_chunk = (pos % CHUNK) as usize;
             let n = (CHUNK - pos % CHUNK).min(end - pos) as usize;
             out.push((idx, in_chunk, n, (pos - offset) as usize));
@@ -99,10 +117,10 @@ impl MemStorage {
             return Err(read_only());
         }
         for (idx, at, n, _) in self.pieces(offset, len)? {
-            let mut c = write(&self.chunks[idx]);
+            let mut shard = write(self.shard(idx));
             if n == self.chunk_len(idx) {
-                *c = None; // the whole chunk: give the memory back
-            } else if let Some(data) = c.as_mut() {
+                shard.remove(&idx); // the whole chunk: give the memory back
+            } else if let Some(data) = shard.get_mut(&idx) {
                 data[at..at + n].fill(0);
             }
         }
@@ -114,12 +132,12 @@ fn read_only() -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, "disk is read-only")
 }
 
-fn read(c: &Chunk) -> std::sync::RwLockReadGuard<'_, Option<Box<[u8]>>> {
-    c.read().unwrap_or_else(|p| p.into_inner())
+fn read(s: &Shard) -> RwLockReadGuard<'_, HashMap<u64, Box<[u8]>>> {
+    s.read().unwrap_or_else(|p| p.into_inner())
 }
 
-fn write(c: &Chunk) -> std::sync::RwLockWriteGuard<'_, Option<Box<[u8]>>> {
-    c.write().unwrap_or_else(|p| p.into_inner())
+fn write(s: &Shard) -> RwLockWriteGuard<'_, HashMap<u64, Box<[u8]>>> {
+    s.write().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Storage for MemStorage {
@@ -133,7 +151,7 @@ impl Storage for MemStorage {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         for (idx, at, n, pos) in self.pieces(offset, buf.len() as u64)? {
-            match read(&self.chunks[idx]).as_ref() {
+            match read(self.shard(idx)).get(&idx) {
                 Some(data) => buf[pos..pos + n].copy_from_slice(&data[at..at + n]),
                 None => buf[pos..pos + n].fill(0),
             }
@@ -147,8 +165,10 @@ impl Storage for MemStorage {
         }
         for (idx, at, n, pos) in self.pieces(offset, buf.len() as u64)? {
             let len = self.chunk_len(idx);
-            let mut c = write(&self.chunks[idx]);
-            let data = c.get_or_insert_with(|| vec![0u8; len].into_boxed_slice());
+            let mut shard = write(self.shard(idx));
+            let data = shard
+                .entry(idx)
+                .or_insert_with(|| vec![0u8; len].into_boxed_slice());
             data[at..at + n].copy_from_slice(&buf[pos..pos + n]);
         }
         Ok(())
@@ -210,6 +230,24 @@ mod tests {
         assert!(s.info().read_only);
         assert!(s.write_at(0, &[1; 512]).is_err());
         assert!(s.discard(0, 512).is_err());
+    }
+
+    #[test]
+    fn huge_disks_cost_nothing_until_written() {
+        // 10 TiB and the 1 EiB maximum: bookkeeping does not grow with the size.
+        for size in [10u64 << 40, MAX_SIZE] {
+            let s = MemStorage::new(size, false);
+            assert_eq!(s.info().size, size);
+            s.write_at(size - 4096, &[5u8; 4096]).unwrap();
+            let mut b = [0u8; 8192];
+            s.read_at(size - 8192, &mut b).unwrap();
+            assert!(b[..4096].iter().all(|&x| x == 0));
+            assert!(b[4096..].iter().all(|&x| x == 5));
+            assert_eq!(s.allocated_bytes(), CHUNK);
+            s.discard(size - CHUNK, CHUNK).unwrap();
+            assert_eq!(s.allocated_bytes(), 0);
+            assert!(s.read_at(size - 512, &mut b).is_err());
+        }
     }
 
     #[test]
