@@ -247,7 +247,8 @@ fn hype_demo_command() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let runtime_dir = xdg.join(format!("hype-demo.{}", child.id()));
+    // The directory name has a random part after the PID: this prefix is what processes mention.
+    let runtime_dir = xdg.join(format!("hype-demo.{}.", child.id()));
     let o = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -235,8 +235,7 @@ console = "pty"
     let exe = exe.to_str().unwrap();
     let d = dir.display();
     let want = format!(
-        "DIR=\"${{XDG_RUNTIME_DIR:-/tmp}}/hype-vm\"
-mkdir -p -m 0700 \"$DIR\"
+        "DIR=\"$(mktemp -d \"${{XDG_RUNTIME_DIR:-/tmp}}/hype-vm.XXXXXXXXXX\")\" || exit 1
 {exe} block-file --path {img} --readonly --socket \"$DIR\"/disk0.sock &
 {exe} block-mem --size 67108864 --socket \"$DIR\"/disk1.sock &
 {exe} block-http --url http://example.com/i.raw --overlay {d}/o.img --socket \"$DIR\"/disk2.sock &

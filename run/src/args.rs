@@ -58,7 +58,7 @@ pub struct RunArgs {
     /// replaces the config file's.
     #[arg(long = "device", value_name = "SPEC")]
     pub devices: Vec<String>,
-    /// Name of the VM: names the private runtime directory (hype-NAME.PID).
+    /// Name of the VM: names the private runtime directory (hype-NAME.PID.RANDOM).
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
     /// Restarts allowed per backend within a minute before the VM is stopped.

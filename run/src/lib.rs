@@ -42,8 +42,10 @@ pub fn prepare(args: &RunArgs) -> Result<Checked, RunError> {
 /// The shell commands equivalent to `checked`, sockets in `$DIR`.
 pub fn print_commands(checked: &Checked) -> String {
     let p = checked.plan(std::path::Path::new("$DIR"));
+    // mktemp -d makes a fresh directory (mode 0700) with a random part and fails rather than
+    // reuse one: another local user cannot plant sockets in it ahead of the VMM.
     let setup = format!(
-        "DIR=\"${{XDG_RUNTIME_DIR:-/tmp}}/hype-{}\"\nmkdir -p -m 0700 \"$DIR\"\n",
+        "DIR=\"$(mktemp -d \"${{XDG_RUNTIME_DIR:-/tmp}}/hype-{}.XXXXXXXXXX\")\" || exit 1\n",
         checked.name
     );
     p.commands(&setup)

@@ -29,7 +29,7 @@ pub use guest::{console_report, verdict, Verdict, GUEST_ELF};
 pub const DEMO_MEMORY: &str = "64M";
 /// Default size of the demo's RAM disk.
 pub const DEFAULT_DISK_SIZE: &str = "16M";
-/// Name of the VM (runtime directory `hype-demo.PID`).
+/// Name of the VM (runtime directory `hype-demo.PID.RANDOM`).
 pub const DEMO_NAME: &str = "demo";
 
 /// Command-line options of `hype demo`.
