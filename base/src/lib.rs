@@ -1,12 +1,14 @@
 //! The small pieces every hype program shares, whatever it is: one way to format an error
-//! chain, one way to end `main` with the right exit code, one logging setup.
+//! chain, one way to end `main` with the right exit code, one logging setup, and guest RAM files
+//! that are safe to share ([`memfd`]).
 //!
-//! May depend on: `std`, `clap`, `log`/`env_logger`, `thiserror`. Nothing KVM-, virtio- or
+//! May depend on: `std`, `libc`, `clap`, `log`/`env_logger`, `thiserror`. Nothing KVM-, virtio- or
 //! network-specific belongs here: the VMM, the supervisor and every backend link it.
 
 mod error_chain;
 mod exit;
 mod logging;
+pub mod memfd;
 
 pub use error_chain::error_chain;
 pub use exit::{

@@ -8,17 +8,8 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `memfd_create` failed.
-    #[error("memfd_create failed: {0}")]
-    Memfd(#[source] io::Error),
-    /// The memfd could not be sized.
-    #[error("cannot size guest memory to {size} bytes: {source}")]
-    MemorySize {
-        /// Requested size.
-        size: u64,
-        /// Underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error("cannot create guest memory")]
+    Memfd(#[source] hype_base::memfd::CreateError),
     /// The requested guest memory size is unusable.
     #[error("invalid guest memory size {0}: must be a non-zero multiple of 4096")]
     BadMemorySize(u64),

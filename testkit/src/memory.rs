@@ -4,8 +4,6 @@
 //! a bug the backend should reject, never a valid buffer.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
@@ -154,16 +152,9 @@ impl GuestRam {
             return Err(Error::BadMemorySize(size));
         }
         let map_len = usize::try_from(size).map_err(|_| Error::BadMemorySize(size))?;
-        // SAFETY: the name is a valid NUL-terminated string and the flags are valid; the
-        // returned descriptor is checked before use.
-        let fd = unsafe { libc::memfd_create(c"hype-testkit-ram".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::Memfd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size)
-            .map_err(|source| Error::MemorySize { size, source })?;
+        // Sealed like the VMM's guest RAM, so backends see what production gives them.
+        let file =
+            hype_base::memfd::create_sealed(c"hype-testkit-ram", size).map_err(Error::Memfd)?;
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
             GuestAddress(0),
             map_len,

@@ -2,9 +2,6 @@
 //!
 //! The memfd is what vhost-user backends map, so every region is file-backed and `MAP_SHARED`.
 
-use std::fs::File;
-use std::os::fd::FromRawFd;
-
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
@@ -18,19 +15,11 @@ pub const MIN_MEMORY: u64 = 64 << 20;
 /// Errors building guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// memfd_create failed.
-    #[error("cannot create guest memory file: {0}")]
-    Memfd(#[source] std::io::Error),
-    /// ftruncate failed.
-    #[error("cannot size guest memory file to {size} bytes: {source}")]
-    Resize {
-        /// Requested size.
-        size: u64,
-        /// Underlying error.
-        source: std::io::Error,
-    },
+    /// The guest RAM file (a sealed memfd) could not be made.
+    #[error("cannot create the guest memory file")]
+    File(#[source] hype_base::memfd::CreateError),
     /// mmap failed.
-    #[error("cannot map guest memory: {0}")]
+    #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
 }
 
@@ -83,16 +72,10 @@ pub fn low_ram_end(size: u64) -> u64 {
 
 /// Creates the memfd-backed guest memory of `size` bytes.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let name = c"hype-guest-ram";
-    // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
-    }
-    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size)
-        .map_err(|source| MemoryError::Resize { size, source })?;
+    // Sealed against shrinking and growing: a backend that maps it can never be made to SIGBUS
+    // by a truncation, and no backend can add seals of its own (hype_base::memfd).
+    let file =
+        hype_base::memfd::create_sealed(c"hype-guest-ram", size).map_err(MemoryError::File)?;
     let file = std::sync::Arc::new(file);
     let ranges: Vec<_> = ram_ranges(size)
         .into_iter()

@@ -232,3 +232,52 @@ fn sigterm_with_a_frontend_connected_exits_cleanly() {
     assert!(!p.socket.exists(), "socket left behind");
     drop(disk);
 }
+
+/// Sends SET_FEATURES and then SET_MEM_TABLE with `regions` on a fresh connection; returns
+/// whether the backend accepted the table.
+fn offer_memory(socket: &std::path::Path, regions: &[vhost::VhostUserMemoryRegionInfo]) -> bool {
+    use vhost::VhostBackend;
+    let mut d = hype_testkit::driver::Driver::connect_inactive(
+        socket,
+        hype_testkit::driver::DriverOptions::default(),
+    )
+    .unwrap();
+    let features = d.info().features;
+    let fe = d.frontend().unwrap();
+    fe.set_features(features).unwrap();
+    fe.set_mem_table(regions).is_ok()
+}
+
+#[test]
+fn memory_beyond_its_file_or_unsealed_is_refused_without_sigbus() {
+    let (mut p, _dir) = spawn("memseal", &["--size", "4M"]);
+    // 1. A region twice as long as its (sealed) memfd: touching its second half would SIGBUS.
+    let ram = hype_testkit::memory::GuestRam::new(1 << 20).unwrap();
+    let mut regions = ram.regions().unwrap();
+    regions[0].memory_size *= 2;
+    assert!(
+        !offer_memory(&p.socket, &regions),
+        "oversized region accepted"
+    );
+    assert!(p.alive(), "backend died on an oversized region");
+    // 2. A memfd the frontend could still shrink after the backend mapped it.
+    // SAFETY: valid name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"unsealed".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor nobody else owns.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(1 << 20).unwrap();
+    let mut unsealed = ram.regions().unwrap();
+    unsealed[0].mmap_handle = std::os::fd::AsRawFd::as_raw_fd(&file);
+    assert!(
+        !offer_memory(&p.socket, &unsealed),
+        "unsealed memfd accepted"
+    );
+    assert!(p.alive(), "backend died on an unsealed memfd");
+    // The next (honest) frontend is served normally.
+    let mut disk = connect(&p.socket, 1);
+    check_read_after_write_whole_disk(&mut disk, 7);
+    drop(disk);
+    let st = p.signal_and_wait(libc::SIGTERM);
+    assert!(st.success(), "{st:?}");
+}

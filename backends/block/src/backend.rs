@@ -199,9 +199,10 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
         Err(backend_defaults::config_write_refused(offset, buf.len()))
     }
 
-    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
-        // The daemon updates the GuestMemoryAtomic we were built with; nothing to do.
-        Ok(())
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        // The daemon has installed it in the GuestMemoryAtomic we were built with: check it
+        // before any ring touches it.
+        hype_daemon::accept_guest_memory(&mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

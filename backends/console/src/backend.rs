@@ -200,9 +200,10 @@ impl VhostUserBackend for ConsoleBackend {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
-        // The daemon updates the GuestMemoryAtomic we were built with.
-        Ok(())
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        // The daemon has installed it in the GuestMemoryAtomic we were built with: check it
+        // before any ring touches it.
+        hype_daemon::accept_guest_memory(&mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

@@ -27,6 +27,7 @@
 pub mod backend_defaults;
 mod error;
 mod guest_error;
+pub mod guest_memory;
 mod listener;
 mod serve;
 mod shutdown;
@@ -34,6 +35,7 @@ pub mod vring;
 
 pub use error::Error;
 pub use guest_error::guest_error;
+pub use guest_memory::accept_guest_memory;
 pub use hype_base::{
     error_chain, error_line, exit_code, exit_code_number, init_logging, parse_args_from,
     parse_command_line, report_exit, usage_error_line, CommandError, EXIT_RUNTIME, EXIT_USAGE,

@@ -274,9 +274,10 @@ impl VhostUserBackend for NetBackend {
         Err(backend_defaults::config_write_refused(offset, buf.len()))
     }
 
-    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
-        // The daemon updates the GuestMemoryAtomic we were built with.
-        Ok(())
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        // The daemon has installed it in the GuestMemoryAtomic we were built with: check it
+        // before any ring touches it.
+        hype_daemon::accept_guest_memory(&mem)
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
