@@ -7,6 +7,7 @@
 
 mod error_chain;
 mod exit;
+pub mod log_limit;
 mod logging;
 pub mod memfd;
 

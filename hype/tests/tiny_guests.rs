@@ -137,3 +137,15 @@ fn application_processors_start_through_init_sipi() {
         );
     }
 }
+
+#[test]
+fn a_guest_looping_on_the_marker_port_cannot_flood_the_log() {
+    let elf = assemble("marker_flood", 0x20_0000);
+    let o = hype(&["vmm", "--kernel", elf.to_str().unwrap(), "--memory", "64M"]);
+    let (_, err) = texts(&o);
+    assert_eq!(o.status.code(), Some(0), "stderr: {err}");
+    let lines = err.lines().filter(|l| l.contains("boot marker")).count();
+    // 16 one by one, then powers of two up to 32768: 28 lines for 50,000 writes.
+    assert!((17..=40).contains(&lines), "{lines} marker lines:\n{err}");
+    assert!(err.contains("(marker #32768; only some are logged)"), "{err}");
+}

@@ -4,12 +4,21 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use hype_base::log_limit::LogCounter;
+
 use super::i8042::{self, I8042Action};
 use super::serial::{Serial, COM1_BASE};
 
 /// Port of the boot-time marker: a guest write here is logged with the time since `hype vmm`
 /// started (the value written is logged too, so a guest can mark several points).
 pub const BOOT_MARKER_PORT: u16 = 0x0440;
+
+/// Boot markers logged one by one; after these, only markers numbered by a power of two are
+/// (a guest writing the port in a loop would otherwise flood the log).
+const MARKERS_LOGGED: u64 = 16;
+
+/// Boot markers kept for [`PioBus::markers`]; later ones are counted in the log only.
+const MAX_MARKERS: usize = 256;
 
 /// What the vCPU should do after a port access.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,6 +34,7 @@ pub struct PioBus {
     serial: Arc<Mutex<Serial>>,
     started: Instant,
     markers: Mutex<Vec<(u32, std::time::Duration)>>,
+    marker_log: LogCounter,
 }
 
 impl PioBus {
@@ -34,6 +44,7 @@ impl PioBus {
             serial,
             started,
             markers: Mutex::new(Vec::new()),
+            marker_log: LogCounter::new(MARKERS_LOGGED),
         }
     }
 
@@ -88,9 +99,22 @@ impl PioBus {
                 v[..n].copy_from_slice(&data[..n]);
                 let value = u32::from_le_bytes(v);
                 let t = self.started.elapsed();
-                log::info!("boot marker {value} at {:.3} ms", t.as_secs_f64() * 1e3);
+                // A guest can write the port in a loop: the log is rate-limited and only the
+                // first MAX_MARKERS markers are kept.
+                match self.marker_log.hit() {
+                    Some(n) if n <= MARKERS_LOGGED => {
+                        log::info!("boot marker {value} at {:.3} ms", t.as_secs_f64() * 1e3);
+                    }
+                    Some(n) => log::info!(
+                        "boot marker {value} at {:.3} ms (marker #{n}; only some are logged)",
+                        t.as_secs_f64() * 1e3
+                    ),
+                    None => {}
+                }
                 if let Ok(mut m) = self.markers.lock() {
-                    m.push((value, t));
+                    if m.len() < MAX_MARKERS {
+                        m.push((value, t));
+                    }
                 }
             }
             _ => {}

@@ -297,8 +297,8 @@ impl MmioTransport {
     }
 
     fn guest_error(&mut self, what: String) {
-        self.guest_errors += 1;
-        if self.guest_errors <= 10 || self.guest_errors.is_power_of_two() {
+        self.guest_errors = self.guest_errors.saturating_add(1);
+        if hype_base::log_limit::should_log(self.guest_errors, 10) {
             log::warn!(
                 "virtio-mmio (device id {}): guest error #{}: {what}",
                 self.model.device_id,
