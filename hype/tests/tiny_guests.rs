@@ -147,5 +147,8 @@ fn a_guest_looping_on_the_marker_port_cannot_flood_the_log() {
     let lines = err.lines().filter(|l| l.contains("boot marker")).count();
     // 16 one by one, then powers of two up to 32768: 28 lines for 50,000 writes.
     assert!((17..=40).contains(&lines), "{lines} marker lines:\n{err}");
-    assert!(err.contains("(marker #32768; only some are logged)"), "{err}");
+    assert!(
+        err.contains("(marker #32768; only some are logged)"),
+        "{err}"
+    );
 }
