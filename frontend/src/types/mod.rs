@@ -86,8 +86,7 @@ pub struct TypeSpec {
     /// the count it exposes there, not what the backend could do.
     pub queue_count: Option<QueueCountField>,
     /// Checks a configuration space of this type (`queue_num`: GET_QUEUE_NUM's answer).
-    pub check_config:
-        fn(features: u64, config: &[u8], queue_num: Option<u64>) -> Result<(), String>,
+    pub check_config: ConfigCheck,
     /// A one-line description of what the config says, for logs.
     pub describe_config: fn(config: &[u8]) -> String,
 }
