@@ -1,0 +1,1 @@
+//! Unit tests of the device worker against a mock backend link.
