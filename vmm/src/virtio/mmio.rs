@@ -726,6 +726,40 @@ mod tests {
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     #[test]
+    fn register_names_are_the_spec_offsets() {
+        assert_eq!(
+            [
+                reg::MAGIC_VALUE,
+                reg::QUEUE_NUM_MAX,
+                reg::QUEUE_READY,
+                reg::QUEUE_NOTIFY
+            ],
+            [0x000, 0x034, 0x044, 0x050]
+        );
+        assert_eq!(
+            [
+                reg::QUEUE_DRIVER_LOW,
+                reg::QUEUE_DEVICE_HIGH,
+                reg::SHM_BASE_HIGH
+            ],
+            [0x090, 0x0a4, 0x0bc]
+        );
+        assert_eq!([reg::CONFIG_GENERATION, reg::CONFIG], [0x0fc, 0x100]);
+        assert_eq!(
+            [
+                status::FEATURES_OK,
+                status::DEVICE_NEEDS_RESET,
+                status::FAILED
+            ],
+            [8, 64, 128]
+        );
+        assert_eq!(
+            TRANSPORT_FEATURES,
+            ((1 << 24) - 1) | 1 << 28 | 1 << 29 | 1 << 32 | 1 << 35 | 1 << 36
+        );
+    }
+
+    #[test]
     fn identification_registers() {
         let mut t = MmioTransport::new(model());
         assert_eq!(r(&mut t, reg::MAGIC_VALUE), 0x7472_6976);
