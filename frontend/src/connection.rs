@@ -270,10 +270,10 @@ impl Connection {
             }
             (Some(k), _) => k,
             (None, Ok(d)) => d,
-            (None, Err(source)) => {
+            (None, Err(reason)) => {
                 return Err(FrontendError::Detect {
                     path: path.to_owned(),
-                    source,
+                    reason,
                 })
             }
         };
@@ -282,7 +282,7 @@ impl Connection {
             if !explicit {
                 return Err(FrontendError::Detect {
                     path: path.to_owned(),
-                    source: DetectError::ConfigMismatch { kind, reason },
+                    reason: DetectError::ConfigMismatch { kind, reason },
                 });
             }
             doubt.get_or_insert(format!("its {kind} config looks odd: {reason}"));

@@ -65,14 +65,14 @@ pub enum FrontendError {
         /// What is missing.
         what: String,
     },
-    /// The device type could not be learned.
-    #[error("backend {path}: cannot tell its device type")]
+    /// The device type could not be learned. (`reason` is this error's own detail, not an
+    /// underlying failure, so it is in the message and not a source.)
+    #[error("backend {path}: {reason}")]
     Detect {
         /// Socket path.
         path: PathBuf,
         /// Why.
-        #[source]
-        source: DetectError,
+        reason: DetectError,
     },
     /// A ring the guest gave is not in guest RAM.
     #[error("queue {queue}: {what} at {gpa:#x} ({len} bytes) is not in guest RAM")]
