@@ -2,7 +2,7 @@
 //!
 //! It carries out what the guest asks through the register file (start the rings, reset,
 //! config writes), watches the link for hang-ups, and when the backend is lost reconnects and
-//! replays the whole setup. Its state is one explicit [`LinkState`]:
+//! replays the whole setup. Its state is one explicit enum (`LinkState`):
 //!
 //! ```text
 //!            lost (hang-up, failed request)           not back within the limit
@@ -13,7 +13,7 @@
 //!                               └───────────────────────────────────────────────────┘
 //! ```
 //!
-//! What the guest set up ([`Setup`]: acked features, rings, inflight area) is kept apart from
+//! What the guest set up (`Setup`: acked features, rings, inflight area) is kept apart from
 //! the link: it outlives reconnects and is cleared by a reset. Outsiders read the state as a
 //! [`BackendStatus`] through [`super::VhostUserDevice::backend_status`].
 //!
