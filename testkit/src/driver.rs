@@ -389,12 +389,12 @@ fn handshake(path: &Path, opts: &DriverOptions) -> Result<(Connection, DeviceInf
                 Err(e @ FrontendError::NotVhostUser { op, .. })
                     if op == "SET_OWNER" || op == "GET_FEATURES" =>
                 {
-                    hype_frontend::ErrorChain(&e).to_string()
+                    hype_base::error_chain(&e)
                 }
                 Err(e) => return Err(e.into()),
             },
             Ok(None) => "not listening".to_string(),
-            Err(e) => hype_frontend::ErrorChain(&e).to_string(),
+            Err(e) => hype_base::error_chain(&e),
         };
         if Instant::now() >= deadline {
             return Err(Error::ConnectTimeout {

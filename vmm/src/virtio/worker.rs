@@ -31,13 +31,12 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{DeviceEvents, DeviceStats, WaitLimit, RECONNECT_INTERVAL};
-use super::frontend::{
-    self, BackendInfo, BackendLink, ErrorChain, FrontendError, InflightArea, Ring,
-};
+use super::frontend::{self, BackendInfo, BackendLink, FrontendError, InflightArea, Ring};
 pub use super::frontend::{Connector, SocketConnector};
 use super::mmio::{self, Activation, MmioTransport};
 use super::DeviceType;
 use crate::memory::GuestMemoryMmap;
+use hype_base::error_chain;
 
 /// Where a device's link to its backend stands, as the worker last published it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -454,7 +453,7 @@ impl<C: Connector> Worker<C> {
             }
             Err(e) => {
                 stats.config_writes_failed.fetch_add(1, Ordering::Relaxed);
-                log::warn!("{}: {}", self.shared.name, ErrorChain(&e));
+                log::warn!("{}: {}", self.shared.name, error_chain(&e));
                 if e.is_disconnect() {
                     self.lost("SET_CONFIG failed");
                 }
@@ -489,7 +488,7 @@ impl<C: Connector> Worker<C> {
         let rings = match self.ring_setup(&a) {
             Ok(r) => r,
             Err(e) => {
-                self.shared.needs_reset(&ErrorChain(&e).to_string());
+                self.shared.needs_reset(&error_chain(&e));
                 return;
             }
         };
@@ -522,11 +521,11 @@ impl<C: Connector> Worker<C> {
             match link.get_inflight(num, max) {
                 Ok(area) => setup.inflight = area,
                 Err(e) if e.is_disconnect() => {
-                    let msg = ErrorChain(&e).to_string();
+                    let msg = error_chain(&e);
                     self.lost(&msg);
                     return;
                 }
-                Err(e) => log::warn!("{name}: {}; going on without", ErrorChain(&e)),
+                Err(e) => log::warn!("{name}: {}; going on without", error_chain(&e)),
             }
         }
         let mem = &self.fixed.mem;
@@ -590,11 +589,11 @@ impl<C: Connector> Worker<C> {
                 self.publish();
             }
             Err(e) if e.is_disconnect() => {
-                let msg = ErrorChain(&e).to_string();
+                let msg = error_chain(&e);
                 self.lost(&msg);
             }
             Err(e) => {
-                self.shared.needs_reset(&ErrorChain(&e).to_string());
+                self.shared.needs_reset(&error_chain(&e));
                 self.setup = None;
             }
         }
@@ -621,7 +620,7 @@ impl<C: Connector> Worker<C> {
                 log::warn!(
                     "{}: stopping the rings: {}",
                     self.shared.name,
-                    ErrorChain(&e)
+                    error_chain(&e)
                 );
                 if e.is_disconnect() {
                     self.lost("stopping the rings failed");
@@ -671,7 +670,7 @@ impl<C: Connector> Worker<C> {
                 self.apply_backend_config(&config);
             }
             Err(e) => {
-                log::warn!("{}: {}", self.shared.name, ErrorChain(&e));
+                log::warn!("{}: {}", self.shared.name, error_chain(&e));
                 if e.is_disconnect() {
                     self.lost("GET_CONFIG failed");
                 }
@@ -718,14 +717,14 @@ impl<C: Connector> Worker<C> {
             Ok(Some(l)) => l,
             Ok(None) => return,
             Err(e @ FrontendError::Connect { .. }) => {
-                self.refuse(ErrorChain(&e).to_string());
+                self.refuse(error_chain(&e));
                 return;
             }
             Err(e) => {
                 log::debug!(
                     "{}: reconnect attempt: {}",
                     self.shared.name,
-                    ErrorChain(&e)
+                    error_chain(&e)
                 );
                 return;
             }
@@ -775,7 +774,7 @@ impl<C: Connector> Worker<C> {
                     log::warn!(
                         "{}: replaying a config write: {}",
                         self.shared.name,
-                        ErrorChain(&e)
+                        error_chain(&e)
                     );
                     stats.config_writes_failed.fetch_add(1, Ordering::Relaxed)
                 }
