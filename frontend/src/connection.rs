@@ -41,18 +41,23 @@ pub struct HandshakeOptions {
     /// Most queues this frontend sets up (ring indexes are checked against it until
     /// GET_QUEUE_NUM tells the backend's count).
     pub max_queues: u64,
-    /// Protocol features to ack among those offered. CONFIG is required whatever this says.
+    /// Protocol features to ack among those offered.
     pub protocol_features: VhostUserProtocolFeatures,
+    /// Protocol features the backend must offer (acked whatever `protocol_features` says).
+    /// The VMM needs CONFIG: it shows the guest the backend's device config.
+    pub required_protocol_features: VhostUserProtocolFeatures,
     /// How long each handshake reply may take.
     pub timeout: Duration,
 }
 
 impl Default for HandshakeOptions {
-    /// What the VMM uses: [`MAX_QUEUES`], [`wanted_protocol_features`], [`HANDSHAKE_TIMEOUT`].
+    /// What the VMM uses: [`MAX_QUEUES`], [`wanted_protocol_features`], CONFIG required,
+    /// [`HANDSHAKE_TIMEOUT`].
     fn default() -> Self {
         HandshakeOptions {
             max_queues: u64::from(MAX_QUEUES),
             protocol_features: wanted_protocol_features(),
+            required_protocol_features: VhostUserProtocolFeatures::CONFIG,
             timeout: HANDSHAKE_TIMEOUT,
         }
     }
@@ -165,7 +170,7 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     /// Runs the handshake on a connected socket: SET_OWNER, GET_FEATURES (VERSION_1 and
-    /// bit 30 required), GET/SET_PROTOCOL_FEATURES (CONFIG required), the BACKEND_REQ
+    /// bit 30 required), GET/SET_PROTOCOL_FEATURES (with the required ones), the BACKEND_REQ
     /// channel when acked, GET_QUEUE_NUM when MQ is acked. The device config is not read:
     /// [`Connection::fetch_config`] is the last step, once the caller knows its size.
     pub fn handshake(
@@ -192,7 +197,7 @@ impl Connection {
         };
         if features & PROTOCOL_FEATURES == 0 {
             return Err(unsupported(format!(
-                "features {features:#x} lack VHOST_USER_F_PROTOCOL_FEATURES (hype needs the CONFIG protocol feature)"
+                "features {features:#x} lack VHOST_USER_F_PROTOCOL_FEATURES (hype needs protocol features)"
             )));
         }
         if features & VERSION_1 == 0 {
@@ -203,11 +208,14 @@ impl Connection {
         let offered = fe
             .get_protocol_features()
             .map_err(not_vu("GET_PROTOCOL_FEATURES"))?;
-        let acked = offered & (opts.protocol_features | VhostUserProtocolFeatures::CONFIG);
-        if !acked.contains(VhostUserProtocolFeatures::CONFIG) {
+        let required = opts.required_protocol_features;
+        let acked = offered & (opts.protocol_features | required);
+        if !acked.contains(required) {
+            let missing: Vec<&str> = (required - acked).iter_names().map(|(n, _)| n).collect();
             return Err(unsupported(format!(
-                "protocol features {:#x} lack CONFIG",
-                offered.bits()
+                "protocol features {:#x} lack {}",
+                offered.bits(),
+                missing.join(", ")
             )));
         }
         fe.set_protocol_features(acked)

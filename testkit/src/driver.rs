@@ -53,7 +53,7 @@ pub struct DriverOptions {
     pub feature_mask: u64,
     /// Protocol features to ack among those offered: by default those the VMM acks
     /// ([`features::wanted_protocol_features`]: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
-    /// BACKEND_REQ). CONFIG is always asked for (the frontend needs it).
+    /// BACKEND_REQ). CONFIG is required when `config_size` is not 0.
     pub protocol_mask: VhostUserProtocolFeatures,
     /// Bytes of device config to fetch with GET_CONFIG at offset 0 (0 = skip).
     pub config_size: u32,
@@ -377,9 +377,17 @@ impl Driver {
 /// then dies (no answer to SET_OWNER or GET_FEATURES) is retried too, until the timeout.
 fn handshake(path: &Path, opts: &DriverOptions) -> Result<(Connection, DeviceInfo)> {
     let deadline = Instant::now() + opts.connect_timeout;
+    // The VMM's handshake; CONFIG is required only when the test asks for the config (the
+    // VMM always does).
+    let required = if opts.config_size > 0 {
+        VhostUserProtocolFeatures::CONFIG
+    } else {
+        VhostUserProtocolFeatures::empty()
+    };
     let hs = HandshakeOptions {
         max_queues: (opts.num_queues as u64).max(u64::from(MAX_QUEUES)),
         protocol_features: opts.protocol_mask,
+        required_protocol_features: required,
         timeout: HANDSHAKE_TIMEOUT,
     };
     loop {
