@@ -1,37 +1,37 @@
-//! The vhost-user frontend: connection, handshake, activation, stop and reconnect.
+//! The test kit's driver: the shared vhost-user frontend (`hype-frontend`, the one the VMM
+//! uses) with test-only abilities on top: guest RAM and rings played by the test, feature
+//! masks, stopping the rings and reconnecting with ring replay chosen by the test.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VringConfigData};
+use hype_frontend::connection::{HandshakeOptions, HANDSHAKE_TIMEOUT, MAX_QUEUES};
+use hype_frontend::features;
+use hype_frontend::{Connection, FrontendError, InflightArea, Ring};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Frontend;
 
 use crate::error::{Error, Result};
 use crate::memory::GuestRam;
 use crate::virtqueue::Virtqueue;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30): a vhost-user bit, never a guest feature.
-pub const PROTOCOL_FEATURES_BIT: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+pub const PROTOCOL_FEATURES_BIT: u64 = features::PROTOCOL_FEATURES;
 /// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub const VIRTIO_F_VERSION_1: u64 = features::VERSION_1;
 /// `VIRTIO_RING_F_INDIRECT_DESC`.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 =
-    1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = features::RING_INDIRECT_DESC;
 /// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = features::RING_EVENT_IDX;
 /// `VIRTIO_F_ANY_LAYOUT`.
-pub const VIRTIO_F_ANY_LAYOUT: u64 = 1 << 27;
+pub const VIRTIO_F_ANY_LAYOUT: u64 = features::ANY_LAYOUT;
 /// `VIRTIO_F_IN_ORDER` (the driver copes with any completion order, so it may be acked).
-pub const VIRTIO_F_IN_ORDER: u64 = 1 << 35;
+pub const VIRTIO_F_IN_ORDER: u64 = features::IN_ORDER;
 
 /// Features this driver can ack: all device-specific bits (0..24) and the transport features
 /// it implements. Packed rings, notification data, platform access etc. are never acked.
-pub const DRIVER_SUPPORTED_FEATURES: u64 = ((1 << 24) - 1)
+pub const DRIVER_SUPPORTED_FEATURES: u64 = features::DEVICE_BITS
     | VIRTIO_F_VERSION_1
     | VIRTIO_RING_F_INDIRECT_DESC
     | VIRTIO_RING_F_EVENT_IDX
@@ -51,7 +51,9 @@ pub struct DriverOptions {
     /// The result is also limited to [`DRIVER_SUPPORTED_FEATURES`]; bit 30 is ORed back in
     /// when offered.
     pub feature_mask: u64,
-    /// Protocol features to ack among those offered (MQ, REPLY_ACK, CONFIG by default).
+    /// Protocol features to ack among those offered: by default those the VMM acks
+    /// ([`features::wanted_protocol_features`]: MQ, REPLY_ACK, CONFIG, INFLIGHT_SHMFD,
+    /// BACKEND_REQ). CONFIG is required when `config_size` is not 0.
     pub protocol_mask: VhostUserProtocolFeatures,
     /// Bytes of device config to fetch with GET_CONFIG at offset 0 (0 = skip).
     pub config_size: u32,
@@ -70,9 +72,7 @@ impl Default for DriverOptions {
             queue_size: 128,
             mem_size: 64 << 20,
             feature_mask: u64::MAX,
-            protocol_mask: VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIG,
+            protocol_mask: features::wanted_protocol_features(),
             config_size: 0,
             always_kick: false,
             connect_timeout: Duration::from_secs(10),
@@ -86,7 +86,7 @@ impl Default for DriverOptions {
 pub struct DeviceInfo {
     /// GET_FEATURES result (virtio features offered, bit 30 included).
     pub features: u64,
-    /// Protocol features offered (empty if bit 30 is not offered).
+    /// Protocol features offered.
     pub protocol_features: VhostUserProtocolFeatures,
     /// Protocol features acked.
     pub acked_protocol_features: VhostUserProtocolFeatures,
@@ -110,7 +110,9 @@ pub enum ReplayBase {
     Explicit(Vec<u16>),
 }
 
-/// A vhost-user frontend that plays the guest: guest RAM, queues and the control connection.
+/// A vhost-user frontend that plays the guest: guest RAM, queues and the control connection
+/// (a [`Connection`] of the shared frontend: the handshake, config access, inflight area and
+/// ring start/stop are the VMM's).
 ///
 /// ```no_run
 /// use hype_testkit::driver::{Driver, DriverOptions};
@@ -127,7 +129,9 @@ pub struct Driver {
     path: PathBuf,
     opts: DriverOptions,
     ram: Arc<GuestRam>,
-    frontend: Option<Frontend>,
+    conn: Option<Connection>,
+    /// The inflight area of the current connection (when the backend offers one).
+    inflight: Option<InflightArea>,
     info: DeviceInfo,
     acked_features: u64,
     queues: Vec<Virtqueue>,
@@ -138,7 +142,7 @@ impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Driver")
             .field("path", &self.path)
-            .field("connected", &self.frontend.is_some())
+            .field("connected", &self.conn.is_some())
             .field("active", &self.active)
             .field("info", &self.info)
             .field(
@@ -148,14 +152,6 @@ impl std::fmt::Debug for Driver {
             .field("queues", &self.queues.len())
             .finish()
     }
-}
-
-fn vu(op: &'static str) -> impl FnOnce(vhost::Error) -> Error {
-    move |source| Error::VhostUser { op, source }
-}
-
-fn vq(op: &'static str, queue: usize) -> impl FnOnce(vhost::Error) -> Error {
-    move |source| Error::VhostUserQueue { op, queue, source }
 }
 
 impl Driver {
@@ -181,12 +177,13 @@ impl Driver {
             queues.push(q);
         }
         let path = path.as_ref().to_path_buf();
-        let (frontend, info) = handshake(&path, &opts)?;
+        let (conn, info) = handshake(&path, &opts)?;
         Ok(Self {
             path,
             opts,
             ram,
-            frontend: Some(frontend),
+            conn: Some(conn),
+            inflight: None,
             info,
             acked_features: 0,
             queues,
@@ -203,48 +200,36 @@ impl Driver {
 
     fn activate_with_bases(&mut self, bases: &[u16]) -> Result<()> {
         let offered = self.info.features;
-        let mut acked = offered & self.opts.feature_mask & DRIVER_SUPPORTED_FEATURES;
-        let with_pf = offered & PROTOCOL_FEATURES_BIT != 0;
-        let fe = self.frontend.as_mut().ok_or(Error::NotConnected)?;
-        fe.set_features(if with_pf {
-            acked | PROTOCOL_FEATURES_BIT
-        } else {
-            acked
-        })
-        .map_err(vu("SET_FEATURES"))?;
-        acked &= !PROTOCOL_FEATURES_BIT;
-        fe.set_mem_table(&self.ram.regions()?)
-            .map_err(vu("SET_MEM_TABLE"))?;
+        let acked =
+            offered & self.opts.feature_mask & DRIVER_SUPPORTED_FEATURES & !PROTOCOL_FEATURES_BIT;
+        let conn = self.conn.as_mut().ok_or(Error::NotConnected)?;
+        // Like the VMM: an inflight area is asked for once per connection, before the rings
+        // start the first time.
+        if self.inflight.is_none() {
+            let max = self.queues.iter().map(Virtqueue::size).max().unwrap_or(0);
+            let num = u16::try_from(self.queues.len()).unwrap_or(u16::MAX);
+            self.inflight = conn.get_inflight(num, max)?;
+        }
         let event_idx = acked & VIRTIO_RING_F_EVENT_IDX != 0;
         let indirect = acked & VIRTIO_RING_F_INDIRECT_DESC != 0;
-        for (i, q) in self.queues.iter_mut().enumerate() {
+        let mut rings = Vec::with_capacity(self.queues.len());
+        for q in self.queues.iter_mut() {
             q.set_ring_features(event_idx, indirect);
-            let size = q.size();
-            fe.set_vring_num(i, size).map_err(vq("SET_VRING_NUM", i))?;
-            let r = q.rings();
-            let cfg = VringConfigData {
-                queue_max_size: size,
-                queue_size: size,
-                flags: 0,
-                desc_table_addr: self.ram.host_address(r.desc)?,
-                used_ring_addr: self.ram.host_address(r.used)?,
-                avail_ring_addr: self.ram.host_address(r.avail)?,
-                log_addr: None,
-            };
-            fe.set_vring_addr(i, &cfg)
-                .map_err(vq("SET_VRING_ADDR", i))?;
-            let base = bases.get(i).copied().unwrap_or(0);
-            fe.set_vring_base(i, base)
-                .map_err(vq("SET_VRING_BASE", i))?;
-            fe.set_vring_call(i, q.call_fd())
-                .map_err(vq("SET_VRING_CALL", i))?;
-            fe.set_vring_kick(i, q.kick_fd())
-                .map_err(vq("SET_VRING_KICK", i))?;
-            if with_pf {
-                fe.set_vring_enable(i, true)
-                    .map_err(vq("SET_VRING_ENABLE", i))?;
-            }
         }
+        for (i, q) in self.queues.iter().enumerate() {
+            let r = q.rings();
+            rings.push(Ring {
+                index: q.index(),
+                size: q.size(),
+                desc: self.ram.host_address(r.desc)?,
+                avail: self.ram.host_address(r.avail)?,
+                used: self.ram.host_address(r.used)?,
+                base: bases.get(i).copied().unwrap_or(0),
+                kick: q.kick_fd(),
+                call: q.call_fd(),
+            });
+        }
+        conn.start(&self.ram.regions()?, acked, self.inflight.as_ref(), &rings)?;
         self.acked_features = acked;
         self.active = true;
         Ok(())
@@ -280,25 +265,21 @@ impl Driver {
         &self.info.config
     }
 
-    /// GET_CONFIG of `size` bytes at `offset` (needs the CONFIG protocol feature).
+    /// GET_CONFIG of `size` bytes at `offset`.
     pub fn read_config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>> {
-        let fe = self.frontend.as_mut().ok_or(Error::NotConnected)?;
-        let (_, payload) = fe
-            .get_config(
-                offset,
-                size,
-                VhostUserConfigFlags::WRITABLE,
-                &vec![0u8; size as usize],
-            )
-            .map_err(vu("GET_CONFIG"))?;
-        Ok(payload)
+        let conn = self.conn.as_mut().ok_or(Error::NotConnected)?;
+        Ok(conn.read_config(offset, size)?)
     }
 
-    /// SET_CONFIG of `data` at `offset` (needs the CONFIG protocol feature).
+    /// SET_CONFIG of `data` at `offset`.
     pub fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<()> {
-        let fe = self.frontend.as_mut().ok_or(Error::NotConnected)?;
-        fe.set_config(offset, VhostUserConfigFlags::WRITABLE, data)
-            .map_err(vu("SET_CONFIG"))
+        let conn = self.conn.as_mut().ok_or(Error::NotConnected)?;
+        Ok(conn.set_config(offset, data)?)
+    }
+
+    /// The shared frontend's connection, for tests that use it directly.
+    pub fn connection(&mut self) -> Result<&mut Connection> {
+        self.conn.as_mut().ok_or(Error::NotConnected)
     }
 
     /// The shared guest RAM (buffers for raw descriptors come from here).
@@ -326,34 +307,30 @@ impl Driver {
 
     /// The raw `vhost` frontend, for tests that send their own messages.
     pub fn frontend(&mut self) -> Result<&mut Frontend> {
-        self.frontend.as_mut().ok_or(Error::NotConnected)
+        Ok(self.connection()?.frontend_mut())
     }
 
     /// Whether a connection is open.
     pub fn is_connected(&self) -> bool {
-        self.frontend.is_some()
+        self.conn.is_some()
     }
 
-    /// Stops every ring: SET_VRING_ENABLE 0 (when protocol features are in use) then
-    /// GET_VRING_BASE. Returns the bases (the backend's next avail index per queue).
+    /// Stops every ring: SET_VRING_ENABLE 0 then GET_VRING_BASE. Returns the bases (the
+    /// backend's next avail index per queue).
     pub fn stop_queues(&mut self) -> Result<Vec<u32>> {
-        let with_pf = self.info.features & PROTOCOL_FEATURES_BIT != 0;
-        let fe = self.frontend.as_mut().ok_or(Error::NotConnected)?;
-        let mut bases = Vec::with_capacity(self.queues.len());
-        for i in 0..self.queues.len() {
-            if with_pf {
-                fe.set_vring_enable(i, false)
-                    .map_err(vq("SET_VRING_ENABLE", i))?;
-            }
-            bases.push(fe.get_vring_base(i).map_err(vq("GET_VRING_BASE", i))?);
-        }
+        let conn = self.conn.as_mut().ok_or(Error::NotConnected)?;
+        let queues: Vec<u16> = self.queues.iter().map(Virtqueue::index).collect();
+        let bases = conn.stop(&queues)?;
         self.active = false;
         Ok(bases)
     }
 
-    /// Closes the connection (a VMM going away). Ring state in guest memory is kept.
+    /// Closes the connection (a VMM going away). Ring state in guest memory is kept; the
+    /// inflight area goes with the connection (the driver replays lost requests itself, see
+    /// [`ReplayBase`], so a new backend must not find them in the area too).
     pub fn disconnect(&mut self) {
-        self.frontend = None;
+        self.conn = None;
+        self.inflight = None;
         self.active = false;
     }
 
@@ -383,8 +360,8 @@ impl Driver {
                 }
             }
         }
-        let (frontend, info) = handshake(&self.path, &self.opts)?;
-        self.frontend = Some(frontend);
+        let (conn, info) = handshake(&self.path, &self.opts)?;
+        self.conn = Some(conn);
         self.info = info;
         self.activate_with_bases(&bases)?;
         for (q, heads) in self.queues.iter_mut().zip(replays) {
@@ -395,20 +372,37 @@ impl Driver {
     }
 }
 
-/// Connects, retrying while the socket is missing or refusing, and negotiates. A backend that
-/// accepts and then dies (EPIPE on SET_OWNER) is retried too, until the timeout.
-fn handshake(path: &Path, opts: &DriverOptions) -> Result<(Frontend, DeviceInfo)> {
+/// Connects, retrying while the socket is missing or refusing, and runs the shared
+/// frontend's handshake, then GET_CONFIG of `config_size` bytes. A backend that accepts and
+/// then dies (no answer to SET_OWNER or GET_FEATURES) is retried too, until the timeout.
+fn handshake(path: &Path, opts: &DriverOptions) -> Result<(Connection, DeviceInfo)> {
     let deadline = Instant::now() + opts.connect_timeout;
+    // The VMM's handshake; CONFIG is required only when the test asks for the config (the
+    // VMM always does).
+    let required = if opts.config_size > 0 {
+        VhostUserProtocolFeatures::CONFIG
+    } else {
+        VhostUserProtocolFeatures::empty()
+    };
+    let hs = HandshakeOptions {
+        max_queues: (opts.num_queues as u64).max(u64::from(MAX_QUEUES)),
+        protocol_features: opts.protocol_mask,
+        required_protocol_features: required,
+        timeout: HANDSHAKE_TIMEOUT,
+    };
     loop {
-        let last = match UnixStream::connect(path) {
-            Ok(sock) => {
-                let mut fe = Frontend::from_stream(sock, opts.num_queues as u64);
-                match owner_and_features(&fe) {
-                    Ok(features) => return negotiate(&mut fe, features, opts).map(|i| (fe, i)),
-                    Err(e) => e.to_string(),
+        let last = match hype_frontend::try_connect(path) {
+            Ok(Some(sock)) => match Connection::handshake(path, sock, &hs) {
+                Ok(conn) => return negotiated(conn, opts),
+                Err(e @ FrontendError::NotVhostUser { op, .. })
+                    if op == "SET_OWNER" || op == "GET_FEATURES" =>
+                {
+                    hype_base::error_chain(&e)
                 }
-            }
-            Err(e) => e.to_string(),
+                Err(e) => return Err(e.into()),
+            },
+            Ok(None) => "not listening".to_string(),
+            Err(e) => hype_base::error_chain(&e),
         };
         if Instant::now() >= deadline {
             return Err(Error::ConnectTimeout {
@@ -421,60 +415,28 @@ fn handshake(path: &Path, opts: &DriverOptions) -> Result<(Frontend, DeviceInfo)
     }
 }
 
-fn owner_and_features(fe: &Frontend) -> Result<u64> {
-    fe.set_owner().map_err(vu("SET_OWNER"))?;
-    fe.get_features().map_err(vu("GET_FEATURES"))
-}
-
-fn negotiate(fe: &mut Frontend, features: u64, opts: &DriverOptions) -> Result<DeviceInfo> {
-    let mut info = DeviceInfo {
-        features,
-        protocol_features: VhostUserProtocolFeatures::empty(),
-        acked_protocol_features: VhostUserProtocolFeatures::empty(),
-        queue_num: None,
-        config: Vec::new(),
-    };
-    if features & PROTOCOL_FEATURES_BIT != 0 {
-        let offered = fe
-            .get_protocol_features()
-            .map_err(vu("GET_PROTOCOL_FEATURES"))?;
-        let acked = offered & opts.protocol_mask;
-        fe.set_protocol_features(acked)
-            .map_err(vu("SET_PROTOCOL_FEATURES"))?;
-        if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-        info.protocol_features = offered;
-        info.acked_protocol_features = acked;
-    }
-    if info
-        .acked_protocol_features
-        .contains(VhostUserProtocolFeatures::MQ)
-    {
-        let n = fe.get_queue_num().map_err(vu("GET_QUEUE_NUM"))?;
+/// Checks the queue count and fetches the config after a handshake.
+fn negotiated(mut conn: Connection, opts: &DriverOptions) -> Result<(Connection, DeviceInfo)> {
+    let hs = conn.info().clone();
+    if let Some(n) = hs.queue_num {
         if (n as usize) < opts.num_queues {
             return Err(Error::NotEnoughQueues {
                 offered: n,
                 wanted: opts.num_queues,
             });
         }
-        info.queue_num = Some(n);
     }
-    if opts.config_size > 0
-        && info
-            .acked_protocol_features
-            .contains(VhostUserProtocolFeatures::CONFIG)
-    {
-        let size = opts.config_size;
-        let (_, payload) = fe
-            .get_config(
-                0,
-                size,
-                VhostUserConfigFlags::WRITABLE,
-                &vec![0u8; size as usize],
-            )
-            .map_err(vu("GET_CONFIG"))?;
-        info.config = payload;
-    }
-    Ok(info)
+    let config = if opts.config_size > 0 {
+        conn.fetch_config(opts.config_size)?
+    } else {
+        Vec::new()
+    };
+    let info = DeviceInfo {
+        features: hs.features,
+        protocol_features: hs.offered_protocol_features,
+        acked_protocol_features: hs.protocol_features,
+        queue_num: hs.queue_num,
+        config,
+    };
+    Ok((conn, info))
 }

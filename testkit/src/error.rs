@@ -62,26 +62,9 @@ pub enum Error {
         /// Last error seen.
         last: String,
     },
-    /// A vhost-user request failed.
-    #[error("vhost-user {op} failed: {source}")]
-    VhostUser {
-        /// Request name.
-        op: &'static str,
-        /// Underlying error.
-        #[source]
-        source: vhost::Error,
-    },
-    /// A vhost-user request for a queue failed.
-    #[error("vhost-user {op} on queue {queue} failed: {source}")]
-    VhostUserQueue {
-        /// Request name.
-        op: &'static str,
-        /// Queue index.
-        queue: usize,
-        /// Underlying error.
-        #[source]
-        source: vhost::Error,
-    },
+    /// The shared vhost-user frontend failed (handshake, a request, a refusal).
+    #[error("vhost-user frontend")]
+    Frontend(#[from] hype_frontend::FrontendError),
     /// The backend offers fewer queues than requested.
     #[error("backend offers {offered} queues, {wanted} requested")]
     NotEnoughQueues {

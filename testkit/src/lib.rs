@@ -3,7 +3,8 @@
 //!
 //! # API overview
 //! - [`driver::Driver`]: connects to a backend socket (waiting for it to appear), negotiates
-//!   (SET_OWNER, features, protocol features MQ/REPLY_ACK/CONFIG, GET_QUEUE_NUM, GET_CONFIG),
+//!   through the shared frontend `hype-frontend` (the one the VMM uses: SET_OWNER, features,
+//!   protocol features MQ/REPLY_ACK/CONFIG/INFLIGHT_SHMFD/BACKEND_REQ, GET_QUEUE_NUM, GET_CONFIG),
 //!   activates the rings ([`driver::DriverOptions`]: queues, queue size, memory size, feature
 //!   mask, always-kick), stops them ([`driver::Driver::stop_queues`]), disconnects and
 //!   reconnects with ring replay ([`driver::Driver::reconnect`], [`driver::ReplayBase`]).

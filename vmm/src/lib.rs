@@ -4,7 +4,8 @@
 //! [`cli`] is `hype vmm`'s command line over [`vm::run`], used by the multi-call `hype` binary and
 //! by the VMM-only `hype-vmm` binary (`src/bin/hype-vmm.rs`).
 //!
-//! May depend on: `hype-fixups`, `hype-base`, the rust-vmm crates. Never on a backend, an HTTP
+//! May depend on: `hype-frontend` (the vhost-user frontend), `hype-fixups`, `hype-base`, the
+//! rust-vmm crates. Never on a backend, an HTTP
 //! or TLS crate, or the supervisor: the VMM process carries only what running a VM needs.
 
 pub mod arch;

@@ -11,100 +11,110 @@ pub const VERSION: u32 = 2;
 /// `VendorID`: "HYPE" little-endian.
 pub const VENDOR_ID: u32 = u32::from_le_bytes(*b"HYPE");
 
+use hype_frontend::features;
+
 /// Register offsets.
 pub mod reg {
+    use virtio_bindings::virtio_mmio;
+
     /// Magic value ("virt").
-    pub const MAGIC_VALUE: u64 = 0x000;
+    pub const MAGIC_VALUE: u64 = virtio_mmio::VIRTIO_MMIO_MAGIC_VALUE as u64;
     /// Device version (2).
-    pub const VERSION: u64 = 0x004;
+    pub const VERSION: u64 = virtio_mmio::VIRTIO_MMIO_VERSION as u64;
     /// Virtio device ID (0: no device).
-    pub const DEVICE_ID: u64 = 0x008;
+    pub const DEVICE_ID: u64 = virtio_mmio::VIRTIO_MMIO_DEVICE_ID as u64;
     /// Vendor ID.
-    pub const VENDOR_ID: u64 = 0x00c;
+    pub const VENDOR_ID: u64 = virtio_mmio::VIRTIO_MMIO_VENDOR_ID as u64;
     /// Device features, 32 bits selected by `DEVICE_FEATURES_SEL`.
-    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES: u64 = virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES as u64;
     /// Device features word selector.
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DEVICE_FEATURES_SEL: u64 = virtio_mmio::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
     /// Driver (acked) features, 32 bits selected by `DRIVER_FEATURES_SEL`.
-    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES: u64 = virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES as u64;
     /// Driver features word selector.
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const DRIVER_FEATURES_SEL: u64 = virtio_mmio::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
     /// Queue selector.
-    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_SEL: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_SEL as u64;
     /// Largest queue size the device takes for the selected queue (0: no such queue).
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM_MAX: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
     /// Queue size the driver chose.
-    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_NUM: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_NUM as u64;
     /// Queue ready bit.
-    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_READY: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_READY as u64;
     /// Queue notification (the value written is the queue index).
-    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const QUEUE_NOTIFY: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
     /// Interrupt status.
-    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_STATUS: u64 = virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
     /// Interrupt acknowledge.
-    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const INTERRUPT_ACK: u64 = virtio_mmio::VIRTIO_MMIO_INTERRUPT_ACK as u64;
     /// Device status.
-    pub const STATUS: u64 = 0x070;
+    pub const STATUS: u64 = virtio_mmio::VIRTIO_MMIO_STATUS as u64;
     /// Descriptor table address, low 32 bits.
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_LOW: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
     /// Descriptor table address, high 32 bits.
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DESC_HIGH: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
     /// Driver (avail) ring address, low 32 bits.
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_LOW: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
     /// Driver (avail) ring address, high 32 bits.
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DRIVER_HIGH: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
     /// Device (used) ring address, low 32 bits.
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_LOW: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
     /// Device (used) ring address, high 32 bits.
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const QUEUE_DEVICE_HIGH: u64 = virtio_mmio::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
     /// Shared memory region selector.
-    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_SEL: u64 = virtio_mmio::VIRTIO_MMIO_SHM_SEL as u64;
     /// Shared memory region length, low 32 bits.
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_LOW: u64 = virtio_mmio::VIRTIO_MMIO_SHM_LEN_LOW as u64;
     /// Shared memory region length, high 32 bits.
-    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_LEN_HIGH: u64 = virtio_mmio::VIRTIO_MMIO_SHM_LEN_HIGH as u64;
     /// Shared memory region base, low 32 bits.
-    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_LOW: u64 = virtio_mmio::VIRTIO_MMIO_SHM_BASE_LOW as u64;
     /// Shared memory region base, high 32 bits.
-    pub const SHM_BASE_HIGH: u64 = 0x0bc;
-    /// Queue reset (VIRTIO_F_RING_RESET, not offered).
+    pub const SHM_BASE_HIGH: u64 = virtio_mmio::VIRTIO_MMIO_SHM_BASE_HIGH as u64;
+    /// Queue reset (VIRTIO_F_RING_RESET, not offered; not in `virtio-bindings`).
     pub const QUEUE_RESET: u64 = 0x0c0;
     /// Configuration atomicity value.
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG_GENERATION: u64 = virtio_mmio::VIRTIO_MMIO_CONFIG_GENERATION as u64;
     /// Start of the device-specific configuration space.
-    pub const CONFIG: u64 = 0x100;
+    pub const CONFIG: u64 = virtio_mmio::VIRTIO_MMIO_CONFIG as u64;
 }
 
 /// Device status bits.
 pub mod status {
+    use virtio_bindings::virtio_config;
+
     /// The guest found the device.
-    pub const ACKNOWLEDGE: u32 = 1;
+    pub const ACKNOWLEDGE: u32 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     /// The guest has a driver for it.
-    pub const DRIVER: u32 = 2;
+    pub const DRIVER: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER;
     /// The driver is ready.
-    pub const DRIVER_OK: u32 = 4;
+    pub const DRIVER_OK: u32 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 8;
+    pub const FEATURES_OK: u32 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK;
     /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const DEVICE_NEEDS_RESET: u32 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET;
     /// The driver gave up on the device.
-    pub const FAILED: u32 = 128;
+    pub const FAILED: u32 = virtio_config::VIRTIO_CONFIG_S_FAILED;
 }
 
 /// `InterruptStatus` bit: a used buffer notification.
-pub const INT_VRING: u32 = 1;
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// `InterruptStatus` bit: a configuration change.
-pub const INT_CONFIG: u32 = 2;
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// `VIRTIO_F_VERSION_1`.
-pub const F_VERSION_1: u64 = 1 << 32;
+pub const F_VERSION_1: u64 = features::VERSION_1;
 
 /// Feature bits the transport can honour for a vhost-user device: the device-specific bits,
 /// INDIRECT_DESC, EVENT_IDX, VERSION_1, IN_ORDER and ORDER_PLATFORM. Notably absent:
 /// NOTIFICATION_DATA (the ioeventfd datamatch is the queue index), ACCESS_PLATFORM (no IOMMU),
 /// RING_PACKED, RING_RESET and the vhost-user bit 30.
-pub const TRANSPORT_FEATURES: u64 =
-    ((1 << 24) - 1) | 1 << 28 | 1 << 29 | F_VERSION_1 | 1 << 35 | 1 << 36;
+pub const TRANSPORT_FEATURES: u64 = features::DEVICE_BITS
+    | features::RING_INDIRECT_DESC
+    | features::RING_EVENT_IDX
+    | F_VERSION_1
+    | features::IN_ORDER
+    | features::ORDER_PLATFORM;
 
 /// The guest's view of one virtqueue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -157,20 +167,7 @@ pub enum TransportEvent {
     Notify(u16),
 }
 
-/// A config field the driver may write once it acked `feature` (virtio-blk `writeback` with
-/// CONFIG_WCE, virtio-console `emerg_wr` with EMERG_WRITE).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConfigField {
-    /// Offset in the config space.
-    pub offset: u32,
-    /// Length in bytes.
-    pub len: u32,
-    /// Feature bit(s) that make it writable.
-    pub feature: u64,
-    /// Whether a write sets device state (replayed to a backend that comes back), rather than
-    /// being an event (virtio-console `emerg_wr` writes a character: never replayed).
-    pub sticky: bool,
-}
+pub use hype_frontend::types::ConfigField;
 
 /// What is fixed about the device when the transport is created.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -727,6 +724,40 @@ mod tests {
 
     const RUNNING: u32 =
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn register_names_are_the_spec_offsets() {
+        assert_eq!(
+            [
+                reg::MAGIC_VALUE,
+                reg::QUEUE_NUM_MAX,
+                reg::QUEUE_READY,
+                reg::QUEUE_NOTIFY
+            ],
+            [0x000, 0x034, 0x044, 0x050]
+        );
+        assert_eq!(
+            [
+                reg::QUEUE_DRIVER_LOW,
+                reg::QUEUE_DEVICE_HIGH,
+                reg::SHM_BASE_HIGH
+            ],
+            [0x090, 0x0a4, 0x0bc]
+        );
+        assert_eq!([reg::CONFIG_GENERATION, reg::CONFIG], [0x0fc, 0x100]);
+        assert_eq!(
+            [
+                status::FEATURES_OK,
+                status::DEVICE_NEEDS_RESET,
+                status::FAILED
+            ],
+            [8, 64, 128]
+        );
+        assert_eq!(
+            TRANSPORT_FEATURES,
+            ((1 << 24) - 1) | 1 << 28 | 1 << 29 | 1 << 32 | 1 << 35 | 1 << 36
+        );
+    }
 
     #[test]
     fn identification_registers() {

@@ -1,10 +1,12 @@
 //! virtio devices for the guest: the virtio-mmio transport in front of vhost-user backends.
 //!
 //! - [`mmio`]: the virtio-mmio version 2 register file (virtio 1.2, 4.2.2).
-//! - [`frontend`]: the vhost-user frontend (connect, handshake, start/stop rings).
-//! - [`detect`]: learning the device type from the backend.
-//! - [`device`]: one device: register file + device thread that owns the connection,
-//!   watches it and reconnects with a full replay.
+//! - [`frontend`]: the VMM's side of the shared vhost-user frontend (`hype-frontend`).
+//! - [`detect`]: the device types and learning them from the backend (`hype-frontend`'s
+//!   [`hype_frontend::types`], one module per type).
+//! - [`device`]: one device: the register file, driven by vCPUs, and its worker.
+//! - [`worker`]: the device thread that owns the backend link, watches it and reconnects
+//!   with a full replay; its state ([`worker::BackendState`]) is readable from outside.
 //! - [`bus`]: MMIO dispatch and exit counters.
 //!
 //! Each device gets a 4 KiB window at [`crate::layout::VIRTIO_MMIO_BASE`] + 4 KiB * index and
@@ -12,13 +14,15 @@
 //! on its command line ([`cmdline_entry`]). See `docs/devices.md`.
 
 pub mod bus;
-pub mod detect;
 pub mod device;
 pub mod frontend;
 pub mod mmio;
+pub mod worker;
 
-pub use detect::DeviceType;
 pub use device::{DeviceEvents, DeviceOptions, VhostUserDevice, WaitLimit};
+pub use hype_frontend::types as detect;
+pub use hype_frontend::types::DeviceType;
+pub use worker::{BackendState, BackendStatus};
 
 use crate::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 
