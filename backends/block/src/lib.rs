@@ -25,6 +25,8 @@ mod config;
 mod device;
 mod direct_io;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod io_pool;
 mod iobuf;
 mod request;
