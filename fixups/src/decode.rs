@@ -5,8 +5,9 @@
 //! alike (other `0f 01` group members, `int 3` written as `cd 03`, popcnt with a memory operand,
 //! a lock or repne prefix, bytes cut short) is not recognised and stays an unhandled failure.
 //!
-//! `cmpxchg16b` is the one instruction with a memory operand: its ModRM/SIB/displacement are
-//! decoded into a [`MemOperand`], whose effective address the fix-up computes from the registers.
+//! `cmpxchg16b` and the x87/SSE state instructions of group 15 (`fxsave`, `fxrstor`, `ldmxcsr`,
+//! `stmxcsr`) have a memory operand: its ModRM/SIB/displacement are decoded into a
+//! [`MemOperand`], whose effective address the fix-up computes from the registers.
 
 /// Execution mode of the vCPU, which decides default operand size and whether REX exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +73,31 @@ pub enum Insn {
         /// Encoded length in bytes, prefixes included.
         len: u8,
     },
+    /// `fxsave`, `fxrstor`, `ldmxcsr`, `stmxcsr` with a memory operand
+    /// (`[seg] [67] [rex] 0f ae /0../3`, 64-bit mode only).
+    FxState {
+        /// Which one.
+        op: FxOp,
+        /// The memory operand.
+        mem: MemOperand,
+        /// REX.W: the 64-bit FXSAVE layout (`fxsave64`/`fxrstor64`).
+        rex_w: bool,
+        /// Encoded length in bytes, prefixes included.
+        len: u8,
+    },
+}
+
+/// The x87/SSE state instructions of opcode group 15 (`0f ae /0../3`, memory forms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FxOp {
+    /// `fxsave m512` (`/0`): store the x87 and SSE state.
+    Fxsave,
+    /// `fxrstor m512` (`/1`): load the x87 and SSE state.
+    Fxrstor,
+    /// `ldmxcsr m32` (`/2`): load MXCSR.
+    Ldmxcsr,
+    /// `stmxcsr m32` (`/3`): store MXCSR.
+    Stmxcsr,
 }
 
 /// A segment whose base a memory operand adds in 64-bit mode (the others have base 0 there).
@@ -112,7 +138,9 @@ impl Insn {
         match self {
             Insn::Clac | Insn::Stac => 3,
             Insn::Fwait | Insn::Int3 => 1,
-            Insn::Popcnt { len, .. } | Insn::Cmpxchg16b { len, .. } => *len,
+            Insn::Popcnt { len, .. } | Insn::Cmpxchg16b { len, .. } | Insn::FxState { len, .. } => {
+                *len
+            }
         }
     }
 }
@@ -140,7 +168,9 @@ pub fn decode(bytes: &[u8], mode: CpuMode) -> Option<Insn> {
         [0x0f, 0x01, 0xcb, ..] => Some(Insn::Stac),
         [0x9b, ..] => Some(Insn::Fwait),
         [0xcc, ..] => Some(Insn::Int3),
-        _ => decode_popcnt(bytes, mode).or_else(|| decode_cmpxchg16b(bytes, mode)),
+        _ => decode_popcnt(bytes, mode)
+            .or_else(|| decode_cmpxchg16b(bytes, mode))
+            .or_else(|| decode_group15(bytes, mode)),
     }
 }
 
@@ -255,11 +285,31 @@ fn decode_cmpxchg16b(bytes: &[u8], mode: CpuMode) -> Option<Insn> {
         _ => return None,
     };
     pos += 3;
-    let md = modrm >> 6;
     let reg = (modrm >> 3) & 7;
-    let rm = modrm & 7;
     // /1 only; mod == 11 would be a register operand (#UD for cmpxchg16b).
-    if reg != 1 || md == 0b11 {
+    if reg != 1 || modrm >> 6 == 0b11 {
+        return None;
+    }
+    let (mem, len) = decode_mem64(bytes, pos, modrm, rex, segment, addr32)?;
+    Some(Insn::Cmpxchg16b { mem, lock, len })
+}
+
+/// Decodes the memory operand of a 64-bit-mode instruction whose ModRM byte (`modrm`, memory
+/// form: mod != 11) is followed by the SIB/displacement bytes at `bytes[pos..]`. `rex` is the
+/// REX prefix (0 without one), `segment` the last segment override, `addr32` the `67` prefix.
+/// Returns the operand and the instruction's total length, or `None` when the bytes are cut
+/// short or the instruction would be longer than 15 bytes.
+fn decode_mem64(
+    bytes: &[u8],
+    mut pos: usize,
+    modrm: u8,
+    rex: u8,
+    segment: Option<u8>,
+    addr32: bool,
+) -> Option<(MemOperand, u8)> {
+    let md = modrm >> 6;
+    let rm = modrm & 7;
+    if md == 0b11 {
         return None;
     }
     let rex_x = (rex >> 1) & 1;
@@ -314,8 +364,8 @@ fn decode_cmpxchg16b(bytes: &[u8], mode: CpuMode) -> Option<Insn> {
         Some(s) => s == 0x36,
         None => matches!(base, Some(4) | Some(5)),
     };
-    Some(Insn::Cmpxchg16b {
-        mem: MemOperand {
+    Some((
+        MemOperand {
             base,
             index,
             disp,
@@ -324,8 +374,55 @@ fn decode_cmpxchg16b(bytes: &[u8], mode: CpuMode) -> Option<Insn> {
             segment: segment_base,
             stack,
         },
-        lock,
-        len: pos as u8,
+        pos as u8,
+    ))
+}
+
+/// `[seg] [67] [rex] 0f ae /0../3` with a memory operand, in 64-bit mode: fxsave, fxrstor,
+/// ldmxcsr, stmxcsr. REX.W selects the 64-bit FXSAVE layout (fxsave64/fxrstor64; ignored by
+/// ldmxcsr/stmxcsr). A lock prefix (#UD), 66/f2/f3 (other instructions of the group:
+/// rdfsbase and friends, clflushopt, ...) and every other member of group 15 (xsave family,
+/// clflush, fences) are not recognised.
+fn decode_group15(bytes: &[u8], mode: CpuMode) -> Option<Insn> {
+    if mode != CpuMode::Bits64 {
+        return None;
+    }
+    let mut addr32 = false;
+    let mut segment = None;
+    let mut pos = 0;
+    while let Some(&b) = bytes.get(pos) {
+        match b {
+            PREFIX_ADDRSIZE => addr32 = true,
+            b if SEGMENT_PREFIXES.contains(&b) => segment = Some(b),
+            _ => break,
+        }
+        pos += 1;
+    }
+    let mut rex = 0u8;
+    if let Some(&b) = bytes.get(pos) {
+        if b & 0xf0 == 0x40 {
+            rex = b;
+            pos += 1;
+        }
+    }
+    let modrm = match bytes.get(pos..)? {
+        [0x0f, 0xae, modrm, ..] => *modrm,
+        _ => return None,
+    };
+    pos += 3;
+    let op = match (modrm >> 3) & 7 {
+        0 => FxOp::Fxsave,
+        1 => FxOp::Fxrstor,
+        2 => FxOp::Ldmxcsr,
+        3 => FxOp::Stmxcsr,
+        _ => return None,
+    };
+    let (mem, len) = decode_mem64(bytes, pos, modrm, rex, segment, addr32)?;
+    Some(Insn::FxState {
+        op,
+        mem,
+        rex_w: rex & 0x8 != 0,
+        len,
     })
 }
 

@@ -1,13 +1,26 @@
-//! A synthetic vCPU for unit tests: registers, MSRs, x87 words and a sparse virtual memory.
+//! A synthetic vCPU for unit tests: registers, MSRs, x87 words, an FXSAVE image of the x87/SSE
+//! state and a sparse virtual memory.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
-use super::page_walk::{pf, WriteAccess};
-use super::vcpu::{VcpuAccess, VcpuError, X87State, CR0_PE, EFER_LMA, EFER_SCE};
+use super::page_walk::{pf, DataAccess};
+use super::vcpu::{
+    FxImage, VcpuAccess, VcpuError, X87State, CR0_PE, EFER_LMA, EFER_SCE, FXSAVE_SIZE,
+};
 
 const PAGE: u64 = 0x1000;
+
+/// An FXSAVE image, boxed (arrays this long have no `Default`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FxBox(pub Box<FxImage>);
+
+impl Default for FxBox {
+    fn default() -> Self {
+        FxBox(Box::new([0; FXSAVE_SIZE]))
+    }
+}
 
 /// A vCPU whose every piece of state is a plain field.
 #[derive(Debug, Clone, Default)]
@@ -16,12 +29,18 @@ pub struct FakeVcpu {
     pub sregs: kvm_sregs,
     pub msrs: HashMap<u32, u64>,
     pub x87: X87State,
+    /// The x87/SSE state (what `fx_state` returns and `set_fx_state` loads).
+    pub fx: FxBox,
+    /// Number of set_fx_state calls.
+    pub fx_writes: usize,
+    /// The access of the last read_data / write_data.
+    pub last_data_access: std::cell::Cell<Option<DataAccess>>,
     /// Virtual pages, by page number.
     pub pages: BTreeMap<u64, Vec<u8>>,
     /// Virtual page numbers that are read-only (writes page-fault).
     pub read_only: BTreeSet<u64>,
     /// The access of the last cmpxchg16b.
-    pub last_write_access: Option<WriteAccess>,
+    pub last_write_access: Option<DataAccess>,
     /// Exceptions injected, in order.
     pub injected: Vec<(u8, Option<u32>)>,
     /// Whether an exception is already pending (injection then fails).
@@ -160,10 +179,61 @@ impl VcpuAccess for FakeVcpu {
         Ok(())
     }
 
+    fn fx_state(&self) -> Result<FxImage, VcpuError> {
+        Ok(*self.fx.0)
+    }
+
+    fn set_fx_state(&mut self, image: &FxImage) -> Result<(), VcpuError> {
+        // As on KVM: MXCSR_MASK and the bytes fxrstor does not load stay.
+        let mut next = *self.fx.0;
+        next[..28].copy_from_slice(&image[..28]);
+        next[32..416].copy_from_slice(&image[32..416]);
+        *self.fx.0 = next;
+        self.fx_writes += 1;
+        Ok(())
+    }
+
+    fn read_data(&self, gva: u64, access: DataAccess, buf: &mut [u8]) -> Result<(), VcpuError> {
+        self.last_data_access.set(Some(access));
+        let user = if access.user { pf::USER } else { 0 };
+        for i in 0..buf.len() as u64 {
+            let a = gva.wrapping_add(i);
+            if !self.pages.contains_key(&(a / PAGE)) {
+                return Err(VcpuError::PageFault {
+                    gva: a,
+                    error_code: user,
+                });
+            }
+        }
+        self.read_virt(gva, buf)
+    }
+
+    fn write_data(&mut self, gva: u64, access: DataAccess, data: &[u8]) -> Result<(), VcpuError> {
+        self.last_data_access.set(Some(access));
+        let user = if access.user { pf::USER } else { 0 };
+        for i in 0..data.len() as u64 {
+            let a = gva.wrapping_add(i);
+            if !self.pages.contains_key(&(a / PAGE)) {
+                return Err(VcpuError::PageFault {
+                    gva: a,
+                    error_code: pf::WRITE | user,
+                });
+            }
+            if self.read_only.contains(&(a / PAGE)) {
+                return Err(VcpuError::PageFault {
+                    gva: a,
+                    error_code: pf::PRESENT | pf::WRITE | user,
+                });
+            }
+        }
+        self.poke(gva, data);
+        Ok(())
+    }
+
     fn cmpxchg16b(
         &mut self,
         gva: u64,
-        access: WriteAccess,
+        access: DataAccess,
         expected: u128,
         new: u128,
     ) -> Result<u128, VcpuError> {

@@ -1,5 +1,5 @@
 //! Completing a single instruction the emulator gave up on: `clac`, `stac`, `popcnt reg, reg`,
-//! `fwait`, `int3` and `cmpxchg16b m128`, each with the architectural checks that decide between completing it and
+//! `fwait`, `int3` and `cmpxchg16b m128` (the x87/SSE state instructions are in module `fx`), each with the architectural checks that decide between completing it and
 //! raising the exception hardware would raise.
 //!
 //! Known simplifications, none of which Linux relies on at these instructions: a single-step
@@ -9,7 +9,7 @@
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
 use super::decode::{Insn, MemOperand, OperandSize, SegmentBase};
-use super::page_walk::WriteAccess;
+use super::page_walk::DataAccess;
 use super::vcpu::{
     advance_rip, cpl, rflags, vector, VcpuAccess, VcpuError, CR0_MP, CR0_TS, CR0_WP, CR4_LA57,
     CR4_SMAP,
@@ -38,6 +38,12 @@ pub(super) fn complete(
         Insn::Fwait => fwait(cpu, regs, sregs),
         Insn::Int3 => int3(cpu, regs, sregs),
         Insn::Cmpxchg16b { mem, len, .. } => cmpxchg16b(cpu, regs, sregs, mem, len),
+        Insn::FxState {
+            op,
+            mem,
+            rex_w,
+            len,
+        } => super::fx::complete(cpu, regs, sregs, op, mem, rex_w, len),
     }
 }
 
@@ -183,7 +189,7 @@ pub(super) fn effective_address(
 
 /// Whether `addr` is canonical: bits above the linear-address width (48, or 57 with LA57)
 /// copy the top bit.
-fn canonical(addr: u64, sregs: &kvm_sregs) -> bool {
+pub(super) fn canonical(addr: u64, sregs: &kvm_sregs) -> bool {
     let bits = if sregs.cr4 & CR4_LA57 != 0 { 57 } else { 48 };
     let shift = 64 - bits;
     (((addr << shift) as i64) >> shift) as u64 == addr
@@ -213,7 +219,7 @@ fn cmpxchg16b(
         return Ok(Outcome::Raised { vector: vector::GP });
     }
     let user = cpl(regs, sregs) == 3;
-    let access = WriteAccess {
+    let access = DataAccess {
         user,
         write_protect: sregs.cr0 & CR0_WP != 0,
         smap: !user && sregs.cr4 & CR4_SMAP != 0 && regs.rflags & rflags::AC == 0,

@@ -2,18 +2,20 @@
 
 use std::cell::Cell;
 
+use std::sync::OnceLock;
+
 use kvm_bindings::{
-    kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, Msrs, KVM_EXIT_INTERNAL_ERROR,
+    kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_xsave, Msrs, KVM_EXIT_INTERNAL_ERROR,
     KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
     KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
 };
-use kvm_ioctls::{SyncReg, VcpuFd};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::decode::MAX_INSN_LEN;
 use super::host_atomic;
-use super::page_walk::{self, WriteAccess, WriteFault};
-use super::vcpu::{VcpuAccess, VcpuError, X87State, EFER_LMA};
+use super::page_walk::{self, AccessFault, AccessKind, DataAccess, DataTarget};
+use super::vcpu::{FxImage, VcpuAccess, VcpuError, X87State, EFER_LMA, FXSAVE_SIZE};
 
 /// How registers are reached: ioctls, or the `kvm_run` sync area.
 enum Handle<'a> {
@@ -76,6 +78,36 @@ impl<'a> KvmVcpuAccess<'a> {
 
 const PAGE_SIZE: u64 = 0x1000;
 
+/// `struct kvm_xsave`'s region: 4096 bytes.
+const KVM_XSAVE_SIZE: usize = std::mem::size_of::<kvm_xsave>();
+/// XSTATE_BV (the XSAVE header's first word) lies right after the legacy region.
+const XSTATE_BV_WORD: usize = FXSAVE_SIZE / 4;
+/// XSTATE_BV bits of the x87 and SSE components.
+const XFEATURE_FP_SSE: u32 = 0b11;
+
+/// How many bytes KVM's XSAVE ioctls move for this process's vCPUs: `KVM_CAP_XSAVE2`'s answer
+/// (4096 where KVM predates it). Larger only once dynamically enabled state (AMX) was
+/// requested for guests with `arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM)`, which hype never does.
+fn kvm_xsave_size() -> usize {
+    static SIZE: OnceLock<usize> = OnceLock::new();
+    *SIZE.get_or_init(|| match Kvm::new() {
+        Ok(kvm) => usize::try_from(kvm.check_extension_int(Cap::Xsave2))
+            .unwrap_or(0)
+            .max(KVM_XSAVE_SIZE),
+        Err(_) => KVM_XSAVE_SIZE,
+    })
+}
+
+/// One page-sized piece of a checked data access.
+struct Piece {
+    /// Offset into the access.
+    offset: usize,
+    /// Length of the piece.
+    len: usize,
+    /// Where it goes.
+    target: DataTarget,
+}
+
 impl KvmVcpuAccess<'_> {
     /// Translates `gva` by walking the long-mode page tables without permission checks (see
     /// [`page_walk`]); `None` outside long mode or when not mapped (then `KVM_TRANSLATE`
@@ -88,6 +120,83 @@ impl KvmVcpuAccess<'_> {
         }
         let read_entry = |gpa: u64| self.mem.read_obj::<u64>(GuestAddress(gpa)).ok();
         Ok(page_walk::translate(read_entry, sregs.cr3, sregs.cr4, gva))
+    }
+
+    /// Translates every page of the `len`-byte data access at `gva` with `access`, checking
+    /// them all before anything is read or written (long mode only).
+    fn translate_range(
+        &self,
+        gva: u64,
+        len: usize,
+        access: DataAccess,
+        kind: AccessKind,
+    ) -> Result<Vec<Piece>, VcpuError> {
+        let sregs = self.sregs()?;
+        if sregs.efer & EFER_LMA == 0 {
+            return Err(VcpuError::NotLongMode { gva });
+        }
+        let read_entry = |gpa: u64| self.mem.read_obj::<u64>(GuestAddress(gpa)).ok();
+        let mut pieces = Vec::new();
+        let mut offset = 0usize;
+        while offset < len {
+            let va = gva.wrapping_add(offset as u64);
+            let page_left = (PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize;
+            let piece_len = page_left.min(len - offset);
+            let target =
+                page_walk::translate_data(read_entry, sregs.cr3, sregs.cr4, va, access, kind)
+                    .map_err(|fault| match fault {
+                        AccessFault::PageFault { error_code } => VcpuError::PageFault {
+                            gva: va,
+                            error_code,
+                        },
+                        AccessFault::TableUnreadable { gpa } => {
+                            VcpuError::ReadMemory { gva: va, gpa }
+                        }
+                    })?;
+            pieces.push(Piece {
+                offset,
+                len: piece_len,
+                target,
+            });
+            offset += piece_len;
+        }
+        Ok(pieces)
+    }
+
+    /// Sets the accessed bit of every paging entry `target` walked, and the dirty bit of its
+    /// leaf when `dirty`, atomically (the guest may update the entries concurrently).
+    fn set_accessed_dirty(
+        &self,
+        gva: u64,
+        target: &DataTarget,
+        dirty: bool,
+    ) -> Result<(), VcpuError> {
+        let levels = target.levels.min(target.entries.len());
+        for (i, &entry_gpa) in target.entries[..levels].iter().enumerate() {
+            let bits = if dirty && i + 1 == levels {
+                page_walk::ACCESSED | page_walk::DIRTY
+            } else {
+                page_walk::ACCESSED
+            };
+            let entry = self.host_ptr(entry_gpa, 8).ok_or(VcpuError::WriteMemory {
+                gva,
+                gpa: entry_gpa,
+            })?;
+            // SAFETY: `host_ptr` checked that the 8 bytes lie inside one mapped region of guest
+            // memory, which outlives `self`, and are 8-byte aligned. The guest may access the
+            // entry concurrently; the update is atomic.
+            unsafe { host_atomic::set_bits_u64(entry, bits) };
+        }
+        Ok(())
+    }
+
+    /// The vCPU's XSAVE state (`KVM_GET_XSAVE`), refusing layouts larger than `kvm_xsave`.
+    fn xsave(&self) -> Result<kvm_xsave, VcpuError> {
+        let size = kvm_xsave_size();
+        if size > KVM_XSAVE_SIZE {
+            return Err(VcpuError::XsaveTooLarge { size });
+        }
+        self.fd().get_xsave().map_err(VcpuError::GetXsave)
     }
 
     /// Host address of `len` bytes of guest memory at `gpa`, if they lie in one region and the
@@ -220,10 +329,80 @@ impl VcpuAccess for KvmVcpuAccess<'_> {
         Ok(())
     }
 
+    fn fx_state(&self) -> Result<FxImage, VcpuError> {
+        let xsave = self.xsave()?;
+        let mut image = [0u8; FXSAVE_SIZE];
+        for (chunk, word) in image.chunks_exact_mut(4).zip(xsave.region.iter()) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        Ok(image)
+    }
+
+    fn set_fx_state(&mut self, image: &FxImage) -> Result<(), VcpuError> {
+        // Read back just before writing: everything but the x87/SSE fields stays as KVM has it.
+        let mut xsave = self.xsave()?;
+        for (i, chunk) in image.chunks_exact(4).enumerate() {
+            let byte = i * 4;
+            // MXCSR_MASK (28..32) is the CPU's, and 416..512 are not loaded by fxrstor.
+            if byte == 28 || byte >= 416 {
+                continue;
+            }
+            xsave.region[i] = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        }
+        // The loaded components are in use from now on; with their XSTATE_BV bits clear KVM
+        // would load their initial state instead.
+        xsave.region[XSTATE_BV_WORD] |= XFEATURE_FP_SSE;
+        // SAFETY: `self.xsave()` checked that KVM moves at most the 4096 bytes of `kvm_xsave`
+        // for this process's vCPUs (KVM_CAP_XSAVE2), so KVM_SET_XSAVE reads only `xsave`.
+        unsafe { self.fd().set_xsave(&xsave) }.map_err(VcpuError::SetXsave)
+    }
+
+    fn read_data(&self, gva: u64, access: DataAccess, buf: &mut [u8]) -> Result<(), VcpuError> {
+        let pieces = self.translate_range(gva, buf.len(), access, AccessKind::Read)?;
+        for piece in &pieces {
+            let va = gva.wrapping_add(piece.offset as u64);
+            self.set_accessed_dirty(va, &piece.target, false)?;
+            let gpa = piece.target.gpa;
+            self.mem
+                .read_slice(
+                    &mut buf[piece.offset..piece.offset + piece.len],
+                    GuestAddress(gpa),
+                )
+                .map_err(|_| VcpuError::ReadMemory { gva: va, gpa })?;
+        }
+        Ok(())
+    }
+
+    fn write_data(&mut self, gva: u64, access: DataAccess, data: &[u8]) -> Result<(), VcpuError> {
+        let pieces = self.translate_range(gva, data.len(), access, AccessKind::Write)?;
+        // Every piece must be guest RAM before anything is written.
+        for piece in &pieces {
+            let gpa = piece.target.gpa;
+            self.mem
+                .get_slice(GuestAddress(gpa), piece.len)
+                .map_err(|_| VcpuError::WriteMemory {
+                    gva: gva.wrapping_add(piece.offset as u64),
+                    gpa,
+                })?;
+        }
+        for piece in &pieces {
+            let va = gva.wrapping_add(piece.offset as u64);
+            self.set_accessed_dirty(va, &piece.target, true)?;
+            let gpa = piece.target.gpa;
+            self.mem
+                .write_slice(
+                    &data[piece.offset..piece.offset + piece.len],
+                    GuestAddress(gpa),
+                )
+                .map_err(|_| VcpuError::WriteMemory { gva: va, gpa })?;
+        }
+        Ok(())
+    }
+
     fn cmpxchg16b(
         &mut self,
         gva: u64,
-        access: WriteAccess,
+        access: DataAccess,
         expected: u128,
         new: u128,
     ) -> Result<u128, VcpuError> {
@@ -237,8 +416,8 @@ impl VcpuAccess for KvmVcpuAccess<'_> {
         let read_entry = |gpa: u64| self.mem.read_obj::<u64>(GuestAddress(gpa)).ok();
         let target = page_walk::translate_write(read_entry, sregs.cr3, sregs.cr4, gva, access)
             .map_err(|fault| match fault {
-                WriteFault::PageFault { error_code } => VcpuError::PageFault { gva, error_code },
-                WriteFault::TableUnreadable { gpa } => VcpuError::ReadMemory { gva, gpa },
+                AccessFault::PageFault { error_code } => VcpuError::PageFault { gva, error_code },
+                AccessFault::TableUnreadable { gpa } => VcpuError::ReadMemory { gva, gpa },
             })?;
         let gpa = target.gpa;
         let data = self
@@ -246,22 +425,7 @@ impl VcpuAccess for KvmVcpuAccess<'_> {
             .ok_or(VcpuError::WriteMemory { gva, gpa })?;
         // Accessed bits on every entry walked, dirty on the leaf: a locked cmpxchg16b always
         // writes (the old value back on failure), so hardware sets them either way.
-        let levels = target.levels.min(target.entries.len());
-        for (i, &entry_gpa) in target.entries[..levels].iter().enumerate() {
-            let bits = if i + 1 == levels {
-                page_walk::ACCESSED | page_walk::DIRTY
-            } else {
-                page_walk::ACCESSED
-            };
-            let entry = self.host_ptr(entry_gpa, 8).ok_or(VcpuError::WriteMemory {
-                gva,
-                gpa: entry_gpa,
-            })?;
-            // SAFETY: `host_ptr` checked that the 8 bytes lie inside one mapped region of guest
-            // memory, which outlives `self`, and are 8-byte aligned. The guest may access the
-            // entry concurrently; the update is atomic.
-            unsafe { host_atomic::set_bits_u64(entry, bits) };
-        }
+        self.set_accessed_dirty(gva, &target, true)?;
         // SAFETY: `host_ptr` checked that the 16 bytes lie inside one mapped region of guest
         // memory, which outlives `self`, and are 16-byte aligned; other vCPUs may access them
         // concurrently, which the locked instruction makes safe.

@@ -14,6 +14,10 @@
 //! | `fwait` | `9b` | RIP += 1 (#NM / #MF when hardware would raise them) |
 //! | `int3` | `cc` | RIP += 1, #BP injected |
 //! | `cmpxchg16b` | `[f0] rex.w 0f c7 /1`, memory form | locked compare-exchange on the host mapping, ZF and RDX:RAX set, RIP skipped (#GP/#SS/#PF when hardware would raise them) |
+//! | `ldmxcsr` | `[rex] 0f ae /2`, memory form | MXCSR loaded from guest memory into the vCPU's XSAVE state, RIP skipped (#UD/#NM/#GP/#SS/#PF/#AC when hardware would raise them) |
+//! | `stmxcsr` | `[rex] 0f ae /3`, memory form | MXCSR stored to guest memory, RIP skipped (same faults) |
+//! | `fxsave` | `[rex.w] 0f ae /0`, memory form | x87/SSE state stored as an FXSAVE image (32- or 64-bit layout), RIP skipped (#NM/#GP/#SS/#PF) |
+//! | `fxrstor` | `[rex.w] 0f ae /1`, memory form | x87/SSE state loaded from an FXSAVE image, RIP skipped (#NM/#GP/#SS/#PF) |
 //!
 //! Each instruction is decoded from the bytes KVM reports and checked against the vCPU state
 //! before anything is changed; anything else stays an error ([`FixupError`]) carrying RIP and the
@@ -44,6 +48,7 @@
 
 mod decode;
 mod error;
+mod fx;
 mod host;
 mod host_atomic;
 mod insn;
@@ -56,6 +61,8 @@ mod vcpu;
 #[cfg(test)]
 mod fake_vcpu;
 #[cfg(test)]
+mod fx_tests;
+#[cfg(test)]
 mod kvm_tests;
 #[cfg(test)]
 mod tests;
@@ -64,14 +71,14 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-pub use decode::{decode, CpuMode, Insn, MemOperand, OperandSize, SegmentBase, MAX_INSN_LEN};
+pub use decode::{decode, CpuMode, FxOp, Insn, MemOperand, OperandSize, SegmentBase, MAX_INSN_LEN};
 pub use error::{FixupError, InsnBytes};
 pub use host::{host_needs_fixups, pvm_module_loaded, PVM_MODULE, SYS_MODULE_DIR};
 pub use kvm_access::{emulation_failure, EmulationFailure, KvmVcpuAccess};
-pub use page_walk::WriteAccess;
+pub use page_walk::{AccessKind, DataAccess};
 pub use vcpu::{
-    cpl, cpu_mode, VcpuAccess, VcpuError, X87State, MSR_CSTAR, MSR_EFER, MSR_LSTAR, MSR_STAR,
-    MSR_SYSCALL_MASK,
+    cpl, cpu_mode, FxImage, VcpuAccess, VcpuError, X87State, FXSAVE_SIZE, MSR_CSTAR, MSR_EFER,
+    MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK,
 };
 
 use stats::{should_log, Stats};
@@ -140,11 +147,19 @@ pub enum Fixup {
     Int3,
     /// `cmpxchg16b m128` completed atomically (or #GP/#SS/#PF raised).
     Cmpxchg16b,
+    /// `ldmxcsr m32` completed (or the exception hardware raises injected).
+    Ldmxcsr,
+    /// `stmxcsr m32` completed (or the exception injected).
+    Stmxcsr,
+    /// `fxsave m512` completed (or the exception injected).
+    Fxsave,
+    /// `fxrstor m512` completed (or the exception injected).
+    Fxrstor,
 }
 
 impl Fixup {
     /// Every fix-up, in summary order.
-    pub const ALL: [Fixup; 7] = [
+    pub const ALL: [Fixup; 11] = [
         Fixup::Clac,
         Fixup::Stac,
         Fixup::Syscall,
@@ -152,6 +167,10 @@ impl Fixup {
         Fixup::Fwait,
         Fixup::Int3,
         Fixup::Cmpxchg16b,
+        Fixup::Ldmxcsr,
+        Fixup::Stmxcsr,
+        Fixup::Fxsave,
+        Fixup::Fxrstor,
     ];
 
     /// Short name, as logged.
@@ -164,6 +183,10 @@ impl Fixup {
             Fixup::Fwait => "fwait",
             Fixup::Int3 => "int3",
             Fixup::Cmpxchg16b => "cmpxchg16b",
+            Fixup::Ldmxcsr => "ldmxcsr",
+            Fixup::Stmxcsr => "stmxcsr",
+            Fixup::Fxsave => "fxsave",
+            Fixup::Fxrstor => "fxrstor",
         }
     }
 
@@ -179,6 +202,12 @@ impl Fixup {
             Insn::Fwait => Fixup::Fwait,
             Insn::Int3 => Fixup::Int3,
             Insn::Cmpxchg16b { .. } => Fixup::Cmpxchg16b,
+            Insn::FxState { op, .. } => match op {
+                FxOp::Ldmxcsr => Fixup::Ldmxcsr,
+                FxOp::Stmxcsr => Fixup::Stmxcsr,
+                FxOp::Fxsave => Fixup::Fxsave,
+                FxOp::Fxrstor => Fixup::Fxrstor,
+            },
         }
     }
 }
@@ -195,7 +224,8 @@ pub enum Outcome {
     /// The instruction was completed; RIP is past it.
     Completed,
     /// The exception hardware raises here was injected instead (#BP for `int3`, #UD for
-    /// `clac`/`stac` outside CPL 0, #NM/#MF for `fwait`, #GP/#SS/#PF for `cmpxchg16b`).
+    /// `clac`/`stac` outside CPL 0, #NM/#MF for `fwait`, #GP/#SS/#PF for `cmpxchg16b`, and
+    /// #UD/#NM/#GP/#SS/#PF/#AC for the x87/SSE state instructions).
     Raised {
         /// Exception vector.
         vector: u8,
@@ -305,7 +335,7 @@ impl Fixups {
 
     /// Counters for the exit log, e.g.
     /// `emulation fix-ups: clac=3780 stac=395 syscall=167 popcnt=3 fwait=3 int3=1 cmpxchg16b=2
-    /// unhandled=0`.
+    /// ldmxcsr=0 stmxcsr=0 fxsave=0 fxrstor=0 unhandled=0`.
     pub fn summary(&self) -> String {
         self.stats.summary()
     }

@@ -1,4 +1,5 @@
-//! A permission-blind walk of long-mode guest page tables.
+//! Walks of long-mode guest page tables: permission-blind ([`translate`]) and checked for data
+//! accesses ([`translate_data`]).
 //!
 //! `KVM_TRANSLATE` checks access rights as a supervisor data read in the vCPU's current state,
 //! so with CR4.SMAP set and RFLAGS.AC clear (every Linux entry path) it reports user pages as
@@ -6,8 +7,10 @@
 //! read the user's code from kernel mode, so [`super::KvmVcpuAccess`] walks the tables itself
 //! in long mode and uses `KVM_TRANSLATE` only for other paging modes.
 //!
-//! Writes (the `cmpxchg16b` fix-up) go through [`translate_write`] instead, which checks the
-//! permissions hardware checks for a data write and reports the page fault it would raise.
+//! Data accesses of the fix-ups that complete an instruction (`cmpxchg16b`'s write, the memory
+//! operands of `ldmxcsr`, `stmxcsr`, `fxsave`, `fxrstor`) go through [`translate_data`] instead,
+//! which checks the permissions hardware checks for a data read or write and reports the page
+//! fault it would raise.
 
 /// CR4.LA57: five-level paging.
 const CR4_LA57: u64 = 1 << 12;
@@ -54,9 +57,9 @@ pub fn translate(
     None
 }
 
-/// The privilege a data write is checked with, from the vCPU state at the instruction.
+/// The privilege a data access is checked with, from the vCPU state at the instruction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WriteAccess {
+pub struct DataAccess {
     /// A user-mode (CPL 3) access.
     pub user: bool,
     /// CR0.WP: supervisor writes honour read-only pages.
@@ -75,9 +78,18 @@ pub mod pf {
     pub const USER: u32 = 1 << 2;
 }
 
-/// Where a permitted write goes.
+/// Whether a data access reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WriteTarget {
+pub enum AccessKind {
+    /// A data read.
+    Read,
+    /// A data write.
+    Write,
+}
+
+/// Where a permitted access goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataTarget {
     /// Guest physical address of the byte at the virtual address.
     pub gpa: u64,
     /// Guest physical addresses of the paging entries walked, the leaf last; only the first
@@ -87,9 +99,9 @@ pub struct WriteTarget {
     pub levels: usize,
 }
 
-/// Why a write was refused.
+/// Why an access was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteFault {
+pub enum AccessFault {
     /// The page fault hardware raises, with its error code.
     PageFault {
         /// Error code (bits of [`pf`]).
@@ -102,20 +114,34 @@ pub enum WriteFault {
     },
 }
 
-/// Translates `gva` for a data write with `access`, through the 4- or 5-level page tables at
-/// `cr3`, checking present, writable, user and SMAP as hardware does (reserved bits and
-/// protection keys are not checked).
+/// Translates `gva` for a data write with `access` ([`translate_data`] for a write).
 pub fn translate_write(
     read_entry: impl Fn(u64) -> Option<u64>,
     cr3: u64,
     cr4: u64,
     gva: u64,
-    access: WriteAccess,
-) -> Result<WriteTarget, WriteFault> {
-    let base_code = pf::WRITE | if access.user { pf::USER } else { 0 };
+    access: DataAccess,
+) -> Result<DataTarget, AccessFault> {
+    translate_data(read_entry, cr3, cr4, gva, access, AccessKind::Write)
+}
+
+/// Translates `gva` for a data access of `kind` with `access`, through the 4- or 5-level page
+/// tables at `cr3`, checking present, writable (writes only), user and SMAP as hardware does
+/// (reserved bits and protection keys are not checked). The fault's error code has the write
+/// and user bits of the access.
+pub fn translate_data(
+    read_entry: impl Fn(u64) -> Option<u64>,
+    cr3: u64,
+    cr4: u64,
+    gva: u64,
+    access: DataAccess,
+    kind: AccessKind,
+) -> Result<DataTarget, AccessFault> {
+    let write = kind == AccessKind::Write;
+    let base_code = if write { pf::WRITE } else { 0 } | if access.user { pf::USER } else { 0 };
     let levels: u32 = if cr4 & CR4_LA57 != 0 { 5 } else { 4 };
     let mut table = cr3 & ADDR_MASK;
-    let mut target = WriteTarget {
+    let mut target = DataTarget {
         gpa: 0,
         entries: [0; 5],
         levels: 0,
@@ -126,9 +152,9 @@ pub fn translate_write(
         let shift = 12 + 9 * (level - 1);
         let index = (gva >> shift) & 0x1ff;
         let entry_gpa = table + index * 8;
-        let entry = read_entry(entry_gpa).ok_or(WriteFault::TableUnreadable { gpa: entry_gpa })?;
+        let entry = read_entry(entry_gpa).ok_or(AccessFault::TableUnreadable { gpa: entry_gpa })?;
         if entry & PRESENT == 0 {
-            return Err(WriteFault::PageFault {
+            return Err(AccessFault::PageFault {
                 error_code: base_code,
             });
         }
@@ -139,13 +165,14 @@ pub fn translate_write(
         let offset_mask = (1u64 << shift) - 1;
         let leaf = level == 1 || ((level == 2 || level == 3) && entry & PAGE_SIZE_BIT != 0);
         if leaf {
+            let read_only = write && !writable;
             let protection = if access.user {
-                !user || !writable
+                !user || read_only
             } else {
-                (user && access.smap) || (!writable && access.write_protect)
+                (user && access.smap) || (read_only && access.write_protect)
             };
             if protection {
-                return Err(WriteFault::PageFault {
+                return Err(AccessFault::PageFault {
                     error_code: base_code | pf::PRESENT,
                 });
             }
@@ -155,7 +182,7 @@ pub fn translate_write(
         table = entry & ADDR_MASK;
     }
     // Unreachable for levels >= 1: level 1 is always a leaf.
-    Err(WriteFault::PageFault {
+    Err(AccessFault::PageFault {
         error_code: base_code,
     })
 }
@@ -243,7 +270,7 @@ mod tests {
         assert_eq!(translate(t.read(), 0x1000, 0, gva), None);
     }
 
-    const KERNEL: WriteAccess = WriteAccess {
+    const KERNEL: DataAccess = DataAccess {
         user: false,
         write_protect: true,
         smap: true,
@@ -270,7 +297,7 @@ mod tests {
         assert_eq!(w.entries[0], 0x1000 + idx(gva, 4) * 8);
         // A user page written from user mode.
         let t = one_page(gva, 0x77_7000, 7, 7);
-        let user = WriteAccess {
+        let user = DataAccess {
             user: true,
             ..KERNEL
         };
@@ -283,12 +310,12 @@ mod tests {
     #[test]
     fn write_faults_like_hardware() {
         let gva = 0x7f00_0000_1010_u64;
-        let user = WriteAccess {
+        let user = DataAccess {
             user: true,
             ..KERNEL
         };
         let fault = |t: &Tables, access| translate_write(t.read(), 0x1000, 0, gva, access);
-        let pf_code = |error_code| Err(WriteFault::PageFault { error_code });
+        let pf_code = |error_code| Err(AccessFault::PageFault { error_code });
         // Not present: P=0.
         let t = one_page(gva, 0x5000, 7, 6);
         assert_eq!(fault(&t, user), pf_code(pf::WRITE | pf::USER));
@@ -296,12 +323,12 @@ mod tests {
         // Read-only leaf (copy-on-write): user faults; supervisor faults only with CR0.WP.
         let t = one_page(gva, 0x5000, 7, 5);
         assert_eq!(fault(&t, user), pf_code(pf::PRESENT | pf::WRITE | pf::USER));
-        let no_smap = WriteAccess {
+        let no_smap = DataAccess {
             smap: false,
             ..KERNEL
         };
         assert_eq!(fault(&t, no_smap), pf_code(pf::PRESENT | pf::WRITE));
-        let no_wp = WriteAccess {
+        let no_wp = DataAccess {
             write_protect: false,
             ..no_smap
         };
@@ -320,7 +347,7 @@ mod tests {
         let t = Tables(HashMap::new());
         assert_eq!(
             fault(&t, KERNEL),
-            Err(WriteFault::TableUnreadable {
+            Err(AccessFault::TableUnreadable {
                 gpa: 0x1000 + idx(gva, 4) * 8
             })
         );
@@ -338,5 +365,41 @@ mod tests {
         assert_eq!(w.gpa, 0x4000_0000 | (gva & 0x1f_ffff));
         assert_eq!(w.levels, 3);
         assert_eq!(w.entries[2], 0x6000 + idx(gva, 2) * 8);
+    }
+
+    #[test]
+    fn reads_fault_like_hardware() {
+        let gva = 0x7f00_0000_2020_u64;
+        let user = DataAccess {
+            user: true,
+            ..KERNEL
+        };
+        let read =
+            |t: &Tables, access| translate_data(t.read(), 0x1000, 0, gva, access, AccessKind::Read);
+        let pf_code = |error_code| Err(AccessFault::PageFault { error_code });
+        // Read-only pages are readable by everyone.
+        let t = one_page(gva, 0x5000, 7, 5);
+        assert_eq!(read(&t, user).unwrap().gpa, 0x5020);
+        let t = one_page(gva, 0x5000, 5, 5);
+        let no_smap = DataAccess {
+            smap: false,
+            ..KERNEL
+        };
+        assert_eq!(read(&t, no_smap).unwrap().gpa, 0x5020);
+        // Not present: no W bit in the code.
+        let t = one_page(gva, 0x5000, 7, 6);
+        assert_eq!(read(&t, user), pf_code(pf::USER));
+        assert_eq!(read(&t, KERNEL), pf_code(0));
+        // Supervisor page read from user mode; user page read by the kernel under SMAP.
+        let t = one_page(gva, 0x5000, 3, 3);
+        assert_eq!(read(&t, user), pf_code(pf::PRESENT | pf::USER));
+        assert_eq!(read(&t, KERNEL).unwrap().gpa, 0x5020);
+        let t = one_page(gva, 0x5000, 7, 7);
+        assert_eq!(read(&t, KERNEL), pf_code(pf::PRESENT));
+        assert_eq!(read(&t, no_smap).unwrap().gpa, 0x5020);
+        // The walk is reported for the accessed bits.
+        let w = read(&t, user).unwrap();
+        assert_eq!(w.levels, 4);
+        assert_eq!(w.entries[3], 0x4000 + idx(gva, 1) * 8);
     }
 }

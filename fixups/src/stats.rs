@@ -77,7 +77,7 @@ mod tests {
         assert_eq!(
             stats.summary(),
             "emulation fix-ups: clac=4000 stac=0 syscall=0 popcnt=0 fwait=0 int3=4 cmpxchg16b=0 \
-             unhandled=4"
+             ldmxcsr=0 stmxcsr=0 fxsave=0 fxrstor=0 unhandled=4"
         );
     }
 

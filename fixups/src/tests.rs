@@ -366,7 +366,7 @@ fn summary_counts_each_fixup() {
     assert_eq!(
         fixups.summary(),
         "emulation fix-ups: clac=3 stac=0 syscall=0 popcnt=0 fwait=1 int3=0 cmpxchg16b=0 \
-         unhandled=1"
+         ldmxcsr=0 stmxcsr=0 fxsave=0 fxrstor=0 unhandled=1"
     );
 }
 
@@ -754,7 +754,7 @@ fn cmpxchg16b_success_stores_and_sets_zf() {
     // A kernel write with CR0.WP and SMAP (AC clear) checked.
     assert_eq!(
         cpu.last_write_access,
-        Some(WriteAccess {
+        Some(DataAccess {
             user: false,
             write_protect: true,
             smap: true
@@ -866,7 +866,7 @@ fn cmpxchg16b_unmapped_or_read_only_raises_pf_with_cr2() {
     assert_eq!(slot(&cpu, SLOT), OLD);
     assert_eq!(
         cpu.last_write_access,
-        Some(WriteAccess {
+        Some(DataAccess {
             user: true,
             write_protect: true,
             smap: false

@@ -4,7 +4,15 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 
 use super::decode::{CpuMode, MAX_INSN_LEN};
-use super::page_walk::WriteAccess;
+use super::page_walk::DataAccess;
+
+/// Size of the FXSAVE image (the legacy region of an XSAVE area).
+pub const FXSAVE_SIZE: usize = 512;
+
+/// The x87 and SSE state as a 64-bit FXSAVE image (the `fxsave64` layout: FCW at 0, FSW at 2,
+/// abridged FTW at 4, FOP at 6, 64-bit FIP at 8 and FDP at 16, MXCSR at 24, MXCSR_MASK at 28,
+/// ST0-ST7 at 32, XMM0-XMM15 at 160, bytes 416-511 reserved/available).
+pub type FxImage = [u8; FXSAVE_SIZE];
 
 /// MSR_EFER.
 pub const MSR_EFER: u32 = 0xc000_0080;
@@ -25,6 +33,8 @@ pub mod vector {
     pub const UD: u8 = 6;
     /// #NM, device not available.
     pub const NM: u8 = 7;
+    /// #AC, alignment check.
+    pub const AC: u8 = 17;
     /// #SS, stack-segment fault.
     pub const SS: u8 = 12;
     /// #GP, general protection.
@@ -67,8 +77,14 @@ pub mod rflags {
 pub const CR0_PE: u64 = 1 << 0;
 /// CR0.MP: monitor coprocessor (makes WAIT honour CR0.TS).
 pub const CR0_MP: u64 = 1 << 1;
+/// CR0.EM: x87 emulation (x87, MMX and SSE instructions fault).
+pub const CR0_EM: u64 = 1 << 2;
 /// CR0.TS: task switched (lazy FPU).
 pub const CR0_TS: u64 = 1 << 3;
+/// CR0.AM: alignment mask (with RFLAGS.AC, alignment checks at CPL 3).
+pub const CR0_AM: u64 = 1 << 18;
+/// CR4.OSFXSR: the OS supports FXSAVE/FXRSTOR and SSE.
+pub const CR4_OSFXSR: u64 = 1 << 9;
 /// CR0.WP: supervisor writes honour read-only pages.
 pub const CR0_WP: u64 = 1 << 16;
 /// CR4.LA57: 57-bit linear addresses.
@@ -145,8 +161,8 @@ pub enum VcpuError {
         /// Guest physical address it translated to.
         gpa: u64,
     },
-    /// A write would raise this page fault; nothing was written.
-    #[error("write to guest virtual address {gva:#x} page-faults (error code {error_code:#x})")]
+    /// The access would raise this page fault; nothing was read or written.
+    #[error("access to guest virtual address {gva:#x} page-faults (error code {error_code:#x})")]
     PageFault {
         /// Guest virtual address.
         gva: u64,
@@ -160,6 +176,19 @@ pub enum VcpuError {
         gva: u64,
         /// Guest physical address it translated to.
         gpa: u64,
+    },
+    /// KVM_GET_XSAVE failed.
+    #[error("get xsave state: {0}")]
+    GetXsave(#[source] kvm_ioctls::Error),
+    /// KVM_SET_XSAVE failed (KVM also refuses an MXCSR with reserved bits set).
+    #[error("set xsave state: {0}")]
+    SetXsave(#[source] kvm_ioctls::Error),
+    /// KVM's XSAVE buffer for this process's vCPUs is larger than the 4096 bytes of
+    /// `struct kvm_xsave` (dynamically enabled state such as AMX): not handled.
+    #[error("kvm xsave state is {size} bytes, more than the 4096 handled")]
+    XsaveTooLarge {
+        /// `KVM_CAP_XSAVE2`'s size.
+        size: usize,
     },
     /// An atomic 16-byte operation was asked for at an address that is not 16-byte aligned.
     #[error("guest virtual address {gva:#x} not 16-byte aligned")]
@@ -220,10 +249,26 @@ pub trait VcpuAccess {
     fn cmpxchg16b(
         &mut self,
         gva: u64,
-        access: WriteAccess,
+        access: DataAccess,
         expected: u128,
         new: u128,
     ) -> Result<u128, VcpuError>;
+    /// The x87 and SSE state as an FXSAVE image (64-bit layout, see [`FxImage`]), MXCSR_MASK
+    /// included.
+    fn fx_state(&self) -> Result<FxImage, VcpuError>;
+    /// Loads the x87 and SSE state from `image` (64-bit layout): everything `fxrstor64`
+    /// loads. MXCSR_MASK and bytes 416-511 are ignored; the caller checked MXCSR against the
+    /// mask. Other state (AVX upper halves, ...) is left as it is.
+    fn set_fx_state(&mut self, image: &FxImage) -> Result<(), VcpuError>;
+    /// Reads `buf.len()` bytes at guest *virtual* address `gva` as a data read with `access`
+    /// (long mode only), with the permission checks hardware makes and the accessed bits it
+    /// sets. A read hardware would refuse fails with [`VcpuError::PageFault`].
+    fn read_data(&self, gva: u64, access: DataAccess, buf: &mut [u8]) -> Result<(), VcpuError>;
+    /// Writes `data` at guest *virtual* address `gva` as a data write with `access` (long
+    /// mode only): every page is checked before anything is written, then accessed and dirty
+    /// bits are set as hardware does. A write hardware would refuse fails with
+    /// [`VcpuError::PageFault`] (for the first refused byte) and changes nothing. Not atomic.
+    fn write_data(&mut self, gva: u64, access: DataAccess, data: &[u8]) -> Result<(), VcpuError>;
     /// Injects exception `vector` (with `error_code` if it has one) to be delivered on the next
     /// entry. For `#BP` RIP must already point after the `int3`.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), VcpuError>;
