@@ -198,7 +198,7 @@ fn fxsave(
     let mut area = [0u8; FXSAVE_SIZE];
     // Unchecked read of the bytes left alone; if it fails the checked write below faults or
     // fails as well.
-    let _ = cpu.read_virt(gva + XMM_END as u64, &mut area[XMM_END..]);
+    let _ = cpu.read_virt(gva.wrapping_add(XMM_END as u64), &mut area[XMM_END..]);
     area[..XMM_END].copy_from_slice(&image[..XMM_END]);
     if !rex_w {
         let fip = u64_at(&image, FIP) as u32;

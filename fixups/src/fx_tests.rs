@@ -562,3 +562,15 @@ fn group15_fixups_are_named_when_disabled() {
     assert_eq!(cpu.writes, 0);
     assert_eq!(cpu.fx_writes, 0);
 }
+
+#[test]
+fn fxsave_at_the_top_of_the_address_space_does_not_overflow() {
+    // The last 256 bytes of the address space: the area wraps; nothing is mapped there, so
+    // a #PF, and no arithmetic overflow on the way.
+    let fixups = active();
+    let mut cpu = sse_cpu();
+    cpu.regs.rdi = 0xffff_ffff_ffff_ff00;
+    let applied = fixups.handle(&mut cpu, &[0x48, 0x0f, 0xae, 0x07]).unwrap();
+    assert_eq!(applied.outcome, Outcome::Raised { vector: vector::PF });
+    assert_eq!(cpu.sregs.cr2, 0xffff_ffff_ffff_ff00);
+}
