@@ -1,6 +1,6 @@
 //! The small pieces every hype program shares, whatever it is: one way to format an error
-//! chain, one way to end `main` with the right exit code, one logging setup, and guest RAM files
-//! that are safe to share ([`memfd`]).
+//! chain, one way to end `main` with the right exit code, one logging setup, guest RAM files
+//! that are safe to share ([`memfd`]), one way to spell sizes and durations on a command line.
 //!
 //! May depend on: `std`, `libc`, `clap`, `log`/`env_logger`, `thiserror`. Nothing KVM-, virtio- or
 //! network-specific belongs here: the VMM, the supervisor and every backend link it.
@@ -10,6 +10,7 @@ mod exit;
 pub mod log_limit;
 mod logging;
 pub mod memfd;
+mod units;
 
 pub use error_chain::error_chain;
 pub use exit::{
@@ -17,3 +18,4 @@ pub use exit::{
     usage_error_line, CommandError, EXIT_RUNTIME, EXIT_USAGE,
 };
 pub use logging::init_logging;
+pub use units::{format_duration, format_size, parse_bytes, parse_duration, parse_size};

@@ -15,6 +15,7 @@
 //! line), `hype-base`. It talks to its children only through their command lines and exit codes.
 
 pub mod args;
+pub mod argv;
 pub mod demo;
 pub mod plan;
 pub mod problem;

@@ -12,7 +12,7 @@ use crate::vm::{self, BootImage, VmConfig, DEFAULT_CMDLINE};
 use hype_fixups::FixupMode;
 
 /// The arguments of `hype vmm`.
-#[derive(Args)]
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
 #[command(after_help = "Examples:
   hype vmm --kernel vmlinux --initrd initramfs.cpio --cmdline 'console=ttyS0' --memory 512M --cpus 2
   hype vmm --kernel bzImage --serial file:/tmp/console.log --device /run/disk0.sock

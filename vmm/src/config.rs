@@ -1,10 +1,9 @@
 //! VM configuration as given on the command line, with parsing of sizes and specs.
 
+use crate::virtio::{DeviceOptions, DeviceType, WaitLimit};
+use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
-
-use crate::virtio::{DeviceOptions, DeviceType, WaitLimit};
 
 /// Where the UART's output goes (input comes from stdin only with `stdio`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +26,17 @@ impl FromStr for SerialSpec {
                 Some(p) if !p.is_empty() => Ok(SerialSpec::File(PathBuf::from(p))),
                 _ => Err(format!("'{s}' is not one of stdio, none, file:PATH")),
             },
+        }
+    }
+}
+
+impl fmt::Display for SerialSpec {
+    /// The spelling [`SerialSpec::from_str`] reads back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialSpec::Stdio => f.write_str("stdio"),
+            SerialSpec::None => f.write_str("none"),
+            SerialSpec::File(p) => write!(f, "file:{}", p.display()),
         }
     }
 }
@@ -80,23 +90,54 @@ impl DeviceSpec {
     }
 }
 
-/// Parses a duration: `forever`, or a number with `ms`, `s` or `m` (bare: seconds).
+impl fmt::Display for DeviceSpec {
+    /// The spelling [`DeviceSpec::from_str`] reads back: the bare socket path when it cannot
+    /// be mistaken for `TYPE:PATH` or `key=value`, else `socket=PATH`; then the options that
+    /// are set. (A path with a comma has no spelling; the parser splits it.)
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = self.socket.to_string_lossy();
+        let typed_prefix = path
+            .split_once(':')
+            .is_some_and(|(k, _)| k.parse::<DeviceType>().is_ok());
+        if path.contains('=') || typed_prefix {
+            write!(f, "socket={path}")?;
+        } else {
+            f.write_str(&path)?;
+        }
+        if let Some(k) = self.kind {
+            write!(f, ",type={}", k.name())?;
+        }
+        if let Some(n) = self.num_queues {
+            write!(f, ",queues={n}")?;
+        }
+        if let Some(n) = self.queue_size {
+            write!(f, ",queue-size={n}")?;
+        }
+        if let Some(w) = self.wait {
+            write!(f, ",wait={}", format_wait(w))?;
+        }
+        if let Some(w) = self.reconnect {
+            write!(f, ",reconnect-timeout={}", format_wait(w))?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a wait limit: `forever`, or a duration ([`hype_base::parse_duration`]: a number
+/// with `ms`, `s` or `m`, bare: seconds).
 pub fn parse_wait(s: &str) -> Result<WaitLimit, String> {
-    let t = s.trim();
-    if t == "forever" {
+    if s.trim() == "forever" {
         return Ok(WaitLimit::Forever);
     }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let n: u64 = t[..split]
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (examples: 500ms, 10s, 2m, forever)"))?;
-    let d = match &t[split..] {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        other => return Err(format!("unknown duration unit '{other}' in '{s}'")),
-    };
-    Ok(WaitLimit::For(d))
+    hype_base::parse_duration(s).map(WaitLimit::For)
+}
+
+/// Spells `w` so that [`parse_wait`] gives it back (to the millisecond).
+pub fn format_wait(w: WaitLimit) -> String {
+    match w {
+        WaitLimit::Forever => "forever".to_string(),
+        WaitLimit::For(d) => hype_base::format_duration(d),
+    }
 }
 
 fn parse_u16(key: &str, v: &str) -> Result<u16, String> {
@@ -152,29 +193,7 @@ impl FromStr for DeviceSpec {
     }
 }
 
-/// Parses a byte size: a number with an optional K, M, G or T suffix (powers of 1024, optional
-/// trailing `iB`/`B`); a bare number is bytes... unless `default_unit` says otherwise.
-pub fn parse_size(s: &str, default_unit: u64) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    if digits_end == 0 {
-        return Err(format!("'{s}' is not a size (examples: 512M, 2G)"));
-    }
-    let n: u64 = t[..digits_end]
-        .parse()
-        .map_err(|_| format!("'{s}' is too large"))?;
-    let unit = match t[digits_end..].to_ascii_uppercase().as_str() {
-        "" => default_unit,
-        "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        "T" | "TB" | "TIB" => 1 << 40,
-        other => return Err(format!("unknown size suffix '{other}' in '{s}'")),
-    };
-    n.checked_mul(unit)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
+pub use hype_base::parse_size;
 
 /// Memory size in bytes: a bare number means MiB, as in other VMMs.
 pub fn parse_memory(s: &str) -> Result<u64, String> {
@@ -184,6 +203,7 @@ pub fn parse_memory(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn sizes() {

@@ -25,7 +25,7 @@ pub use file::{FileOptions, FileStorage};
 pub const DEFAULT_IO_THREADS: usize = 0;
 
 /// Command-line options of `hype block-file`.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 #[command(mut_arg("io_threads", |a| a.help(io_threads_help(DEFAULT_IO_THREADS))))]
 pub struct Args {
     /// Raw image file or block device.

@@ -57,7 +57,7 @@ pub use storage::HttpStorage;
 pub const DEFAULT_IO_THREADS: usize = 16;
 
 /// Command-line options of `hype block-http`.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 #[command(mut_arg("io_threads", |a| a.help(io_threads_help(DEFAULT_IO_THREADS))))]
 pub struct Args {
     /// URL of the raw disk image (http:// or https://).

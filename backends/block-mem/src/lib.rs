@@ -19,7 +19,7 @@ pub use store::{MemStorage, MAX_SIZE};
 pub const DEFAULT_IO_THREADS: usize = 0;
 
 /// Command-line options of `hype block-mem`.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 #[command(mut_arg("io_threads", |a| a.help(io_threads_help(DEFAULT_IO_THREADS))))]
 pub struct Args {
     /// Disk size, with an optional K/M/G/T suffix (e.g. 256M). Defaults to the image size.
@@ -91,6 +91,22 @@ impl CommandError for Error {
     }
 }
 
+/// Checks that `size` is a usable disk size: a non-zero whole number of 512-byte sectors,
+/// at most [`MAX_SIZE`].
+/// `hype run --disk mem:SIZE` checks with it too.
+pub fn check_size(size: u64) -> Result<(), Error> {
+    if size == 0 || size % 512 != 0 {
+        return Err(Error::UnalignedSize(size));
+    }
+    if size > store::MAX_SIZE {
+        return Err(Error::TooLarge {
+            size,
+            max: store::MAX_SIZE,
+        });
+    }
+    Ok(())
+}
+
 /// Builds the RAM disk `args` describes.
 pub fn storage(args: &Args) -> Result<MemStorage, Error> {
     let image_size = match &args.image {
@@ -110,15 +126,7 @@ pub fn storage(args: &Args) -> Result<MemStorage, Error> {
         (None, Some(i)) => i.div_ceil(512) * 512,
         (None, None) => return Err(Error::NoSize),
     };
-    if size == 0 || size % 512 != 0 {
-        return Err(Error::UnalignedSize(size));
-    }
-    if size > store::MAX_SIZE {
-        return Err(Error::TooLarge {
-            size,
-            max: store::MAX_SIZE,
-        });
-    }
+    check_size(size)?;
     let store = MemStorage::new(size, args.readonly);
     if let (Some(path), Some(image_size)) = (&args.image, image_size) {
         if image_size > size {

@@ -37,24 +37,10 @@ pub fn io_threads_help(default: usize) -> String {
 }
 
 /// Parses a size with an optional binary suffix: `4096`, `512K`, `256M`, `1G`, `2T`, also
-/// `KiB`/`MiB`/`GiB`/`TiB` and `B`. Case-insensitive.
+/// `KiB`/`MiB`/`GiB`/`TiB` and `B`. Case-insensitive; a bare number is bytes
+/// ([`hype_base::parse_bytes`], the one size parser of hype).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?} (expected e.g. 256M)"))?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" | "kb" => 10,
-        "m" | "mib" | "mb" => 20,
-        "g" | "gib" | "gb" => 30,
-        "t" | "tib" | "tb" => 40,
-        _ => return Err(format!("invalid size suffix in {s:?} (use K, M, G or T)")),
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    hype_base::parse_bytes(s)
 }
 
 #[cfg(test)]

@@ -93,6 +93,18 @@ impl FromStr for Output {
     }
 }
 
+impl std::fmt::Display for Output {
+    /// The spelling [`Output::from_str`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Output::Stdio => f.write_str("stdio"),
+            Output::Pty => f.write_str("pty"),
+            Output::Socket(p) => write!(f, "socket:{}", p.display()),
+            Output::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
 /// Parses `COLSxROWS`, e.g. `80x25`.
 pub fn parse_console_size(s: &str) -> Result<(u16, u16), String> {
     let err = || format!("invalid console size {s:?} (expected COLSxROWS, e.g. 80x25)");
@@ -106,7 +118,7 @@ pub fn parse_console_size(s: &str) -> Result<(u16, u16), String> {
 }
 
 /// Command-line options of `hype console`.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct Args {
     /// Where the vhost-user socket is.
     #[command(flatten)]

@@ -33,7 +33,7 @@ use hype_daemon::{CommandError, ListenArgs, Shutdown, SocketListener};
 pub use backend::{GuestMemory, NetBackend};
 pub use config::{tap_offloads_for, MacAddr, NetSpec, CONFIG_SIZE, MAX_QUEUE_PAIRS};
 pub use stats::{Stats, StatsSnapshot};
-pub use tap::{offload, Tap, TapError};
+pub use tap::{check_tap_name, offload, Tap, TapError};
 
 /// Size of the virtio-net header with VERSION_1 or MRG_RXBUF (`num_buffers` present).
 pub const VNET_HDR_LEN: usize = 12;
@@ -42,7 +42,7 @@ pub const VNET_HDR_LEN: usize = 12;
 pub const LEGACY_VNET_HDR_LEN: usize = 10;
 
 /// Command-line options of `hype net-tap`.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct Args {
     /// Where to listen.
     #[command(flatten)]

@@ -33,8 +33,8 @@ pub mod offload {
 /// Errors opening or configuring the TAP interface.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
-    /// The interface name is empty, too long or contains a NUL.
-    #[error("invalid interface name {0:?} (1 to 15 bytes)")]
+    /// The interface name is one the kernel refuses ([`check_tap_name`]).
+    #[error("invalid interface name {0:?} (1 to 15 bytes, not . or .., without '/', ':', NUL or whitespace)")]
     InvalidName(String),
     /// `/dev/net/tun` could not be opened.
     #[error("cannot open {TUN_PATH} (is the tun module loaded?)")]
@@ -156,13 +156,27 @@ fn interface_exists(name: &str) -> bool {
     unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
+/// Checks `name` against the kernel's rules for interface names (`dev_valid_name`): 1 to 15
+/// bytes, not `.` or `..`, no `/`, `:`, NUL or whitespace. `hype net-tap --tap` and
+/// `hype run --net tap:NAME` both use it.
+pub fn check_tap_name(name: &str) -> Result<(), TapError> {
+    if name.is_empty()
+        || name.len() >= libc::IFNAMSIZ
+        || name == "."
+        || name == ".."
+        || name.contains(['/', ':', '\0'])
+        || name.chars().any(char::is_whitespace)
+    {
+        return Err(TapError::InvalidName(name.to_string()));
+    }
+    Ok(())
+}
+
 impl Tap {
     /// Opens `queues` queues of tap `name`, creating the interface if it does not exist (it then
     /// disappears when the last queue is closed). Offloads start disabled.
     pub fn open(name: &str, queues: usize) -> Result<Tap, TapError> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
-            return Err(TapError::InvalidName(name.to_string()));
-        }
+        check_tap_name(name)?;
         let created = !interface_exists(name);
         let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
         if queues > 1 {
