@@ -10,10 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::args::RunConfig;
+use super::argv::{self, ChildArgs};
 use super::problem::{Problem, Problems};
 use super::spec::{ConsoleSpec, DiskSource, DiskSpec, NetSpec};
 use super::tap_probe::probe_tap;
-use hype_vmm::config::{parse_memory, DeviceSpec, SerialSpec};
+use hype_daemon::ListenArgs;
+use hype_vmm::cli::VmmArgs;
+use hype_vmm::config::{DeviceSpec, SerialSpec};
+use hype_vmm::virtio::MAX_DEVICES;
+use hype_vmm::vm::MAX_VCPUS;
 
 /// Default restarts allowed per backend within [`super::supervisor::RESTART_WINDOW`].
 pub const DEFAULT_MAX_RESTARTS: u32 = 5;
@@ -25,18 +30,137 @@ pub struct Checked {
     pub exe: PathBuf,
     /// VM name (runtime directory name).
     pub name: String,
-    kernel: PathBuf,
-    initrd: Option<PathBuf>,
-    cmdline: Option<String>,
-    memory: Option<String>,
-    cpus: Option<u8>,
-    serial: SerialSpec,
-    disks: Vec<DiskSpec>,
-    nets: Vec<NetSpec>,
-    console: ConsoleSpec,
-    devices: Vec<(String, DeviceSpec)>,
+    /// The VMM's arguments, with only the user's own `--device`s (the backends' sockets are
+    /// added by [`Checked::plan`]).
+    vmm: VmmArgs,
+    /// The backends in device order: name, arguments (socket unset unless the user chose
+    /// it), whether it takes the terminal.
+    backends: Vec<(String, Backend, bool)>,
     /// Restarts allowed per backend per window.
     pub max_restarts: u32,
+}
+
+/// One backend process, as the typed arguments of its `hype` subcommand (built and checked
+/// by that subcommand's own parser).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// `hype block-file`.
+    BlockFile(hype_block_file::Args),
+    /// `hype block-mem`.
+    BlockMem(hype_block_mem::Args),
+    /// `hype block-http`.
+    BlockHttp(hype_block_http::Args),
+    /// `hype net-tap`.
+    NetTap(hype_net_tap::Args),
+    /// `hype console`.
+    Console(hype_console::Args),
+}
+
+impl Backend {
+    /// The `hype` subcommand.
+    pub fn subcommand(&self) -> &'static str {
+        match self {
+            Backend::BlockFile(_) => hype_block_file::Args::SUBCOMMAND,
+            Backend::BlockMem(_) => hype_block_mem::Args::SUBCOMMAND,
+            Backend::BlockHttp(_) => hype_block_http::Args::SUBCOMMAND,
+            Backend::NetTap(_) => hype_net_tap::Args::SUBCOMMAND,
+            Backend::Console(_) => hype_console::Args::SUBCOMMAND,
+        }
+    }
+
+    /// The subcommand and its arguments.
+    pub fn argv(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = vec![self.subcommand().into()];
+        v.extend(match self {
+            Backend::BlockFile(a) => a.to_argv(),
+            Backend::BlockMem(a) => a.to_argv(),
+            Backend::BlockHttp(a) => a.to_argv(),
+            Backend::NetTap(a) => a.to_argv(),
+            Backend::Console(a) => a.to_argv(),
+        });
+        v
+    }
+
+    fn listen_mut(&mut self) -> &mut ListenArgs {
+        match self {
+            Backend::BlockFile(a) => &mut a.device.listen,
+            Backend::BlockMem(a) => &mut a.device.listen,
+            Backend::BlockHttp(a) => &mut a.device.listen,
+            Backend::NetTap(a) => &mut a.listen,
+            Backend::Console(a) => &mut a.listen,
+        }
+    }
+}
+
+/// `--name=value`: unambiguous whatever the value starts with.
+fn kv(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
+    let mut w = OsString::from(format!("--{name}="));
+    w.push(value.as_ref());
+    w
+}
+
+/// Parses `argv` with `A`'s parser; the error is the child's reason.
+fn child<A: clap::Args>(argv: Vec<OsString>) -> Result<A, String> {
+    argv::parse::<A, _, _>(argv).map_err(|e| argv::reason(&e))
+}
+
+/// The backend serving disk `d`, with `hype`'s own parser for that backend.
+fn disk_backend(d: &DiskSpec) -> Result<Backend, String> {
+    let mut a = Vec::new();
+    if let Some(s) = &d.socket {
+        a.push(kv("socket", s));
+    }
+    Ok(match &d.source {
+        DiskSource::File { path, readonly } => {
+            a.push(kv("path", path));
+            if *readonly {
+                a.push("--readonly".into());
+            }
+            Backend::BlockFile(child(a)?)
+        }
+        DiskSource::Mem { size } => {
+            a.push(kv("size", size.to_string()));
+            Backend::BlockMem(child(a)?)
+        }
+        DiskSource::Http {
+            url,
+            overlay,
+            readonly,
+        } => {
+            a.push(kv("url", url));
+            if let Some(o) = overlay {
+                a.push(kv("overlay", o));
+            }
+            if *readonly {
+                a.push("--readonly".into());
+            }
+            Backend::BlockHttp(child(a)?)
+        }
+    })
+}
+
+/// The backend serving net `n`.
+fn net_backend(n: &NetSpec) -> Result<Backend, String> {
+    let mut a = vec![kv("tap", &n.tap)];
+    if let Some(m) = n.mac {
+        a.push(kv("mac", m.to_string()));
+    }
+    if let Some(s) = &n.socket {
+        a.push(kv("socket", s));
+    }
+    Ok(Backend::NetTap(child(a)?))
+}
+
+/// The backend serving a virtio console.
+fn console_backend(
+    output: &hype_console::Output,
+    socket: &Option<PathBuf>,
+) -> Result<Backend, String> {
+    let mut a = vec![kv("output", output.to_string())];
+    if let Some(s) = socket {
+        a.push(kv("socket", s));
+    }
+    Ok(Backend::Console(child(a)?))
 }
 
 /// One backend process to run.
@@ -50,6 +174,8 @@ pub struct BackendPlan {
     pub socket: PathBuf,
     /// Whether it gets this process's stdin/stdout (console on the terminal).
     pub stdio: bool,
+    /// The typed arguments [`args`](Self::args) is rendered from.
+    pub backend: Backend,
 }
 
 /// The processes of one VM.
@@ -61,6 +187,8 @@ pub struct Plan {
     pub backends: Vec<BackendPlan>,
     /// Arguments of the VMM process after the binary (`vmm` first).
     pub vmm: Vec<OsString>,
+    /// The typed arguments [`vmm`](Self::vmm) is rendered from.
+    pub vmm_args: VmmArgs,
     /// Whether the VMM gets this process's stdin (serial on the terminal).
     pub vmm_stdin: bool,
     /// Restarts allowed per backend per window.
@@ -87,8 +215,9 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
     if let Some(i) = &cfg.initrd {
         check_readable("--initrd", i, false, &mut bad);
     }
+    // Each value on its own, with `hype vmm`'s parser, so each problem is reported.
     if let Some(m) = &cfg.memory {
-        if let Err(reason) = parse_memory(m) {
+        if let Err(reason) = child::<VmmArgs>(vec![kv("kernel", "k"), kv("memory", m)]) {
             bad(Problem::BadValue {
                 what: "--memory".into(),
                 reason,
@@ -96,10 +225,10 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
         }
     }
     if let Some(n) = cfg.cpus {
-        if !(1..=254).contains(&n) {
+        if !(1..=MAX_VCPUS).contains(&n) {
             bad(Problem::BadValue {
                 what: "--cpus".into(),
-                reason: format!("{n} is not in 1..=254"),
+                reason: format!("{n} is not in 1..={MAX_VCPUS}"),
             });
         }
     }
@@ -231,7 +360,7 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
         match s.parse::<DeviceSpec>() {
             Ok(d) => {
                 claim_socket(&what, &d.socket, &mut bad);
-                devices.push((s.clone(), d));
+                devices.push(d);
             }
             Err(reason) => bad(Problem::BadValue { what, reason }),
         }
@@ -251,10 +380,16 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
         subs.push((disk_subcommand(&d.source), format!("--disk {d}")));
     }
     if let Some(n) = nets.first() {
-        subs.push(("net-tap", format!("--net tap:{}", n.tap)));
+        subs.push((
+            hype_net_tap::Args::SUBCOMMAND,
+            format!("--net tap:{}", n.tap),
+        ));
     }
     if let ConsoleSpec::Virtio { output, .. } = &console {
-        subs.push(("console", format!("--console {output}")));
+        subs.push((
+            hype_console::Args::SUBCOMMAND,
+            format!("--console {output}"),
+        ));
     }
     let mut seen = Vec::new();
     for (sub, what) in subs {
@@ -279,35 +414,84 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
         });
     }
 
-    if !problems.is_empty() {
-        return Err(Problems(problems));
+    // The children's arguments, made by their own parsers.
+    let mut backends = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        match disk_backend(d) {
+            Ok(b) => backends.push((format!("disk{i}"), b, false)),
+            Err(reason) => bad(Problem::BadValue {
+                what: format!("--disk {d}"),
+                reason,
+            }),
+        }
     }
+    for (i, n) in nets.iter().enumerate() {
+        match net_backend(n) {
+            Ok(b) => backends.push((format!("net{i}"), b, false)),
+            Err(reason) => bad(Problem::BadValue {
+                what: format!("--net tap:{}", n.tap),
+                reason,
+            }),
+        }
+    }
+    if let ConsoleSpec::Virtio { output, socket } = &console {
+        match console_backend(output, socket) {
+            Ok(b) => backends.push(("console".into(), b, console.uses_stdio())),
+            Err(reason) => bad(Problem::BadValue {
+                what: format!("--console {output}"),
+                reason,
+            }),
+        }
+    }
+    let mut vmm_argv = vec![kv("kernel", &kernel)];
+    if let Some(i) = &cfg.initrd {
+        vmm_argv.push(kv("initrd", i));
+    }
+    if let Some(c) = &cfg.cmdline {
+        vmm_argv.push(kv("cmdline", c));
+    }
+    if let Some(m) = &cfg.memory {
+        vmm_argv.push(kv("memory", m));
+    }
+    if let Some(n) = cfg.cpus {
+        vmm_argv.push(kv("cpus", n.to_string()));
+    }
+    vmm_argv.push(kv("serial", serial.to_string()));
+    for d in &devices {
+        vmm_argv.push(kv("device", d.to_string()));
+    }
+    let vmm = if problems.is_empty() {
+        match child::<VmmArgs>(vmm_argv) {
+            Ok(v) => Some(v),
+            Err(reason) => {
+                problems.push(Problem::BadValue {
+                    what: "hype vmm".into(),
+                    reason,
+                });
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let (true, Some(vmm)) = (problems.is_empty(), vmm) else {
+        return Err(Problems(problems));
+    };
     Ok(Checked {
         exe,
         name,
-        kernel,
-        initrd: cfg.initrd.clone(),
-        cmdline: cfg.cmdline.clone(),
-        memory: cfg.memory.clone(),
-        cpus: cfg.cpus,
-        serial,
-        disks,
-        nets,
-        console,
-        devices,
+        vmm,
+        backends,
         max_restarts: cfg.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS),
     })
 }
 
-/// The VMM's limit on virtio-mmio devices (interrupt lines).
-const MAX_DEVICES: usize = 10;
-
 /// The backend subcommand serving a disk.
 fn disk_subcommand(d: &DiskSource) -> &'static str {
     match d {
-        DiskSource::File { .. } => "block-file",
-        DiskSource::Mem { .. } => "block-mem",
-        DiskSource::Http { .. } => "block-http",
+        DiskSource::File { .. } => hype_block_file::Args::SUBCOMMAND,
+        DiskSource::Mem { .. } => hype_block_mem::Args::SUBCOMMAND,
+        DiskSource::Http { .. } => hype_block_http::Args::SUBCOMMAND,
     }
 }
 
@@ -409,114 +593,35 @@ impl Checked {
     /// The processes for this VM, with automatic sockets in `dir`.
     pub fn plan(&self, dir: &Path) -> Plan {
         let mut backends = Vec::new();
-        for (i, d) in self.disks.iter().enumerate() {
-            let name = format!("disk{i}");
-            let socket = d
+        let mut vmm = self.vmm.clone();
+        let mut sockets = Vec::new();
+        for (name, b, stdio) in &self.backends {
+            let mut b = b.clone();
+            let socket = b
+                .listen_mut()
                 .socket
-                .clone()
-                .unwrap_or_else(|| dir.join(format!("{name}.sock")));
-            let mut args: Vec<OsString> = vec![disk_subcommand(&d.source).into()];
-            match &d.source {
-                DiskSource::File { path, readonly } => {
-                    args.extend(["--path".into(), path.into()]);
-                    if *readonly {
-                        args.push("--readonly".into());
-                    }
-                }
-                DiskSource::Mem { size } => {
-                    args.extend(["--size".into(), size.to_string().into()]);
-                }
-                DiskSource::Http {
-                    url,
-                    overlay,
-                    readonly,
-                } => {
-                    args.extend(["--url".into(), url.into()]);
-                    if let Some(o) = overlay {
-                        args.extend(["--overlay".into(), o.into()]);
-                    }
-                    if *readonly {
-                        args.push("--readonly".into());
-                    }
-                }
-            }
-            args.extend(["--socket".into(), socket.clone().into()]);
+                .get_or_insert_with(|| dir.join(format!("{name}.sock")))
+                .clone();
+            sockets.push(DeviceSpec::new(socket.clone()));
             backends.push(BackendPlan {
-                name,
-                args,
+                name: name.clone(),
+                args: b.argv(),
                 socket,
-                stdio: false,
+                stdio: *stdio,
+                backend: b,
             });
         }
-        for (i, n) in self.nets.iter().enumerate() {
-            let name = format!("net{i}");
-            let socket = n
-                .socket
-                .clone()
-                .unwrap_or_else(|| dir.join(format!("{name}.sock")));
-            let mut args: Vec<OsString> = vec!["net-tap".into(), "--tap".into(), (&n.tap).into()];
-            if let Some(m) = &n.mac {
-                args.extend(["--mac".into(), m.into()]);
-            }
-            args.extend(["--socket".into(), socket.clone().into()]);
-            backends.push(BackendPlan {
-                name,
-                args,
-                socket,
-                stdio: false,
-            });
-        }
-        if let ConsoleSpec::Virtio { output, socket } = &self.console {
-            let socket = socket.clone().unwrap_or_else(|| dir.join("console.sock"));
-            let args = vec![
-                "console".into(),
-                "--output".into(),
-                output.into(),
-                "--socket".into(),
-                socket.clone().into(),
-            ];
-            backends.push(BackendPlan {
-                name: "console".into(),
-                args,
-                socket,
-                stdio: self.console.uses_stdio(),
-            });
-        }
-
-        let mut vmm: Vec<OsString> = vec!["vmm".into(), "--kernel".into(), (&self.kernel).into()];
-        if let Some(i) = &self.initrd {
-            vmm.extend(["--initrd".into(), i.into()]);
-        }
-        if let Some(c) = &self.cmdline {
-            vmm.extend(["--cmdline".into(), c.into()]);
-        }
-        if let Some(m) = &self.memory {
-            vmm.extend(["--memory".into(), m.into()]);
-        }
-        if let Some(n) = self.cpus {
-            vmm.extend(["--cpus".into(), n.to_string().into()]);
-        }
-        let serial: OsString = match &self.serial {
-            SerialSpec::Stdio => "stdio".into(),
-            SerialSpec::None => "none".into(),
-            SerialSpec::File(p) => {
-                let mut s = OsString::from("file:");
-                s.push(p);
-                s
-            }
-        };
-        vmm.extend(["--serial".into(), serial]);
-        for b in &backends {
-            vmm.extend(["--device".into(), b.socket.clone().into()]);
-        }
-        for (s, _) in &self.devices {
-            vmm.extend(["--device".into(), s.into()]);
-        }
+        // The backends' devices first, then the user's own, in the order given.
+        sockets.append(&mut vmm.devices);
+        vmm.devices = sockets;
+        let mut vmm_argv: Vec<OsString> = vec![VmmArgs::SUBCOMMAND.into()];
+        vmm_argv.extend(vmm.to_argv());
         Plan {
             exe: self.exe.clone(),
             backends,
-            vmm,
-            vmm_stdin: self.serial == SerialSpec::Stdio,
+            vmm_stdin: vmm.serial == SerialSpec::Stdio,
+            vmm: vmm_argv,
+            vmm_args: vmm,
             max_restarts: self.max_restarts,
         }
     }
@@ -563,6 +668,105 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hype_vmm::virtio::WaitLimit;
+    use std::time::Duration;
+
+    /// Parses a backend's planned argv with that backend's own parser.
+    fn reparse(args: &[OsString]) -> Backend {
+        let (sub, rest) = args.split_first().unwrap();
+        let rest = rest.to_vec();
+        match sub.to_str().unwrap() {
+            "block-file" => Backend::BlockFile(argv::parse(rest).unwrap()),
+            "block-mem" => Backend::BlockMem(argv::parse(rest).unwrap()),
+            "block-http" => Backend::BlockHttp(argv::parse(rest).unwrap()),
+            "net-tap" => Backend::NetTap(argv::parse(rest).unwrap()),
+            "console" => Backend::Console(argv::parse(rest).unwrap()),
+            other => panic!("unexpected subcommand {other}"),
+        }
+    }
+
+    #[test]
+    fn planned_argv_parses_back_with_each_childs_parser() {
+        let dir = std::env::temp_dir().join(format!("hype-plan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF").unwrap();
+        let img = dir.join("disk.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let cfg = RunConfig {
+            kernel: Some(kernel.clone()),
+            cmdline: Some("-v console=ttyS0".into()),
+            memory: Some("1536".into()),
+            cpus: Some(2),
+            disks: vec![
+                format!("file:{},ro", img.display()),
+                "mem:64M".into(),
+                format!("http://h/i.raw,overlay={}/o.img", dir.display()),
+            ],
+            console: Some("file:/tmp/c.log".into()),
+            devices: vec!["blk:/tmp/x.sock,wait=10s".into()],
+            ..RunConfig::default()
+        };
+        // `true` stands in for a hype binary that has every subcommand.
+        let checked = check(&cfg, "/bin/true".into()).unwrap();
+        let plan = checked.plan(Path::new("/run/vm"));
+        let subs: Vec<_> = plan
+            .backends
+            .iter()
+            .map(|b| b.backend.subcommand())
+            .collect();
+        assert_eq!(subs, ["block-file", "block-mem", "block-http", "console"]);
+        for b in &plan.backends {
+            assert_eq!(reparse(&b.args), b.backend, "{:?}", b.args);
+            assert_eq!(
+                b.socket,
+                Path::new("/run/vm").join(format!("{}.sock", b.name))
+            );
+        }
+        let Backend::BlockMem(m) = &plan.backends[1].backend else {
+            panic!("disk1 is not block-mem");
+        };
+        assert_eq!(m.size, Some(64 << 20));
+        let (sub, rest) = plan.vmm.split_first().unwrap();
+        assert_eq!(sub, "vmm");
+        let vmm: VmmArgs = argv::parse(rest.to_vec()).unwrap();
+        assert_eq!(vmm, plan.vmm_args);
+        assert_eq!(vmm.memory, 1536 << 20);
+        assert_eq!(vmm.cmdline, "-v console=ttyS0");
+        assert_eq!(vmm.serial, SerialSpec::Stdio);
+        let sockets: Vec<_> = vmm.devices.iter().map(|d| d.socket.clone()).collect();
+        let mut want: Vec<_> = plan.backends.iter().map(|b| b.socket.clone()).collect();
+        want.push("/tmp/x.sock".into());
+        assert_eq!(sockets, want);
+        let user = &vmm.devices[4];
+        assert_eq!(user.wait, Some(WaitLimit::For(Duration::from_secs(10))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_childrens_rules_reject_values() {
+        let kernel = std::env::temp_dir().join(format!("hype-plan-k-{}", std::process::id()));
+        std::fs::write(&kernel, b"\x7fELF").unwrap();
+        let cfg = RunConfig {
+            kernel: Some(kernel.clone()),
+            memory: Some("lots".into()),
+            cpus: Some(0),
+            disks: vec!["mem:1000B".into()],
+            nets: vec!["tap:a/b".into(), "tap:t0,mac=01:00:00:00:00:01".into()],
+            ..RunConfig::default()
+        };
+        let e = check(&cfg, "/bin/true".into()).unwrap_err().to_string();
+        std::fs::remove_file(&kernel).unwrap();
+        for want in [
+            "--memory: 'lots' is not a size",
+            "--cpus: 0 is not in 1..=254",
+            "--disk mem:1000B: \"mem:1000B\": bad size: size 1000 is not a multiple of 512",
+            "--net tap:a/b: \"tap:a/b\": invalid interface name \"a/b\"",
+            "MAC address 01:00:00:00:00:01 is multicast",
+        ] {
+            assert!(e.contains(want), "{want:?} not in {e}");
+        }
+    }
 
     #[test]
     fn shell_words() {

@@ -1,10 +1,12 @@
 //! The device specs of `hype run`: `--disk`, `--net` and `--console` strings, parsed into what
-//! backend each one needs. Parsing checks syntax only; [`super::validate`] checks the host.
+//! backend each one needs. Values are checked with the backends' own rules (sizes, TAP names,
+//! MAC addresses, console outputs); [`super::plan`] checks the host.
 
 use std::fmt;
 use std::path::PathBuf;
 
-use hype_vmm::config::parse_size;
+use hype_console::Output;
+use hype_net_tap::MacAddr;
 
 /// Why a spec string was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,9 +55,22 @@ pub enum SpecError {
     /// An http(s) URL without a host.
     #[error("{0:?}: URL has no host")]
     BadUrl(String),
-    /// A TAP name the kernel would refuse.
-    #[error("{0:?}: TAP name must be 1 to 15 characters without '/', ':' or whitespace")]
-    BadTapName(String),
+    /// A TAP name the kernel would refuse (`hype net-tap`'s rule).
+    #[error("{spec:?}: {reason}")]
+    BadTapName {
+        /// The whole spec.
+        spec: String,
+        /// What is wrong, as `hype net-tap` says it.
+        reason: String,
+    },
+    /// A MAC address `hype net-tap` would refuse.
+    #[error("{spec:?}: {reason}")]
+    BadMac {
+        /// The whole spec.
+        spec: String,
+        /// What is wrong, as `hype net-tap` says it.
+        reason: String,
+    },
 }
 
 /// Where a disk's data lives, i.e. which block backend serves it.
@@ -99,8 +114,8 @@ pub struct DiskSpec {
 pub struct NetSpec {
     /// TAP interface name.
     pub tap: String,
-    /// Guest MAC address, passed through to the backend.
-    pub mac: Option<String>,
+    /// Guest MAC address.
+    pub mac: Option<MacAddr>,
     /// Explicit socket path.
     pub socket: Option<PathBuf>,
 }
@@ -113,8 +128,8 @@ pub enum ConsoleSpec {
     /// A virtio-console backend (`hype console --output OUTPUT`): `stdio`, `pty`,
     /// `socket:PATH` or `file:PATH`, each optionally followed by `,socket=PATH`.
     Virtio {
-        /// The backend's `--output` argument, as given.
-        output: String,
+        /// The backend's `--output`, parsed by `hype console`'s parser.
+        output: Output,
         /// Explicit vhost-user socket path.
         socket: Option<PathBuf>,
     },
@@ -123,7 +138,13 @@ pub enum ConsoleSpec {
 impl ConsoleSpec {
     /// Whether this console takes over this process's terminal.
     pub fn uses_stdio(&self) -> bool {
-        matches!(self, ConsoleSpec::Virtio { output, .. } if output == "stdio")
+        matches!(
+            self,
+            ConsoleSpec::Virtio {
+                output: Output::Stdio,
+                ..
+            }
+        )
     }
 }
 
@@ -212,12 +233,9 @@ impl std::str::FromStr for DiskSpec {
                 spec: s.to_string(),
                 reason,
             };
-            let size = parse_size(sz, 1 << 20).map_err(bad)?;
-            if size == 0 || size % 512 != 0 {
-                return Err(bad(format!(
-                    "{size} bytes is not a non-zero multiple of 512"
-                )));
-            }
+            // A bare number is MiB, as for --memory; the rest is `hype block-mem`'s rule.
+            let size = hype_base::parse_size(sz, 1 << 20).map_err(bad)?;
+            hype_block_mem::check_size(size).map_err(|e| bad(e.to_string()))?;
             DiskSource::Mem { size }
         } else if head.starts_with("http://") || head.starts_with("https://") {
             let rest = head.split_once("://").map(|x| x.1).unwrap_or("");
@@ -258,13 +276,10 @@ impl std::str::FromStr for NetSpec {
             },
             other => other,
         })?;
-        if name.is_empty()
-            || name.len() > 15
-            || name.contains(['/', ':'])
-            || name.chars().any(char::is_whitespace)
-        {
-            return Err(SpecError::BadTapName(s.to_string()));
-        }
+        hype_net_tap::check_tap_name(name).map_err(|e| SpecError::BadTapName {
+            spec: s.to_string(),
+            reason: e.to_string(),
+        })?;
         let mut spec = NetSpec {
             tap: name.to_string(),
             mac: None,
@@ -275,7 +290,10 @@ impl std::str::FromStr for NetSpec {
                 if v.is_empty() {
                     return Err(SpecError::MissingValue(s.to_string()));
                 }
-                spec.mac = Some(v.to_string());
+                spec.mac = Some(v.parse().map_err(|reason| SpecError::BadMac {
+                    spec: s.to_string(),
+                    reason,
+                })?);
             } else {
                 spec.socket = Some(path_opt(s, v)?);
             }
@@ -299,19 +317,11 @@ impl std::str::FromStr for ConsoleSpec {
             Some((_, v)) => Some(path_opt(s, v)?),
             None => None,
         };
-        let ok = match output {
-            "stdio" | "pty" => true,
-            _ => ["socket:", "file:"]
-                .iter()
-                .any(|p| output.strip_prefix(p).is_some_and(|r| !r.is_empty())),
-        };
-        if !ok {
-            return Err(SpecError::UnknownConsole(s.to_string()));
-        }
-        Ok(ConsoleSpec::Virtio {
-            output: output.to_string(),
-            socket,
-        })
+        // `hype console`'s own parser decides what an output is.
+        let output = output
+            .parse::<Output>()
+            .map_err(|_| SpecError::UnknownConsole(s.to_string()))?;
+        Ok(ConsoleSpec::Virtio { output, socket })
     }
 }
 
@@ -424,14 +434,21 @@ mod tests {
     fn nets_and_consoles() {
         let n: NetSpec = "tap:tap0,mac=52:54:00:12:34:56".parse().unwrap();
         assert_eq!(n.tap, "tap0");
-        assert_eq!(n.mac.as_deref(), Some("52:54:00:12:34:56"));
+        assert_eq!(
+            n.mac.map(|m| m.to_string()).as_deref(),
+            Some("52:54:00:12:34:56")
+        );
+        assert!(matches!(
+            "tap:t0,mac=01:02:03:04:05:06".parse::<NetSpec>(),
+            Err(SpecError::BadMac { .. })
+        ));
         assert!(matches!(
             "tap:".parse::<NetSpec>(),
-            Err(SpecError::BadTapName(_))
+            Err(SpecError::BadTapName { .. })
         ));
         assert!(matches!(
             "tap:averyveryverylongname".parse::<NetSpec>(),
-            Err(SpecError::BadTapName(_))
+            Err(SpecError::BadTapName { .. })
         ));
         assert!(matches!(
             "bridge:br0".parse::<NetSpec>(),
@@ -445,7 +462,7 @@ mod tests {
         assert_eq!(
             c,
             ConsoleSpec::Virtio {
-                output: "file:/tmp/c.log".into(),
+                output: Output::File("/tmp/c.log".into()),
                 socket: Some("/tmp/c.sock".into())
             }
         );
