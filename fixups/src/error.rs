@@ -82,7 +82,7 @@ pub enum FixupError {
         bytes: InsnBytes,
     },
     /// KVM reported no bytes and they could not be read at RIP.
-    #[error("emulation failure at rip {rip:#x}: instruction bytes not readable: {source}")]
+    #[error("emulation failure at rip {rip:#x}: instruction bytes not readable")]
     Fetch {
         /// Guest RIP.
         rip: u64,
@@ -91,11 +91,11 @@ pub enum FixupError {
         source: VcpuError,
     },
     /// The vCPU state could not be read before anything was changed.
-    #[error("emulation failure: reading vcpu state: {0}")]
+    #[error("emulation failure: reading vcpu state")]
     State(#[source] VcpuError),
     /// Reading or writing vCPU state failed while applying a fix-up; the state may be partly
     /// changed.
-    #[error("{fixup} fix-up at rip {rip:#x} failed: {source}")]
+    #[error("{fixup} fix-up at rip {rip:#x} failed")]
     Apply {
         /// The fix-up.
         fixup: Fixup,

@@ -109,19 +109,19 @@ pub struct X87State {
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// KVM_GET_REGS failed.
-    #[error("get registers: {0}")]
+    #[error("get registers")]
     GetRegs(#[source] kvm_ioctls::Error),
     /// KVM_SET_REGS failed.
-    #[error("set registers: {0}")]
+    #[error("set registers")]
     SetRegs(#[source] kvm_ioctls::Error),
     /// KVM_GET_SREGS failed.
-    #[error("get special registers: {0}")]
+    #[error("get special registers")]
     GetSregs(#[source] kvm_ioctls::Error),
     /// KVM_SET_SREGS failed.
-    #[error("set special registers: {0}")]
+    #[error("set special registers")]
     SetSregs(#[source] kvm_ioctls::Error),
     /// KVM_GET_MSRS failed.
-    #[error("read msr {index:#x}: {source}")]
+    #[error("read msr {index:#x}")]
     GetMsr {
         /// MSR index.
         index: u32,
@@ -136,10 +136,10 @@ pub enum VcpuError {
         index: u32,
     },
     /// KVM_GET_FPU failed.
-    #[error("get fpu state: {0}")]
+    #[error("get fpu state")]
     GetFpu(#[source] kvm_ioctls::Error),
     /// KVM_TRANSLATE failed.
-    #[error("translate guest virtual address {gva:#x}: {source}")]
+    #[error("translate guest virtual address {gva:#x}")]
     Translate {
         /// Guest virtual address.
         gva: u64,
@@ -203,10 +203,10 @@ pub enum VcpuError {
         gva: u64,
     },
     /// KVM_GET_VCPU_EVENTS failed.
-    #[error("get vcpu events: {0}")]
+    #[error("get vcpu events")]
     GetEvents(#[source] kvm_ioctls::Error),
     /// KVM_SET_VCPU_EVENTS failed.
-    #[error("set vcpu events: {0}")]
+    #[error("set vcpu events")]
     SetEvents(#[source] kvm_ioctls::Error),
     /// An exception is already pending or being injected; a second one is not stacked.
     #[error("exception {pending} already pending, cannot inject {vector}")]

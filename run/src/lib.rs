@@ -75,7 +75,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     match run_vm(&args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("hype run: {e}");
+            eprintln!("hype run: {}", hype_base::error_chain(&e));
             ExitCode::from(if e.is_usage() { 2 } else { 1 })
         }
     }

@@ -11,11 +11,12 @@ use super::spec::SpecError;
 #[derive(Debug, thiserror::Error)]
 pub enum Problem {
     /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     ConfigRead {
         /// The file.
         path: PathBuf,
         /// The underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// The config file is not valid TOML or has unknown keys or wrong types.
@@ -30,11 +31,12 @@ pub enum Problem {
     #[error("no kernel: pass --kernel PATH or set kernel in the config file")]
     NoKernel,
     /// A spec string did not parse.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Spec {
         /// Which option, e.g. `--disk #2`.
         what: String,
         /// The parse error.
+        #[source]
         source: SpecError,
     },
     /// The kernel is neither an ELF file nor a bzImage.
@@ -52,13 +54,14 @@ pub enum Problem {
         reason: String,
     },
     /// A file that must exist cannot be opened.
-    #[error("{what}: cannot open {path}: {source}")]
+    #[error("{what}: cannot open {path}")]
     File {
         /// Which option.
         what: String,
         /// The file.
         path: PathBuf,
         /// The underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// A path that must be a file or block device is something else.
@@ -108,11 +111,12 @@ pub enum Problem {
         second: String,
     },
     /// `/dev/net/tun` cannot be opened.
-    #[error("{what}: cannot open /dev/net/tun: {source}")]
+    #[error("{what}: cannot open /dev/net/tun")]
     TunDevice {
         /// Which option.
         what: String,
         /// The underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// The TAP cannot be created or attached to for lack of privilege.
@@ -135,13 +139,14 @@ pub enum Problem {
         name: String,
     },
     /// TUNSETIFF failed for another reason.
-    #[error("{what}: cannot attach to TAP {name}: {source}")]
+    #[error("{what}: cannot attach to TAP {name}")]
     Tap {
         /// Which option.
         what: String,
         /// The interface.
         name: String,
         /// The underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// The `hype` binary has no such backend subcommand.
@@ -160,8 +165,8 @@ pub enum Problem {
     #[error("--serial stdio and --console stdio both want the terminal; pick one")]
     TerminalTwice,
     /// The path of the running binary is unknown.
-    #[error("cannot find the hype binary: {0}")]
-    CurrentExe(std::io::Error),
+    #[error("cannot find the hype binary")]
+    CurrentExe(#[source] std::io::Error),
 }
 
 /// All problems found with a VM description.
@@ -171,11 +176,11 @@ pub struct Problems(pub Vec<Problem>);
 impl fmt::Display for Problems {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0.as_slice() {
-            [one] => write!(f, "{one}"),
+            [one] => f.write_str(&hype_base::error_chain(one)),
             many => {
                 write!(f, "{} problems, nothing started:", many.len())?;
                 for p in many {
-                    write!(f, "\n  {p}")?;
+                    write!(f, "\n  {}", hype_base::error_chain(p))?;
                 }
                 Ok(())
             }
@@ -192,22 +197,24 @@ pub enum RunError {
     #[error("{0}")]
     Invalid(Problems),
     /// The private runtime directory could not be created.
-    #[error("cannot create runtime directory {path}: {source}")]
+    #[error("cannot create runtime directory {path}")]
     RuntimeDir {
         /// The directory.
         path: PathBuf,
         /// The underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// Blocking or waiting for signals failed.
-    #[error("signal setup failed: {0}")]
-    Signals(std::io::Error),
+    #[error("signal setup failed")]
+    Signals(#[source] std::io::Error),
     /// A process could not be started.
-    #[error("cannot start {name}: {source}")]
+    #[error("cannot start {name}")]
     Spawn {
         /// Backend or VMM name.
         name: String,
         /// The underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// A backend exited before its socket appeared.
@@ -243,11 +250,12 @@ pub enum RunError {
         window: Duration,
     },
     /// Waiting for a child failed.
-    #[error("waiting for {name} failed: {source}")]
+    #[error("waiting for {name} failed")]
     Wait {
         /// Backend or VMM name.
         name: String,
         /// The underlying error.
+        #[source]
         source: std::io::Error,
     },
 }

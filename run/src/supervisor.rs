@@ -321,7 +321,7 @@ fn stop_backends(signals: &BlockedSignals, backends: &mut [Proc]) {
                 Ok(Some(st)) => log::info!("{} stopped ({})", b.name, describe(st)),
                 Ok(None) => alive |= b.child.is_some(),
                 Err(e) => {
-                    log::warn!("{e}");
+                    log::warn!("{}", hype_base::error_chain(&e));
                     b.child = None;
                 }
             }

@@ -14,10 +14,10 @@ pub enum Error {
     #[error("invalid guest memory size {0}: must be a non-zero multiple of 4096")]
     BadMemorySize(u64),
     /// Mapping the memfd failed.
-    #[error("cannot map guest memory: {0}")]
+    #[error("cannot map guest memory")]
     MemoryMap(#[source] vm_memory::mmap::FromRangesError),
     /// A guest memory access failed (out of range address, ...).
-    #[error("guest memory access at {addr:#x} (len {len}) failed: {source}")]
+    #[error("guest memory access at {addr:#x} (len {len}) failed")]
     MemoryAccess {
         /// Guest physical address.
         addr: u64,
@@ -28,7 +28,7 @@ pub enum Error {
         source: vm_memory::GuestMemoryError,
     },
     /// A guest memory region could not be described to the backend.
-    #[error("cannot describe guest memory region to the backend: {0}")]
+    #[error("cannot describe guest memory region to the backend")]
     MemoryRegion(#[source] vhost::Error),
     /// The buffer allocator has no free range large enough.
     #[error("out of guest buffer memory: need {len} bytes aligned to {align}")]
@@ -82,7 +82,7 @@ pub enum Error {
         count: usize,
     },
     /// An eventfd operation failed.
-    #[error("eventfd {op} failed: {source}")]
+    #[error("eventfd {op} failed")]
     EventFd {
         /// Operation.
         op: &'static str,
@@ -142,7 +142,7 @@ pub enum Error {
         wanted: usize,
     },
     /// poll(2) on a call eventfd failed.
-    #[error("queue {queue}: poll on call eventfd failed: {source}")]
+    #[error("queue {queue}: poll on call eventfd failed")]
     Poll {
         /// Queue index.
         queue: u16,

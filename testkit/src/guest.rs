@@ -65,7 +65,7 @@ impl GuestArtifacts {
 #[derive(Debug, thiserror::Error)]
 pub enum GuestError {
     /// `hype` could not be started.
-    #[error("cannot start hype: {0}")]
+    #[error("cannot start hype")]
     Spawn(#[source] std::io::Error),
     /// Nothing expected arrived in time.
     #[error("timed out after {0:?} waiting for {1}; transcript tail:\n{2}")]
@@ -74,7 +74,7 @@ pub enum GuestError {
     #[error("hype exited ({0}) while waiting for {1}; transcript tail:\n{2}")]
     Exited(String, String, String),
     /// Writing to the console failed.
-    #[error("cannot write to the guest console: {0}")]
+    #[error("cannot write to the guest console")]
     Console(#[source] std::io::Error),
     /// The agent rejected a line.
     #[error("agent error: {0}")]

@@ -30,13 +30,13 @@ const MAX_LINE: u64 = 8 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Binding the listening socket failed.
-    #[error("cannot listen on 127.0.0.1: {0}")]
+    #[error("cannot listen on 127.0.0.1")]
     Bind(#[source] io::Error),
     /// The listening socket has no local address.
-    #[error("cannot read the listening address: {0}")]
+    #[error("cannot read the listening address")]
     LocalAddr(#[source] io::Error),
     /// The accept thread could not be started.
-    #[error("cannot start the accept thread: {0}")]
+    #[error("cannot start the accept thread")]
     Thread(#[source] io::Error),
     /// [`HttpServer::wait_for`] gave up.
     #[error("timed out after {timeout:?} waiting for {what}; log: {log:?}")]

@@ -904,7 +904,11 @@ impl Virtqueue {
         let mut done = Vec::new();
         // Best effort: a device that died mid-write may leave garbage; keep what is sane.
         if let Err(e) = self.collect(&mut done) {
-            log::warn!("queue {}: collecting before reconnect: {e}", self.index);
+            log::warn!(
+                "queue {}: collecting before reconnect: {}",
+                self.index,
+                hype_base::error_chain(&e)
+            );
         }
         self.pending.extend(done);
         let mut lost: Vec<(u64, u16)> = self
@@ -926,7 +930,11 @@ impl Virtqueue {
     pub(crate) fn prepare_from_used(&mut self) -> Result<u16> {
         let mut done = Vec::new();
         if let Err(e) = self.collect(&mut done) {
-            log::warn!("queue {}: collecting before reconnect: {e}", self.index);
+            log::warn!(
+                "queue {}: collecting before reconnect: {}",
+                self.index,
+                hype_base::error_chain(&e)
+            );
         }
         self.pending.extend(done);
         let idx = self.device_used_idx()?;

@@ -78,11 +78,12 @@ pub enum VcpuError {
         at: FailurePoint,
     },
     /// KVM_RUN itself failed.
-    #[error("KVM_RUN failed on vCPU {vcpu}: {source}")]
+    #[error("KVM_RUN failed on vCPU {vcpu}")]
     Run {
         /// vCPU index.
         vcpu: u8,
         /// Underlying error.
+        #[source]
         source: kvm_ioctls::Error,
     },
 }
@@ -206,7 +207,7 @@ pub fn run(mut vcpu: VcpuFd, index: u8, shared: &VcpuShared) -> VcpuEnd {
                     match handled {
                         Ok(_) => continue,
                         Err(e) => {
-                            log::debug!("vCPU {index}: {e}");
+                            log::debug!("vCPU {index}: {}", hype_base::error_chain(&e));
                             let at = failure_point(&vcpu, index, &shared.mem);
                             return VcpuEnd::Error(VcpuError::Internal {
                                 suberror: KVM_INTERNAL_ERROR_EMULATION,

@@ -101,17 +101,18 @@ pub enum VmEnd {
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     /// /dev/kvm missing or not accessible.
-    #[error("cannot open the KVM device: {0} (is KVM enabled, and may you open /dev/kvm?)")]
+    #[error("cannot open the KVM device (is KVM enabled, and may you open /dev/kvm?)")]
     KvmOpen(#[source] kvm_ioctls::Error),
     /// KVM lacks a needed capability.
     #[error("KVM lacks the {0} capability")]
     KvmCap(&'static str),
     /// A KVM ioctl failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Kvm {
         /// Which call.
         what: &'static str,
         /// Underlying error.
+        #[source]
         source: kvm_ioctls::Error,
     },
     /// Memory below the minimum.
@@ -149,19 +150,21 @@ pub enum VmmError {
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
     /// Serial output file.
-    #[error("cannot open serial output {path}: {source}")]
+    #[error("cannot open serial output {path}")]
     SerialFile {
         /// Path.
         path: PathBuf,
         /// Underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// Eventfd/thread/signal setup.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Os {
         /// What failed.
         what: &'static str,
         /// Underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// A vCPU failed.
@@ -170,14 +173,16 @@ pub enum VmmError {
     /// More `--device`s than hype has windows and interrupt lines for.
     #[error("{0} devices: hype attaches at most {max}", max = virtio_mod::MAX_DEVICES)]
     TooManyDevices(usize),
-    /// Attaching a `--device` failed.
-    #[error("device {index} ({path}): {source}")]
+    /// Attaching a `--device` failed. The message gives the position and the name the logs
+    /// use; the socket path is named once, by the source.
+    #[error("device {index} (virtio{index})")]
     Device {
         /// Position on the command line (0-based).
         index: usize,
         /// Socket path.
         path: PathBuf,
         /// Why.
+        #[source]
         source: DeviceError,
     },
 }

@@ -31,7 +31,7 @@ pub enum MpTableError {
     #[error("{0} vCPUs do not fit in an MP table (at most {MAX_CPUS})")]
     TooManyCpus(u8),
     /// Writing into guest memory failed.
-    #[error("cannot write the MP table into guest memory: {0}")]
+    #[error("cannot write the MP table into guest memory")]
     Write(#[source] vm_memory::GuestMemoryError),
 }
 

@@ -75,11 +75,12 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
     /// A KVM vCPU ioctl failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed")]
     Kvm {
         /// Which call.
         what: &'static str,
         /// Underlying error.
+        #[source]
         source: kvm_ioctls::Error,
     },
     /// KVM accepted fewer MSRs than given.
@@ -94,7 +95,7 @@ pub enum RegsError {
     #[error("cannot build MSR list")]
     MsrList,
     /// Writing the GDT/IDT failed.
-    #[error("cannot write descriptor tables: {0}")]
+    #[error("cannot write descriptor tables")]
     Tables(#[source] vm_memory::GuestMemoryError),
 }
 

@@ -16,11 +16,12 @@ const PAGE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum InitrdError {
     /// Cannot open/read.
-    #[error("cannot read initrd {path}: {source}")]
+    #[error("cannot read initrd {path}")]
     Read {
         /// Path.
         path: PathBuf,
         /// Underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// Does not fit.

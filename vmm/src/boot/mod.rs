@@ -57,11 +57,12 @@ pub enum Protocol {
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The kernel file cannot be opened or read.
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelRead {
         /// Kernel path.
         path: PathBuf,
         /// Underlying error.
+        #[source]
         source: std::io::Error,
     },
     /// Not a bzImage or ELF.
@@ -105,7 +106,7 @@ pub enum BootError {
     #[error(transparent)]
     Initrd(#[from] initrd::InitrdError),
     /// Writing boot structures failed (a bug or an absurdly small guest).
-    #[error("cannot write boot data into guest memory: {0}")]
+    #[error("cannot write boot data into guest memory")]
     GuestWrite(#[source] vm_memory::GuestMemoryError),
     /// Descriptor tables.
     #[error(transparent)]
