@@ -2,6 +2,9 @@
 //! chain, one way to end `main` with the right exit code, one logging setup, guest RAM files
 //! that are safe to share ([`memfd`]), one way to spell sizes and durations on a command line.
 //!
+//! * [`terminal`]: raw mode that is always restored, and the `Ctrl-a` escape filter, for
+//!   every hype program that owns a terminal (the VMM's serial console, `hype console`).
+//!
 //! May depend on: `std`, `libc`, `clap`, `log`/`env_logger`, `thiserror`. Nothing KVM-, virtio- or
 //! network-specific belongs here: the VMM, the supervisor and every backend link it.
 
@@ -10,6 +13,7 @@ mod exit;
 pub mod log_limit;
 mod logging;
 pub mod memfd;
+pub mod terminal;
 mod units;
 
 pub use error_chain::error_chain;

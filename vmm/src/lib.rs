@@ -15,7 +15,6 @@ pub mod config;
 pub mod devices;
 pub mod layout;
 pub mod memory;
-pub mod terminal;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

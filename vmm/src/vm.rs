@@ -23,11 +23,11 @@ use crate::config::{DeviceSpec, SerialSpec};
 use crate::devices::pio::PioBus;
 use crate::devices::serial::{Serial, COM1_IRQ};
 use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
-use crate::terminal::RawModeGuard;
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
 use crate::virtio::bus::{MmioBus, MmioExitCounts};
 use crate::virtio::device::DeviceError;
 use crate::virtio::{self as virtio_mod, mmio::reg, VhostUserDevice};
+use hype_base::terminal::{is_tty, EscapeAction, EscapeFilter, RawModeGuard};
 use hype_fixups::{FixupMode, Fixups};
 
 /// Command line used when none is given.
@@ -321,7 +321,7 @@ fn spawn_stdin_reader(serial: Arc<Mutex<Serial>>, stop_req: Arc<AtomicBool>) {
         .name("serial-stdin".into())
         .spawn(move || {
             let mut buf = [0u8; 256];
-            let mut escape = false;
+            let mut escape = EscapeFilter::default();
             loop {
                 // SAFETY: reading into a valid buffer of the given length.
                 let n =
@@ -335,22 +335,9 @@ fn spawn_stdin_reader(serial: Arc<Mutex<Serial>>, stop_req: Arc<AtomicBool>) {
                     return;
                 }
                 let mut out = Vec::with_capacity(n as usize);
-                for &b in &buf[..n as usize] {
-                    if escape {
-                        escape = false;
-                        match b {
-                            b'x' | b'X' => {
-                                stop_req.store(true, Ordering::SeqCst);
-                                return;
-                            }
-                            0x01 => out.push(0x01),
-                            other => out.extend_from_slice(&[0x01, other]),
-                        }
-                    } else if b == 0x01 {
-                        escape = true;
-                    } else {
-                        out.push(b);
-                    }
+                if escape.filter(&buf[..n as usize], &mut out) == EscapeAction::Quit {
+                    stop_req.store(true, Ordering::SeqCst);
+                    return;
                 }
                 let mut rest = &out[..];
                 while !rest.is_empty() {
@@ -722,7 +709,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     let stop_req = Arc::new(AtomicBool::new(false));
     let raw_guard = if cfg.serial == SerialSpec::Stdio {
         spawn_stdin_reader(serial.clone(), stop_req.clone());
-        RawModeGuard::stdin()
+        if is_tty(libc::STDIN_FILENO) {
+            RawModeGuard::keeping_output_processing(libc::STDIN_FILENO).ok()
+        } else {
+            None
+        }
     } else {
         None
     };

@@ -31,7 +31,9 @@ mod backend;
 mod buffer;
 mod endpoint;
 mod shared;
-mod terminal;
+
+/// Raw mode and the escape filter: hype's one copy, in `hype-base`.
+pub(crate) use hype_base::terminal;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;

@@ -1,5 +1,6 @@
-//! Terminal handling: raw mode that is always restored, window size, and the `Ctrl-a`
-//! escape sequence.
+//! Terminal handling: raw mode that is always restored (guard drop, and a panic hook for
+//! panics on other threads), window size, and the `Ctrl-a` escape sequence. The one copy for
+//! the VMM's serial console and `hype console`.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -60,6 +61,16 @@ pub struct RawModeGuard {
 impl RawModeGuard {
     /// Switches `fd` to raw mode (no echo, no line editing, no signals from keys, 8-bit).
     pub fn new(fd: RawFd) -> io::Result<Self> {
+        Self::with(fd, false)
+    }
+
+    /// Raw input, but output post-processing kept (`OPOST | ONLCR`), so that log lines this
+    /// process prints meanwhile still start at column 0: the VMM's serial console.
+    pub fn keeping_output_processing(fd: RawFd) -> io::Result<Self> {
+        Self::with(fd, true)
+    }
+
+    fn with(fd: RawFd, keep_output: bool) -> io::Result<Self> {
         // SAFETY: a zeroed termios is valid storage for tcgetattr to fill.
         let mut saved: libc::termios = unsafe { std::mem::zeroed() };
         // SAFETY: tcgetattr writes the settings of `fd` into `saved`, a valid local.
@@ -69,6 +80,9 @@ impl RawModeGuard {
         let mut raw = saved;
         // SAFETY: cfmakeraw only modifies the struct it is given.
         unsafe { libc::cfmakeraw(&mut raw) };
+        if keep_output {
+            raw.c_oflag |= libc::OPOST | libc::ONLCR;
+        }
         install_panic_restore();
         saved_terminals().push((fd, saved));
         // SAFETY: tcsetattr reads a valid termios.
