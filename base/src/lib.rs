@@ -2,6 +2,7 @@
 //! chain, one way to end `main` with the right exit code, one logging setup, guest RAM files
 //! that are safe to share ([`memfd`]), one way to spell sizes and durations on a command line.
 //!
+//! * [`options`]: the `HEAD,key=value,...` grammar of every spec string.
 //! * [`terminal`]: raw mode that is always restored, and the `Ctrl-a` escape filter, for
 //!   every hype program that owns a terminal (the VMM's serial console, `hype console`).
 //!
@@ -13,6 +14,7 @@ mod exit;
 pub mod log_limit;
 mod logging;
 pub mod memfd;
+pub mod options;
 pub mod terminal;
 mod units;
 

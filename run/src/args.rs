@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hype_base::options::{is_url, Spec};
 use serde::Deserialize;
 
 use super::problem::Problem;
@@ -217,26 +218,28 @@ fn parse_file(text: &str, base: &Path, path: &Path) -> Result<RunConfig, Problem
 }
 
 /// Rebases the `overlay=` / `socket=` options of a `HEAD,key=value,...` string, and the head
-/// too if `head_is_path`; anything else is kept as it is.
+/// too if `head_is_path`; anything else is kept as it is. A string the option grammar refuses
+/// is kept whole: checking it reports the problem.
 fn rebase_opts(s: &str, head_is_path: bool, rebase: &dyn Fn(&str) -> String) -> String {
-    let mut parts = s.split(',');
-    let mut out = Vec::new();
-    if let Some(first) = parts.next() {
-        if !head_is_path || first.is_empty() {
-            out.push(first.to_string());
-        } else {
-            out.push(rebase(first));
-        }
-    }
-    for p in parts {
-        match p.split_once('=') {
-            Some((k @ ("overlay" | "socket"), v)) if !v.is_empty() => {
-                out.push(format!("{k}={}", rebase(v)))
+    const KEYS: &[&str] = &["ro", "readonly", "overlay", "socket"];
+    let Ok(spec) = Spec::parse(s, KEYS, is_url) else {
+        return s.to_string();
+    };
+    let mut out = if head_is_path && !spec.head.is_empty() {
+        rebase(spec.head)
+    } else {
+        spec.head.to_string()
+    };
+    for (k, v) in &spec.options {
+        match v {
+            Some(v) if matches!(*k, "overlay" | "socket") && !v.is_empty() => {
+                out.push_str(&format!(",{k}={}", rebase(v)))
             }
-            _ => out.push(p.to_string()),
+            Some(v) => out.push_str(&format!(",{k}={v}")),
+            None => out.push_str(&format!(",{k}")),
         }
     }
-    out.join(",")
+    out
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use hype_base::options::{is_url, OptionError, Spec};
 use hype_console::Output;
 use hype_net_tap::MacAddr;
 
@@ -148,37 +149,29 @@ impl ConsoleSpec {
     }
 }
 
-/// Splits trailing `,key[=value]` options off `s` while they are ones in `known`, so a URL
-/// with commas of its own keeps them. Returns the head and the options in given order.
-/// `key` / `value` pairs of a spec's trailing options.
+/// `key` / `value` pairs of a spec's trailing options (`""` for a bare flag).
 type Options<'a> = Vec<(&'a str, &'a str)>;
 
+/// Splits trailing `,key[=value]` options off `s` with hype's one option grammar
+/// ([`hype_base::options`]): only keys in `known`, each once; an http URL keeps its own
+/// commas.
 fn split_options<'a>(s: &'a str, known: &[&str]) -> Result<(&'a str, Options<'a>), SpecError> {
-    let mut head = s;
-    let mut opts = Vec::new();
-    while let Some((rest, last)) = head.rsplit_once(',') {
-        let (key, value) = last.split_once('=').unwrap_or((last, ""));
-        if !known.contains(&key) {
-            // An http URL may contain commas; anything else with an unknown option is an error.
-            if rest.starts_with("http://") || rest.starts_with("https://") {
-                break;
-            }
-            return Err(SpecError::UnknownOption {
-                spec: s.to_string(),
-                option: last.to_string(),
-            });
-        }
-        if opts.iter().any(|(k, _)| *k == key) {
-            return Err(SpecError::DuplicateOption {
-                spec: s.to_string(),
-                option: key.to_string(),
-            });
-        }
-        opts.push((key, value));
-        head = rest;
-    }
-    opts.reverse();
-    Ok((head, opts))
+    let parsed = Spec::parse(s, known, is_url).map_err(|e| match e {
+        OptionError::Unknown(option) => SpecError::UnknownOption {
+            spec: s.to_string(),
+            option,
+        },
+        OptionError::Duplicate(option) => SpecError::DuplicateOption {
+            spec: s.to_string(),
+            option,
+        },
+    })?;
+    let opts = parsed
+        .options
+        .into_iter()
+        .map(|(k, v)| (k, v.unwrap_or("")))
+        .collect();
+    Ok((parsed.head, opts))
 }
 
 /// A path-valued option: must not be empty.

@@ -1,6 +1,7 @@
 //! VM configuration as given on the command line, with parsing of sizes and specs.
 
 use crate::virtio::{DeviceOptions, DeviceType, WaitLimit};
+use hype_base::options::{OptionError, Spec};
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -151,25 +152,50 @@ impl FromStr for DeviceSpec {
         if s.is_empty() {
             return Err("empty device socket path".into());
         }
+        const KEYS: &[&str] = &[
+            "socket",
+            "path",
+            "type",
+            "queues",
+            "num-queues",
+            "queue-size",
+            "wait",
+            "reconnect-timeout",
+        ];
+        let unknown = |key: &str| {
+            format!(
+                "unknown device option '{key}' (socket, type, queues, queue-size, wait, reconnect-timeout)"
+            )
+        };
+        let parsed = Spec::parse(s, KEYS, |_| false).map_err(|e| match e {
+            OptionError::Unknown(_) => unknown(e.key()),
+            OptionError::Duplicate(k) => format!("device option '{k}' given twice in '{s}'"),
+        })?;
         let mut spec = DeviceSpec::new("");
         let mut socket: Option<String> = None;
-        for (i, part) in s.split(',').enumerate() {
-            let Some((key, value)) = part.split_once('=') else {
-                if i != 0 {
-                    return Err(format!("'{part}' in '{s}' is not key=value"));
+        let mut options = parsed.options.clone();
+        match parsed.head_option(KEYS) {
+            // `socket=PATH,...`: the first part is an option too.
+            Some((k, v)) => options.insert(0, (k, Some(v))),
+            None => match parsed.head.split_once(':') {
+                _ if parsed.head.contains('=') => {
+                    let key = parsed.head.split_once('=').map_or("", |(k, _)| k);
+                    return Err(unknown(key));
                 }
-                // PATH or TYPE:PATH.
-                match part.split_once(':') {
-                    Some((kind, path)) if kind.parse::<DeviceType>().is_ok() => {
-                        if path.is_empty() {
-                            return Err(format!("'{s}' has no socket path"));
-                        }
-                        spec.kind = kind.parse().ok();
-                        socket = Some(path.to_owned());
+                // TYPE:PATH.
+                Some((kind, path)) if kind.parse::<DeviceType>().is_ok() => {
+                    if path.is_empty() {
+                        return Err(format!("'{s}' has no socket path"));
                     }
-                    _ => socket = Some(part.to_owned()),
+                    spec.kind = kind.parse().ok();
+                    socket = Some(path.to_owned());
                 }
-                continue;
+                _ => socket = Some(parsed.head.to_owned()),
+            },
+        }
+        for (key, value) in options {
+            let Some(value) = value else {
+                return Err(format!("'{key}' in '{s}' is not key=value"));
             };
             match key {
                 "socket" | "path" => socket = Some(value.to_owned()),
@@ -177,12 +203,7 @@ impl FromStr for DeviceSpec {
                 "queues" | "num-queues" => spec.num_queues = Some(parse_u16(key, value)?),
                 "queue-size" => spec.queue_size = Some(parse_u16(key, value)?),
                 "wait" => spec.wait = Some(parse_wait(value)?),
-                "reconnect-timeout" => spec.reconnect = Some(parse_wait(value)?),
-                _ => {
-                    return Err(format!(
-                        "unknown device option '{key}' (socket, type, queues, queue-size, wait, reconnect-timeout)"
-                    ))
-                }
+                _ => spec.reconnect = Some(parse_wait(value)?),
             }
         }
         match socket {
@@ -269,6 +290,9 @@ mod tests {
             "/a,b",
             "/a,wait=3h",
             "/a,queues=70000",
+            "/a,queues",
+            "/a,wait=1s,wait=2s",
+            "colour=red",
         ] {
             assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
         }
