@@ -22,6 +22,8 @@
 //! - [`http_server::HttpServer`]: a tiny HTTP/1.1 server on 127.0.0.1 serving one image with
 //!   HEAD and ranged GET, with switchable misbehaviour ([`http_server::Behaviour`]) and a
 //!   request log, for tests of HTTP-backed disks; TLS is left to the caller's connection wrapper.
+//! - [`process::BackendProcess`]: a backend as a child process: start, wait for its socket,
+//!   signal, bounded wait for its exit, killed on drop.
 //! - [`loadgen::closed_loop`]: keep N requests in flight on a queue and report IOPS and latency
 //!   percentiles (for benchmarks).
 //!
@@ -48,4 +50,5 @@ pub mod guest;
 pub mod http_server;
 pub mod loadgen;
 pub mod memory;
+pub mod process;
 pub mod virtqueue;

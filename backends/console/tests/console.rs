@@ -310,7 +310,7 @@ fn pty_output_prints_its_path_and_carries_both_ways() {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     let mut b = Backend::spawn_cmd(cmd, &dir, &["--output", "pty"]);
     let mut line = String::new();
-    let mut out = b.child.stdout.take().unwrap();
+    let mut out = b.child().stdout.take().unwrap();
     let mut byte = [0u8; 1];
     while !line.ends_with('\n') {
         assert_eq!(out.read(&mut byte).unwrap(), 1);

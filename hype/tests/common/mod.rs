@@ -110,7 +110,7 @@ pub fn texts(o: &Output) -> (String, String) {
 pub struct Backend {
     args: Vec<String>,
     pub socket: PathBuf,
-    child: Option<std::process::Child>,
+    process: Option<hype_testkit::process::BackendProcess>,
 }
 
 impl Backend {
@@ -120,9 +120,9 @@ impl Backend {
         let mut b = Backend {
             args: args.iter().map(|s| s.to_string()).collect(),
             socket: socket.to_owned(),
-            child: None,
+            process: None,
         };
-        b.spawn(true);
+        b.spawn();
         b
     }
 
@@ -142,38 +142,22 @@ impl Backend {
         )
     }
 
-    fn spawn(&mut self, wait: bool) {
-        let child = Command::new(env!("CARGO_BIN_EXE_hype"))
-            .args(&self.args)
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hype"));
+        cmd.args(&self.args)
             .arg("--socket")
             .arg(&self.socket)
             .env("HYPE_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start backend");
-        self.child = Some(child);
-        if wait {
-            self.wait_for_socket();
-        }
-    }
-
-    fn wait_for_socket(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !self.socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "backend socket {} never appeared",
-                self.socket.display()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+            .stdin(Stdio::null());
+        let p = hype_testkit::process::BackendProcess::spawn(&mut cmd, &self.socket)
+            .unwrap_or_else(|e| panic!("{}", hype_daemon::error_chain(&e)));
+        self.process = Some(p);
     }
 
     /// SIGKILLs the process (a crash) and removes its socket.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(mut p) = self.process.take() {
+            p.kill();
         }
         let _ = std::fs::remove_file(&self.socket);
     }
@@ -181,22 +165,19 @@ impl Backend {
     /// Starts the process again with the same arguments.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn(true);
+        self.spawn();
     }
 
     /// Sends `sig` to the process (SIGSTOP makes a hung backend).
     pub fn signal(&self, sig: i32) {
-        if let Some(c) = &self.child {
-            // SAFETY: kill() on our own child's pid has no memory-safety preconditions.
-            unsafe { libc::kill(c.id() as i32, sig) };
+        if let Some(p) = &self.process {
+            p.signal(sig);
         }
     }
 
     /// Whether the process still runs.
     pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.process.as_mut().is_some_and(|p| p.alive())
     }
 }
 

@@ -9,13 +9,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hype_testkit::blk::{
     BlkDriver, BlkHeader, BlkRange, BlkRequest, BlkRequestType, BlkResponse, BlkStatus,
     SECTOR_SIZE, STATUS_UNWRITTEN, WRITE_ZEROES_FLAG_UNMAP,
 };
 use hype_testkit::driver::{DriverOptions, ReplayBase};
+use hype_testkit::process::BackendProcess;
 use hype_testkit::virtqueue::{
     RawDescriptor, Segment, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
@@ -36,87 +37,52 @@ pub fn tempdir(name: &str) -> PathBuf {
     d
 }
 
-/// A backend running as a separate process.
+/// A backend running as a separate process ([`BackendProcess`], the test kit's one helper).
 pub struct Process {
-    child: Option<Child>,
+    inner: BackendProcess,
     pub socket: PathBuf,
 }
 
 impl Process {
     /// Spawns `bin args... --socket <socket>` and waits for the socket to appear.
     pub fn spawn(bin: &str, args: &[&str], socket: &Path) -> Self {
-        let child = Command::new(bin)
-            .args(args)
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
             .arg("--socket")
             .arg(socket)
             .env("HYPE_LOG", "error")
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let p = Process {
-            child: Some(child),
+            .stdin(Stdio::null());
+        let inner = BackendProcess::spawn(&mut cmd, socket).unwrap();
+        Process {
+            inner,
             socket: socket.to_path_buf(),
-        };
-        p.wait_for_socket();
-        p
+        }
     }
 
     /// Wraps an already spawned process listening on `socket`.
     pub fn from_child(child: Child, socket: &Path) -> Self {
-        let p = Process {
-            child: Some(child),
+        let mut inner = BackendProcess::from_child(child, socket);
+        inner.wait_for_socket(WAIT).unwrap();
+        Process {
+            inner,
             socket: socket.to_path_buf(),
-        };
-        p.wait_for_socket();
-        p
-    }
-
-    fn wait_for_socket(&self) {
-        let deadline = Instant::now() + WAIT;
-        while !self.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "{} never appeared",
-                self.socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.inner.pid().unwrap()
     }
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+        self.inner.alive()
     }
 
     /// Sends `signal` and waits (bounded) for the exit status.
     pub fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) on the pid of our own child process.
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("backend did not exit after signal {signal}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.inner
+            .signal_and_wait(signal, WAIT)
+            .unwrap_or_else(|e| panic!("backend did not exit after signal {signal}: {e}"))
     }
 }
 

@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use hype_testkit::driver::{Driver, DriverOptions};
+use hype_testkit::process::BackendProcess;
 use hype_testkit::virtqueue::Segment;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hype-console");
@@ -36,9 +37,9 @@ pub fn pattern(start: usize, len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// The backend running as a separate process.
+/// The backend running as a separate process ([`BackendProcess`], the test kit's one helper).
 pub struct Backend {
-    pub child: Child,
+    pub process: BackendProcess,
     pub socket: PathBuf,
 }
 
@@ -54,43 +55,29 @@ impl Backend {
     pub fn spawn_cmd(mut cmd: Command, dir: &Path, args: &[&str]) -> Self {
         let socket = dir.join("vu.sock");
         let log = std::fs::File::create(dir.join("stderr.log")).unwrap();
-        let child = cmd
-            .arg("--socket")
+        cmd.arg("--socket")
             .arg(&socket)
             .args(args)
             .env("HYPE_LOG", "info")
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let b = Backend { child, socket };
-        wait_for_path(&b.socket);
-        b
+            .stderr(log);
+        let mut process = BackendProcess::start(&mut cmd, &socket).unwrap();
+        process.wait_for_socket(WAIT).unwrap();
+        Backend { process, socket }
+    }
+
+    /// The child, for its pipes.
+    pub fn child(&mut self) -> &mut Child {
+        self.process.child_mut().unwrap()
     }
 
     /// Sends `signal` and waits for the exit.
     pub fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-        self.wait()
+        self.process.signal_and_wait(signal, WAIT).unwrap()
     }
 
     /// Waits (bounded) for the process to exit.
     pub fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "backend did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.wait(WAIT).unwrap()
     }
 }
 

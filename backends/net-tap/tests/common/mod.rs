@@ -6,11 +6,12 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use hype_testkit::driver::{Driver, DriverOptions};
+use hype_testkit::process::BackendProcess;
 use hype_testkit::virtqueue::{Completion, Segment, Virtqueue};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_hype-net-tap");
@@ -149,7 +150,7 @@ impl Drop for Netns {
 
 /// The backend running as a process inside a namespace.
 pub struct Backend {
-    child: Option<Child>,
+    process: BackendProcess,
     pub socket: PathBuf,
     log: PathBuf,
     dir: PathBuf,
@@ -162,18 +163,18 @@ impl Backend {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("net.sock");
         let log = dir.join("backend.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, BIN, "--tap", TAP, "--socket"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, BIN, "--tap", TAP, "--socket"])
             .arg(&socket)
             .args(args)
             .env("HYPE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(File::create(&log).unwrap());
+        // Not waited for here: the driver waits for the socket when it connects.
+        let process = BackendProcess::start(&mut cmd, &socket).unwrap();
         Backend {
-            child: Some(child),
+            process,
             socket,
             log,
             dir,
@@ -182,7 +183,7 @@ impl Backend {
 
     /// The backend's pid (`ip netns exec` execs it in place).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
+        self.process.pid().unwrap()
     }
 
     /// Connects a driver with `pairs` queue pairs plus the control queue.
@@ -220,24 +221,16 @@ impl Backend {
 
     /// SIGTERM, wait for a clean exit, return the log.
     pub fn stop(mut self) -> String {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                assert!(
-                    st.success(),
-                    "backend exited with {st}:\n{}",
-                    self.log_text()
-                );
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("backend did not exit on SIGTERM:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        match self.process.signal_and_wait(libc::SIGTERM, TIMEOUT) {
+            Ok(st) => assert!(
+                st.success(),
+                "backend exited with {st}:\n{}",
+                self.log_text()
+            ),
+            Err(e) => panic!(
+                "backend did not exit on SIGTERM ({e}):\n{}",
+                self.log_text()
+            ),
         }
         self.log_text()
     }
@@ -245,10 +238,7 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
