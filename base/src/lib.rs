@@ -3,6 +3,7 @@
 //! that are safe to share ([`memfd`]), one way to spell sizes and durations on a command line.
 //!
 //! * [`options`]: the `HEAD,key=value,...` grammar of every spec string.
+//! * [`signals`]: the one stop-on-signal handler (a flag and an optional wake-up eventfd).
 //! * [`terminal`]: raw mode that is always restored, and the `Ctrl-a` escape filter, for
 //!   every hype program that owns a terminal (the VMM's serial console, `hype console`).
 //!
@@ -15,6 +16,7 @@ pub mod log_limit;
 mod logging;
 pub mod memfd;
 pub mod options;
+pub mod signals;
 pub mod terminal;
 mod units;
 

@@ -27,6 +27,7 @@ use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
 use crate::virtio::bus::{MmioBus, MmioExitCounts};
 use crate::virtio::device::DeviceError;
 use crate::virtio::{self as virtio_mod, mmio::reg, VhostUserDevice};
+use hype_base::signals;
 use hype_base::terminal::{is_tty, EscapeAction, EscapeFilter, RawModeGuard};
 use hype_fixups::{FixupMode, Fixups};
 
@@ -265,12 +266,6 @@ fn open_kvm() -> Result<Kvm, VmmError> {
     Ok(kvm)
 }
 
-static STOP_SIGNAL: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP_SIGNAL.store(true, Ordering::SeqCst);
-}
-
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 fn install_signal_handlers() -> Result<(), VmmError> {
@@ -278,16 +273,12 @@ fn install_signal_handlers() -> Result<(), VmmError> {
         what: "cannot install the vCPU kick handler",
         source: e.into(),
     })?;
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let r = unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
-        if r == libc::SIG_ERR {
-            return Err(os_err("cannot install signal handlers")(
-                std::io::Error::last_os_error(),
-            ));
-        }
-    }
-    Ok(())
+    // The main loop polls the flag; restarting keeps other threads' blocking calls going.
+    signals::install_stop_handler(
+        &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP],
+        signals::Interrupt::Restart,
+    )
+    .map_err(os_err("cannot install signal handlers"))
 }
 
 fn serial_sink(spec: &SerialSpec) -> Result<Box<dyn Write + Send>, VmmError> {
@@ -625,7 +616,7 @@ fn wait_for_end(
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(ev) => return Some(ev),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if STOP_SIGNAL.load(Ordering::SeqCst) || stop_req.load(Ordering::SeqCst) {
+                if signals::stop_requested() || stop_req.load(Ordering::SeqCst) {
                     return None;
                 }
             }

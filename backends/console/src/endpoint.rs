@@ -179,16 +179,11 @@ impl Endpoint {
     }
 }
 
-/// The eventfd SIGWINCH/SIGHUP write to, or -1.
+/// The eventfd SIGWINCH writes to, or -1.
 static WINCH_FD: AtomicI32 = AtomicI32::new(-1);
-static HUP_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_winch(_: libc::c_int) {
     write_one(WINCH_FD.load(Ordering::Acquire));
-}
-
-extern "C" fn on_hup(_: libc::c_int) {
-    write_one(HUP_FD.load(Ordering::Acquire));
 }
 
 fn write_one(fd: RawFd) {
@@ -226,8 +221,12 @@ pub(crate) fn watch_resizes() -> io::Result<EventFd> {
 /// Routes SIGHUP to the shutdown latch (a closed terminal must restore nothing but still
 /// exit cleanly, like SIGINT/SIGTERM).
 pub(crate) fn hangup_shuts_down(shutdown: &Shutdown) -> io::Result<()> {
-    HUP_FD.store(shutdown.as_raw_fd(), Ordering::Release);
-    install_handler(libc::SIGHUP, on_hup)
+    // hype's one stop handler, already writing to `shutdown` for SIGINT/SIGTERM.
+    hype_base::signals::set_wake_fd(shutdown.as_raw_fd());
+    hype_base::signals::install_stop_handler(
+        &[libc::SIGHUP],
+        hype_base::signals::Interrupt::Restart,
+    )
 }
 
 /// Moves bytes between `endpoint` and the shared buffers until `shutdown` triggers.

@@ -2,26 +2,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use hype_base::signals;
+
 use crate::Error;
-
-/// The eventfd the signal handler writes to, or -1 when no [`Shutdown`] is bound to signals.
-static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_signal(_signum: libc::c_int) {
-    let fd = SIGNAL_FD.load(Ordering::Acquire);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; the buffer is a valid 8-byte u64 on our stack.
-        unsafe {
-            libc::write(fd, (&one as *const u64).cast(), std::mem::size_of::<u64>());
-        }
-    }
-}
 
 /// A latch that stops [`serve`](crate::serve): set by SIGINT/SIGTERM once
 /// [`Shutdown::install_signal_handlers`] was called, or by [`Shutdown::trigger`].
@@ -42,23 +29,14 @@ impl Shutdown {
 
     /// Routes SIGINT and SIGTERM of this process to this latch.
     pub fn install_signal_handlers(&self) -> Result<(), Error> {
-        SIGNAL_FD.store(self.evt.as_raw_fd(), Ordering::Release);
-        for sig in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: a zeroed sigaction is a valid starting point; we fill in the handler and
-            // an empty mask, and `on_signal` only performs an async-signal-safe write(2).
-            // No SA_RESTART: blocking calls return EINTR so the loop re-checks the latch.
-            let rc = unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-                libc::sigemptyset(&mut sa.sa_mask);
-                sa.sa_flags = 0;
-                libc::sigaction(sig, &sa, std::ptr::null_mut())
-            };
-            if rc != 0 {
-                return Err(Error::SignalHandler(io::Error::last_os_error()));
-            }
-        }
-        Ok(())
+        // hype's one stop handler (hype-base), writing to this latch. No SA_RESTART: blocking
+        // calls return EINTR so the loop re-checks the latch.
+        signals::set_wake_fd(self.evt.as_raw_fd());
+        signals::install_stop_handler(
+            &[libc::SIGINT, libc::SIGTERM],
+            signals::Interrupt::Interrupt,
+        )
+        .map_err(Error::SignalHandler)
     }
 
     /// Triggers the latch (what the signal handler does).
@@ -84,12 +62,7 @@ impl Drop for Shutdown {
     fn drop(&mut self) {
         // Only the last clone unbinds the signal handler, so it never writes to a closed fd.
         if Arc::strong_count(&self.evt) == 1 {
-            let _ = SIGNAL_FD.compare_exchange(
-                self.evt.as_raw_fd(),
-                -1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            signals::clear_wake_fd(self.evt.as_raw_fd());
         }
     }
 }
