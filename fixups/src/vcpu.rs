@@ -178,10 +178,10 @@ pub enum VcpuError {
         gpa: u64,
     },
     /// KVM_GET_XSAVE failed.
-    #[error("get xsave state: {0}")]
+    #[error("get xsave state")]
     GetXsave(#[source] kvm_ioctls::Error),
     /// KVM_SET_XSAVE failed (KVM also refuses an MXCSR with reserved bits set).
-    #[error("set xsave state: {0}")]
+    #[error("set xsave state")]
     SetXsave(#[source] kvm_ioctls::Error),
     /// KVM's XSAVE buffer for this process's vCPUs is larger than the 4096 bytes of
     /// `struct kvm_xsave` (dynamically enabled state such as AMX): not handled.
