@@ -22,6 +22,8 @@
 //! - [`http_server::HttpServer`]: a tiny HTTP/1.1 server on 127.0.0.1 serving one image with
 //!   HEAD and ranged GET, with switchable misbehaviour ([`http_server::Behaviour`]) and a
 //!   request log, for tests of HTTP-backed disks; TLS is left to the caller's connection wrapper.
+//! - [`sandbox`]: what a test of a confined process checks: every thread's seccomp mode, and
+//!   that a forbidden call (a test hook) kills it with SIGSYS.
 //! - [`loadgen::closed_loop`]: keep N requests in flight on a queue and report IOPS and latency
 //!   percentiles (for benchmarks).
 //!
@@ -48,4 +50,5 @@ pub mod guest;
 pub mod http_server;
 pub mod loadgen;
 pub mod memory;
+pub mod sandbox;
 pub mod virtqueue;

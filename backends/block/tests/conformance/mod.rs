@@ -691,3 +691,37 @@ pub fn check_stop_and_resume(socket: &Path) {
     disk.driver().reconnect(ReplayBase::Explicit(b)).unwrap();
     assert_eq!(disk.read(0, 4096).unwrap(), vec![5u8; 4096]);
 }
+
+/// The sandbox of a block backend: while a frontend is connected and I/O runs on `queues`
+/// queues, every thread of the process is under a seccomp filter, and the I/O still works.
+pub fn check_every_thread_filtered(p: &Process, queues: usize) {
+    let mut disk = connect(&p.socket, queues);
+    let data = pattern(0, 64 << 10, 7);
+    for q in 0..queues {
+        disk.execute(q, &BlkRequest::write(0, data.clone())).unwrap();
+    }
+    assert_eq!(disk.read(0, data.len() as u32).unwrap(), data);
+    let threads = hype_testkit::sandbox::thread_modes(p.pid()).unwrap();
+    // The main thread, the shutdown watcher and one worker per queue at least.
+    assert!(threads.len() >= 2 + queues, "{threads:?}");
+    for t in &threads {
+        assert_eq!(
+            t.seccomp,
+            hype_testkit::sandbox::SECCOMP_MODE_FILTER,
+            "thread not filtered: {t:?} (all: {threads:?})"
+        );
+    }
+    assert_eq!(disk.read(0, data.len() as u32).unwrap(), data);
+}
+
+/// A backend started with the sandbox test hook `hook` dies of SIGSYS, naming `syscall`.
+pub fn check_hook_kills(bin: &str, args: &[&str], dir: &Path, hook: &str, syscall: &str) {
+    let mut cmd = Command::new(bin);
+    let name: String = hook
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    cmd.args(args).arg("--socket").arg(dir.join(format!("{name}.sock")));
+    let (status, stderr) = hype_testkit::sandbox::run_hook(cmd, hook, WAIT).unwrap();
+    hype_testkit::sandbox::assert_killed_by_sigsys(status, &stderr, syscall);
+}
