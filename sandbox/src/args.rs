@@ -14,7 +14,13 @@ pub enum SandboxMode {
 pub struct SandboxArgs {
     /// Confine this process once it is set up (seccomp allow-list, Landlock, no_new_privs);
     /// `off` only for debugging. Also set by HYPE_SANDBOX.
-    #[arg(long, value_name = "on|off", value_enum, default_value = "on", env = "HYPE_SANDBOX")]
+    #[arg(
+        long,
+        value_name = "on|off",
+        value_enum,
+        default_value = "on",
+        env = "HYPE_SANDBOX"
+    )]
     pub sandbox: SandboxMode,
     /// Print the sandbox this command would apply (system calls, paths) and exit.
     #[arg(long)]

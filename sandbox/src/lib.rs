@@ -186,7 +186,10 @@ mod tests {
     fn names_match_numbers() {
         assert_eq!(syscall_name(libc::SYS_read), "read");
         assert_eq!(syscall_name(libc::SYS_execve), "execve");
-        assert_eq!(syscall_name(libc::SYS_landlock_restrict_self), "landlock_restrict_self");
+        assert_eq!(
+            syscall_name(libc::SYS_landlock_restrict_self),
+            "landlock_restrict_self"
+        );
         assert_eq!(syscall_name(100_000), "100000");
         for g in TEST_POLICY.groups {
             for r in g.rules {

@@ -62,7 +62,11 @@ pub struct Rule {
 impl Rule {
     /// A call allowed with any arguments.
     pub const fn always(name: &'static str, nr: i64) -> Self {
-        Rule { name, nr, when: &[] }
+        Rule {
+            name,
+            nr,
+            when: &[],
+        }
     }
 
     /// A call allowed when one of the alternatives `when` holds.
@@ -182,11 +186,7 @@ pub static RUNTIME: Group = Group {
         Rule::always("close", libc::SYS_close),
         Rule::always("brk", libc::SYS_brk),
         // No new executable memory: mappings and protection changes without PROT_EXEC.
-        Rule::when(
-            "mmap",
-            libc::SYS_mmap,
-            &[&[Cond::masked(2, PROT_EXEC, 0)]],
-        ),
+        Rule::when("mmap", libc::SYS_mmap, &[&[Cond::masked(2, PROT_EXEC, 0)]]),
         Rule::when(
             "mprotect",
             libc::SYS_mprotect,

@@ -176,7 +176,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     let p = POLICY_NAME.load(Ordering::Acquire);
     if !p.is_null() {
         // SAFETY: POLICY_NAME/POLICY_NAME_LEN describe a `&'static str` stored by install().
-        let name = unsafe { std::slice::from_raw_parts(p, POLICY_NAME_LEN.load(Ordering::Acquire)) };
+        let name =
+            unsafe { std::slice::from_raw_parts(p, POLICY_NAME_LEN.load(Ordering::Acquire)) };
         m.push(name);
     }
     m.push(b" forbids system call ");

@@ -93,5 +93,8 @@ pub fn assert_killed_by_sigsys(status: ExitStatus, stderr: &str, syscall: &str) 
         "expected death by SIGSYS, got {status:?}; stderr: {stderr}"
     );
     let needle = format!("forbids system call {syscall} (");
-    assert!(stderr.contains(&needle), "no {needle:?} in stderr: {stderr}");
+    assert!(
+        stderr.contains(&needle),
+        "no {needle:?} in stderr: {stderr}"
+    );
 }

@@ -19,8 +19,8 @@ pub mod sandbox;
 
 use std::path::PathBuf;
 
-use hype_daemon::sandbox::Sandbox;
 use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs};
+use hype_daemon::sandbox::Sandbox;
 
 pub use file::{FileOptions, FileStorage};
 

@@ -19,11 +19,7 @@ pub static FILE_IO: Group = Group {
         Rule::always("pwritev", libc::SYS_pwritev),
         Rule::always("fdatasync", libc::SYS_fdatasync),
         Rule::always("fallocate", libc::SYS_fallocate),
-        Rule::when(
-            "ioctl",
-            libc::SYS_ioctl,
-            &[&[Cond::eq(1, BLKDISCARD)]],
-        ),
+        Rule::when("ioctl", libc::SYS_ioctl, &[&[Cond::eq(1, BLKDISCARD)]]),
     ],
 };
 

@@ -62,14 +62,29 @@ fn sandbox_off_leaves_the_process_unfiltered() {
 #[test]
 fn print_sandbox_shows_the_policy_and_exits() {
     let out = Command::new(BIN)
-        .args(["--path", "/nonexistent", "--socket", "/nonexistent/s", "--print-sandbox"])
+        .args([
+            "--path",
+            "/nonexistent",
+            "--socket",
+            "/nonexistent/s",
+            "--print-sandbox",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("seccomp policy block-file: "), "{text}");
-    for call in ["pwritev", "fdatasync", "fallocate", "ioctl if arg1 == 0x1277", "accept4"] {
-        assert!(text.contains(&format!("    {call}")), "{call} missing: {text}");
+    for call in [
+        "pwritev",
+        "fdatasync",
+        "fallocate",
+        "ioctl if arg1 == 0x1277",
+        "accept4",
+    ] {
+        assert!(
+            text.contains(&format!("    {call}")),
+            "{call} missing: {text}"
+        );
     }
     assert!(!text.contains("    openat"), "{text}");
     assert!(text.contains("landlock: "), "{text}");

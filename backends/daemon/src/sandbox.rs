@@ -96,7 +96,10 @@ mod tests {
     #[test]
     fn socket_dir_of_bare_and_full_paths() {
         assert_eq!(socket_dir(Path::new("s.sock")), PathBuf::from("."));
-        assert_eq!(socket_dir(Path::new("/run/x/s.sock")), PathBuf::from("/run/x"));
+        assert_eq!(
+            socket_dir(Path::new("/run/x/s.sock")),
+            PathBuf::from("/run/x")
+        );
         assert_eq!(socket_dir(Path::new("d/s.sock")), PathBuf::from("d"));
     }
 }

@@ -698,7 +698,8 @@ pub fn check_every_thread_filtered(p: &Process, queues: usize) {
     let mut disk = connect(&p.socket, queues);
     let data = pattern(0, 64 << 10, 7);
     for q in 0..queues {
-        disk.execute(q, &BlkRequest::write(0, data.clone())).unwrap();
+        disk.execute(q, &BlkRequest::write(0, data.clone()))
+            .unwrap();
     }
     assert_eq!(disk.read(0, data.len() as u32).unwrap(), data);
     let threads = hype_testkit::sandbox::thread_modes(p.pid()).unwrap();
@@ -721,7 +722,9 @@ pub fn check_hook_kills(bin: &str, args: &[&str], dir: &Path, hook: &str, syscal
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    cmd.args(args).arg("--socket").arg(dir.join(format!("{name}.sock")));
+    cmd.args(args)
+        .arg("--socket")
+        .arg(dir.join(format!("{name}.sock")));
     let (status, stderr) = hype_testkit::sandbox::run_hook(cmd, hook, WAIT).unwrap();
     hype_testkit::sandbox::assert_killed_by_sigsys(status, &stderr, syscall);
 }
