@@ -68,10 +68,16 @@ fn socket_dir(path: &Path) -> PathBuf {
 /// file on exit (its directory's entries). Nothing for a socket systemd passed.
 pub fn allow_listener(sandbox: &mut Sandbox, listener: &SocketListener) {
     if let Some(path) = listener.path() {
-        sandbox
-            .files()
-            .allow(socket_dir(path), FsAccess::RemoveEntries);
+        allow_socket_removal(sandbox, path);
     }
+}
+
+/// Adds the Landlock rule for removing the socket file `path` on exit (its directory's
+/// entries), for sockets other than the vhost-user one.
+pub fn allow_socket_removal(sandbox: &mut Sandbox, path: &Path) {
+    sandbox
+        .files()
+        .allow(socket_dir(path), FsAccess::RemoveEntries);
 }
 
 /// For a process restricted before it binds (see [`Sandbox::restrict_files`]): creating and
