@@ -8,9 +8,9 @@ pub enum Error {
     /// A policy does not compile to BPF (a hype bug).
     #[error("seccomp policy {0} does not compile")]
     Compile(&'static str, #[source] seccompiler::BackendError),
-    /// A policy's refusals use different errnos, which one filter cannot express (a hype bug).
-    #[error("seccomp policy {0}: refusals with different errnos")]
-    MixedRefusals(&'static str),
+    /// A refusal's errno is negative (a hype bug).
+    #[error("seccomp policy {0}: a refusal has a negative errno")]
+    BadErrno(&'static str),
     /// The SIGSYS handler could not be installed.
     #[error("cannot install the SIGSYS handler")]
     SigsysHandler(#[source] std::io::Error),

@@ -30,7 +30,7 @@ pub use args::{SandboxArgs, SandboxMode};
 pub use error::Error;
 pub use fs::{FsAccess, FsRules, LandlockStatus};
 pub use hook::HOOK_VAR;
-pub use policy::{Cond, Group, Op, Policy, Refusal, Rule, CLONE3_REFUSED, RUNTIME};
+pub use policy::{Cond, Group, Op, Policy, Refusal, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME};
 pub use seccomp::syscall_name;
 
 /// How one process confines itself; see the [crate documentation](crate).

@@ -78,10 +78,8 @@ impl Rule {
 /// Calls the process makes that must fail with an errno instead of killing it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
-    /// The call's name.
-    pub name: &'static str,
-    /// The x86_64 system call number.
-    pub nr: i64,
+    /// The call, and the argument conditions under which it is refused.
+    pub rule: Rule,
     /// The errno it fails with.
     pub errno: i32,
     /// Why it is refused rather than allowed or fatal.
@@ -149,23 +147,30 @@ impl Policy {
                         if j > 0 {
                             let _ = write!(s, " and ");
                         }
-                        match c.op {
-                            Op::Eq => {
-                                let _ = write!(s, "arg{} == {:#x}", c.arg, c.value);
-                            }
-                            Op::MaskedEq(m) => {
-                                let _ = write!(s, "arg{} & {:#x} == {:#x}", c.arg, m, c.value);
-                            }
-                        }
+                        let _ = write!(s, "{}", cond_text(c));
                     }
                 }
                 let _ = writeln!(s);
             }
         }
         for r in self.refusals {
-            let _ = writeln!(s, "  {} fails with errno {} ({})", r.name, r.errno, r.why);
+            let _ = write!(s, "  {}", r.rule.name);
+            for (i, alt) in r.rule.when.iter().enumerate() {
+                let _ = write!(s, "{}", if i == 0 { " if " } else { " or " });
+                for (j, c) in alt.iter().enumerate() {
+                    let _ = write!(s, "{}{}", if j > 0 { " and " } else { "" }, cond_text(c));
+                }
+            }
+            let _ = writeln!(s, " fails with errno {} ({})", r.errno, r.why);
         }
         s
+    }
+}
+
+fn cond_text(c: &Cond) -> String {
+    match c.op {
+        Op::Eq => format!("arg{} == {:#x}", c.arg, c.value),
+        Op::MaskedEq(m) => format!("arg{} & {:#x} == {:#x}", c.arg, m, c.value),
     }
 }
 
@@ -238,8 +243,17 @@ pub static RUNTIME: Group = Group {
 /// glibc's `pthread_create` tries clone3 first and falls back to clone on ENOSYS; clone3's
 /// flags are in memory a filter cannot read, so it is refused and clone (flags checked) used.
 pub static CLONE3_REFUSED: Refusal = Refusal {
-    name: "clone3",
-    nr: libc::SYS_clone3,
+    rule: Rule::always("clone3", libc::SYS_clone3),
     errno: libc::ENOSYS,
     why: "its flags cannot be checked; glibc falls back to clone",
+};
+
+/// For processes that open no path once confined: glibc still opens a few `/proc` and `/sys`
+/// files lazily (malloc reads `/proc/sys/vm/overcommit_memory` the first time it shrinks a
+/// thread arena) and copes with failure, so opening fails with EACCES, as Landlock would
+/// make it, instead of killing the process.
+pub static OPEN_REFUSED: Refusal = Refusal {
+    rule: Rule::always("openat", libc::SYS_openat),
+    errno: libc::EACCES,
+    why: "no path is reachable; glibc opens /proc files lazily and copes with failure",
 };

@@ -10,83 +10,106 @@ use seccompiler::{
 };
 
 use crate::names::NAMES;
-use crate::policy::{Op, Policy};
+use crate::policy::{Op, Policy, Rule};
 use crate::Error;
 
-/// The compiled filters of a policy: refusals (errno) first, then the allow-list.
+/// The compiled filters of a policy: one per refusal errno, then the allow-list.
 pub struct Compiled {
-    refusals: Option<BpfProgram>,
+    refusals: Vec<BpfProgram>,
     allow: BpfProgram,
 }
 
-/// Compiles `policy`: allowed calls return normally; any other call raises SIGSYS (the handler
-/// installed by [`install`] reports it and the process dies of the signal), or with
-/// `log_only` is allowed and logged by the kernel's audit (the test hook for tracing).
-pub fn compile(policy: &Policy, log_only: bool) -> Result<Compiled, Error> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let mut unconditional: Vec<i64> = Vec::new();
-    for r in policy.rules() {
-        if r.when.is_empty() {
-            unconditional.push(r.nr);
-            continue;
-        }
-        let entry = rules.entry(r.nr).or_default();
-        for alt in r.when {
-            let conds = alt
-                .iter()
-                .map(|c| {
-                    let op = match c.op {
-                        Op::Eq => SeccompCmpOp::Eq,
-                        Op::MaskedEq(m) => SeccompCmpOp::MaskedEq(m),
-                    };
-                    SeccompCondition::new(c.arg, SeccompCmpArgLen::Dword, op, c.value)
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| Error::Compile(policy.name, e))?;
-            entry.push(SeccompRule::new(conds).map_err(|e| Error::Compile(policy.name, e))?);
-        }
+type RuleMap = BTreeMap<i64, Vec<SeccompRule>>;
+
+/// Adds `rule` to `map`: conditions as alternatives; `None` in `always` marks calls allowed
+/// with any arguments (they need no conditions from another group).
+fn add_rule(
+    policy: &Policy,
+    map: &mut RuleMap,
+    always: &mut Vec<i64>,
+    rule: &Rule,
+) -> Result<(), Error> {
+    if rule.when.is_empty() {
+        always.push(rule.nr);
+        return Ok(());
     }
-    // A call that is allowed unconditionally by one group needs no conditions from another.
-    // Refused calls are "allowed" here: the kernel takes the strictest answer of all filters,
-    // and ERRNO (from the refusal filter) beats only ALLOW, not TRAP.
-    unconditional.extend(policy.refusals.iter().map(|r| r.nr));
-    for nr in unconditional {
-        rules.insert(nr, Vec::new());
-    }
-    let filter = SeccompFilter::new(
-        rules,
-        if log_only {
-            SeccompAction::Log
-        } else {
-            SeccompAction::Trap
-        },
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| Error::Compile(policy.name, e))?;
-    let allow: BpfProgram = filter
-        .try_into()
-        .map_err(|e| Error::Compile(policy.name, e))?;
-    let refusals = match policy.refusals {
-        [] => None,
-        list => {
-            // One filter per errno would be needed for different errnos; hype's refusals
-            // all use ENOSYS, checked here so a new one cannot silently get the wrong errno.
-            let errno = list[0].errno;
-            if list.iter().any(|r| r.errno != errno) {
-                return Err(Error::MixedRefusals(policy.name));
-            }
-            let map = list.iter().map(|r| (r.nr, Vec::new())).collect();
-            let f = SeccompFilter::new(
-                map,
-                SeccompAction::Allow,
-                SeccompAction::Errno(errno as u32),
-                TargetArch::x86_64,
-            )
+    let entry = map.entry(rule.nr).or_default();
+    for alt in rule.when {
+        let conds = alt
+            .iter()
+            .map(|c| {
+                let op = match c.op {
+                    Op::Eq => SeccompCmpOp::Eq,
+                    Op::MaskedEq(m) => SeccompCmpOp::MaskedEq(m),
+                };
+                SeccompCondition::new(c.arg, SeccompCmpArgLen::Dword, op, c.value)
+            })
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Error::Compile(policy.name, e))?;
-            Some(f.try_into().map_err(|e| Error::Compile(policy.name, e))?)
-        }
+        entry.push(SeccompRule::new(conds).map_err(|e| Error::Compile(policy.name, e))?);
+    }
+    Ok(())
+}
+
+fn finish(mut map: RuleMap, always: Vec<i64>) -> RuleMap {
+    for nr in always {
+        map.insert(nr, Vec::new());
+    }
+    map
+}
+
+fn build(
+    policy: &Policy,
+    map: RuleMap,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, Error> {
+    let filter = SeccompFilter::new(map, mismatch, matched, TargetArch::x86_64)
+        .map_err(|e| Error::Compile(policy.name, e))?;
+    filter
+        .try_into()
+        .map_err(|e| Error::Compile(policy.name, e))
+}
+
+/// Compiles `policy`: allowed calls return normally; refused calls fail with their errno; any
+/// other call raises SIGSYS (the handler installed by [`install`] reports it and the process
+/// dies of the signal), or with `log_only` is allowed and logged by the kernel's audit (the
+/// test hook for tracing).
+pub fn compile(policy: &Policy, log_only: bool) -> Result<Compiled, Error> {
+    let mut map = RuleMap::new();
+    let mut always = Vec::new();
+    for r in policy.rules() {
+        add_rule(policy, &mut map, &mut always, r)?;
+    }
+    // Refused calls are "allowed" by the allow-list: the kernel takes the strictest answer of
+    // all filters, and ERRNO (from a refusal filter) beats only ALLOW, not TRAP.
+    for r in policy.refusals {
+        add_rule(policy, &mut map, &mut always, &r.rule)?;
+    }
+    let mismatch = if log_only {
+        SeccompAction::Log
+    } else {
+        SeccompAction::Trap
     };
+    let allow = build(policy, finish(map, always), mismatch, SeccompAction::Allow)?;
+    let mut errnos: Vec<i32> = policy.refusals.iter().map(|r| r.errno).collect();
+    errnos.sort_unstable();
+    errnos.dedup();
+    let mut refusals = Vec::new();
+    for errno in errnos {
+        let mut map = RuleMap::new();
+        let mut always = Vec::new();
+        for r in policy.refusals.iter().filter(|r| r.errno == errno) {
+            add_rule(policy, &mut map, &mut always, &r.rule)?;
+        }
+        let errno = u32::try_from(errno).map_err(|_| Error::BadErrno(policy.name))?;
+        refusals.push(build(
+            policy,
+            finish(map, always),
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno),
+        )?);
+    }
     Ok(Compiled { refusals, allow })
 }
 
@@ -101,7 +124,7 @@ pub fn install(name: &'static str, compiled: &Compiled) -> Result<(), Error> {
     install_sigsys_handler()?;
     // The refusal filter goes first: the kernel runs every filter and takes the strictest
     // answer, so ERRNO from it beats ALLOW from the allow-list and loses to its TRAP.
-    if let Some(r) = &compiled.refusals {
+    for r in &compiled.refusals {
         seccompiler::apply_filter_all_threads(r).map_err(Error::Install)?;
     }
     seccompiler::apply_filter_all_threads(&compiled.allow).map_err(Error::Install)

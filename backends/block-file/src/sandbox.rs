@@ -1,7 +1,9 @@
 //! The sandbox of `hype block-file`: the system calls serving an image file or block device
 //! needs, and the files it keeps (none by path: the image is open before it is confined).
 
-use hype_daemon::sandbox::{Cond, Group, Policy, Rule, CLONE3_REFUSED, RUNTIME, VHOST_USER};
+use hype_daemon::sandbox::{
+    Cond, Group, Policy, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME, VHOST_USER,
+};
 
 /// `BLKDISCARD`, the one ioctl left after setup (DISCARD on a block device).
 const BLKDISCARD: u64 = 0x1277;
@@ -27,5 +29,5 @@ pub static FILE_IO: Group = Group {
 pub static POLICY: Policy = Policy {
     name: "block-file",
     groups: &[&RUNTIME, &VHOST_USER, &FILE_IO],
-    refusals: &[CLONE3_REFUSED],
+    refusals: &[CLONE3_REFUSED, OPEN_REFUSED],
 };

@@ -240,6 +240,7 @@ fn confined_while_serving_and_forbidden_calls_kill() {
     assert!(p.signal_and_wait(libc::SIGTERM).success());
     assert!(!p.socket.exists());
     check_hook_kills(BIN, &["--size", "1M"], &dir, "execve", "execve");
+    check_open_refused(BIN, &["--size", "1M"], &dir, "/etc/hostname");
     check_hook_kills(BIN, &["--size", "1M"], &dir, "open:/etc/hostname", "openat");
 /// Sends SET_FEATURES and then SET_MEM_TABLE with `regions` on a fresh connection; returns
 /// whether the backend accepted the table.

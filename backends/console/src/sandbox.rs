@@ -2,7 +2,9 @@
 //! files that are open already, input from them, the terminal's size and mode, accepting
 //! console clients; no path except removing its sockets on exit.
 
-use hype_daemon::sandbox::{Cond, Group, Policy, Rule, CLONE3_REFUSED, RUNTIME, VHOST_USER};
+use hype_daemon::sandbox::{
+    Cond, Group, Policy, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME, VHOST_USER,
+};
 
 const TIOCGWINSZ: u64 = libc::TIOCGWINSZ;
 const TCGETS: u64 = libc::TCGETS;
@@ -37,5 +39,5 @@ pub static CONSOLE_IO: Group = Group {
 pub static POLICY: Policy = Policy {
     name: "console",
     groups: &[&RUNTIME, &VHOST_USER, &CONSOLE_IO],
-    refusals: &[CLONE3_REFUSED],
+    refusals: &[CLONE3_REFUSED, OPEN_REFUSED],
 };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 pub use hype_sandbox::{
     Cond, FsAccess, Group, Policy, Refusal, Rule, Sandbox, SandboxArgs, SandboxMode,
-    CLONE3_REFUSED, RUNTIME,
+    CLONE3_REFUSED, OPEN_REFUSED, RUNTIME,
 };
 
 use crate::{Error, ListenArgs, SocketListener};
@@ -86,6 +86,12 @@ pub fn allow_socket_bind(sandbox: &mut Sandbox, args: &ListenArgs) {
     if let Some(path) = &args.socket {
         sandbox.files().allow(socket_dir(path), FsAccess::Sockets);
     }
+}
+
+/// Applies the Landlock rules now (see [`Sandbox::restrict_files`]), for processes that start
+/// threads before they are fully set up.
+pub fn restrict_files(sandbox: &mut Sandbox) -> Result<(), Error> {
+    sandbox.restrict_files().map_err(Error::Sandbox)
 }
 
 /// Confines the process once `listener` is bound and every file is open: adds the listener's

@@ -1,7 +1,9 @@
 //! The sandbox of `hype net-tap`: frames between the guest and the already open tap queues,
 //! the tap ioctls the guest's feature and queue choices need, and no path at all.
 
-use hype_daemon::sandbox::{Cond, Group, Policy, Rule, CLONE3_REFUSED, RUNTIME, VHOST_USER};
+use hype_daemon::sandbox::{
+    Cond, Group, Policy, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME, VHOST_USER,
+};
 
 const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD as u64;
 const TUNSETVNETHDRSZ: u64 = libc::TUNSETVNETHDRSZ as u64;
@@ -30,5 +32,5 @@ pub static TAP: Group = Group {
 pub static POLICY: Policy = Policy {
     name: "net-tap",
     groups: &[&RUNTIME, &VHOST_USER, &TAP],
-    refusals: &[CLONE3_REFUSED],
+    refusals: &[CLONE3_REFUSED, OPEN_REFUSED],
 };

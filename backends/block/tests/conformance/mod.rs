@@ -728,3 +728,31 @@ pub fn check_hook_kills(bin: &str, args: &[&str], dir: &Path, hook: &str, syscal
     let (status, stderr) = hype_testkit::sandbox::run_hook(cmd, hook, WAIT).unwrap();
     hype_testkit::sandbox::assert_killed_by_sigsys(status, &stderr, syscall);
 }
+
+/// A backend asked (test hook) to open `path`, a file outside its sandbox, once confined: the
+/// open fails with EACCES and the backend goes on serving.
+pub fn check_open_refused(bin: &str, args: &[&str], dir: &Path, path: &str) {
+    let socket = dir.join("open.sock");
+    let log = dir.join("open.log");
+    let child = Command::new(bin)
+        .args(args)
+        .arg("--socket")
+        .arg(&socket)
+        .env("HYPE_LOG", "warn")
+        .env(hype_testkit::sandbox::HOOK_VAR, format!("open:{path}"))
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut p = Process::from_child(child, &socket);
+    let mut disk = connect(&p.socket, 1);
+    let data = pattern(0, 4096, 3);
+    disk.execute(0, &BlkRequest::write(0, data.clone()))
+        .unwrap();
+    assert_eq!(disk.read(0, 4096).unwrap(), data);
+    drop(disk);
+    assert!(p.signal_and_wait(libc::SIGTERM).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let want = format!("sandbox test hook: open {path}: Permission denied");
+    assert!(text.contains(&want), "no {want:?} in: {text}");
+}
