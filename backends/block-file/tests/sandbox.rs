@@ -1,5 +1,6 @@
 //! hype-block-file confined: every thread filtered while serving, forbidden calls fatal,
 //! `--sandbox off` and `--print-sandbox`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;

@@ -5,9 +5,9 @@ use hype_daemon::sandbox::{
     Cond, Group, Policy, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME, VHOST_USER,
 };
 
-const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD as u64;
-const TUNSETVNETHDRSZ: u64 = libc::TUNSETVNETHDRSZ as u64;
-const TUNSETQUEUE: u64 = libc::TUNSETQUEUE as u64;
+const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
+const TUNSETVNETHDRSZ: u64 = libc::TUNSETVNETHDRSZ;
+const TUNSETQUEUE: u64 = libc::TUNSETQUEUE;
 
 /// Frames and tap settings once serving (RX `read` and TX `writev` on the tap queues are in
 /// the runtime group), the
