@@ -106,6 +106,11 @@ impl FsRules {
         }
     }
 
+    /// Whether a rule names `path`.
+    pub fn mentions(&self, path: &Path) -> bool {
+        self.paths.iter().any(|(p, _)| p == path)
+    }
+
     /// Keeps TCP connections to `port` (any address).
     pub fn allow_tcp_connect(&mut self, port: u16) {
         if !self.tcp_connect.contains(&port) {

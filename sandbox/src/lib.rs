@@ -34,7 +34,7 @@ pub use policy::{Cond, Group, Op, Policy, Refusal, Rule, CLONE3_REFUSED, OPEN_RE
 pub use seccomp::syscall_name;
 
 /// How one process confines itself; see the [crate documentation](crate).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Sandbox {
     args: SandboxArgs,
     policy: &'static Policy,

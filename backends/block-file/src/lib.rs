@@ -112,7 +112,7 @@ impl CommandError for Error {
 /// Runs the file backend until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
     let sandbox = Sandbox::new(args.device.sandbox, &sandbox::POLICY);
-    if sandbox.print_if_asked() {
+    if hype_daemon::sandbox::print_if_asked(&sandbox, &args.device.listen) {
         return Ok(());
     }
     let store = FileStorage::open(

@@ -229,6 +229,7 @@ pub fn storage(args: &Args) -> Result<HttpStorage, Error> {
 /// Runs the HTTP backend until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
     let mut sandbox = Sandbox::new(args.device.sandbox, &sandbox::POLICY);
+    sandbox::add_rules(&mut sandbox, &args);
     if sandbox.print_if_asked() {
         return Ok(());
     }

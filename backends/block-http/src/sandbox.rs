@@ -104,20 +104,12 @@ const PROXY_VARS: &[&str] = &[
     "all_proxy",
 ];
 
-/// Adds block-http's Landlock rules to `sandbox` and applies them, before the HTTP client and
-/// the fetchers start: the socket directory (the socket is bound later), the overlay (created
-/// empty now if missing, which the overlay code takes as new), `--ca-cert`, resolver files
-/// and TLS roots (read only), TCP to the URL's port, DNS and any proxy's port.
-pub fn restrict_files(sandbox: &mut Sandbox, args: &Args) -> Result<(), crate::Error> {
-    if !sandbox.is_on() {
-        return Ok(());
-    }
+/// Adds block-http's Landlock rules to `sandbox`: the socket directory (the socket is bound
+/// after they apply), the overlay, `--ca-cert`, resolver files and TLS roots (read only), TCP
+/// to the URL's port, DNS and any proxy's port.
+pub fn add_rules(sandbox: &mut Sandbox, args: &Args) {
     hype_daemon::sandbox::allow_socket_bind(sandbox, &args.device.listen);
     if let Some(p) = &args.overlay {
-        create_if_missing(p).map_err(|source| crate::Error::OverlayCreate {
-            path: p.clone(),
-            source,
-        })?;
         sandbox.files().allow(p, FsAccess::ReadWrite);
     }
     if let Some(p) = &args.ca_cert {
@@ -141,6 +133,21 @@ pub fn restrict_files(sandbox: &mut Sandbox, args: &Args) -> Result<(), crate::E
         {
             sandbox.files().allow_tcp_connect(port);
         }
+    }
+}
+
+/// Applies the rules of [`add_rules`] before the HTTP client and the fetchers start; creates
+/// the overlay empty first if it is missing (a Landlock rule needs the file; the overlay code
+/// takes an empty file as new).
+pub fn restrict_files(sandbox: &mut Sandbox, args: &Args) -> Result<(), crate::Error> {
+    if !sandbox.is_on() {
+        return Ok(());
+    }
+    if let Some(p) = &args.overlay {
+        create_if_missing(p).map_err(|source| crate::Error::OverlayCreate {
+            path: p.clone(),
+            source,
+        })?;
     }
     hype_daemon::sandbox::restrict_files(sandbox)?;
     Ok(())

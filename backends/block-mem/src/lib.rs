@@ -145,7 +145,7 @@ pub fn storage(args: &Args) -> Result<MemStorage, Error> {
 /// Runs the RAM disk backend until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
     let sandbox = Sandbox::new(args.device.sandbox, &sandbox::POLICY);
-    if sandbox.print_if_asked() {
+    if hype_daemon::sandbox::print_if_asked(&sandbox, &args.device.listen) {
         return Ok(());
     }
     let store = storage(&args)?;

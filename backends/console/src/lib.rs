@@ -247,7 +247,10 @@ fn open_append(path: &std::path::Path) -> Result<std::fs::File, Error> {
 /// Runs the console backend until SIGINT/SIGTERM/SIGHUP (or `Ctrl-a x` on its terminal).
 pub fn run(args: Args) -> Result<(), Error> {
     let mut sandbox = Sandbox::new(args.sandbox, &sandbox::POLICY);
-    if sandbox.print_if_asked() {
+    if let Output::Socket(p) = &args.output {
+        hype_daemon::sandbox::allow_socket_removal(&mut sandbox, p);
+    }
+    if hype_daemon::sandbox::print_if_asked(&sandbox, &args.listen) {
         return Ok(());
     }
     // Open everything that can fail on user input before touching the terminal.
@@ -292,9 +295,6 @@ pub fn run(args: Args) -> Result<(), Error> {
     let mut listener = SocketListener::open(&args.listen)?;
     // Everything is open: confine before the I/O thread starts (Landlock covers the threads
     // created after it).
-    if let Output::Socket(p) = &args.output {
-        hype_daemon::sandbox::allow_socket_removal(&mut sandbox, p);
-    }
     hype_daemon::sandbox::confine(&mut sandbox, &listener)?;
     let logs: Vec<_> = file_out.into_iter().chain(log).collect();
     let buffered = !matches!(endpoint, Endpoint::None);

@@ -88,6 +88,19 @@ pub fn allow_socket_bind(sandbox: &mut Sandbox, args: &ListenArgs) {
     }
 }
 
+/// With `--print-sandbox`, prints the sandbox the process will apply, with the rule its
+/// listening socket (`listen`) will add, and returns true: the caller exits without serving.
+pub fn print_if_asked(sandbox: &Sandbox, listen: &ListenArgs) -> bool {
+    let mut planned = sandbox.clone();
+    if let Some(path) = &listen.socket {
+        let rules = planned.files();
+        if !rules.mentions(&socket_dir(path)) {
+            rules.allow(socket_dir(path), FsAccess::RemoveEntries);
+        }
+    }
+    planned.print_if_asked()
+}
+
 /// Applies the Landlock rules now (see [`Sandbox::restrict_files`]), for processes that start
 /// threads before they are fully set up.
 pub fn restrict_files(sandbox: &mut Sandbox) -> Result<(), Error> {

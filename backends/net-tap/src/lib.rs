@@ -104,7 +104,7 @@ impl CommandError for Error {
 /// Runs the backend until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
     let mut sandbox = Sandbox::new(args.sandbox, &sandbox::POLICY);
-    if sandbox.print_if_asked() {
+    if hype_daemon::sandbox::print_if_asked(&sandbox, &args.listen) {
         return Ok(());
     }
     // Listen first: a bad --socket must not leave a tap behind.
