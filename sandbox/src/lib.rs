@@ -17,6 +17,9 @@
 //!   any policy anyway).
 //!
 //! Policies are data ([`policy`]): groups of calls, each group beside the code that needs it.
+//!
+//! May depend on: `seccompiler`, `landlock`, `libc`, `clap`, `log`, `thiserror`. Nothing of
+//! hype's: every hype process kind (backends, later the VMM) can use it.
 
 mod args;
 mod error;
