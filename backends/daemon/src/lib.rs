@@ -24,8 +24,8 @@
 //! Everything is generic over any [`vhost_user_backend::VhostUserBackend`], so the block, net and
 //! console backends share it.
 //!
-//! May depend on: `hype-base`, `hype-sandbox`, vhost, vhost-user-backend, virtio-queue, vm-memory. Nothing
-//! device-specific: a device's knowledge lives in its backend crate.
+//! May depend on: `hype-base`, `hype-sandbox`, vhost, vhost-user-backend, virtio-queue,
+//! vm-memory. Nothing device-specific: a device's knowledge lives in its backend crate.
 
 pub mod backend_defaults;
 mod error;
