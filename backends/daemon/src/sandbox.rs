@@ -16,13 +16,15 @@ const F_SETFD: u64 = libc::F_SETFD as u64;
 const F_GETFL: u64 = libc::F_GETFL as u64;
 const F_SETFL: u64 = libc::F_SETFL as u64;
 const F_DUPFD_CLOEXEC: u64 = libc::F_DUPFD_CLOEXEC as u64;
+const F_GET_SEALS: u64 = libc::F_GET_SEALS as u64;
 
 /// What hype-daemon's accept loop, its shutdown latch and vhost-user-backend's daemon and
 /// worker threads call while serving: accepting a (re)connecting frontend, vhost-user messages
 /// with fds, mapping guest memory, epoll over kicks, eventfds, removing the socket on exit.
 pub static VHOST_USER: Group = Group {
     name: "vhost-user",
-    why: "accept loop, vhost-user messages with fds, guest memory maps, epoll, eventfds",
+    why: "accept loop, vhost-user messages with fds, guest memory maps (seals checked), \
+          epoll, eventfds",
     rules: &[
         Rule::always("accept4", libc::SYS_accept4),
         Rule::always("recvmsg", libc::SYS_recvmsg),
@@ -45,6 +47,8 @@ pub static VHOST_USER: Group = Group {
                 &[Cond::eq(1, F_GETFL)],
                 &[Cond::eq(1, F_SETFL)],
                 &[Cond::eq(1, F_DUPFD_CLOEXEC)],
+                // SET_MEM_TABLE: a region's memfd must be sealed against shrinking.
+                &[Cond::eq(1, F_GET_SEALS)],
             ],
         ),
         Rule::always("fstat", libc::SYS_fstat),
