@@ -24,6 +24,8 @@
 //!   request log, for tests of HTTP-backed disks; TLS is left to the caller's connection wrapper.
 //! - [`process::BackendProcess`]: a backend as a child process: start, wait for its socket,
 //!   signal, bounded wait for its exit, killed on drop.
+//! - [`sandbox`]: what a test of a confined process checks: every thread's seccomp mode, and
+//!   that a forbidden call (a test hook) kills it with SIGSYS.
 //! - [`loadgen::closed_loop`]: keep N requests in flight on a queue and report IOPS and latency
 //!   percentiles (for benchmarks).
 //!
@@ -51,4 +53,5 @@ pub mod http_server;
 pub mod loadgen;
 pub mod memory;
 pub mod process;
+pub mod sandbox;
 pub mod virtqueue;

@@ -1,6 +1,7 @@
 //! Throughput of hype-block-file (and, when installed, qemu-storage-daemon on the same kind of
 //! image) through hype-testkit's frontend: 1 MiB sequential write/read at QD 4, 4 KiB random
-//! read/write at QD 32 on one queue, and 4 KiB random read at QD 32 on each of 4 queues.
+//! read/write at QD 32 on one queue, and 4 KiB random read at QD 32 on each of 4 queues; hype
+//! with its sandbox (the default) and with `--sandbox off`, side by side.
 //!
 //! `cargo bench -p hype-block-file --bench throughput` (HYPE_BENCH_SECS=N per workload,
 //! default 2). The image lives in /dev/shm when it exists, so the numbers measure the
@@ -203,6 +204,21 @@ fn main() {
         &tempdir("bench").join("blk.sock"),
     );
     run("hype-block-file", &p.socket);
+    drop(p);
+    // The same without the sandbox, to measure what the seccomp filter costs.
+    let p = Process::spawn(
+        BIN,
+        &[
+            "--path",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "4",
+            "--sandbox",
+            "off",
+        ],
+        &tempdir("benchoff").join("blk.sock"),
+    );
+    run("hype-block-file nobox", &p.socket);
     drop(p);
     let p = Process::spawn(
         BIN,

@@ -9,14 +9,18 @@
 //! * `--direct` opens with `O_DIRECT` (bypassing the host page cache).
 //! * The file is locked (`flock`): exclusively when writable, shared when read-only, so the
 //!   same image is never opened twice for writing.
+//! * Once serving, the process is confined ([`sandbox::POLICY`]): the calls above, vhost-user
+//!   serving, and no path at all (the image is open already).
 //!
 //! May depend on: `hype-block`, `hype-daemon`.
 
 mod file;
+pub mod sandbox;
 
 use std::path::PathBuf;
 
 use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs};
+use hype_daemon::sandbox::Sandbox;
 
 pub use file::{FileOptions, FileStorage};
 
@@ -107,6 +111,10 @@ impl CommandError for Error {
 
 /// Runs the file backend until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
+    let sandbox = Sandbox::new(args.device.sandbox, &sandbox::POLICY);
+    if hype_daemon::sandbox::print_if_asked(&sandbox, &args.device.listen) {
+        return Ok(());
+    }
     let store = FileStorage::open(
         &args.path,
         FileOptions {
@@ -118,6 +126,7 @@ pub fn run(args: Args) -> Result<(), Error> {
     BlockDevice::new(store)
         .name("hype-block-file")
         .io_threads(DEFAULT_IO_THREADS)
+        .sandbox(sandbox)
         .run(&args.device)?;
     Ok(())
 }

@@ -37,6 +37,7 @@ pub mod overlay;
 mod reader;
 pub mod remote;
 pub mod retry;
+pub mod sandbox;
 mod storage;
 
 use std::path::PathBuf;
@@ -44,6 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs, SECTOR_SIZE};
+use hype_daemon::sandbox::Sandbox;
 
 pub use overlay::{Overlay, OverlayError, DEFAULT_GRANULE};
 pub use reader::{ReaderOptions, RemoteReader};
@@ -126,6 +128,18 @@ pub enum Error {
     /// The fetcher threads could not be started.
     #[error("cannot start fetcher threads")]
     Threads(#[source] std::io::Error),
+    /// The empty overlay file could not be created before the sandbox was set up.
+    #[error("cannot create {path}")]
+    OverlayCreate {
+        /// The overlay path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process could not confine itself.
+    #[error(transparent)]
+    Sandbox(#[from] hype_daemon::Error),
     /// Serving failed.
     #[error(transparent)]
     Block(#[from] hype_block::Error),
@@ -142,7 +156,9 @@ impl CommandError for Error {
             | Error::InvalidTimeout => true,
             Error::Open(e) => e.is_usage(),
             Error::Overlay(e) => e.is_usage(),
+            Error::OverlayCreate { .. } => true,
             Error::Threads(_) => false,
+            Error::Sandbox(e) => e.is_usage(),
             Error::Block(e) => e.is_usage(),
         }
     }
@@ -212,10 +228,18 @@ pub fn storage(args: &Args) -> Result<HttpStorage, Error> {
 
 /// Runs the HTTP backend until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
+    let mut sandbox = Sandbox::new(args.device.sandbox, &sandbox::POLICY);
+    sandbox::add_rules(&mut sandbox, &args);
+    if sandbox.print_if_asked() {
+        return Ok(());
+    }
+    // Landlock before the HTTP client and fetcher threads start, so they are covered too.
+    sandbox::restrict_files(&mut sandbox, &args)?;
     let store = storage(&args)?;
     BlockDevice::new(store)
         .name("hype-block-http")
         .io_threads(DEFAULT_IO_THREADS)
+        .sandbox(sandbox)
         .run(&args.device)?;
     Ok(())
 }

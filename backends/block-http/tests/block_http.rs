@@ -682,3 +682,28 @@ fn io_threads_default_to_16_so_one_queue_keeps_requests_in_flight() {
     read_blocks_at_once(&mut disk, &img, 4);
     assert_eq!(server.max_concurrent(), 1);
 }
+
+#[test]
+fn confined_while_serving_files_and_calls_outside_the_sandbox_refused() {
+    let img = image(1 << 20, 5);
+    let server = HttpServer::start(Behaviour::new(img.clone()));
+    let url = server.url();
+    let dir = tempdir("http-sb");
+    let overlay = dir.join("overlay");
+    let overlay_arg = overlay.to_str().unwrap().to_string();
+    let args = ["--url", url.as_str(), "--overlay", overlay_arg.as_str()];
+    let mut p = Process::spawn(BIN, &args, &dir.join("blk.sock"));
+    // The overlay takes writes, the server the reads; client, fetcher, I/O and worker threads
+    // are all filtered.
+    check_every_thread_filtered(&p, 1);
+    let threads = hype_testkit::sandbox::thread_modes(p.pid()).unwrap();
+    assert!(threads.len() > 16, "I/O pool and fetchers: {threads:?}");
+    assert!(p.signal_and_wait(libc::SIGTERM).success());
+    assert!(!p.socket.exists());
+    // Landlock: a file outside its set cannot be opened; serving goes on.
+    assert!(std::fs::read("/etc/hostname").is_ok());
+    check_open_refused(BIN, &args, &dir, "/etc/hostname");
+    for (hook, call) in [("execve", "execve"), ("ptrace", "ptrace")] {
+        check_hook_kills(BIN, &args, &dir, hook, call);
+    }
+}

@@ -6,11 +6,13 @@
 //!
 //! May depend on: `hype-block`, `hype-daemon`.
 
+pub mod sandbox;
 mod store;
 
 use std::path::PathBuf;
 
 use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs};
+use hype_daemon::sandbox::Sandbox;
 
 pub use store::{MemStorage, MAX_SIZE};
 
@@ -150,10 +152,15 @@ pub fn storage(args: &Args) -> Result<MemStorage, Error> {
 
 /// Runs the RAM disk backend until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
+    let sandbox = Sandbox::new(args.device.sandbox, &sandbox::POLICY);
+    if hype_daemon::sandbox::print_if_asked(&sandbox, &args.device.listen) {
+        return Ok(());
+    }
     let store = storage(&args)?;
     BlockDevice::new(store)
         .name("hype-block-mem")
         .io_threads(DEFAULT_IO_THREADS)
+        .sandbox(sandbox)
         .run(&args.device)?;
     Ok(())
 }

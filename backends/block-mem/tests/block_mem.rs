@@ -233,6 +233,16 @@ fn sigterm_with_a_frontend_connected_exits_cleanly() {
     drop(disk);
 }
 
+#[test]
+fn confined_while_serving_and_forbidden_calls_kill() {
+    let (mut p, dir) = spawn("memsb", &["--size", "16M", "--num-queues", "2"]);
+    check_every_thread_filtered(&p, 2);
+    assert!(p.signal_and_wait(libc::SIGTERM).success());
+    assert!(!p.socket.exists());
+    check_hook_kills(BIN, &["--size", "1M"], &dir, "execve", "execve");
+    check_open_refused(BIN, &["--size", "1M"], &dir, "/etc/hostname");
+}
+
 /// Sends SET_FEATURES and then SET_MEM_TABLE with `regions` on a fresh connection; returns
 /// whether the backend accepted the table.
 fn offer_memory(socket: &std::path::Path, regions: &[vhost::VhostUserMemoryRegionInfo]) -> bool {

@@ -1,5 +1,6 @@
 //! Command-line options shared by block backends, and size parsing.
 
+use hype_daemon::sandbox::SandboxArgs;
 use hype_daemon::ListenArgs;
 
 /// Options every block backend binary takes. Flatten it into the backend's own `Args`.
@@ -23,6 +24,9 @@ pub struct DeviceArgs {
     /// Serial number the guest reads with GET_ID (at most 20 ASCII characters).
     #[arg(long, value_name = "SERIAL")]
     pub serial: Option<String>,
+    /// Confinement of the process (`--sandbox`, `--print-sandbox`).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// The `--help` text of `--io-threads` for a backend whose default is `default` threads.

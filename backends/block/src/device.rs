@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use hype_daemon::sandbox::Sandbox;
 use hype_daemon::{ListenArgs, Shutdown, SocketListener};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
@@ -37,6 +38,7 @@ pub struct BlockDevice<S: Storage> {
     serial: Option<String>,
     read_only: bool,
     name: String,
+    sandbox: Option<Sandbox>,
 }
 
 impl<S: Storage> BlockDevice<S> {
@@ -55,6 +57,7 @@ impl<S: Storage> BlockDevice<S> {
             serial: None,
             read_only: false,
             name: "hype-block".into(),
+            sandbox: None,
         }
     }
 
@@ -94,6 +97,14 @@ impl<S: Storage> BlockDevice<S> {
         self
     }
 
+    /// Confines the process with `sandbox` in [`serve`](Self::serve), once the socket is bound
+    /// (the storage's files are open by then): see [`hype_daemon::sandbox`]. Without it, or
+    /// with [`serve_on`](Self::serve_on), the process is not confined.
+    pub fn sandbox(mut self, sandbox: Sandbox) -> Self {
+        self.sandbox = Some(sandbox);
+        self
+    }
+
     /// Name used for threads and logs.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -121,14 +132,18 @@ impl<S: Storage> BlockDevice<S> {
     }
 
     /// Listens as `listen` says (or on the socket systemd passed), installs SIGINT/SIGTERM
-    /// handlers and serves frontends, one at a time, until a signal arrives. The socket file,
-    /// if this process created it, is removed on return.
-    pub fn serve(self, listen: &ListenArgs) -> Result<(), Error> {
+    /// handlers, confines the process if given a [`sandbox`](Self::sandbox), and serves
+    /// frontends, one at a time, until a signal arrives. The socket file, if this process
+    /// created it, is removed on return.
+    pub fn serve(mut self, listen: &ListenArgs) -> Result<(), Error> {
         // Validate before touching the file system.
         let spec = Arc::new(self.spec()?);
         let mut listener = SocketListener::open(listen)?;
         let shutdown = Shutdown::new()?;
         shutdown.install_signal_handlers()?;
+        if let Some(mut sandbox) = self.sandbox.take() {
+            hype_daemon::sandbox::confine(&mut sandbox, &listener)?;
+        }
         self.serve_spec(spec, &mut listener, &shutdown)
     }
 
@@ -226,6 +241,7 @@ impl<S: Storage> BlockDevice<S> {
 mod tests {
     use super::*;
     use crate::StorageInfo;
+    use hype_daemon::sandbox::SandboxArgs;
 
     struct Zeroes;
 
@@ -252,6 +268,7 @@ mod tests {
             queue_size: 128,
             io_threads,
             serial: None,
+            sandbox: SandboxArgs::off(),
         }
     }
 

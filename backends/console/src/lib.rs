@@ -30,6 +30,7 @@ mod attach;
 mod backend;
 mod buffer;
 mod endpoint;
+pub mod sandbox;
 mod shared;
 
 /// Raw mode and the escape filter: hype's one copy, in `hype-base`.
@@ -42,6 +43,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hype_daemon::sandbox::{Sandbox, SandboxArgs};
 use hype_daemon::{ListenArgs, Shutdown, SocketListener};
 
 pub use attach::{attach, Detach};
@@ -145,6 +147,9 @@ pub struct Args {
     /// Permission bits of the client socket (socket:PATH), in octal.
     #[arg(long, value_name = "MODE", default_value = "0600", value_parser = hype_daemon::parse_mode)]
     pub client_socket_mode: u32,
+    /// Confinement of the process (`--sandbox`, `--print-sandbox`).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// `hype console`: serve a console (the options of [`Args`]), or `attach PATH` to one.
@@ -255,6 +260,13 @@ fn open_append(path: &std::path::Path) -> Result<std::fs::File, Error> {
 
 /// Runs the console backend until SIGINT/SIGTERM/SIGHUP (or `Ctrl-a x` on its terminal).
 pub fn run(args: Args) -> Result<(), Error> {
+    let mut sandbox = Sandbox::new(args.sandbox, &sandbox::POLICY);
+    if let Output::Socket(p) = &args.output {
+        hype_daemon::sandbox::allow_socket_removal(&mut sandbox, p);
+    }
+    if hype_daemon::sandbox::print_if_asked(&sandbox, &args.listen) {
+        return Ok(());
+    }
     // Open everything that can fail on user input before touching the terminal.
     let log = args.log.as_deref().map(open_append).transpose()?;
     let file_out = match &args.output {
@@ -295,6 +307,9 @@ pub fn run(args: Args) -> Result<(), Error> {
     };
     // The vhost-user socket last: once it exists, the client socket and resize watch are ready too.
     let mut listener = SocketListener::open(&args.listen)?;
+    // Everything is open: confine before the I/O thread starts (Landlock covers the threads
+    // created after it).
+    hype_daemon::sandbox::confine(&mut sandbox, &listener)?;
     let logs: Vec<_> = file_out.into_iter().chain(log).collect();
     let buffered = !matches!(endpoint, Endpoint::None);
     let shared = Arc::new(

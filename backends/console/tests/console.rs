@@ -594,3 +594,51 @@ fn attach_on_a_terminal_detaches_with_ctrl_a_x_and_restores_it() {
     guest_write(&mut drv, b"again", 64);
     assert_eq!(read_exact_within(&mut c, 5), b"again");
 }
+
+#[test]
+fn confined_while_serving_and_forbidden_calls_kill() {
+    let dir = tempdir("sandbox");
+    let csock = dir.join("console.sock");
+    let log = dir.join("guest.log");
+    let mut b = Backend::spawn(
+        &dir,
+        &[
+            "--output",
+            &format!("socket:{}", csock.display()),
+            "--log",
+            log.to_str().unwrap(),
+        ],
+    );
+    let mut c = client(&csock);
+    let mut drv = guest(&b);
+    let data = pattern(0, 4096, 9);
+    guest_write(&mut drv, &data, 1000);
+    assert_eq!(read_exact_within(&mut c, data.len()), data);
+    let threads = hype_testkit::sandbox::thread_modes(b.child.id()).unwrap();
+    // Main, console I/O, shutdown watcher, the queues' worker.
+    assert!(threads.len() >= 4, "{threads:?}");
+    for t in &threads {
+        assert_eq!(
+            t.seccomp,
+            hype_testkit::sandbox::SECCOMP_MODE_FILTER,
+            "{threads:?}"
+        );
+    }
+    drop(drv);
+    assert!(b.signal_and_wait(libc::SIGTERM).success());
+    // Both sockets were removed on exit under Landlock.
+    assert!(!csock.exists() && !b.socket.exists());
+    for (hook, call) in [
+        ("execve", "execve"),
+        ("socket-inet", "socket"),
+        ("ptrace", "ptrace"),
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--socket")
+            .arg(dir.join("k.sock"))
+            .args(["--output", "file:/dev/null"]);
+        let (status, stderr) =
+            hype_testkit::sandbox::run_hook(cmd, hook, Duration::from_secs(10)).unwrap();
+        hype_testkit::sandbox::assert_killed_by_sigsys(status, &stderr, call);
+    }
+}

@@ -77,6 +77,9 @@ pub enum Error {
     /// A thread could not be spawned.
     #[error("cannot spawn thread")]
     SpawnThread(#[source] io::Error),
+    /// The process could not confine itself (seccomp, Landlock).
+    #[error("cannot set up the sandbox")]
+    Sandbox(#[source] hype_sandbox::Error),
 }
 
 impl crate::CommandError for Error {
@@ -100,7 +103,8 @@ impl crate::CommandError for Error {
             | Error::CreateDaemon(_)
             | Error::ConnectionSetup(_)
             | Error::Accept(_)
-            | Error::SpawnThread(_) => false,
+            | Error::SpawnThread(_)
+            | Error::Sandbox(_) => false,
         }
     }
 }

@@ -15,20 +15,24 @@
 //!   runtime errors ([`CommandError`], [`report_exit`], [`parse_command_line`]);
 //! * one EVENT_IDX-aware loop that drains a virtqueue and signals the guest: [`vring::Drain`],
 //!   with rate-limited logging of guest mistakes: [`guest_error`];
+//! * the sandbox every backend process confines itself in once its socket is bound and its
+//!   files are open (seccomp allow-list, Landlock, no_new_privs): [`sandbox`], with the
+//!   system calls the accept loop and vhost-user serving need ([`sandbox::VHOST_USER`]);
 //! * the answers every backend gives alike (protocol features, exit events, a read-only config
 //!   space): [`backend_defaults`].
 //!
 //! Everything is generic over any [`vhost_user_backend::VhostUserBackend`], so the block, net and
 //! console backends share it.
 //!
-//! May depend on: `hype-base`, vhost, vhost-user-backend, virtio-queue, vm-memory. Nothing
-//! device-specific: a device's knowledge lives in its backend crate.
+//! May depend on: `hype-base`, `hype-sandbox`, vhost, vhost-user-backend, virtio-queue,
+//! vm-memory. Nothing device-specific: a device's knowledge lives in its backend crate.
 
 pub mod backend_defaults;
 mod error;
 mod guest_error;
 pub mod guest_memory;
 mod listener;
+pub mod sandbox;
 mod serve;
 mod shutdown;
 pub mod vring;

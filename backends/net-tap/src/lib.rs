@@ -13,6 +13,8 @@
 //!   thread's epoll until the next RX kick; the frame already read waits.
 //! * Malformed chains are dropped and counted ([`Stats`]); counters are logged when a
 //!   frontend disconnects and on exit.
+//! * Once the tap is set up the process is confined ([`sandbox::POLICY`]): frames on the open
+//!   tap queues, three tap ioctls, vhost-user serving, no path.
 //!
 //! May depend on: `hype-daemon`, `hype-base`, the vhost-user/virtio crates.
 
@@ -21,6 +23,7 @@ mod chain;
 mod config;
 mod ctrl;
 mod rx;
+pub mod sandbox;
 mod serve;
 mod stats;
 mod tap;
@@ -28,6 +31,7 @@ mod tx;
 
 use std::sync::Arc;
 
+use hype_daemon::sandbox::{Sandbox, SandboxArgs};
 use hype_daemon::{CommandError, ListenArgs, Shutdown, SocketListener};
 
 pub use backend::{GuestMemory, NetBackend};
@@ -63,6 +67,9 @@ pub struct Args {
     /// Largest virtqueue size the frontend may use (power of two).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = parse_queue_size)]
     pub queue_size: u16,
+    /// Confinement of the process (`--sandbox`, `--print-sandbox`).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 fn parse_queue_size(s: &str) -> Result<u16, String> {
@@ -96,6 +103,10 @@ impl CommandError for Error {
 
 /// Runs the backend until SIGINT/SIGTERM.
 pub fn run(args: Args) -> Result<(), Error> {
+    let mut sandbox = Sandbox::new(args.sandbox, &sandbox::POLICY);
+    if hype_daemon::sandbox::print_if_asked(&sandbox, &args.listen) {
+        return Ok(());
+    }
     // Listen first: a bad --socket must not leave a tap behind.
     let mut listener = SocketListener::open(&args.listen)?;
     let tap = Arc::new(Tap::open(&args.tap, usize::from(args.queue_pairs))?);
@@ -123,6 +134,8 @@ pub fn run(args: Args) -> Result<(), Error> {
     );
     let shutdown = Shutdown::new()?;
     shutdown.install_signal_handlers()?;
+    // Everything is open and the tap configured: nothing after this needs CAP_NET_ADMIN.
+    hype_daemon::sandbox::confine(&mut sandbox, &listener)?;
     let stats = Arc::new(Stats::default());
     let result = serve::serve(
         &mut listener,

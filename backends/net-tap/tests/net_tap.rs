@@ -778,3 +778,38 @@ fn reconnect_and_work_without_event_idx() {
     let log = be.stop();
     assert_eq!(log.matches("frontend connected").count(), 2, "{log}");
 }
+
+#[test]
+fn confined_while_serving_and_forbidden_calls_kill() {
+    if !can_run("confined_while_serving_and_forbidden_calls_kill") {
+        return;
+    }
+    let ns = Netns::new();
+    let be = Backend::spawn(&ns, &["--queue-pairs", "2"]);
+    let drv = be.connect(2, u64::MAX);
+    let threads = hype_testkit::sandbox::thread_modes(be.pid()).unwrap();
+    // Main, shutdown watcher, one worker per queue pair and the control queue's.
+    assert!(threads.len() >= 5, "{threads:?}");
+    for t in &threads {
+        assert_eq!(
+            t.seccomp,
+            hype_testkit::sandbox::SECCOMP_MODE_FILTER,
+            "{threads:?}"
+        );
+    }
+    assert!(
+        be.log_text().contains("sandbox: net-tap confined"),
+        "{}",
+        be.log_text()
+    );
+    drop(drv);
+    be.stop();
+    for (hook, call) in [("execve", "execve"), ("socket-inet", "socket")] {
+        let mut cmd = std::process::Command::new("ip");
+        let sock = std::env::temp_dir().join(format!("{}-{hook}.sock", ns.name));
+        cmd.args(["netns", "exec", &ns.name, BIN, "--tap", TAP, "--socket"])
+            .arg(&sock);
+        let (status, stderr) = hype_testkit::sandbox::run_hook(cmd, hook, TIMEOUT).unwrap();
+        hype_testkit::sandbox::assert_killed_by_sigsys(status, &stderr, call);
+    }
+}

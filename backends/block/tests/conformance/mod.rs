@@ -657,3 +657,68 @@ pub fn check_stop_and_resume(socket: &Path) {
     disk.driver().reconnect(ReplayBase::Explicit(b)).unwrap();
     assert_eq!(disk.read(0, 4096).unwrap(), vec![5u8; 4096]);
 }
+
+/// The sandbox of a block backend: while a frontend is connected and I/O runs on `queues`
+/// queues, every thread of the process is under a seccomp filter, and the I/O still works.
+pub fn check_every_thread_filtered(p: &Process, queues: usize) {
+    let mut disk = connect(&p.socket, queues);
+    let data = pattern(0, 64 << 10, 7);
+    for q in 0..queues {
+        disk.execute(q, &BlkRequest::write(0, data.clone()))
+            .unwrap();
+    }
+    assert_eq!(disk.read(0, data.len() as u32).unwrap(), data);
+    let threads = hype_testkit::sandbox::thread_modes(p.pid()).unwrap();
+    // The main thread, the shutdown watcher and one worker per queue at least.
+    assert!(threads.len() >= 2 + queues, "{threads:?}");
+    for t in &threads {
+        assert_eq!(
+            t.seccomp,
+            hype_testkit::sandbox::SECCOMP_MODE_FILTER,
+            "thread not filtered: {t:?} (all: {threads:?})"
+        );
+    }
+    assert_eq!(disk.read(0, data.len() as u32).unwrap(), data);
+}
+
+/// A backend started with the sandbox test hook `hook` dies of SIGSYS, naming `syscall`.
+pub fn check_hook_kills(bin: &str, args: &[&str], dir: &Path, hook: &str, syscall: &str) {
+    let mut cmd = Command::new(bin);
+    let name: String = hook
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    cmd.args(args)
+        .arg("--socket")
+        .arg(dir.join(format!("{name}.sock")));
+    let (status, stderr) = hype_testkit::sandbox::run_hook(cmd, hook, WAIT).unwrap();
+    hype_testkit::sandbox::assert_killed_by_sigsys(status, &stderr, syscall);
+}
+
+/// A backend asked (test hook) to open `path`, a file outside its sandbox, once confined: the
+/// open fails with EACCES and the backend goes on serving.
+pub fn check_open_refused(bin: &str, args: &[&str], dir: &Path, path: &str) {
+    let socket = dir.join("open.sock");
+    let log = dir.join("open.log");
+    let child = Command::new(bin)
+        .args(args)
+        .arg("--socket")
+        .arg(&socket)
+        .env("HYPE_LOG", "warn")
+        .env(hype_testkit::sandbox::HOOK_VAR, format!("open:{path}"))
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut p = Process::from_child(child, &socket);
+    let mut disk = connect(&p.socket, 1);
+    let data = pattern(0, 4096, 3);
+    disk.execute(0, &BlkRequest::write(0, data.clone()))
+        .unwrap();
+    assert_eq!(disk.read(0, 4096).unwrap(), data);
+    drop(disk);
+    assert!(p.signal_and_wait(libc::SIGTERM).success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let want = format!("sandbox test hook: open {path}: Permission denied");
+    assert!(text.contains(&want), "no {want:?} in: {text}");
+}
