@@ -16,6 +16,7 @@ use std::fmt::Debug;
 use clap::{CommandFactory, FromArgMatches, Parser};
 use hype_block::DeviceArgs;
 use hype_daemon::{ListenArgs, DEFAULT_SOCKET_MODE};
+use hype_sandbox::{SandboxArgs, SandboxMode};
 use hype_vmm::cli::VmmArgs;
 use hype_vmm::config::format_wait;
 
@@ -103,6 +104,18 @@ fn listen(a: &mut Argv, l: &ListenArgs) {
     }
 }
 
+/// `--sandbox` and `--print-sandbox`: said only when they differ from the default (on).
+fn sandbox(a: &mut Argv, v: &SandboxArgs) {
+    let SandboxArgs {
+        sandbox,
+        print_sandbox,
+    } = v;
+    if *sandbox == SandboxMode::Off {
+        a.opt("sandbox", "off");
+    }
+    a.flag("print-sandbox", *print_sandbox);
+}
+
 /// The shared block options; `d` is the backend's defaults for them.
 fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
     let DeviceArgs {
@@ -111,6 +124,7 @@ fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
         queue_size,
         io_threads,
         serial,
+        sandbox: sb,
     } = v;
     if differs(d, |d| &d.num_queues, num_queues) {
         a.opt("num-queues", num_queues.to_string());
@@ -124,6 +138,7 @@ fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
     if let Some(s) = serial {
         a.opt("serial", s);
     }
+    sandbox(a, sb);
     listen(a, l);
 }
 
@@ -289,6 +304,7 @@ impl ChildArgs for hype_net_tap::Args {
             mtu,
             queue_pairs,
             queue_size,
+            sandbox: sb,
         } = self;
         let d = parse::<Self, _, _>(["--tap", tap.as_str()]).ok();
         let mut a = Argv::default();
@@ -305,6 +321,7 @@ impl ChildArgs for hype_net_tap::Args {
         if differs(&d, |d| &d.queue_size, queue_size) {
             a.opt("queue-size", queue_size.to_string());
         }
+        sandbox(&mut a, sb);
         listen(&mut a, l);
         a.0
     }
@@ -322,6 +339,7 @@ impl ChildArgs for hype_console::Args {
             buffer,
             stall_timeout_ms,
             client_socket_mode,
+            sandbox: sb,
         } = self;
         let d = parse::<Self, [&str; 0], &str>([]).ok();
         let mut a = Argv::default();
@@ -342,6 +360,7 @@ impl ChildArgs for hype_console::Args {
         if differs(&d, |d| &d.client_socket_mode, client_socket_mode) {
             a.opt("client-socket-mode", format!("{client_socket_mode:04o}"));
         }
+        sandbox(&mut a, sb);
         listen(&mut a, l);
         a.0
     }
@@ -377,8 +396,16 @@ mod tests {
         }
     }
 
+    fn sandbox_all() -> SandboxArgs {
+        SandboxArgs {
+            sandbox: SandboxMode::Off,
+            print_sandbox: true,
+        }
+    }
+
     fn device_all() -> DeviceArgs {
         DeviceArgs {
+            sandbox: sandbox_all(),
             listen: listen_all(),
             num_queues: 3,
             queue_size: 64,
@@ -481,6 +508,7 @@ mod tests {
             mtu: Some(9000),
             queue_pairs: 4,
             queue_size: 1024,
+            sandbox: sandbox_all(),
         });
 
         let c = parse::<hype_console::Args, [&str; 0], &str>([]).unwrap();
@@ -498,6 +526,7 @@ mod tests {
                 buffer: 4096,
                 stall_timeout_ms: 0,
                 client_socket_mode: 0o666,
+                sandbox: sandbox_all(),
             });
         }
     }

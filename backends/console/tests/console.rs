@@ -614,7 +614,7 @@ fn confined_while_serving_and_forbidden_calls_kill() {
     let data = pattern(0, 4096, 9);
     guest_write(&mut drv, &data, 1000);
     assert_eq!(read_exact_within(&mut c, data.len()), data);
-    let threads = hype_testkit::sandbox::thread_modes(b.child.id()).unwrap();
+    let threads = hype_testkit::sandbox::thread_modes(b.child().id()).unwrap();
     // Main, console I/O, shutdown watcher, the queues' worker.
     assert!(threads.len() >= 4, "{threads:?}");
     for t in &threads {
