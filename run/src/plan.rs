@@ -30,6 +30,7 @@ pub struct Checked {
     cmdline: Option<String>,
     memory: Option<String>,
     cpus: Option<u8>,
+    platform: Option<hype_vmm::platform::Platform>,
     serial: SerialSpec,
     disks: Vec<DiskSpec>,
     nets: Vec<NetSpec>,
@@ -104,6 +105,17 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
         }
     }
 
+    let platform = match cfg.platform.as_deref().map(str::parse) {
+        None => None,
+        Some(Ok(p)) => Some(p),
+        Some(Err(reason)) => {
+            bad(Problem::BadValue {
+                what: "--platform".into(),
+                reason,
+            });
+            None
+        }
+    };
     let console = match cfg.console.as_deref().map(str::parse::<ConsoleSpec>) {
         None => ConsoleSpec::Serial,
         Some(Ok(c)) => c,
@@ -290,6 +302,7 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
         cmdline: cfg.cmdline.clone(),
         memory: cfg.memory.clone(),
         cpus: cfg.cpus,
+        platform,
         serial,
         disks,
         nets,
@@ -495,6 +508,9 @@ impl Checked {
         }
         if let Some(n) = self.cpus {
             vmm.extend(["--cpus".into(), n.to_string().into()]);
+        }
+        if let Some(p) = self.platform {
+            vmm.extend(["--platform".into(), p.name().into()]);
         }
         let serial: OsString = match &self.serial {
             SerialSpec::Stdio => "stdio".into(),
