@@ -1,11 +1,12 @@
 //! The ACPI power device seen from a guest: tiny real-mode programs write the FADT's sleep and
 //! reset registers and poll the GED event port while the host presses the power button.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use std::time::{Duration, Instant};
 
+use hype_fixups::FixupMode;
 use hype_vmm::config::SerialSpec;
 use hype_vmm::devices::power::PowerButton;
-use hype_fixups::FixupMode;
 use hype_vmm::platform::Platform;
 use hype_vmm::vm::{self, BootImage, RawMode, VmConfig, VmControls, VmEnd};
 

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::{parse_memory, parse_wait, DeviceSpec, SerialSpec};
-use crate::virtio::WaitLimit;
 use crate::platform::Platform;
+use crate::virtio::WaitLimit;
 use crate::vm::{self, BootImage, VmConfig, VmControls, DEFAULT_CMDLINE};
 use hype_fixups::FixupMode;
 
