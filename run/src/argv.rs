@@ -156,10 +156,15 @@ impl ChildArgs for VmmArgs {
             devices,
             device_wait,
             emulation_fixups,
+            platform,
+            graceful_stop,
+            dump_acpi,
         } = self;
-        let d = parse::<VmmArgs, _, _>([OsStr::new("--kernel"), kernel.as_os_str()]).ok();
+        let d = parse::<VmmArgs, _, _>([OsStr::new("--kernel"), OsStr::new("k")]).ok();
         let mut a = Argv::default();
-        a.opt("kernel", kernel);
+        if let Some(k) = kernel {
+            a.opt("kernel", k);
+        }
         if let Some(i) = initrd {
             a.opt("initrd", i);
         }
@@ -182,6 +187,15 @@ impl ChildArgs for VmmArgs {
         }
         if differs(&d, |d| &d.emulation_fixups, emulation_fixups) {
             a.opt("emulation-fixups", emulation_fixups.as_str());
+        }
+        if differs(&d, |d| &d.platform, platform) {
+            a.opt("platform", platform.name());
+        }
+        if let Some(t) = graceful_stop {
+            a.opt("graceful-stop", hype_base::format_duration(*t));
+        }
+        if let Some(dir) = dump_acpi {
+            a.opt("dump-acpi", dir);
         }
         a.0
     }
@@ -428,7 +442,7 @@ mod tests {
         dev.wait = Some(WaitLimit::For(Duration::from_millis(1500)));
         dev.reconnect = Some(WaitLimit::Forever);
         let all = VmmArgs {
-            kernel: "/boot/vm linux".into(),
+            kernel: Some("/boot/vm linux".into()),
             initrd: Some("/boot/initrd".into()),
             cmdline: "-x console=ttyS0 'quoted'".into(),
             memory: 1536 << 20,
@@ -437,6 +451,9 @@ mod tests {
             devices: vec![DeviceSpec::new("/run/a.sock"), dev],
             device_wait: WaitLimit::For(Duration::from_secs(120)),
             emulation_fixups: FixupMode::Off,
+            platform: hype_vmm::platform::Platform::Mptable,
+            graceful_stop: Some(Duration::from_millis(2500)),
+            dump_acpi: Some("/tmp/acpi,dir".into()),
         };
         round_trip(&all);
         // Odd memory sizes keep every byte.

@@ -20,6 +20,8 @@ pub enum VcpuEnd {
     Reset,
     /// Guest shutdown: triple fault or KVM shutdown event.
     Shutdown,
+    /// The guest switched itself off (ACPI S5).
+    PowerOff,
     /// The VMM asked the vCPU to stop.
     Stopped,
     /// An exit the VMM cannot handle.
@@ -163,6 +165,7 @@ pub fn run(mut vcpu: VcpuFd, index: u8, shared: &VcpuShared) -> VcpuEnd {
                 VcpuExit::IoOut(port, data) => match shared.pio.write(port, data) {
                     PioOutcome::Continue => Step::Continue,
                     PioOutcome::Reset => Step::End(VcpuEnd::Reset),
+                    PioOutcome::PowerOff => Step::End(VcpuEnd::PowerOff),
                 },
                 VcpuExit::MmioRead(addr, data) => {
                     shared.mmio.read(addr, data);

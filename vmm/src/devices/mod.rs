@@ -1,7 +1,9 @@
-//! Legacy devices the VMM emulates itself, and the port-I/O dispatch for them.
+//! Legacy devices the VMM emulates itself (UART, i8042 reset, the ACPI power device), and the
+//! port-I/O dispatch for them.
 
 pub mod i8042;
 pub mod pio;
+pub mod power;
 pub mod serial;
 
 /// An interrupt line a device can raise (edge).
