@@ -17,6 +17,7 @@ use hype_fixups::FixupMode;
   hype vmm --kernel vmlinux --initrd initramfs.cpio --cmdline 'console=ttyS0' --memory 512M --cpus 2
   hype vmm --kernel bzImage --serial file:/tmp/console.log --device /run/disk0.sock
   hype vmm --kernel vmlinux --device blk:/run/third-party.sock
+  hype vmm --kernel vmlinux --serial none --api-socket /run/vm.api
 
 Press Ctrl-a x to stop the VM from the serial console (Ctrl-a Ctrl-a sends Ctrl-a).
 A guest write to I/O port 0x440 is logged with the time since start (boot-time marker).
@@ -53,6 +54,9 @@ pub struct VmmArgs {
     /// enables them when the host needs them.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub emulation_fixups: FixupMode,
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on this Unix socket, mode 0600.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Runs the VM `a` describes; errors become one line on stderr (`hype: ...`), exit code 2 for
@@ -73,6 +77,7 @@ pub fn run(a: VmmArgs) -> ExitCode {
         serial: a.serial,
         devices,
         fixups: a.emulation_fixups,
+        api_socket: a.api_socket,
     };
     match vm::run(&cfg) {
         Ok(_) => ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ pub mod arch;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod devices;
 pub mod layout;
 pub mod memory;

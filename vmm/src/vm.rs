@@ -3,8 +3,9 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::FromRawFd;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,10 @@ use crate::arch::regs::{self, EntryMode};
 use crate::arch::{cpuid, mptable};
 use crate::boot::{self, BootError, BootSource};
 use crate::config::{DeviceSpec, SerialSpec};
+use crate::control::{PowerButton, StopReason, VmControl};
 use crate::devices::pio::PioBus;
 use crate::devices::serial::{Serial, COM1_IRQ};
+use crate::devices::CountedIrq;
 use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
 use crate::virtio::bus::{MmioBus, MmioExitCounts};
@@ -51,6 +54,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceSpec>,
     /// PVM emulation fix-ups.
     pub fixups: FixupMode,
+    /// Where to serve the control API (`docs/api.md`), if anywhere.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// A Linux kernel, or a raw program (tests, demos).
@@ -174,6 +179,9 @@ pub enum VmmError {
     /// More `--device`s than hype has windows and interrupt lines for.
     #[error("{0} devices: hype attaches at most {max}", max = virtio_mod::MAX_DEVICES)]
     TooManyDevices(usize),
+    /// The control API socket could not be served.
+    #[error("control API")]
+    Api(#[source] hype_api::server::ServerError),
     /// Attaching a `--device` failed. The message gives the position and the name the logs
     /// use; the socket path is named once, by the source.
     #[error("device {index} (virtio{index})")]
@@ -201,6 +209,7 @@ impl VmmError {
                 | VmmError::RawTooBig(_)
                 | VmmError::SerialFile { .. }
                 | VmmError::TooManyDevices(_)
+                | VmmError::Api(_)
         )
     }
 }
@@ -607,10 +616,12 @@ fn guest_cpuid(kvm: &Kvm, fixups: &Fixups) -> Result<kvm_bindings::CpuId, VmmErr
     Ok(supported)
 }
 
-/// Waits for the first vCPU to end, or for a stop request from the host (signal, Ctrl-a x).
+/// Waits for the first vCPU to end, or for a stop request from the host (signal, Ctrl-a x,
+/// the control API).
 fn wait_for_end(
     rx: &mpsc::Receiver<(u8, VcpuEnd)>,
     stop_req: &AtomicBool,
+    control: &VmControl,
 ) -> Option<(u8, VcpuEnd)> {
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
@@ -618,6 +629,14 @@ fn wait_for_end(
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if signals::stop_requested() || stop_req.load(Ordering::SeqCst) {
                     return None;
+                }
+                match control.stop_due() {
+                    Some(StopReason::Requested) => return None,
+                    Some(StopReason::ShutdownTimeout(t)) => {
+                        log::warn!("shutdown: the guest still runs after {t:?}; forced stop");
+                        return None;
+                    }
+                    None => {}
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return None,
@@ -680,9 +699,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD"))?;
+    let serial_irqs = Arc::new(AtomicU64::new(0));
     let serial = Arc::new(Mutex::new(Serial::new(
         serial_sink(&cfg.serial)?,
-        Box::new(serial_irq),
+        Box::new(CountedIrq::new(serial_irq, serial_irqs.clone())),
     )));
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
@@ -715,6 +735,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
         mem: mem.clone(),
         stop: AtomicBool::new(false),
         fixups,
+        exits: (0..cfg.cpus).map(|_| Default::default()).collect(),
+        pause: vcpu::PauseGate::new(usize::from(cfg.cpus)),
     });
     let (tx, rx) = mpsc::channel::<(u8, VcpuEnd)>();
     let mut handles = Vec::with_capacity(vcpus.len());
@@ -732,8 +754,36 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     }
     drop(tx);
 
-    let first = wait_for_end(&rx, &stop_req);
+    // ACPI power button: Some(Box::new(move || ged.press_power_button())) once the VM has one.
+    let power_button: Option<PowerButton> = None;
+    let control = Arc::new(VmControl::new(
+        cfg,
+        started,
+        shared.clone(),
+        power_button,
+        serial_irqs,
+    ));
+    control.set_vcpu_threads(handles.iter().map(|h| h.as_pthread_t()).collect());
+    let api = match &cfg.api_socket {
+        Some(path) => match hype_api::ApiServer::start(path, control.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                control.forget_vcpu_threads();
+                stop_vcpus(&shared, handles);
+                drop(raw_guard);
+                return Err(VmmError::Api(e));
+            }
+        },
+        None => None,
+    };
+
+    let first = wait_for_end(&rx, &stop_req, &control);
+    control.forget_vcpu_threads();
     stop_vcpus(&shared, handles);
+    if let Some(api) = api {
+        // Lets the answer to a stop or shutdown request reach its client.
+        api.close(Duration::from_millis(500));
+    }
     if let Ok(mut s) = serial.lock() {
         s.flush();
     }
