@@ -186,7 +186,27 @@ pub struct Counters {
 pub struct ShutdownRequest {
     /// How long the guest gets after the power button before the forced stop (default 10 s,
     /// at most 3600 s).
+    #[serde(default, deserialize_with = "present")]
     pub timeout_ms: Option<u64>,
+}
+
+/// An optional field that, when present, must hold a value (`null` is refused).
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// A device type as the API names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// virtio-blk.
+    Blk,
+    /// virtio-net.
+    Net,
+    /// virtio-console.
+    Console,
 }
 
 /// A body for the actions that take no parameters: absent, or an empty object.
@@ -200,9 +220,9 @@ pub struct EmptyRequest {}
 pub struct AddDeviceRequest {
     /// Backend socket path.
     pub socket: String,
-    /// Device type (`blk`, `net`, `console`); learned from the backend when absent.
-    #[serde(rename = "type", default)]
-    pub kind: Option<String>,
+    /// Device type; learned from the backend when absent.
+    #[serde(rename = "type", default, deserialize_with = "present")]
+    pub kind: Option<DeviceKind>,
 }
 
 /// The answer to an action.

@@ -329,7 +329,7 @@ fn keep_alive_and_pipelining() {
 }
 
 #[test]
-fn slow_vanishing_and_too_many_clients() {
+fn slow_and_vanishing_clients() {
     let limits = Limits {
         request_timeout: Duration::from_millis(400),
         idle_timeout: Duration::from_millis(800),
@@ -360,15 +360,27 @@ fn slow_vanishing_and_too_many_clients() {
         s.write_all(part).unwrap();
         drop(s);
     }
-    // Fill every connection slot with idle clients: the next one gets 503 at once, and once
+    assert_eq!(status_of(&raw(&path, &req("GET", "/vm", ""))), 200);
+}
+
+#[test]
+fn idle_clients_fill_the_slots_until_they_time_out() {
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let (_server, _, path) = start("slots", limits);
+    // Every connection slot taken by an idle client: the next one gets 503 at once, and once
     // they time out the server answers again.
+    let t = Instant::now();
     let idle: Vec<UnixStream> = (0..hype_api::server::MAX_CONNECTIONS)
         .map(|_| UnixStream::connect(&path).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_millis(300));
     let a = raw(&path, &req("GET", "/vm", ""));
+    assert!(t.elapsed() < Duration::from_secs(2), "too slow to tell");
     assert_eq!(status_of(&a), 503, "{a}");
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(status_of(&raw(&path, &req("GET", "/vm", ""))), 200);
     drop(idle);
 }
@@ -391,4 +403,19 @@ fn many_concurrent_clients() {
         t.join().unwrap();
     }
     assert_eq!(fake.infos.load(Ordering::SeqCst), 200);
+}
+
+#[test]
+fn null_and_unknown_values_are_refused() {
+    let (_server, _, path) = start("nulls", Limits::default());
+    for (p, b) in [
+        ("/vm/shutdown", r#"{"timeout_ms": null}"#),
+        ("/vm/shutdown", r#"{"timeout_ms": 1.5}"#),
+        ("/vm/devices", r#"{"socket": "/x", "type": null}"#),
+        ("/vm/devices", r#"{"socket": "/x", "type": "AAA"}"#),
+        ("/vm/devices", r#"{"type": "blk"}"#),
+    ] {
+        let a = raw(&path, &req("POST", p, b));
+        assert_eq!(status_of(&a), 400, "{p} {b}: {a}");
+    }
 }
