@@ -277,9 +277,16 @@ pub enum ControlError {
     /// A device path that names no device.
     #[error("no device {0}")]
     NoSuchDevice(String),
-    /// A request value out of range.
+    /// A request value out of range, or a device that cannot be attached.
     #[error("{0}")]
     BadValue(String),
+    /// A request the VM's current state does not allow (no free slot, a device the guest
+    /// still uses, a boot device).
+    #[error("{0}")]
+    Conflict(String),
+    /// The VMM failed doing what was asked.
+    #[error("{0}")]
+    Failed(String),
     /// A feature this VM does not have.
     #[error("{0}")]
     Unavailable(String),
@@ -292,8 +299,9 @@ impl ControlError {
             ControlError::AlreadyPaused
             | ControlError::NotPaused
             | ControlError::ShuttingDown
-            | ControlError::Stopping => 409,
-            ControlError::PauseTimeout(_) => 500,
+            | ControlError::Stopping
+            | ControlError::Conflict(_) => 409,
+            ControlError::PauseTimeout(_) | ControlError::Failed(_) => 500,
             ControlError::NoSuchDevice(_) => 404,
             ControlError::BadValue(_) => 400,
             ControlError::Unavailable(_) => 501,

@@ -28,8 +28,12 @@ struct Vm {
 
 impl Vm {
     fn start(name: &str, extra: &[&str]) -> Vm {
+        Vm::start_guest(name, "count", extra)
+    }
+
+    fn start_guest(name: &str, guest: &str, extra: &[&str]) -> Vm {
         let dir = work_dir(&format!("api-{name}"));
-        let elf = assemble("count", 0x20_0000);
+        let elf = assemble(guest, 0x20_0000);
         let api = dir.join("api.sock");
         let serial = dir.join("serial.out");
         let stderr = dir.join("stderr.log");
@@ -83,6 +87,16 @@ impl Vm {
         let start = self.progress();
         wait_until(Duration::from_secs(20), "guest progress", || {
             self.progress() > start + 2
+        });
+    }
+
+    fn serial_text(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    fn wait_for_serial(&self, what: &str) {
+        wait_until(Duration::from_secs(20), what, || {
+            self.serial_text().contains(what)
         });
     }
 
@@ -313,7 +327,6 @@ fn device_backend_state_follows_the_backend() {
         vm.info().devices[0].backend == BackendState::Connected
     });
     assert_eq!(vm.info().devices[0].reconnects, 1);
-    // Hot-unplug of a known device is not there yet; an unknown one is a 404.
     let c = vm.client();
     let a = c.send(Method::DELETE, "/vm/devices/virtio9", None).unwrap();
     assert_eq!(a.status, 404);
@@ -408,4 +421,117 @@ fn api_socket_in_use_is_a_usage_error() {
     );
     // The first VM is unaffected.
     assert_eq!(vm.info().state, VmState::Running);
+}
+
+fn add_device(vm: &Vm, socket: &Path) -> Result<hype_api::model::DeviceInfo, ClientError> {
+    let body = serde_json::json!({ "socket": socket });
+    let a = vm.client().call(Method::POST, "/vm/devices", Some(&body))?;
+    Ok(serde_json::from_slice(&a.body).unwrap())
+}
+
+fn remove_device(vm: &Vm, id: &str) -> Result<u16, ClientError> {
+    // A removal waits up to 10 s for the guest.
+    Ok(Client::new(&vm.api, Duration::from_secs(30))
+        .unwrap()
+        .call(Method::DELETE, &format!("/vm/devices/{id}"), None)?
+        .status)
+}
+
+#[test]
+fn hot_add_and_remove_seen_by_a_guest() {
+    let dir = work_dir("api-hotplug-backends");
+    let boot = Backend::start(&["block-mem", "--size", "4M"], &dir.join("boot.sock"));
+    let mut extra = Backend::start(&["block-mem", "--size", "8M"], &dir.join("extra.sock"));
+    let spec = boot.socket.to_str().unwrap().to_owned();
+    let mut vm = Vm::start_guest("hotplug", "hotplug", &["--device", &spec]);
+    vm.wait_for_serial("hotplug guest ready\n");
+
+    // A socket nobody serves is a bad request; nothing changes.
+    match add_device(&vm, &dir.join("nobody.sock")) {
+        Err(ClientError::Status {
+            status: 400,
+            message,
+        }) => {
+            assert!(message.starts_with("cannot attach"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(vm.info().devices.len(), 1);
+
+    // Hot-add: the first free slot (1), seen by the guest through INSERTED and its window.
+    let d = add_device(&vm, &extra.socket).unwrap();
+    assert_eq!((d.id.as_str(), d.kind.as_str()), ("virtio1", "blk"));
+    assert_eq!((d.mmio_base, d.gsi), (0xd000_1000, 6));
+    assert_eq!(d.socket, extra.socket.to_str().unwrap());
+    assert_eq!(d.backend, BackendState::Connected);
+    vm.wait_for_serial("inserted 00000001 magic 74726976 id 00000002\n");
+    let ids: Vec<String> = vm.info().devices.into_iter().map(|d| d.id).collect();
+    assert_eq!(ids, ["virtio0", "virtio1"]);
+
+    // A boot device is not hot-pluggable; an unknown one is a 404.
+    match remove_device(&vm, "virtio0") {
+        Err(ClientError::Status {
+            status: 409,
+            message,
+        }) => {
+            assert_eq!(
+                message,
+                "virtio0 was attached at boot and cannot be removed"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        remove_device(&vm, "virtio5"),
+        Err(ClientError::Status { status: 404, .. })
+    ));
+
+    // Hot-remove: the guest is asked (REMOVE), ejects, and the device is gone; its backend
+    // sees the connection close and serves the next frontend.
+    assert_eq!(remove_device(&vm, "virtio1").unwrap(), 204);
+    assert!(vm.serial_text().contains("remove 00000001\n"));
+    let ids: Vec<String> = vm.info().devices.into_iter().map(|d| d.id).collect();
+    assert_eq!(ids, ["virtio0"]);
+    assert!(extra.alive());
+    // The slot is free again and the same backend can come back.
+    let again = add_device(&vm, &extra.socket).unwrap();
+    assert_eq!(again.id, "virtio1");
+    wait_until(Duration::from_secs(20), "the second insertion", || {
+        vm.serial_text()
+            .matches("inserted 00000001 magic 74726976 id 00000002")
+            .count()
+            == 2
+    });
+    assert_eq!(vm.post("/vm/stop", None).unwrap(), 202);
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(10)).0,
+        Some(0),
+        "{}",
+        vm.log()
+    );
+}
+
+#[test]
+fn a_guest_that_does_not_release_keeps_its_device() {
+    let dir = work_dir("api-norelease-backends");
+    let b = Backend::start(&["block-mem", "--size", "4M"], &dir.join("b.sock"));
+    let mut vm = Vm::start("norelease", &[]);
+    let d = add_device(&vm, &b.socket).unwrap();
+    assert_eq!(d.id, "virtio0");
+    let t = Instant::now();
+    match remove_device(&vm, "virtio0") {
+        Err(ClientError::Status {
+            status: 409,
+            message,
+        }) => assert_eq!(
+            message,
+            "the guest did not release virtio0 within 10s; it stays"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(t.elapsed() >= Duration::from_secs(10));
+    assert_eq!(vm.info().devices.len(), 1);
+    vm.wait_for_progress();
+    assert_eq!(vm.post("/vm/stop", None).unwrap(), 202);
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)).0, Some(0));
 }

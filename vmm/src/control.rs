@@ -12,13 +12,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hype_api::model::{
-    ActionReply, AddDeviceRequest, BackendState, ControlError, Counters, DeviceInfo, ExitCounts,
-    MemoryInfo, MemoryRegion, VcpuInfo, VmConfigInfo, VmInfo, VmState,
+    ActionReply, AddDeviceRequest, BackendState, ControlError, Counters, DeviceInfo, DeviceKind,
+    ExitCounts, MemoryInfo, MemoryRegion, VcpuInfo, VmConfigInfo, VmInfo, VmState,
 };
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::SerialSpec;
+use crate::hotplug::{self, Hotplug, HotplugError};
+use crate::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 use crate::vcpu::{ExitStats, VcpuShared};
+use crate::virtio::DeviceType;
 use crate::vm::{BootImage, VmConfig};
 use hype_fixups::Fixup;
 
@@ -56,6 +59,7 @@ pub struct VmControl {
     stop: AtomicBool,
     power_button: Option<PowerButton>,
     serial_irqs: Arc<AtomicU64>,
+    hotplug: Hotplug,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,6 +93,7 @@ impl VmControl {
         shared: Arc<VcpuShared>,
         power_button: Option<PowerButton>,
         serial_irqs: Arc<AtomicU64>,
+        hotplug: Hotplug,
     ) -> Self {
         VmControl {
             cfg: cfg.clone(),
@@ -103,6 +108,7 @@ impl VmControl {
             stop: AtomicBool::new(false),
             power_button,
             serial_irqs,
+            hotplug,
         }
     }
 
@@ -200,36 +206,37 @@ impl VmControl {
             .mmio
             .devices()
             .iter()
-            .enumerate()
-            .map(|(i, (base, d))| {
-                let s = d.stats();
-                let connected = s.connected.load(Ordering::Acquire);
-                DeviceInfo {
-                    id: d.name().to_owned(),
-                    kind: d.kind().name().to_owned(),
-                    socket: self
-                        .cfg
-                        .devices
-                        .get(i)
-                        .map(|spec| path_text(&spec.socket))
-                        .unwrap_or_default(),
-                    mmio_base: *base,
-                    gsi: crate::virtio::DEVICE_GSIS.get(i).copied().unwrap_or(0),
-                    backend: if connected {
-                        BackendState::Connected
-                    } else {
-                        BackendState::Reconnecting
-                    },
-                    lost_for_ms: None,
-                    queues: u32::from(d.num_queues()),
-                    reconnects: s.reconnects.load(Ordering::Relaxed),
-                    ring_starts: s.ring_starts.load(Ordering::Relaxed),
-                    notify_exits: s.notify_exits.load(Ordering::Relaxed),
-                    guest_errors: d.guest_errors(),
-                    status: d.status(),
-                }
-            })
+            .map(|(base, d)| self.device_info(*base, d))
             .collect()
+    }
+
+    fn device_info(&self, base: u64, d: &crate::virtio::VhostUserDevice) -> DeviceInfo {
+        let i = (base.saturating_sub(VIRTIO_MMIO_BASE) / VIRTIO_MMIO_SIZE) as usize;
+        let s = d.stats();
+        let connected = s.connected.load(Ordering::Acquire);
+        DeviceInfo {
+            id: d.name().to_owned(),
+            kind: d.kind().name().to_owned(),
+            socket: self
+                .hotplug
+                .slot(i)
+                .map(|slot| path_text(&slot.socket))
+                .unwrap_or_default(),
+            mmio_base: base,
+            gsi: crate::virtio::DEVICE_GSIS.get(i).copied().unwrap_or(0),
+            backend: if connected {
+                BackendState::Connected
+            } else {
+                BackendState::Reconnecting
+            },
+            lost_for_ms: None,
+            queues: u32::from(d.num_queues()),
+            reconnects: s.reconnects.load(Ordering::Relaxed),
+            ring_starts: s.ring_starts.load(Ordering::Relaxed),
+            notify_exits: s.notify_exits.load(Ordering::Relaxed),
+            guest_errors: d.guest_errors(),
+            status: d.status(),
+        }
     }
 }
 
@@ -355,24 +362,47 @@ impl hype_api::VmApi for VmControl {
         Ok(ActionReply::state(VmState::Stopping))
     }
 
-    fn add_device(&self, _req: &AddDeviceRequest) -> Result<DeviceInfo, ControlError> {
-        Err(ControlError::Unavailable(
-            "device hot-plug is not available yet".into(),
-        ))
-    }
-
-    fn remove_device(&self, id: &str) -> Result<(), ControlError> {
-        if !self
-            .shared
+    fn add_device(&self, req: &AddDeviceRequest) -> Result<DeviceInfo, ControlError> {
+        if self.state() == VmState::Stopping {
+            return Err(ControlError::Stopping);
+        }
+        let kind = req.kind.map(|k| match k {
+            DeviceKind::Blk => DeviceType::Block,
+            DeviceKind::Net => DeviceType::Net,
+            DeviceKind::Console => DeviceType::Console,
+        });
+        let slot = self
+            .hotplug
+            .add(&self.shared.mmio, std::path::Path::new(&req.socket), kind)
+            .map_err(control_error)?;
+        let base = crate::virtio::device_base(slot);
+        self.shared
             .mmio
             .devices()
             .iter()
-            .any(|(_, d)| d.name() == id)
-        {
-            return Err(ControlError::NoSuchDevice(id.to_owned()));
+            .find(|(b, _)| *b == base)
+            .map(|(b, d)| self.device_info(*b, d))
+            .ok_or_else(|| ControlError::NoSuchDevice(hotplug::device_name(slot)))
+    }
+
+    fn remove_device(&self, id: &str) -> Result<(), ControlError> {
+        if self.state() == VmState::Stopping {
+            return Err(ControlError::Stopping);
         }
-        Err(ControlError::Unavailable(
-            "device hot-unplug is not available yet".into(),
-        ))
+        self.hotplug
+            .remove(&self.shared.mmio, id, hotplug::EJECT_TIMEOUT)
+            .map_err(control_error)
+    }
+}
+
+fn control_error(e: HotplugError) -> ControlError {
+    let text = hype_base::error_chain(&e);
+    match e {
+        HotplugError::NoSuchDevice(id) => ControlError::NoSuchDevice(id),
+        HotplugError::Attach { .. } => ControlError::BadValue(text),
+        HotplugError::NoFreeSlot(_)
+        | HotplugError::BootDevice(_)
+        | HotplugError::NotReleased { .. } => ControlError::Conflict(text),
+        HotplugError::Kvm { .. } => ControlError::Failed(text),
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -22,14 +22,16 @@ use crate::arch::{cpuid, mptable};
 use crate::boot::{self, BootError, BootSource};
 use crate::config::{DeviceSpec, SerialSpec};
 use crate::control::{PowerButton, StopReason, VmControl};
+use crate::devices::hotplug::HotplugSlots;
 use crate::devices::pio::PioBus;
 use crate::devices::serial::{Serial, COM1_IRQ};
 use crate::devices::CountedIrq;
+use crate::hotplug::Hotplug;
 use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
 use crate::virtio::bus::{MmioBus, MmioExitCounts};
 use crate::virtio::device::DeviceError;
-use crate::virtio::{self as virtio_mod, mmio::reg, VhostUserDevice};
+use crate::virtio::{self as virtio_mod, VhostUserDevice};
 use hype_base::signals;
 use hype_base::terminal::{is_tty, EscapeAction, EscapeFilter, RawModeGuard};
 use hype_fixups::{FixupMode, Fixups};
@@ -390,11 +392,12 @@ fn attach_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     devices: &[DeviceSpec],
+    hotplug: &Hotplug,
 ) -> Result<(MmioBus, Vec<String>), VmmError> {
     if devices.len() > virtio_mod::MAX_DEVICES {
         return Err(VmmError::TooManyDevices(devices.len()));
     }
-    let mut bus = MmioBus::new();
+    let bus = MmioBus::new();
     let mut cmdline = Vec::new();
     for (index, spec) in devices.iter().enumerate() {
         let base = virtio_mod::device_base(index);
@@ -407,20 +410,9 @@ fn attach_devices(
         let name = format!("virtio{index}");
         let dev =
             VhostUserDevice::attach(&name, &spec.options(), mem.clone(), None).map_err(dev_err)?;
-        let ev = dev.events();
-        for (q, kick) in ev.kicks.iter().enumerate() {
-            vm.register_ioevent(
-                kick,
-                &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
-                q as u32,
-            )
-            .map_err(kvm_err("KVM_IOEVENTFD"))?;
-        }
-        for call in &ev.calls {
-            vm.register_irqfd(call, gsi).map_err(kvm_err("KVM_IRQFD"))?;
-        }
-        vm.register_irqfd(&ev.config, gsi)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        crate::hotplug::wire(vm, &dev, base, gsi)
+            .map_err(|(what, source)| VmmError::Kvm { what, source })?;
+        hotplug.boot_device(index, &spec.socket);
         log::debug!("{name}: window {base:#x}, GSI {gsi}");
         cmdline.push(virtio_mod::cmdline_entry(base, gsi));
         bus.add(base, Arc::new(dev));
@@ -673,10 +665,12 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
         });
     }
     let fixups = Fixups::new(cfg.fixups);
-    let vm = create_vm(&kvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
     let mem = memory::create_guest_memory(cfg.memory)?;
     register_memory(&vm, &mem)?;
-    let (mmio, device_cmdline) = attach_devices(&vm, &mem, &cfg.devices)?;
+    let slots = Arc::new(HotplugSlots::new());
+    let hotplug = Hotplug::new(vm.clone(), mem.clone(), slots.clone());
+    let (mmio, device_cmdline) = attach_devices(&vm, &mem, &cfg.devices, &hotplug)?;
     let boot = load_image(cfg, &mem, &device_cmdline, &fixups)?;
     fixups.announce();
 
@@ -730,7 +724,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     };
 
     let shared = Arc::new(VcpuShared {
-        pio: PioBus::new(serial.clone(), started),
+        pio: PioBus::new(serial.clone(), started).with_hotplug(slots),
         mmio,
         mem: mem.clone(),
         stop: AtomicBool::new(false),
@@ -762,6 +756,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
         shared.clone(),
         power_button,
         serial_irqs,
+        hotplug,
     ));
     control.set_vcpu_threads(handles.iter().map(|h| h.as_pthread_t()).collect());
     let api = match &cfg.api_socket {

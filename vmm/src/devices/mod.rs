@@ -1,5 +1,6 @@
 //! Legacy devices the VMM emulates itself, and the port-I/O dispatch for them.
 
+pub mod hotplug;
 pub mod i8042;
 pub mod pio;
 pub mod serial;
