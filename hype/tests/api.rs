@@ -446,10 +446,10 @@ fn hot_add_and_remove_seen_by_a_guest() {
     let mut vm = Vm::start_guest("hotplug", "hotplug", &["--device", &spec]);
     vm.wait_for_serial("hotplug guest ready\n");
 
-    // A socket nobody serves is a bad request; nothing changes.
+    // A socket nobody serves cannot be attached; nothing changes.
     match add_device(&vm, &dir.join("nobody.sock")) {
         Err(ClientError::Status {
-            status: 400,
+            status: 409,
             message,
         }) => {
             assert!(message.starts_with("cannot attach"), "{message}")

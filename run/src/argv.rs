@@ -156,6 +156,7 @@ impl ChildArgs for VmmArgs {
             devices,
             device_wait,
             emulation_fixups,
+            api_socket,
         } = self;
         let d = parse::<VmmArgs, _, _>([OsStr::new("--kernel"), kernel.as_os_str()]).ok();
         let mut a = Argv::default();
@@ -182,6 +183,9 @@ impl ChildArgs for VmmArgs {
         }
         if differs(&d, |d| &d.emulation_fixups, emulation_fixups) {
             a.opt("emulation-fixups", emulation_fixups.as_str());
+        }
+        if let Some(p) = api_socket {
+            a.opt("api-socket", p);
         }
         a.0
     }

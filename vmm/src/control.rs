@@ -399,8 +399,9 @@ fn control_error(e: HotplugError) -> ControlError {
     let text = hype_base::error_chain(&e);
     match e {
         HotplugError::NoSuchDevice(id) => ControlError::NoSuchDevice(id),
-        HotplugError::Attach { .. } => ControlError::BadValue(text),
-        HotplugError::NoFreeSlot(_)
+        // The request is well-formed: the backend it names is what is not right.
+        HotplugError::Attach { .. }
+        | HotplugError::NoFreeSlot(_)
         | HotplugError::BootDevice(_)
         | HotplugError::NotReleased { .. } => ControlError::Conflict(text),
         HotplugError::Kvm { .. } => ControlError::Failed(text),
