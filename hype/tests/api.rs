@@ -322,6 +322,9 @@ fn device_backend_state_follows_the_backend() {
     wait_until(Duration::from_secs(10), "backend lost", || {
         vm.info().devices[0].backend == BackendState::Reconnecting
     });
+    std::thread::sleep(Duration::from_millis(200));
+    let lost = vm.info().devices[0].lost_for_ms.unwrap();
+    assert!(lost >= 200, "{lost}");
     backend.restart();
     wait_until(Duration::from_secs(10), "backend back", || {
         vm.info().devices[0].backend == BackendState::Connected

@@ -213,7 +213,19 @@ impl VmControl {
     fn device_info(&self, base: u64, d: &crate::virtio::VhostUserDevice) -> DeviceInfo {
         let i = (base.saturating_sub(VIRTIO_MMIO_BASE) / VIRTIO_MMIO_SIZE) as usize;
         let s = d.stats();
-        let connected = s.connected.load(Ordering::Acquire);
+        let st = d.backend_status();
+        let lost_for = |since: std::time::SystemTime| {
+            since.elapsed().map(|e| e.as_millis() as u64).unwrap_or(0)
+        };
+        let (backend, lost_for_ms) = match st.state {
+            crate::virtio::BackendState::Connected { .. } => (BackendState::Connected, None),
+            crate::virtio::BackendState::Reconnecting { since, .. } => {
+                (BackendState::Reconnecting, Some(lost_for(since)))
+            }
+            crate::virtio::BackendState::GaveUp { since, .. } => {
+                (BackendState::GaveUp, Some(lost_for(since)))
+            }
+        };
         DeviceInfo {
             id: d.name().to_owned(),
             kind: d.kind().name().to_owned(),
@@ -224,15 +236,11 @@ impl VmControl {
                 .unwrap_or_default(),
             mmio_base: base,
             gsi: crate::virtio::DEVICE_GSIS.get(i).copied().unwrap_or(0),
-            backend: if connected {
-                BackendState::Connected
-            } else {
-                BackendState::Reconnecting
-            },
-            lost_for_ms: None,
+            backend,
+            lost_for_ms,
             queues: u32::from(d.num_queues()),
-            reconnects: s.reconnects.load(Ordering::Relaxed),
-            ring_starts: s.ring_starts.load(Ordering::Relaxed),
+            reconnects: st.reconnects,
+            ring_starts: st.ring_starts,
             notify_exits: s.notify_exits.load(Ordering::Relaxed),
             guest_errors: d.guest_errors(),
             status: d.status(),
