@@ -441,6 +441,7 @@ mod tests {
             devices: vec![DeviceSpec::new("/run/a.sock"), dev],
             device_wait: WaitLimit::For(Duration::from_secs(120)),
             emulation_fixups: FixupMode::Off,
+            api_socket: Some("/run/vm,api".into()),
         };
         round_trip(&all);
         // Odd memory sizes keep every byte.
