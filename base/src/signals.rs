@@ -8,13 +8,15 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static STOP_COUNT: AtomicUsize = AtomicUsize::new(0);
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_stop(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
+    STOP_COUNT.fetch_add(1, Ordering::SeqCst);
     let fd = WAKE_FD.load(Ordering::Acquire);
     if fd >= 0 {
         let one: u64 = 1;
@@ -57,6 +59,11 @@ pub fn install_stop_handler(signals: &[libc::c_int], mode: Interrupt) -> io::Res
 /// Whether a stop signal has arrived since the process started.
 pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
+}
+
+/// How many stop signals have arrived (a first one can ask politely, a second one insists).
+pub fn stop_count() -> usize {
+    STOP_COUNT.load(Ordering::SeqCst)
 }
 
 /// Makes the handler also write 1 to eventfd `fd` on every stop signal.

@@ -1,6 +1,8 @@
 //! End-to-end: the Linux test guest (kernel from Debian's linux-source with guest/kernel.config,
 //! busybox initramfs with the agent) boots to init under hype, via PVH and via bzImage, reports
 //! the command line, memory and vCPUs we asked for, and ends cleanly with poweroff and reboot.
+//! The kernel has no MP table parser: it finds both vCPUs, COM1, the power button and the GED
+//! through hype's ACPI tables, and `poweroff` ends hype through the ACPI sleep register.
 //!
 //! Needs the artefacts from `scripts/test` (HYPE_GUEST_*); without them the tests say SKIPPED.
 //! On PVM hosts each boot takes ~20 s of CPU (more wall time on a loaded machine).
@@ -51,6 +53,17 @@ fn pvh_boot_reports_cmdline_memory_cpus_and_powers_off() {
             .unwrap(),
         "0-1"
     );
+    // Found through ACPI: the MADT (no MP table parser in this kernel) and the DSDT's devices.
+    let acpi = vm.check("ls /sys/bus/acpi/devices", STEP).unwrap();
+    for dev in ["PNP0501:00", "PNP0C0C:00", "ACPI0013:00"] {
+        assert!(acpi.contains(dev), "{dev} missing: {acpi}");
+    }
+    assert_eq!(
+        vm.check("cat /sys/firmware/acpi/tables/APIC | wc -c", STEP)
+            .unwrap(),
+        (44 + 2 * 8 + 12 + 12 * 10 + 6).to_string(),
+        "MADT of 2 CPUs: header, 2 local APICs, IOAPIC, 12 overrides, NMI"
+    );
     if Path::new("/sys/module/kvm_pvm").exists() {
         // PVM host: the KVM paravirt features whose hypercalls never return for emulated guests
         // are hidden. The guest logs each one it sets up.
@@ -85,6 +98,8 @@ fn pvh_boot_reports_cmdline_memory_cpus_and_powers_off() {
     let st = vm.poweroff(STEP).unwrap();
     assert_eq!(st.code(), Some(0), "{}", vm.log());
     assert!(vm.transcript().iter().any(|l| l == "HYPE-AGENT POWEROFF"));
+    // ACPI S5, not the i8042 or a triple fault.
+    assert!(vm.log().contains("guest powered off"), "{}", vm.log());
 }
 
 #[test]
@@ -109,4 +124,30 @@ fn bzimage_boot_reaches_init_and_reboots() {
     assert_eq!(st.code(), Some(0), "{}", vm.log());
     assert!(vm.transcript().iter().any(|l| l == "HYPE-AGENT REBOOT"));
     assert!(vm.log().contains("guest reset"), "{}", vm.log());
+}
+
+/// `--graceful-stop`: SIGTERM presses the ACPI power button; the kernel's tiny power button
+/// driver signals init (the agent), which powers off; hype exits 0 without forcing the stop.
+#[test]
+fn sigterm_with_graceful_stop_lets_the_guest_power_off() {
+    let Some(art) = GuestArtifacts::from_env_or_skip("graceful_stop") else {
+        return;
+    };
+    let _alone = one_guest_at_a_time();
+    let opts = VmOptions::new(&art.vmlinux, &art.initramfs)
+        .memory("128M")
+        .arg("--graceful-stop")
+        .arg("120s");
+    let mut vm = GuestVm::boot(hype(), &opts).unwrap();
+    vm.wait_ready(BOOT).unwrap();
+    let pid = libc::pid_t::try_from(vm.pid()).unwrap();
+    // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let st = vm.wait_exit(STEP).unwrap();
+    let log = vm.log();
+    assert_eq!(st.code(), Some(0), "{log}");
+    assert!(log.contains("power button pressed"), "{log}");
+    assert!(log.contains("guest powered off"), "{log}");
+    assert!(!log.contains("did not power off in time"), "{log}");
+    assert!(vm.transcript().iter().any(|l| l == "HYPE-AGENT POWEROFF"));
 }

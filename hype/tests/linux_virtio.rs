@@ -196,6 +196,28 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
     }
     let mut vm = GuestVm::boot(hype(), &opts).unwrap();
     vm.wait_ready(BOOT).unwrap();
+    // Every device was found through the DSDT (one LNRO0005 each), none on the command line.
+    let n = opts.devices.len();
+    assert!(!vm
+        .check("cat /proc/cmdline", STEP)
+        .unwrap()
+        .contains("virtio_mmio.device="));
+    let parents = vm
+        .check(
+            "for d in /sys/bus/virtio/devices/*; do readlink -f $d; done",
+            STEP,
+        )
+        .unwrap();
+    let below_acpi: std::collections::BTreeSet<&str> = parents
+        .lines()
+        .filter_map(|l| l.split('/').find(|c| c.starts_with("LNRO0005:")))
+        .collect();
+    assert_eq!(parents.lines().count(), n, "{parents}");
+    assert_eq!(
+        below_acpi.len(),
+        n,
+        "each device below its own LNRO0005:\n{parents}"
+    );
     vm.check("mount -t ext2 /dev/vda /mnt", STEP).unwrap();
     assert_eq!(
         vm.check("cat /mnt/note", STEP).unwrap(),
@@ -260,5 +282,6 @@ fn block_file_data_survives_reboot_and_block_mem_is_recognised() {
     }
     let st = vm.poweroff(STEP).unwrap();
     assert_eq!(st.code(), Some(0), "{}", vm.log());
+    assert!(vm.log().contains("guest powered off"), "{}", vm.log());
     drop((disk, ram, console, net, http, server));
 }

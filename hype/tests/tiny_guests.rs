@@ -30,6 +30,7 @@ fn raw_config(
         devices: vec![],
         fixups: FixupMode::Auto,
         api_socket: None,
+        platform: Default::default(),
     }
 }
 

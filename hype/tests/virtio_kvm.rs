@@ -42,6 +42,7 @@ fn config(code: Vec<u8>, socket: &Path, serial: &Path) -> VmConfig {
         devices: vec![dev],
         fixups: FixupMode::Auto,
         api_socket: None,
+        platform: Default::default(),
     }
 }
 

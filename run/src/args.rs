@@ -40,6 +40,9 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N")]
     pub cpus: Option<u8>,
+    /// acpi (default) or mptable, as for `hype vmm --platform`.
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
     /// The VMM's serial console (COM1): stdio, none or file:PATH. Default: stdio, or none
     /// when `--console stdio` takes the terminal.
     #[arg(long, value_name = "SINK")]
@@ -90,6 +93,7 @@ struct FileConfig {
     cmdline: Option<String>,
     memory: Option<SizeValue>,
     cpus: Option<u8>,
+    platform: Option<String>,
     serial: Option<String>,
     console: Option<String>,
     #[serde(default)]
@@ -116,6 +120,8 @@ pub struct RunConfig {
     pub memory: Option<String>,
     /// vCPUs.
     pub cpus: Option<u8>,
+    /// Platform (acpi, mptable), as given.
+    pub platform: Option<String>,
     /// Serial sink, as given.
     pub serial: Option<String>,
     /// Console spec, as given.
@@ -156,6 +162,7 @@ fn merge(cfg: &mut RunConfig, a: &RunArgs) {
     over(&mut cfg.cmdline, &a.cmdline);
     over(&mut cfg.memory, &a.memory);
     over(&mut cfg.cpus, &a.cpus);
+    over(&mut cfg.platform, &a.platform);
     over(&mut cfg.serial, &a.serial);
     over(&mut cfg.console, &a.console);
     over(&mut cfg.name, &a.name);
@@ -211,6 +218,7 @@ fn parse_file(text: &str, base: &Path, path: &Path) -> Result<RunConfig, Problem
             SizeValue::Text(s) => s,
         }),
         cpus: f.cpus,
+        platform: f.platform,
         serial: f.serial.map(|s| match s.strip_prefix("file:") {
             Some(p) => format!("file:{}", rebase(PathBuf::from(p)).display()),
             None => s,

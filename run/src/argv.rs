@@ -157,10 +157,15 @@ impl ChildArgs for VmmArgs {
             device_wait,
             emulation_fixups,
             api_socket,
+            platform,
+            graceful_stop,
+            dump_acpi,
         } = self;
-        let d = parse::<VmmArgs, _, _>([OsStr::new("--kernel"), kernel.as_os_str()]).ok();
+        let d = parse::<VmmArgs, _, _>([OsStr::new("--kernel"), OsStr::new("k")]).ok();
         let mut a = Argv::default();
-        a.opt("kernel", kernel);
+        if let Some(k) = kernel {
+            a.opt("kernel", k);
+        }
         if let Some(i) = initrd {
             a.opt("initrd", i);
         }
@@ -186,6 +191,15 @@ impl ChildArgs for VmmArgs {
         }
         if let Some(p) = api_socket {
             a.opt("api-socket", p);
+        }
+        if differs(&d, |d| &d.platform, platform) {
+            a.opt("platform", platform.name());
+        }
+        if let Some(t) = graceful_stop {
+            a.opt("graceful-stop", hype_base::format_duration(*t));
+        }
+        if let Some(dir) = dump_acpi {
+            a.opt("dump-acpi", dir);
         }
         a.0
     }
@@ -432,7 +446,7 @@ mod tests {
         dev.wait = Some(WaitLimit::For(Duration::from_millis(1500)));
         dev.reconnect = Some(WaitLimit::Forever);
         let all = VmmArgs {
-            kernel: "/boot/vm linux".into(),
+            kernel: Some("/boot/vm linux".into()),
             initrd: Some("/boot/initrd".into()),
             cmdline: "-x console=ttyS0 'quoted'".into(),
             memory: 1536 << 20,
@@ -442,6 +456,9 @@ mod tests {
             device_wait: WaitLimit::For(Duration::from_secs(120)),
             emulation_fixups: FixupMode::Off,
             api_socket: Some("/run/vm,api".into()),
+            platform: hype_vmm::platform::Platform::Mptable,
+            graceful_stop: Some(Duration::from_millis(2500)),
+            dump_acpi: Some("/tmp/acpi,dir".into()),
         };
         round_trip(&all);
         // Odd memory sizes keep every byte.

@@ -233,6 +233,15 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
         }
     }
 
+    // With `hype vmm`'s own parser, like the memory size.
+    if let Some(p) = &cfg.platform {
+        if let Err(reason) = child::<VmmArgs>(vec![kv("kernel", "k"), kv("platform", p)]) {
+            bad(Problem::BadValue {
+                what: "--platform".into(),
+                reason,
+            });
+        }
+    }
     let console = match cfg.console.as_deref().map(str::parse::<ConsoleSpec>) {
         None => ConsoleSpec::Serial,
         Some(Ok(c)) => c,
@@ -455,6 +464,9 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
     }
     if let Some(n) = cfg.cpus {
         vmm_argv.push(kv("cpus", n.to_string()));
+    }
+    if let Some(p) = &cfg.platform {
+        vmm_argv.push(kv("platform", p));
     }
     vmm_argv.push(kv("serial", serial.to_string()));
     for d in &devices {

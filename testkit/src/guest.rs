@@ -96,6 +96,8 @@ pub struct VmOptions {
     pub cmdline_extra: Vec<String>,
     /// `--device` arguments.
     pub devices: Vec<String>,
+    /// Further `hype vmm` arguments (e.g. `--platform`, `--graceful-stop`).
+    pub extra_args: Vec<String>,
 }
 
 /// The command line every test guest gets (see guest/README.md).
@@ -111,6 +113,7 @@ impl VmOptions {
             memory: "256M".into(),
             cmdline_extra: vec![],
             devices: vec![],
+            extra_args: vec![],
         }
     }
 
@@ -135,6 +138,12 @@ impl VmOptions {
     /// Adds a `--device`.
     pub fn device(mut self, d: &str) -> Self {
         self.devices.push(d.into());
+        self
+    }
+
+    /// Appends a `hype vmm` argument.
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra_args.push(a.into());
         self
     }
 
@@ -203,6 +212,7 @@ impl GuestVm {
         for d in &opts.devices {
             cmd.args(["--device", d]);
         }
+        cmd.args(&opts.extra_args);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -375,6 +385,11 @@ impl GuestVm {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The hype process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Asks the agent to power off and waits for hype to exit.

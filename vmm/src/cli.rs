@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::{parse_memory, parse_wait, DeviceSpec, SerialSpec};
+use crate::platform::Platform;
 use crate::virtio::WaitLimit;
-use crate::vm::{self, BootImage, VmConfig, DEFAULT_CMDLINE};
+use crate::vm::{self, BootImage, VmConfig, VmControls, DEFAULT_CMDLINE};
 use hype_fixups::FixupMode;
 
 /// The arguments of `hype vmm`.
@@ -18,14 +19,15 @@ use hype_fixups::FixupMode;
   hype vmm --kernel bzImage --serial file:/tmp/console.log --device /run/disk0.sock
   hype vmm --kernel vmlinux --device blk:/run/third-party.sock
   hype vmm --kernel vmlinux --serial none --api-socket /run/vm.api
+  hype vmm --cpus 2 --device /run/disk0.sock --dump-acpi /tmp/tables   (then: iasl -d /tmp/tables/dsdt.dat)
 
 Press Ctrl-a x to stop the VM from the serial console (Ctrl-a Ctrl-a sends Ctrl-a).
 A guest write to I/O port 0x440 is logged with the time since start (boot-time marker).
 Logging: HYPE_LOG=debug (or RUST_LOG).")]
 pub struct VmmArgs {
     /// Kernel image: a bzImage, or an ELF vmlinux (booted through PVH when it has the PVH note).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "dump_acpi")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk (cpio, optionally compressed if the kernel can decompress it).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -57,6 +59,46 @@ pub struct VmmArgs {
     /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on this Unix socket, mode 0600.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// How the guest learns its CPUs and devices: acpi (ACPI tables; poweroff ends the VM), or
+    /// mptable (MP table + virtio_mmio.device= on the command line, for kernels without ACPI).
+    #[arg(long, value_name = "PLATFORM", default_value = "acpi")]
+    pub platform: Platform,
+    /// On SIGTERM/SIGINT/SIGHUP press the guest's ACPI power button first and stop the VM only
+    /// if it has not powered off after DURATION (e.g. 30s) or on a second signal. Default: stop
+    /// at once.
+    #[arg(long, value_name = "DURATION", value_parser = parse_graceful)]
+    pub graceful_stop: Option<std::time::Duration>,
+    /// Write the ACPI tables this VM would get (rsdp.dat, xsdt.dat, facp.dat, apic.dat,
+    /// dsdt.dat) into DIR and exit without starting it. Uses --cpus and the number of --device.
+    #[arg(long, value_name = "DIR")]
+    pub dump_acpi: Option<PathBuf>,
+}
+
+fn parse_graceful(s: &str) -> Result<std::time::Duration, String> {
+    match parse_wait(s)? {
+        WaitLimit::For(d) => Ok(d),
+        WaitLimit::Forever => Err("--graceful-stop needs a duration, not forever".into()),
+    }
+}
+
+/// `--dump-acpi`: writes the tables and exits.
+fn dump_acpi(cfg: &VmConfig, dir: &std::path::Path) -> ExitCode {
+    let r = vm::validate(cfg).and_then(|()| vm::acpi_tables(cfg));
+    let written = match r {
+        Ok(Some(tables)) => tables.dump(dir).map_err(vm::VmmError::from),
+        Ok(None) => {
+            eprintln!("hype: --dump-acpi needs --platform acpi");
+            return ExitCode::from(2);
+        }
+        Err(e) => Err(e),
+    };
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hype: {}", hype_base::error_chain(&e));
+            ExitCode::from(if e.is_usage() { 2 } else { 1 })
+        }
+    }
 }
 
 /// Runs the VM `a` describes; errors become one line on stderr (`hype: ...`), exit code 2 for
@@ -68,7 +110,7 @@ pub fn run(a: VmmArgs) -> ExitCode {
     }
     let cfg = VmConfig {
         image: BootImage::Kernel {
-            kernel: a.kernel,
+            kernel: a.kernel.unwrap_or_default(),
             initrd: a.initrd,
             cmdline: a.cmdline,
         },
@@ -78,8 +120,16 @@ pub fn run(a: VmmArgs) -> ExitCode {
         devices,
         fixups: a.emulation_fixups,
         api_socket: a.api_socket,
+        platform: a.platform,
     };
-    match vm::run(&cfg) {
+    if let Some(dir) = &a.dump_acpi {
+        return dump_acpi(&cfg, dir);
+    }
+    let controls = VmControls {
+        graceful_stop: a.graceful_stop,
+        ..Default::default()
+    };
+    match vm::run_with(&cfg, &controls) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hype: {}", hype_base::error_chain(&e));

@@ -7,6 +7,7 @@
 //! 0x0000_8ff0  boot stack top           0x0000_9000  PML4
 //! 0x0000_a000  PDPT                     0x0000_b000  4 page directories (4 GiB identity map)
 //! 0x0002_0000  kernel command line      0x0009_fc00  EBDA (reserved)
+//! 0x000e_0000  ACPI tables, RSDP first (platform acpi; reserved)
 //! 0x000f_0000  MP floating pointer and MP configuration table (BIOS area, reserved)
 //! 0x0010_0000  kernel (bzImage) / PVH vmlinux at its link address; initrd at the top of low RAM
 //! 0xc000_0000  start of the 32-bit MMIO hole (virtio-mmio devices, IOAPIC, LAPIC, TSS)
@@ -47,8 +48,12 @@ pub const MPTABLE_ADDR: u64 = 0xf0000;
 pub const MPTABLE_MAX_SIZE: u64 = 0x10000;
 /// End of conventional ("base") memory.
 pub const BASE_MEM_END: u64 = 0xa0000;
-/// Start of the BIOS area that is reported reserved.
-pub const BIOS_AREA_START: u64 = 0xf0000;
+/// Start of the BIOS area that is reported reserved (it holds the ACPI tables and the MP table).
+pub const BIOS_AREA_START: u64 = ACPI_TABLES_ADDR;
+/// ACPI tables (RSDP first, 16-byte aligned, where a BIOS scan would find it too).
+pub const ACPI_TABLES_ADDR: u64 = 0xe0000;
+/// Room for the ACPI tables, up to the MP table.
+pub const ACPI_TABLES_SIZE: u64 = MPTABLE_ADDR - ACPI_TABLES_ADDR;
 /// Start of high memory: kernels are loaded here or above.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole.

@@ -8,6 +8,7 @@
 //! rust-vmm crates. Never on a backend, an HTTP
 //! or TLS crate, or the supervisor: the VMM process carries only what running a VM needs.
 
+pub mod acpi;
 pub mod arch;
 pub mod boot;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod devices;
 pub mod hotplug;
 pub mod layout;
 pub mod memory;
+pub mod platform;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

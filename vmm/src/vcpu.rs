@@ -22,6 +22,8 @@ pub enum VcpuEnd {
     Reset,
     /// Guest shutdown: triple fault or KVM shutdown event.
     Shutdown,
+    /// The guest switched itself off (ACPI S5).
+    PowerOff,
     /// The VMM asked the vCPU to stop.
     Stopped,
     /// An exit the VMM cannot handle.
@@ -309,6 +311,7 @@ pub fn run(mut vcpu: VcpuFd, index: u8, shared: &VcpuShared) -> VcpuEnd {
                     match shared.pio.write(port, data) {
                         PioOutcome::Continue => Step::Continue,
                         PioOutcome::Reset => Step::End(VcpuEnd::Reset),
+                        PioOutcome::PowerOff => Step::End(VcpuEnd::PowerOff),
                     }
                 }
                 VcpuExit::MmioRead(addr, data) => {

@@ -17,17 +17,20 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::acpi::{AcpiError, AcpiTables, Machine};
 use crate::arch::regs::{self, EntryMode};
 use crate::arch::{cpuid, mptable};
 use crate::boot::{self, BootError, BootSource};
 use crate::config::{DeviceSpec, SerialSpec};
-use crate::control::{PowerButton, StopReason, VmControl};
+use crate::control::{StopReason, VmControl};
 use crate::devices::hotplug::HotplugSlots;
 use crate::devices::pio::PioBus;
+use crate::devices::power::{PowerButton, PowerDevice, GED_GSI};
 use crate::devices::serial::{Serial, COM1_IRQ};
 use crate::devices::CountedIrq;
 use crate::hotplug::Hotplug;
 use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
+use crate::platform::{self, Platform};
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
 use crate::virtio::bus::{MmioBus, MmioExitCounts};
 use crate::virtio::device::DeviceError;
@@ -58,6 +61,19 @@ pub struct VmConfig {
     pub fixups: FixupMode,
     /// Where to serve the control API (`docs/api.md`), if anywhere.
     pub api_socket: Option<PathBuf>,
+    /// How the guest learns its CPUs and devices.
+    pub platform: Platform,
+}
+
+/// The host's handles on a running VM, beyond its configuration.
+#[derive(Clone, Debug, Default)]
+pub struct VmControls {
+    /// The VM's power button (platform acpi): press it from any thread while the VM runs.
+    pub power_button: PowerButton,
+    /// What SIGTERM/SIGINT/SIGHUP do: `None` stops the VM at once; `Some(t)` presses the power
+    /// button first and stops the VM only if the guest has not ended within `t` (or on a second
+    /// signal). Needs platform acpi; with mptable the VM stops at once.
+    pub graceful_stop: Option<Duration>,
 }
 
 /// A Linux kernel, or a raw program (tests, demos).
@@ -101,6 +117,8 @@ pub enum VmEnd {
     Reset,
     /// The guest shut down or triple-faulted.
     Shutdown,
+    /// The guest switched itself off (ACPI S5: `poweroff`).
+    PowerOff,
     /// Stopped from the host (signal, Ctrl-a x).
     Stopped,
 }
@@ -154,6 +172,9 @@ pub enum VmmError {
     /// MP table.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     /// vCPU registers.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
@@ -531,6 +552,7 @@ fn load_image(
     mem: &GuestMemoryMmap,
     device_cmdline: &[String],
     fixups: &Fixups,
+    rsdp: Option<u64>,
 ) -> Result<BootEntry, VmmError> {
     match &cfg.image {
         BootImage::Kernel {
@@ -555,6 +577,7 @@ fn load_image(
                 kernel,
                 initrd: initrd.as_deref(),
                 cmdline: &cmdline,
+                rsdp,
             };
             let setup = boot::load(mem, cfg.memory, &src)?;
             log::debug!(
@@ -609,17 +632,21 @@ fn guest_cpuid(kvm: &Kvm, fixups: &Fixups) -> Result<kvm_bindings::CpuId, VmmErr
 }
 
 /// Waits for the first vCPU to end, or for a stop request from the host (signal, Ctrl-a x,
-/// the control API).
+/// the control API). With `graceful` set, the first signal presses `button` and the VM gets
+/// that long to end by itself; a second signal or the deadline stops it.
 fn wait_for_end(
     rx: &mpsc::Receiver<(u8, VcpuEnd)>,
     stop_req: &AtomicBool,
     control: &VmControl,
+    button: &PowerButton,
+    graceful: Option<Duration>,
 ) -> Option<(u8, VcpuEnd)> {
+    let mut deadline: Option<Instant> = None;
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Ok(ev) => return Some(ev),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if signals::stop_requested() || stop_req.load(Ordering::SeqCst) {
+                if stop_req.load(Ordering::SeqCst) {
                     return None;
                 }
                 match control.stop_due() {
@@ -629,6 +656,32 @@ fn wait_for_end(
                         return None;
                     }
                     None => {}
+                }
+                let signals = signals::stop_count();
+                if signals == 0 {
+                    continue;
+                }
+                match (graceful, deadline) {
+                    (Some(t), None) if signals == 1 => match button.press() {
+                        Ok(()) => {
+                            log::info!(
+                                "stop signal: power button pressed, the guest has {:.1} s to \
+                                 power off",
+                                t.as_secs_f64()
+                            );
+                            deadline = Some(Instant::now() + t);
+                        }
+                        Err(e) => {
+                            log::info!("stop signal: {e}; stopping the VM");
+                            return None;
+                        }
+                    },
+                    (Some(_), Some(d)) if signals == 1 && Instant::now() < d => {}
+                    (Some(_), Some(_)) if signals == 1 => {
+                        log::warn!("the guest did not power off in time: stopping the VM");
+                        return None;
+                    }
+                    _ => return None,
                 }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return None,
@@ -654,6 +707,26 @@ fn stop_vcpus(shared: &VcpuShared, handles: Vec<std::thread::JoinHandle<()>>) {
 
 /// Creates the VM described by `cfg` and runs it to its end.
 pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
+    run_with(cfg, &VmControls::default())
+}
+
+/// The ACPI tables `cfg` gets (`None` for the mptable platform).
+pub fn acpi_tables(cfg: &VmConfig) -> Result<Option<AcpiTables>, VmmError> {
+    if cfg.devices.len() > virtio_mod::MAX_DEVICES {
+        return Err(VmmError::TooManyDevices(cfg.devices.len()));
+    }
+    match cfg.platform {
+        Platform::Acpi => Ok(Some(AcpiTables::build(&Machine::for_vm(
+            cfg.cpus,
+            cfg.devices.len(),
+        ))?)),
+        Platform::Mptable => Ok(None),
+    }
+}
+
+/// [`run`], with the host's handles on the VM: press `controls.power_button` from another
+/// thread to ask the guest to shut down.
+pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmError> {
     let started = Instant::now();
     validate(cfg)?;
     let kvm = open_kvm()?;
@@ -670,8 +743,22 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     register_memory(&vm, &mem)?;
     let slots = Arc::new(HotplugSlots::new());
     let hotplug = Hotplug::new(vm.clone(), mem.clone(), slots.clone());
-    let (mmio, device_cmdline) = attach_devices(&vm, &mem, &cfg.devices, &hotplug)?;
-    let boot = load_image(cfg, &mem, &device_cmdline, &fixups)?;
+    let acpi = acpi_tables(cfg)?;
+    let (mmio, mut device_cmdline) = attach_devices(&vm, &mem, &cfg.devices, &hotplug)?;
+    if acpi.is_some() {
+        // The DSDT describes the devices: never describe them twice.
+        device_cmdline.clear();
+        if let BootImage::Kernel { cmdline, .. } = &cfg.image {
+            if platform::cmdline_has_devices(cmdline) {
+                log::warn!(
+                    "the command line has virtio_mmio.device= entries and the ACPI tables \
+                     describe the devices too: the guest may probe them twice"
+                );
+            }
+        }
+    }
+    let rsdp = acpi.as_ref().map(AcpiTables::rsdp_addr);
+    let boot = load_image(cfg, &mem, &device_cmdline, &fixups, rsdp)?;
     fixups.announce();
 
     let supported = guest_cpuid(&kvm, &fixups)?;
@@ -688,7 +775,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
         .find(|e| e.function == 1)
         .map(|e| (e.eax, e.edx))
         .unwrap_or((0x600, 0x201));
-    mptable::write(&mem, cfg.cpus, signature, features)?;
+    match &acpi {
+        Some(tables) => tables.write(&mem)?,
+        None => mptable::write(&mem, cfg.cpus, signature, features)?,
+    }
 
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
@@ -698,6 +788,17 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
         serial_sink(&cfg.serial)?,
         Box::new(CountedIrq::new(serial_irq, serial_irqs.clone())),
     )));
+
+    let mut pio = PioBus::new(serial.clone(), started).with_hotplug(slots);
+    if acpi.is_some() {
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;
+        vm.register_irqfd(&ged_irq, GED_GSI)
+            .map_err(kvm_err("KVM_IRQFD"))?;
+        pio = pio.with_power(PowerDevice::new(
+            controls.power_button.clone(),
+            Box::new(ged_irq),
+        ));
+    }
 
     let mut vcpus = Vec::with_capacity(usize::from(cfg.cpus));
     for i in 0..cfg.cpus {
@@ -724,7 +825,7 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     };
 
     let shared = Arc::new(VcpuShared {
-        pio: PioBus::new(serial.clone(), started).with_hotplug(slots),
+        pio,
         mmio,
         mem: mem.clone(),
         stop: AtomicBool::new(false),
@@ -748,8 +849,11 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
     }
     drop(tx);
 
-    // ACPI power button: Some(Box::new(move || ged.press_power_button())) once the VM has one.
-    let power_button: Option<PowerButton> = None;
+    // The control API's shutdown presses the ACPI power button (none with platform mptable).
+    let power_button: Option<crate::control::PowerButton> = acpi.as_ref().map(|_| {
+        let button = controls.power_button.clone();
+        Box::new(move || button.press().is_ok()) as crate::control::PowerButton
+    });
     let control = Arc::new(VmControl::new(
         cfg,
         started,
@@ -772,7 +876,8 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
         None => None,
     };
 
-    let first = wait_for_end(&rx, &stop_req, &control);
+    let graceful = controls.graceful_stop.filter(|_| acpi.is_some());
+    let first = wait_for_end(&rx, &stop_req, &control, &controls.power_button, graceful);
     control.forget_vcpu_threads();
     stop_vcpus(&shared, handles);
     if let Some(api) = api {
@@ -792,6 +897,10 @@ pub fn run(cfg: &VmConfig) -> Result<VmOutcome, VmmError> {
         Some((i, VcpuEnd::Reset)) => {
             log::info!("guest reset (vCPU {i}): VM ends");
             VmEnd::Reset
+        }
+        Some((i, VcpuEnd::PowerOff)) => {
+            log::info!("guest powered off (vCPU {i}): VM ends");
+            VmEnd::PowerOff
         }
         Some((i, VcpuEnd::Shutdown)) => {
             log::info!("guest shut down or triple-faulted (vCPU {i}): VM ends");

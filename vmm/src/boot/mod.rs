@@ -139,6 +139,8 @@ pub struct BootSource<'a> {
     pub initrd: Option<&'a Path>,
     /// Full command line.
     pub cmdline: &'a str,
+    /// Guest physical address of the ACPI RSDP, handed to the kernel (platform acpi).
+    pub rsdp: Option<u64>,
 }
 
 /// Sniffs the image format from its first bytes.
@@ -275,12 +277,13 @@ pub fn load(
     regs::write_descriptor_tables(mem)?;
     let (mode, boot_info) = match protocol {
         Protocol::Pvh => {
-            pvh::write(mem, &map, initrd).map_err(BootError::GuestWrite)?;
+            pvh::write(mem, &map, initrd, src.rsdp).map_err(BootError::GuestWrite)?;
             (EntryMode::Protected32, PVH_INFO_ADDR)
         }
         Protocol::BzImage64 | Protocol::Elf64 => {
             let cr3 = paging::write_identity_map(mem).map_err(BootError::GuestWrite)?;
-            let zp = zero_page::build(header, src.cmdline.len(), initrd, &map);
+            let mut zp = zero_page::build(header, src.cmdline.len(), initrd, &map);
+            zp.acpi_rsdp_addr = src.rsdp.unwrap_or(0);
             mem.write_obj(zp, GuestAddress(ZERO_PAGE_ADDR))
                 .map_err(BootError::GuestWrite)?;
             (EntryMode::Long64 { cr3 }, ZERO_PAGE_ADDR)

@@ -17,8 +17,8 @@ const _: () =
 /// `hvm_start_info.magic`.
 pub const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
-/// Serialises `hvm_start_info` (56 bytes).
-pub fn start_info(nr_modules: u32, memmap_entries: u32) -> Vec<u8> {
+/// Serialises `hvm_start_info` (56 bytes); `rsdp` 0 means none.
+pub fn start_info(nr_modules: u32, memmap_entries: u32, rsdp: u64) -> Vec<u8> {
     let mut b = Vec::with_capacity(56);
     b.extend_from_slice(&XEN_HVM_START_MAGIC.to_le_bytes());
     b.extend_from_slice(&1u32.to_le_bytes()); // version
@@ -26,7 +26,7 @@ pub fn start_info(nr_modules: u32, memmap_entries: u32) -> Vec<u8> {
     b.extend_from_slice(&nr_modules.to_le_bytes());
     b.extend_from_slice(&(if nr_modules > 0 { PVH_MODLIST_ADDR } else { 0 }).to_le_bytes());
     b.extend_from_slice(&CMDLINE_ADDR.to_le_bytes());
-    b.extend_from_slice(&0u64.to_le_bytes()); // rsdp_paddr
+    b.extend_from_slice(&rsdp.to_le_bytes()); // rsdp_paddr
     b.extend_from_slice(&PVH_MEMMAP_ADDR.to_le_bytes());
     b.extend_from_slice(&memmap_entries.to_le_bytes());
     b.extend_from_slice(&0u32.to_le_bytes());
@@ -60,10 +60,14 @@ pub fn write(
     mem: &GuestMemoryMmap,
     map: &[E820Entry],
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), vm_memory::GuestMemoryError> {
     let entries = map.len().min(PVH_MEMMAP_MAX_ENTRIES) as u32;
     let modules = u32::from(initrd.is_some());
-    mem.write_slice(&start_info(modules, entries), GuestAddress(PVH_INFO_ADDR))?;
+    mem.write_slice(
+        &start_info(modules, entries, rsdp.unwrap_or(0)),
+        GuestAddress(PVH_INFO_ADDR),
+    )?;
     mem.write_slice(&memmap(map), GuestAddress(PVH_MEMMAP_ADDR))?;
     if let Some((addr, size)) = initrd {
         mem.write_slice(&module(addr, size), GuestAddress(PVH_MODLIST_ADDR))?;
@@ -85,16 +89,18 @@ mod tests {
 
     #[test]
     fn start_info_layout() {
-        let s = start_info(1, 4);
+        let s = start_info(1, 4, 0xe0000);
         assert_eq!(s.len(), 56);
         assert_eq!(u32_at(&s, 0), XEN_HVM_START_MAGIC);
         assert_eq!(u32_at(&s, 4), 1);
         assert_eq!(u32_at(&s, 12), 1);
         assert_eq!(u64_at(&s, 16), PVH_MODLIST_ADDR);
         assert_eq!(u64_at(&s, 24), CMDLINE_ADDR);
+        assert_eq!(u64_at(&s, 32), 0xe0000);
         assert_eq!(u64_at(&s, 40), PVH_MEMMAP_ADDR);
         assert_eq!(u32_at(&s, 48), 4);
-        assert_eq!(u64_at(&start_info(0, 4), 16), 0);
+        assert_eq!(u64_at(&start_info(0, 4, 0), 16), 0);
+        assert_eq!(u64_at(&start_info(0, 4, 0), 32), 0);
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! Legacy devices the VMM emulates itself, and the port-I/O dispatch for them.
+//! Legacy devices the VMM emulates itself (UART, i8042 reset, the ACPI power device), and the
+//! port-I/O dispatch for them.
 
 pub mod hotplug;
 pub mod i8042;
 pub mod pio;
+pub mod power;
 pub mod serial;
 
 use std::sync::atomic::{AtomicU64, Ordering};

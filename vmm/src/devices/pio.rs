@@ -1,5 +1,5 @@
-//! Port I/O dispatch for the VMM's own devices: COM1, the i8042 reset, the boot-time marker and
-//! the hot-plug slot registers.
+//! Port I/O dispatch for the VMM's own devices: COM1, the i8042 reset, the boot-time marker,
+//! the hot-plug slot registers and (platform acpi) the ACPI power device.
 //! Unclaimed ports read as all ones (no device) and ignore writes.
 
 use std::sync::{Arc, Mutex};
@@ -9,6 +9,7 @@ use hype_base::log_limit::LogCounter;
 
 use super::hotplug::{HotplugSlots, HOTPLUG_PORTS, HOTPLUG_PORT_BASE};
 use super::i8042::{self, I8042Action};
+use super::power::{PowerAction, PowerDevice};
 use super::serial::{Serial, COM1_BASE};
 
 /// Port of the boot-time marker: a guest write here is logged with the time since `hype vmm`
@@ -29,6 +30,8 @@ pub enum PioOutcome {
     Continue,
     /// The guest asked for a reset: the VM ends.
     Reset,
+    /// The guest switched itself off (ACPI S5): the VM ends.
+    PowerOff,
 }
 
 /// The legacy device set shared by all vCPUs.
@@ -38,6 +41,7 @@ pub struct PioBus {
     markers: Mutex<Vec<(u32, std::time::Duration)>>,
     marker_log: LogCounter,
     hotplug: Option<Arc<HotplugSlots>>,
+    power: Option<PowerDevice>,
 }
 
 impl PioBus {
@@ -49,6 +53,7 @@ impl PioBus {
             markers: Mutex::new(Vec::new()),
             marker_log: LogCounter::new(MARKERS_LOGGED),
             hotplug: None,
+            power: None,
         }
     }
 
@@ -64,6 +69,12 @@ impl PioBus {
             .then_some(self.hotplug.as_deref())
             .flatten()
             .map(|h| (h, off))
+    }
+
+    /// Adds the ACPI power device (its ports read as all ones without it).
+    pub fn with_power(mut self, power: PowerDevice) -> Self {
+        self.power = Some(power);
+        self
     }
 
     /// The UART (for host input).
@@ -94,6 +105,11 @@ impl PioBus {
                     *b = i8042::read(port);
                 }
             }
+            p if PowerDevice::claims(p) => {
+                if let Some(power) = &self.power {
+                    power.read(p, data);
+                }
+            }
             _ => {}
         }
     }
@@ -119,6 +135,11 @@ impl PioBus {
                 return PioOutcome::Reset;
             }
             i8042::DATA_PORT | i8042::COMMAND_PORT => {}
+            p if PowerDevice::claims(p) => match self.power.as_ref().map(|d| d.write(p, data)) {
+                Some(PowerAction::PowerOff) => return PioOutcome::PowerOff,
+                Some(PowerAction::Reset) => return PioOutcome::Reset,
+                Some(PowerAction::None) | None => {}
+            },
             BOOT_MARKER_PORT => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
