@@ -1,7 +1,8 @@
 //! The control API of a running `hype vmm` with tiny guests: GET /vm, pause stops a counting
-//! guest and resume continues it, shutdown ends in a forced stop after its timeout (no power
-//! button yet), stop, per-device backend state, `hype ctl`, and hostile clients that must not
-//! disturb the VM.
+//! guest and resume continues it, shutdown presses the ACPI power button (a guest that powers
+//! off on it ends the VM, one that ignores it is stopped after the timeout; with platform
+//! mptable there is no button), stop, per-device backend state, `hype ctl`, and hostile
+//! clients that must not disturb the VM.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
@@ -201,7 +202,8 @@ fn pause_stops_a_counting_guest_and_resume_continues_it() {
     assert!(running.vcpus[0].exits.io_out > outs);
     assert!(running.uptime_ms > info.uptime_ms);
 
-    // No power button yet: the guest keeps counting and is stopped after the timeout.
+    // The power button is pressed, but the counting guest ignores it: it is stopped after the
+    // timeout.
     let t = Instant::now();
     let r = vm
         .client()
@@ -214,7 +216,7 @@ fn pause_stops_a_counting_guest_and_resume_continues_it() {
     assert_eq!(r.status, 202);
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["state"], "shutting_down");
-    assert_eq!(body["power_button"], false);
+    assert_eq!(body["power_button"], true);
     assert_eq!(body["timeout_ms"], 3000);
     assert_eq!(
         conflict(vm.post("/vm/shutdown", None)),
@@ -229,6 +231,32 @@ fn pause_stops_a_counting_guest_and_resume_continues_it() {
     assert!(t.elapsed() >= Duration::from_millis(3000));
     assert!(vm.log().contains("forced stop"), "{}", vm.log());
     assert!(!vm.api.exists(), "socket left behind");
+}
+
+#[test]
+fn shutdown_powers_off_a_guest_that_handles_the_power_button() {
+    let mut vm = Vm::start_guest("power", "power_wait", &[]);
+    vm.wait_for_serial("w");
+    let t = Instant::now();
+    let r = vm
+        .client()
+        .call(
+            Method::POST,
+            "/vm/shutdown",
+            Some(&serde_json::json!({"timeout_ms": 30000})),
+        )
+        .unwrap();
+    assert_eq!(r.status, 202);
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["power_button"], true);
+    let (code, _) = vm.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", vm.log());
+    // The guest powered off by itself, long before the forced stop.
+    assert!(t.elapsed() < Duration::from_secs(20));
+    let log = vm.log();
+    assert!(log.contains("power button pressed"), "{log}");
+    assert!(log.contains("guest powered off"), "{log}");
+    assert!(!log.contains("the guest still runs after"), "{log}");
 }
 
 #[test]
@@ -354,7 +382,8 @@ fn ctl(api: &Path, args: &[&str]) -> (Option<i32>, String, String) {
 
 #[test]
 fn hype_ctl_human_and_json() {
-    let mut vm = Vm::start("ctl", &[]);
+    // Platform mptable: no power button, which the shutdown line says.
+    let mut vm = Vm::start("ctl", &["--platform", "mptable"]);
     let (code, out, err) = ctl(&vm.api, &["info"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("state: running, up "), "{out}");
