@@ -32,6 +32,8 @@ enum Command {
     /// Serve a virtio-console (terminal, socket, pty or log file) as a vhost-user backend, or
     /// `attach PATH` to a console's client socket.
     Console(hype_console::Command),
+    /// Talk to a running VMM's control API (`hype vmm --api-socket PATH`).
+    Ctl(hype_ctl::ctl::CtlArgs),
     /// Boot a small built-in guest on a RAM disk and a console backend: the architecture at
     /// work in a few seconds.
     Demo(hype_run::demo::DemoArgs),
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         Command::BlockHttp(a) => run_backend("block-http", hype_block_http::run(a)),
         Command::NetTap(a) => run_backend("net-tap", hype_net_tap::run(a)),
         Command::Console(a) => run_backend("console", hype_console::dispatch(a)),
+        Command::Ctl(a) => hype_ctl::ctl::run(a),
         Command::Demo(a) => hype_run::demo::demo(a),
     }
 }

@@ -23,6 +23,7 @@ fn config(code: Vec<u8>, platform: Platform) -> VmConfig {
         serial: SerialSpec::None,
         devices: vec![],
         fixups: FixupMode::Auto,
+        api_socket: None,
         platform,
     }
 }

@@ -265,6 +265,33 @@ console = "pty"
         "{out}"
     );
 
+    // The control API socket: from the file (relative to it), or the flag.
+    std::fs::write(&toml, "kernel = \"vmlinux\"\napi-socket = \"vm.api\"\n").unwrap();
+    let o = run_in(
+        &dir,
+        &[],
+        &["--config", toml.to_str().unwrap(), "--print-commands"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!(" --api-socket {d}/vm.api\n")),
+        "{out} {}",
+        stderr(&o)
+    );
+    let o = run_in(
+        &dir,
+        &[],
+        &[
+            "--config",
+            toml.to_str().unwrap(),
+            "--api-socket",
+            "/run/x.api",
+            "--print-commands",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(" --api-socket /run/x.api\n"), "{out}");
+
     std::fs::write(&toml, "kernel = \"vmlinux\"\nmemroy = \"1G\"\n").unwrap();
     let o = run_in(&dir, &[], &["--config", toml.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));

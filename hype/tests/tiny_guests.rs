@@ -29,6 +29,7 @@ fn raw_config(
         serial: SerialSpec::File(out.to_owned()),
         devices: vec![],
         fixups: FixupMode::Auto,
+        api_socket: None,
         platform: Default::default(),
     }
 }

@@ -41,6 +41,7 @@ fn config(code: Vec<u8>, socket: &Path, serial: &Path) -> VmConfig {
         serial: SerialSpec::File(serial.to_owned()),
         devices: vec![dev],
         fixups: FixupMode::Auto,
+        api_socket: None,
         platform: Default::default(),
     }
 }

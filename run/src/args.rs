@@ -68,6 +68,9 @@ pub struct RunArgs {
     /// Restarts allowed per backend within a minute before the VM is stopped.
     #[arg(long, value_name = "N")]
     pub max_restarts: Option<u32>,
+    /// Serve the VMM's control API on this Unix socket (docs/api.md).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// Print the equivalent separate commands (backends, then the VMM) and exit.
     #[arg(long)]
     pub print_commands: bool,
@@ -101,6 +104,7 @@ struct FileConfig {
     devices: Vec<String>,
     name: Option<String>,
     max_restarts: Option<u32>,
+    api_socket: Option<PathBuf>,
 }
 
 /// The VM as described by the config file and the flags together, not yet checked.
@@ -132,6 +136,8 @@ pub struct RunConfig {
     pub name: Option<String>,
     /// Restart limit per backend per minute.
     pub max_restarts: Option<u32>,
+    /// The VMM's control API socket.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Reads `path` and merges `args` over it.
@@ -161,6 +167,7 @@ fn merge(cfg: &mut RunConfig, a: &RunArgs) {
     over(&mut cfg.console, &a.console);
     over(&mut cfg.name, &a.name);
     over(&mut cfg.max_restarts, &a.max_restarts);
+    over(&mut cfg.api_socket, &a.api_socket);
     for (dst, src) in [
         (&mut cfg.disks, &a.disks),
         (&mut cfg.nets, &a.nets),
@@ -222,6 +229,7 @@ fn parse_file(text: &str, base: &Path, path: &Path) -> Result<RunConfig, Problem
         devices: f.devices,
         name: f.name,
         max_restarts: f.max_restarts,
+        api_socket: f.api_socket.map(rebase),
     })
 }
 

@@ -156,6 +156,7 @@ impl ChildArgs for VmmArgs {
             devices,
             device_wait,
             emulation_fixups,
+            api_socket,
             platform,
             graceful_stop,
             dump_acpi,
@@ -187,6 +188,9 @@ impl ChildArgs for VmmArgs {
         }
         if differs(&d, |d| &d.emulation_fixups, emulation_fixups) {
             a.opt("emulation-fixups", emulation_fixups.as_str());
+        }
+        if let Some(p) = api_socket {
+            a.opt("api-socket", p);
         }
         if differs(&d, |d| &d.platform, platform) {
             a.opt("platform", platform.name());
@@ -451,6 +455,7 @@ mod tests {
             devices: vec![DeviceSpec::new("/run/a.sock"), dev],
             device_wait: WaitLimit::For(Duration::from_secs(120)),
             emulation_fixups: FixupMode::Off,
+            api_socket: Some("/run/vm,api".into()),
             platform: hype_vmm::platform::Platform::Mptable,
             graceful_stop: Some(Duration::from_millis(2500)),
             dump_acpi: Some("/tmp/acpi,dir".into()),

@@ -472,6 +472,9 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
     for d in &devices {
         vmm_argv.push(kv("device", d.to_string()));
     }
+    if let Some(a) = &cfg.api_socket {
+        vmm_argv.push(kv("api-socket", a));
+    }
     let vmm = if problems.is_empty() {
         match child::<VmmArgs>(vmm_argv) {
             Ok(v) => Some(v),

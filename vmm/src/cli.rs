@@ -18,6 +18,7 @@ use hype_fixups::FixupMode;
   hype vmm --kernel vmlinux --initrd initramfs.cpio --cmdline 'console=ttyS0' --memory 512M --cpus 2
   hype vmm --kernel bzImage --serial file:/tmp/console.log --device /run/disk0.sock
   hype vmm --kernel vmlinux --device blk:/run/third-party.sock
+  hype vmm --kernel vmlinux --serial none --api-socket /run/vm.api
   hype vmm --cpus 2 --device /run/disk0.sock --dump-acpi /tmp/tables   (then: iasl -d /tmp/tables/dsdt.dat)
 
 Press Ctrl-a x to stop the VM from the serial console (Ctrl-a Ctrl-a sends Ctrl-a).
@@ -55,6 +56,9 @@ pub struct VmmArgs {
     /// enables them when the host needs them.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub emulation_fixups: FixupMode,
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on this Unix socket, mode 0600.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// How the guest learns its CPUs and devices: acpi (ACPI tables; poweroff ends the VM), or
     /// mptable (MP table + virtio_mmio.device= on the command line, for kernels without ACPI).
     #[arg(long, value_name = "PLATFORM", default_value = "acpi")]
@@ -115,6 +119,7 @@ pub fn run(a: VmmArgs) -> ExitCode {
         serial: a.serial,
         devices,
         fixups: a.emulation_fixups,
+        api_socket: a.api_socket,
         platform: a.platform,
     };
     if let Some(dir) = &a.dump_acpi {

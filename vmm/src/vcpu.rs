@@ -1,6 +1,8 @@
 //! One vCPU thread's run loop and how each KVM exit is handled.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -90,6 +92,135 @@ pub enum VcpuError {
     },
 }
 
+/// KVM exits one vCPU handled, by kind (relaxed counters, read by the control API).
+#[derive(Debug, Default)]
+pub struct ExitStats {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: AtomicU64,
+    /// KVM_RUN interrupted by a signal (kicks for pause and stop).
+    pub interrupted: AtomicU64,
+    /// Emulation failures handed to the fix-ups.
+    pub emulation: AtomicU64,
+    /// Every other exit.
+    pub other: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Why [`PauseGate::pause`] gave up.
+#[derive(Debug, thiserror::Error)]
+#[error("{parked} of {total} vCPUs stopped within {waited:?}")]
+pub struct PauseTimeout {
+    /// vCPUs that did stop.
+    pub parked: usize,
+    /// vCPUs in all.
+    pub total: usize,
+    /// How long the pause waited.
+    pub waited: Duration,
+}
+
+/// Where paused vCPU threads wait. A pause sets the request and kicks the vCPUs out of
+/// KVM_RUN until every one of them has parked here; a resume clears it and wakes them.
+#[derive(Debug)]
+pub struct PauseGate {
+    requested: AtomicBool,
+    parked: Mutex<Vec<bool>>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    /// A gate for `cpus` vCPUs, open.
+    pub fn new(cpus: usize) -> Self {
+        PauseGate {
+            requested: AtomicBool::new(false),
+            parked: Mutex::new(vec![false; cpus]),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<bool>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a pause is requested.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Whether vCPU `index` is parked now.
+    pub fn is_parked(&self, index: usize) -> bool {
+        self.lock().get(index).copied().unwrap_or(false)
+    }
+
+    /// Called by vCPU `index` between two KVM_RUNs: waits while a pause is requested and
+    /// `stop` is not set.
+    pub fn park_if_requested(&self, index: usize, stop: &AtomicBool) {
+        if !self.is_requested() {
+            return;
+        }
+        let mut g = self.lock();
+        if let Some(p) = g.get_mut(index) {
+            *p = true;
+        }
+        self.changed.notify_all();
+        while self.is_requested() && !stop.load(Ordering::Acquire) {
+            // The timeout lets a stop (which does not use this condvar) end the wait.
+            g = match self.changed.wait_timeout(g, Duration::from_millis(20)) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        if let Some(p) = g.get_mut(index) {
+            *p = false;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Requests a pause and calls `kick` (which must push every vCPU out of KVM_RUN) until all
+    /// vCPUs are parked, or `timeout` passes (then the request is withdrawn).
+    pub fn pause(&self, kick: impl Fn(), timeout: Duration) -> Result<(), PauseTimeout> {
+        self.requested.store(true, Ordering::Release);
+        let start = Instant::now();
+        loop {
+            {
+                let g = self.lock();
+                let parked = g.iter().filter(|p| **p).count();
+                if parked == g.len() {
+                    return Ok(());
+                }
+                if start.elapsed() >= timeout {
+                    drop(g);
+                    self.resume();
+                    return Err(PauseTimeout {
+                        parked,
+                        total: self.lock().len(),
+                        waited: start.elapsed(),
+                    });
+                }
+            }
+            // A kick can land just before the vCPU enters KVM_RUN and be lost: repeat it.
+            kick();
+            let g = self.lock();
+            let _ = self.changed.wait_timeout(g, Duration::from_millis(1));
+        }
+    }
+
+    /// Withdraws the pause request and wakes the parked vCPUs.
+    pub fn resume(&self) {
+        self.requested.store(false, Ordering::Release);
+        let _g = self.lock();
+        self.changed.notify_all();
+    }
+}
+
 /// What every vCPU thread shares.
 pub struct VcpuShared {
     /// Port I/O devices.
@@ -102,6 +233,10 @@ pub struct VcpuShared {
     pub stop: AtomicBool,
     /// PVM emulation fix-ups.
     pub fixups: Fixups,
+    /// Exit counters, by vCPU index.
+    pub exits: Vec<ExitStats>,
+    /// Where vCPUs wait while the VM is paused.
+    pub pause: PauseGate,
 }
 
 /// Reads the instruction bytes at the vCPU's RIP (linear address through the guest's paging).
@@ -152,26 +287,40 @@ pub fn run(mut vcpu: VcpuFd, index: u8, shared: &VcpuShared) -> VcpuEnd {
         vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
         vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
     }
+    let fallback = ExitStats::default();
+    let exits = shared.exits.get(usize::from(index)).unwrap_or(&fallback);
     loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return VcpuEnd::Stopped;
+        }
+        shared
+            .pause
+            .park_if_requested(usize::from(index), &shared.stop);
         if shared.stop.load(Ordering::Acquire) {
             return VcpuEnd::Stopped;
         }
         let step = match vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    bump(&exits.io_in);
                     shared.pio.read(port, data);
                     Step::Continue
                 }
-                VcpuExit::IoOut(port, data) => match shared.pio.write(port, data) {
-                    PioOutcome::Continue => Step::Continue,
-                    PioOutcome::Reset => Step::End(VcpuEnd::Reset),
-                    PioOutcome::PowerOff => Step::End(VcpuEnd::PowerOff),
-                },
+                VcpuExit::IoOut(port, data) => {
+                    bump(&exits.io_out);
+                    match shared.pio.write(port, data) {
+                        PioOutcome::Continue => Step::Continue,
+                        PioOutcome::Reset => Step::End(VcpuEnd::Reset),
+                        PioOutcome::PowerOff => Step::End(VcpuEnd::PowerOff),
+                    }
+                }
                 VcpuExit::MmioRead(addr, data) => {
+                    bump(&exits.mmio_read);
                     shared.mmio.read(addr, data);
                     Step::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    bump(&exits.mmio_write);
                     shared.mmio.write(addr, data);
                     Step::Continue
                 }
@@ -182,12 +331,22 @@ pub fn run(mut vcpu: VcpuFd, index: u8, shared: &VcpuShared) -> VcpuEnd {
                 VcpuExit::SystemEvent(kind, _) if kind == KVM_SYSTEM_EVENT_RESET => {
                     Step::End(VcpuEnd::Reset)
                 }
-                VcpuExit::InternalError => Step::InternalError,
+                VcpuExit::InternalError => {
+                    bump(&exits.emulation);
+                    Step::InternalError
+                }
                 VcpuExit::FailEntry(reason, _) => Step::FailEntry(reason),
-                VcpuExit::Intr => Step::Continue,
-                other => Step::Unexpected(format!("{other:?}")),
+                VcpuExit::Intr => {
+                    bump(&exits.interrupted);
+                    Step::Continue
+                }
+                other => {
+                    bump(&exits.other);
+                    Step::Unexpected(format!("{other:?}"))
+                }
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                bump(&exits.interrupted);
                 vcpu.set_kvm_immediate_exit(0);
                 Step::Continue
             }

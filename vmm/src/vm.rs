@@ -3,15 +3,16 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::FromRawFd;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -21,15 +22,19 @@ use crate::arch::regs::{self, EntryMode};
 use crate::arch::{cpuid, mptable};
 use crate::boot::{self, BootError, BootSource};
 use crate::config::{DeviceSpec, SerialSpec};
+use crate::control::{StopReason, VmControl};
+use crate::devices::hotplug::HotplugSlots;
 use crate::devices::pio::PioBus;
 use crate::devices::power::{PowerButton, PowerDevice, GED_GSI};
 use crate::devices::serial::{Serial, COM1_IRQ};
+use crate::devices::CountedIrq;
+use crate::hotplug::Hotplug;
 use crate::memory::{self, GuestMemoryMmap, MemoryError, MIN_MEMORY};
 use crate::platform::{self, Platform};
 use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
 use crate::virtio::bus::{MmioBus, MmioExitCounts};
 use crate::virtio::device::DeviceError;
-use crate::virtio::{self as virtio_mod, mmio::reg, VhostUserDevice};
+use crate::virtio::{self as virtio_mod, VhostUserDevice};
 use hype_base::signals;
 use hype_base::terminal::{is_tty, EscapeAction, EscapeFilter, RawModeGuard};
 use hype_fixups::{FixupMode, Fixups};
@@ -54,6 +59,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceSpec>,
     /// PVM emulation fix-ups.
     pub fixups: FixupMode,
+    /// Where to serve the control API (`docs/api.md`), if anywhere.
+    pub api_socket: Option<PathBuf>,
     /// How the guest learns its CPUs and devices.
     pub platform: Platform,
 }
@@ -195,6 +202,9 @@ pub enum VmmError {
     /// More `--device`s than hype has windows and interrupt lines for.
     #[error("{0} devices: hype attaches at most {max}", max = virtio_mod::MAX_DEVICES)]
     TooManyDevices(usize),
+    /// The control API socket could not be served.
+    #[error("control API")]
+    Api(#[source] hype_api::server::ServerError),
     /// Attaching a `--device` failed. The message gives the position and the name the logs
     /// use; the socket path is named once, by the source.
     #[error("device {index} (virtio{index})")]
@@ -222,6 +232,7 @@ impl VmmError {
                 | VmmError::RawTooBig(_)
                 | VmmError::SerialFile { .. }
                 | VmmError::TooManyDevices(_)
+                | VmmError::Api(_)
         )
     }
 }
@@ -402,11 +413,12 @@ fn attach_devices(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     devices: &[DeviceSpec],
+    hotplug: &Hotplug,
 ) -> Result<(MmioBus, Vec<String>), VmmError> {
     if devices.len() > virtio_mod::MAX_DEVICES {
         return Err(VmmError::TooManyDevices(devices.len()));
     }
-    let mut bus = MmioBus::new();
+    let bus = MmioBus::new();
     let mut cmdline = Vec::new();
     for (index, spec) in devices.iter().enumerate() {
         let base = virtio_mod::device_base(index);
@@ -419,20 +431,9 @@ fn attach_devices(
         let name = format!("virtio{index}");
         let dev =
             VhostUserDevice::attach(&name, &spec.options(), mem.clone(), None).map_err(dev_err)?;
-        let ev = dev.events();
-        for (q, kick) in ev.kicks.iter().enumerate() {
-            vm.register_ioevent(
-                kick,
-                &IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY),
-                q as u32,
-            )
-            .map_err(kvm_err("KVM_IOEVENTFD"))?;
-        }
-        for call in &ev.calls {
-            vm.register_irqfd(call, gsi).map_err(kvm_err("KVM_IRQFD"))?;
-        }
-        vm.register_irqfd(&ev.config, gsi)
-            .map_err(kvm_err("KVM_IRQFD"))?;
+        crate::hotplug::wire(vm, &dev, base, gsi)
+            .map_err(|(what, source)| VmmError::Kvm { what, source })?;
+        hotplug.boot_device(index, &spec.socket);
         log::debug!("{name}: window {base:#x}, GSI {gsi}");
         cmdline.push(virtio_mod::cmdline_entry(base, gsi));
         bus.add(base, Arc::new(dev));
@@ -630,12 +631,13 @@ fn guest_cpuid(kvm: &Kvm, fixups: &Fixups) -> Result<kvm_bindings::CpuId, VmmErr
     Ok(supported)
 }
 
-/// Waits for the first vCPU to end, or for a stop request from the host (signal, Ctrl-a x).
-/// With `graceful` set, the first signal presses `button` and the VM gets that long to end by
-/// itself; a second signal or the deadline stops it.
+/// Waits for the first vCPU to end, or for a stop request from the host (signal, Ctrl-a x,
+/// the control API). With `graceful` set, the first signal presses `button` and the VM gets
+/// that long to end by itself; a second signal or the deadline stops it.
 fn wait_for_end(
     rx: &mpsc::Receiver<(u8, VcpuEnd)>,
     stop_req: &AtomicBool,
+    control: &VmControl,
     button: &PowerButton,
     graceful: Option<Duration>,
 ) -> Option<(u8, VcpuEnd)> {
@@ -646,6 +648,14 @@ fn wait_for_end(
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if stop_req.load(Ordering::SeqCst) {
                     return None;
+                }
+                match control.stop_due() {
+                    Some(StopReason::Requested) => return None,
+                    Some(StopReason::ShutdownTimeout(t)) => {
+                        log::warn!("shutdown: the guest still runs after {t:?}; forced stop");
+                        return None;
+                    }
+                    None => {}
                 }
                 let signals = signals::stop_count();
                 if signals == 0 {
@@ -728,11 +738,13 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         });
     }
     let fixups = Fixups::new(cfg.fixups);
-    let vm = create_vm(&kvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
     let mem = memory::create_guest_memory(cfg.memory)?;
     register_memory(&vm, &mem)?;
+    let slots = Arc::new(HotplugSlots::new());
+    let hotplug = Hotplug::new(vm.clone(), mem.clone(), slots.clone());
     let acpi = acpi_tables(cfg)?;
-    let (mmio, mut device_cmdline) = attach_devices(&vm, &mem, &cfg.devices)?;
+    let (mmio, mut device_cmdline) = attach_devices(&vm, &mem, &cfg.devices, &hotplug)?;
     if acpi.is_some() {
         // The DSDT describes the devices: never describe them twice.
         device_cmdline.clear();
@@ -771,12 +783,13 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD"))?;
+    let serial_irqs = Arc::new(AtomicU64::new(0));
     let serial = Arc::new(Mutex::new(Serial::new(
         serial_sink(&cfg.serial)?,
-        Box::new(serial_irq),
+        Box::new(CountedIrq::new(serial_irq, serial_irqs.clone())),
     )));
 
-    let mut pio = PioBus::new(serial.clone(), started);
+    let mut pio = PioBus::new(serial.clone(), started).with_hotplug(slots);
     if acpi.is_some() {
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;
         vm.register_irqfd(&ged_irq, GED_GSI)
@@ -817,6 +830,8 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         mem: mem.clone(),
         stop: AtomicBool::new(false),
         fixups,
+        exits: (0..cfg.cpus).map(|_| Default::default()).collect(),
+        pause: vcpu::PauseGate::new(usize::from(cfg.cpus)),
     });
     let (tx, rx) = mpsc::channel::<(u8, VcpuEnd)>();
     let mut handles = Vec::with_capacity(vcpus.len());
@@ -834,9 +849,41 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     }
     drop(tx);
 
+    // The control API's shutdown presses the ACPI power button (none with platform mptable).
+    let power_button: Option<crate::control::PowerButton> = acpi.as_ref().map(|_| {
+        let button = controls.power_button.clone();
+        Box::new(move || button.press().is_ok()) as crate::control::PowerButton
+    });
+    let control = Arc::new(VmControl::new(
+        cfg,
+        started,
+        shared.clone(),
+        power_button,
+        serial_irqs,
+        hotplug,
+    ));
+    control.set_vcpu_threads(handles.iter().map(|h| h.as_pthread_t()).collect());
+    let api = match &cfg.api_socket {
+        Some(path) => match hype_api::ApiServer::start(path, control.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                control.forget_vcpu_threads();
+                stop_vcpus(&shared, handles);
+                drop(raw_guard);
+                return Err(VmmError::Api(e));
+            }
+        },
+        None => None,
+    };
+
     let graceful = controls.graceful_stop.filter(|_| acpi.is_some());
-    let first = wait_for_end(&rx, &stop_req, &controls.power_button, graceful);
+    let first = wait_for_end(&rx, &stop_req, &control, &controls.power_button, graceful);
+    control.forget_vcpu_threads();
     stop_vcpus(&shared, handles);
+    if let Some(api) = api {
+        // Lets the answer to a stop or shutdown request reach its client.
+        api.close(Duration::from_millis(500));
+    }
     if let Ok(mut s) = serial.lock() {
         s.flush();
     }

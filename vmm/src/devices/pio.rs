@@ -1,5 +1,5 @@
-//! Port I/O dispatch for the VMM's own devices: COM1, the i8042 reset, the boot-time marker and
-//! (platform acpi) the ACPI power device.
+//! Port I/O dispatch for the VMM's own devices: COM1, the i8042 reset, the boot-time marker,
+//! the hot-plug slot registers and (platform acpi) the ACPI power device.
 //! Unclaimed ports read as all ones (no device) and ignore writes.
 
 use std::sync::{Arc, Mutex};
@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use hype_base::log_limit::LogCounter;
 
+use super::hotplug::{HotplugSlots, HOTPLUG_PORTS, HOTPLUG_PORT_BASE};
 use super::i8042::{self, I8042Action};
 use super::power::{PowerAction, PowerDevice};
 use super::serial::{Serial, COM1_BASE};
@@ -39,6 +40,7 @@ pub struct PioBus {
     started: Instant,
     markers: Mutex<Vec<(u32, std::time::Duration)>>,
     marker_log: LogCounter,
+    hotplug: Option<Arc<HotplugSlots>>,
     power: Option<PowerDevice>,
 }
 
@@ -50,8 +52,23 @@ impl PioBus {
             started,
             markers: Mutex::new(Vec::new()),
             marker_log: LogCounter::new(MARKERS_LOGGED),
+            hotplug: None,
             power: None,
         }
+    }
+
+    /// Adds the hot-plug slot registers.
+    pub fn with_hotplug(mut self, slots: Arc<HotplugSlots>) -> Self {
+        self.hotplug = Some(slots);
+        self
+    }
+
+    fn hotplug_at(&self, port: u16) -> Option<(&HotplugSlots, u16)> {
+        let off = port.checked_sub(HOTPLUG_PORT_BASE)?;
+        (off < HOTPLUG_PORTS)
+            .then_some(self.hotplug.as_deref())
+            .flatten()
+            .map(|h| (h, off))
     }
 
     /// Adds the ACPI power device (its ports read as all ones without it).
@@ -73,6 +90,10 @@ impl PioBus {
     /// Guest `in`.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
+        if let Some((h, off)) = self.hotplug_at(port) {
+            h.read(off, data);
+            return;
+        }
         match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 if let (Some(b), Ok(mut s)) = (data.first_mut(), self.serial.lock()) {
@@ -95,6 +116,10 @@ impl PioBus {
 
     /// Guest `out`.
     pub fn write(&self, port: u16, data: &[u8]) -> PioOutcome {
+        if let Some((h, off)) = self.hotplug_at(port) {
+            h.write(off, data);
+            return PioOutcome::Continue;
+        }
         let Some(&value) = data.first() else {
             return PioOutcome::Continue;
         };

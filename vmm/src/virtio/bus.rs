@@ -1,7 +1,7 @@
 //! MMIO dispatch: which virtio-mmio window a guest physical address falls in.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use super::device::VhostUserDevice;
 use crate::layout::VIRTIO_MMIO_SIZE;
@@ -30,10 +30,11 @@ pub struct MmioExitCounts {
     pub notifies: u64,
 }
 
-/// The virtio-mmio devices of a VM, by window.
+/// The virtio-mmio devices of a VM, by window. Devices can come and go while the vCPUs run
+/// (hot-plug): the list is behind a read-write lock that MMIO exits only read.
 #[derive(Debug, Default)]
 pub struct MmioBus {
-    devices: Vec<(u64, Arc<VhostUserDevice>)>,
+    devices: RwLock<Vec<(u64, Arc<VhostUserDevice>)>>,
     stats: MmioExitStats,
 }
 
@@ -43,20 +44,36 @@ impl MmioBus {
         Self::default()
     }
 
+    fn list(&self) -> RwLockReadGuard<'_, Vec<(u64, Arc<VhostUserDevice>)>> {
+        self.devices.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Places `dev` at `base` (a [`VIRTIO_MMIO_SIZE`] window).
-    pub fn add(&mut self, base: u64, dev: Arc<VhostUserDevice>) {
-        self.devices.push((base, dev));
+    pub fn add(&self, base: u64, dev: Arc<VhostUserDevice>) {
+        self.devices
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((base, dev));
     }
 
-    /// The devices with their window bases.
-    pub fn devices(&self) -> &[(u64, Arc<VhostUserDevice>)] {
-        &self.devices
+    /// Takes the device at `base` off the bus; its window reads as unclaimed from then on.
+    pub fn remove(&self, base: u64) -> Option<Arc<VhostUserDevice>> {
+        let mut list = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let i = list.iter().position(|(b, _)| *b == base)?;
+        Some(list.remove(i).1)
     }
 
-    fn find(&self, addr: u64) -> Option<(&VhostUserDevice, u64)> {
-        self.devices.iter().find_map(|(base, d)| {
+    /// The devices with their window bases, in window order.
+    pub fn devices(&self) -> Vec<(u64, Arc<VhostUserDevice>)> {
+        let mut v = self.list().clone();
+        v.sort_by_key(|(b, _)| *b);
+        v
+    }
+
+    fn find(&self, addr: u64) -> Option<(Arc<VhostUserDevice>, u64)> {
+        self.list().iter().find_map(|(base, d)| {
             let off = addr.checked_sub(*base)?;
-            (off < VIRTIO_MMIO_SIZE).then_some((d.as_ref(), off))
+            (off < VIRTIO_MMIO_SIZE).then(|| (d.clone(), off))
         })
     }
 
@@ -90,7 +107,7 @@ impl MmioBus {
             writes: self.stats.writes.load(Ordering::Relaxed),
             unclaimed: self.stats.unclaimed.load(Ordering::Relaxed),
             notifies: self
-                .devices
+                .list()
                 .iter()
                 .map(|(_, d)| d.stats().notify_exits.load(Ordering::Relaxed))
                 .sum(),
