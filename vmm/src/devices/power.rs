@@ -195,8 +195,14 @@ impl PowerDevice {
             _ => PowerAction::None,
         };
         if action == PowerAction::None {
-            self.ignored_writes.fetch_add(1, Ordering::Relaxed);
-            log::debug!("power device: ignored write {value:#x} to port {port:#x}");
+            let n = self
+                .ignored_writes
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            // A guest can loop on these: rate-limited like every guest-triggered line.
+            if hype_base::log_limit::should_log(n, 10) {
+                log::debug!("power device: ignored write #{n}: {value:#x} to port {port:#x}");
+            }
         }
         action
     }
