@@ -43,7 +43,7 @@
 //! At start-up: `Fixups::new(mode)`, append [`Fixups::guest_cmdline_additions`] to the kernel
 //! command line, [`Fixups::announce`]; at exit: [`Fixups::log_summary`].
 //!
-//! May depend on: kvm-ioctls, kvm-bindings, vm-memory. It knows nothing of the rest of the VMM:
+//! May depend on: kvm-ioctls, kvm-bindings, vm-memory, `hype-base` (its log limit). It knows nothing of the rest of the VMM:
 //! the vCPU loop calls it through [`Fixups::handle`].
 
 mod decode;

@@ -47,9 +47,10 @@ impl Stats {
     }
 }
 
-/// Whether the `count`-th event of one kind is logged.
+/// Whether the `count`-th event of one kind is logged: the shared rule of every guest-triggered
+/// log line ([`hype_base::log_limit`]).
 pub fn should_log(count: u64) -> bool {
-    count <= LOG_FIRST || count.is_power_of_two()
+    hype_base::log_limit::should_log(count, LOG_FIRST)
 }
 
 #[cfg(test)]
