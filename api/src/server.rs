@@ -219,6 +219,8 @@ impl Drop for Slot {
 
 impl Accept {
     fn run(self) {
+        // The connection threads started from here inherit this thread's filter.
+        hype_sandbox::thread::enter(hype_sandbox::thread::API_SERVER);
         loop {
             let mut fds = [
                 libc::pollfd {

@@ -98,6 +98,13 @@ fn kvm_xsave_size() -> usize {
     })
 }
 
+/// Asks KVM now, once, how large its XSAVE area is (normally done lazily at the first fix-up
+/// that saves FPU state, by opening the KVM device): a process that confines its vCPU threads
+/// calls this before, so a vCPU thread never opens a file.
+pub fn prepare_for_sandbox() {
+    let _ = kvm_xsave_size();
+}
+
 /// One page-sized piece of a checked data access.
 struct Piece {
     /// Offset into the access.

@@ -74,7 +74,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub use decode::{decode, CpuMode, FxOp, Insn, MemOperand, OperandSize, SegmentBase, MAX_INSN_LEN};
 pub use error::{FixupError, InsnBytes};
 pub use host::{host_needs_fixups, pvm_module_loaded, PVM_MODULE, SYS_MODULE_DIR};
-pub use kvm_access::{emulation_failure, EmulationFailure, KvmVcpuAccess};
+pub use kvm_access::{emulation_failure, prepare_for_sandbox, EmulationFailure, KvmVcpuAccess};
 pub use page_walk::{AccessKind, DataAccess};
 pub use vcpu::{
     cpl, cpu_mode, FxImage, VcpuAccess, VcpuError, X87State, FXSAVE_SIZE, MSR_CSTAR, MSR_EFER,

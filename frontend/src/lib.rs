@@ -14,7 +14,7 @@
 //!
 //! # What it may depend on
 //! `vhost` (the protocol), `vmm-sys-util` (eventfds), `virtio-bindings` (names), `libc`,
-//! `thiserror`, `log`. Not on guest memory types, KVM, or any backend: callers describe
+//! `thiserror`, `log`, `hype-sandbox` (the watchdog thread confines itself). Not on guest memory types, KVM, or any backend: callers describe
 //! memory as `vhost` memory regions and rings by host addresses.
 
 pub mod connect;

@@ -65,7 +65,10 @@ impl Watchdog {
         let d = dog.clone();
         std::thread::Builder::new()
             .name("vu-watchdog".into())
-            .spawn(move || d.watch(sock))?;
+            .spawn(move || {
+                hype_sandbox::thread::enter(hype_sandbox::thread::VHOST_WATCHDOG);
+                d.watch(sock)
+            })?;
         Ok(WatchdogHandle(dog))
     }
 

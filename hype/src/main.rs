@@ -65,6 +65,9 @@ fn parse_cli() -> Result<Cli, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // Nothing a parent left open by accident stays reachable (stdio and systemd's LISTEN_FDS
+    // are kept): docs/sandbox.md.
+    hype_sandbox::close_inherited_fds();
     let cli = match parse_cli() {
         Ok(cli) => cli,
         Err(code) => return code,

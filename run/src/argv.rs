@@ -160,6 +160,7 @@ impl ChildArgs for VmmArgs {
             platform,
             graceful_stop,
             dump_acpi,
+            sandbox: sb,
         } = self;
         let d = parse::<VmmArgs, _, _>([OsStr::new("--kernel"), OsStr::new("k")]).ok();
         let mut a = Argv::default();
@@ -200,6 +201,10 @@ impl ChildArgs for VmmArgs {
         }
         if let Some(dir) = dump_acpi {
             a.opt("dump-acpi", dir);
+        }
+        sandbox(&mut a, &sb.common);
+        for dir in &sb.allow {
+            a.opt("sandbox-allow", dir);
         }
         a.0
     }
@@ -459,6 +464,13 @@ mod tests {
             platform: hype_vmm::platform::Platform::Mptable,
             graceful_stop: Some(Duration::from_millis(2500)),
             dump_acpi: Some("/tmp/acpi,dir".into()),
+            sandbox: hype_vmm::sandbox::VmmSandboxArgs {
+                common: SandboxArgs {
+                    sandbox: SandboxMode::Off,
+                    print_sandbox: false,
+                },
+                allow: vec!["/var/snap,shots".into()],
+            },
         };
         round_trip(&all);
         // Odd memory sizes keep every byte.

@@ -20,6 +20,7 @@ pub mod demo;
 pub mod plan;
 pub mod problem;
 pub mod runtime_dir;
+pub mod sandbox;
 mod signals;
 pub mod spec;
 pub mod supervisor;

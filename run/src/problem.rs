@@ -208,6 +208,9 @@ pub enum RunError {
     /// Blocking or waiting for signals failed.
     #[error("signal setup failed")]
     Signals(#[source] std::io::Error),
+    /// The supervisor could not confine itself.
+    #[error("cannot confine the supervisor")]
+    Sandbox(#[source] hype_sandbox::Error),
     /// A process could not be started.
     #[error("cannot start {name}")]
     Spawn {

@@ -179,6 +179,8 @@ fn run_all(plan: &Plan, signals: &BlockedSignals, backends: &mut [Proc]) -> Resu
         restart_at: None,
     };
     vmm.spawn(&plan.exe)?;
+    // Everything is started: from now on only restarts (docs/sandbox.md).
+    crate::sandbox::confine().map_err(RunError::Sandbox)?;
 
     let mut kill_at: Option<Instant> = None;
     let mut failure: Option<RunError> = None;

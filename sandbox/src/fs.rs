@@ -29,6 +29,11 @@ pub enum FsAccess {
     RemoveEntries,
     /// Create and remove Unix sockets in the directory (bind after the restriction).
     Sockets,
+    /// Read, write and ioctl on a device node (the VMM's `/dev/kvm`).
+    Device,
+    /// Everything on files and directories beneath: read, write, create, rename, remove
+    /// (directories a process writes whole files into, e.g. the VMM's snapshots).
+    Tree,
 }
 
 impl FsAccess {
@@ -42,6 +47,16 @@ impl FsAccess {
             FsAccess::ReadWrite => file_read | AccessFs::WriteFile | AccessFs::Truncate,
             FsAccess::RemoveEntries => AccessFs::RemoveFile.into(),
             FsAccess::Sockets => AccessFs::MakeSock | AccessFs::RemoveFile,
+            FsAccess::Device => file_read | AccessFs::WriteFile | AccessFs::IoctlDev,
+            FsAccess::Tree => {
+                AccessFs::from_all(FS_ABI)
+                    & !(AccessFs::Execute
+                        | AccessFs::MakeChar
+                        | AccessFs::MakeBlock
+                        | AccessFs::MakeFifo
+                        | AccessFs::MakeSym
+                        | AccessFs::IoctlDev)
+            }
         };
         rights & AccessFs::from_all(FS_ABI)
     }
@@ -55,6 +70,8 @@ impl fmt::Display for FsAccess {
             FsAccess::ReadWrite => "read+write",
             FsAccess::RemoveEntries => "remove entries",
             FsAccess::Sockets => "create/remove sockets",
+            FsAccess::Device => "read+write+ioctl",
+            FsAccess::Tree => "read, write, create, rename, remove",
         })
     }
 }

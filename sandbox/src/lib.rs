@@ -18,21 +18,27 @@
 //!
 //! Policies are data ([`policy`]): groups of calls, each group beside the code that needs it.
 //!
+//! A process whose threads do different jobs (the VMM) gives each kind of thread its own
+//! policy instead ([`thread`]): each thread installs its filter itself once set up.
+//!
 //! May depend on: `seccompiler`, `landlock`, `libc`, `clap`, `log`, `thiserror`. Nothing of
 //! hype's: every hype process kind (backends, later the VMM) can use it.
 
 mod args;
 mod error;
+mod fds;
 mod fs;
 mod hook;
 mod names;
 pub mod policy;
 mod seccomp;
+pub mod thread;
 
 pub use args::{SandboxArgs, SandboxMode};
 pub use error::Error;
+pub use fds::close_inherited_fds;
 pub use fs::{FsAccess, FsRules, LandlockStatus};
-pub use hook::HOOK_VAR;
+pub use hook::{run_test_hook, HOOK_VAR};
 pub use policy::{Cond, Group, Op, Policy, Refusal, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME};
 pub use seccomp::syscall_name;
 
@@ -140,10 +146,31 @@ impl Sandbox {
     }
 }
 
+/// Confines a process that must go on starting arbitrary hype processes (the supervisor,
+/// whose children inherit its filter): every call `denied` lists raises SIGSYS (the handler
+/// names it, the process dies), everything else stays allowed; no_new_privs. With
+/// `on == false` it only logs a warning.
+pub fn confine_denylist(denied: &'static Policy, on: bool) -> Result<(), Error> {
+    if !on {
+        log::warn!("sandbox: off: this {} process is not confined", denied.name);
+        return Ok(());
+    }
+    let log_only = hook::log_only();
+    let prog = seccomp::compile_denylist(denied, log_only)?;
+    seccomp::install_denylist(denied.name, &prog)?;
+    log::info!(
+        "sandbox: {} confined: seccomp forbids {} system calls (they kill the process; its \
+         children inherit the filter), no_new_privs",
+        denied.name,
+        denied.syscall_count()
+    );
+    Ok(())
+}
+
 /// glibc computes how many malloc arenas it may create the first time a thread needs a new
 /// one, by opening `/sys/devices/system/cpu/online` (or `/proc/stat`): a call no policy allows.
 /// Setting the limit now, to glibc's own default (8 per CPU), means it never looks.
-fn fix_malloc_arena_limit() {
+pub(crate) fn fix_malloc_arena_limit() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let limit = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
     // SAFETY: mallopt only changes a malloc tunable; no pointers are involved.

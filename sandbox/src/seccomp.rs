@@ -113,6 +113,32 @@ pub fn compile(policy: &Policy, log_only: bool) -> Result<Compiled, Error> {
     Ok(Compiled { refusals, allow })
 }
 
+/// Compiles a deny-list (for the supervisor, whose children inherit its filter and need
+/// everything they need): the calls `policy` names (with their conditions) raise SIGSYS, or are
+/// only logged with `log_only`; every other call is allowed.
+pub fn compile_denylist(policy: &Policy, log_only: bool) -> Result<BpfProgram, Error> {
+    let mut map = RuleMap::new();
+    let mut always = Vec::new();
+    for r in policy.rules() {
+        add_rule(policy, &mut map, &mut always, r)?;
+    }
+    let matched = if log_only {
+        SeccompAction::Log
+    } else {
+        SeccompAction::Trap
+    };
+    build(policy, finish(map, always), SeccompAction::Allow, matched)
+}
+
+/// Installs the SIGSYS reporter and the deny-list `prog` on every thread (TSYNC); sets
+/// no_new_privs.
+pub fn install_denylist(name: &'static str, prog: &BpfProgram) -> Result<(), Error> {
+    POLICY_NAME_LEN.store(name.len(), Ordering::Release);
+    POLICY_NAME.store(name.as_ptr().cast_mut(), Ordering::Release);
+    install_sigsys_handler()?;
+    seccompiler::apply_filter_all_threads(prog).map_err(Error::Install)
+}
+
 /// The policy name the SIGSYS handler prints (a leaked, never freed `&'static str`).
 static POLICY_NAME: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
 static POLICY_NAME_LEN: AtomicUsize = AtomicUsize::new(0);
@@ -128,6 +154,21 @@ pub fn install(name: &'static str, compiled: &Compiled) -> Result<(), Error> {
         seccompiler::apply_filter_all_threads(r).map_err(Error::Install)?;
     }
     seccompiler::apply_filter_all_threads(&compiled.allow).map_err(Error::Install)
+}
+
+/// Installs the SIGSYS reporter (for per-thread policies: the message names the policy the
+/// trapped thread installed).
+pub fn install_reporter() -> Result<(), Error> {
+    install_sigsys_handler()
+}
+
+/// Installs `compiled` on the calling thread only (and the threads it creates from now on);
+/// sets no_new_privs.
+pub fn install_this_thread(compiled: &Compiled) -> Result<(), Error> {
+    for r in &compiled.refusals {
+        seccompiler::apply_filter(r).map_err(Error::Install)?;
+    }
+    seccompiler::apply_filter(&compiled.allow).map_err(Error::Install)
 }
 
 fn install_sigsys_handler() -> Result<(), Error> {
@@ -197,7 +238,10 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     };
     m.push(b"hype sandbox: policy ");
     let p = POLICY_NAME.load(Ordering::Acquire);
-    if !p.is_null() {
+    let thread_policy = crate::thread::current_name();
+    if !thread_policy.is_empty() {
+        m.push(thread_policy.as_bytes());
+    } else if !p.is_null() {
         // SAFETY: POLICY_NAME/POLICY_NAME_LEN describe a `&'static str` stored by install().
         let name =
             unsafe { std::slice::from_raw_parts(p, POLICY_NAME_LEN.load(Ordering::Acquire)) };

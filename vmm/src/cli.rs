@@ -72,6 +72,10 @@ pub struct VmmArgs {
     /// dsdt.dat) into DIR and exit without starting it. Uses --cpus and the number of --device.
     #[arg(long, value_name = "DIR")]
     pub dump_acpi: Option<PathBuf>,
+    /// The sandbox (docs/sandbox.md): `--sandbox on|off`, `--print-sandbox`,
+    /// `--sandbox-allow DIR`.
+    #[command(flatten)]
+    pub sandbox: crate::sandbox::VmmSandboxArgs,
 }
 
 fn parse_graceful(s: &str) -> Result<std::time::Duration, String> {
@@ -122,6 +126,17 @@ pub fn run(a: VmmArgs) -> ExitCode {
         api_socket: a.api_socket,
         platform: a.platform,
     };
+    if a.sandbox.common.print_sandbox {
+        print!(
+            "{}",
+            crate::sandbox::describe(&a.sandbox, &cfg, a.dump_acpi.as_deref())
+        );
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = crate::sandbox::prepare(&a.sandbox, &cfg, a.dump_acpi.as_deref()) {
+        eprintln!("hype: {}", hype_base::error_chain(&e));
+        return ExitCode::from(1);
+    }
     if let Some(dir) = &a.dump_acpi {
         return dump_acpi(&cfg, dir);
     }

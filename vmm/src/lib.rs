@@ -4,7 +4,8 @@
 //! [`cli`] is `hype vmm`'s command line over [`vm::run`], used by the multi-call `hype` binary and
 //! by the VMM-only `hype-vmm` binary (`src/bin/hype-vmm.rs`).
 //!
-//! May depend on: `hype-frontend` (the vhost-user frontend), `hype-fixups`, `hype-base`, the
+//! May depend on: `hype-frontend` (the vhost-user frontend), `hype-fixups`, `hype-base`,
+//! `hype-sandbox` (seccomp and Landlock, [`sandbox`]), the
 //! rust-vmm crates. Never on a backend, an HTTP
 //! or TLS crate, or the supervisor: the VMM process carries only what running a VM needs.
 
@@ -19,6 +20,7 @@ pub mod hotplug;
 pub mod layout;
 pub mod memory;
 pub mod platform;
+pub mod sandbox;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -202,6 +202,9 @@ pub enum VmmError {
     /// More `--device`s than hype has windows and interrupt lines for.
     #[error("{0} devices: hype attaches at most {max}", max = virtio_mod::MAX_DEVICES)]
     TooManyDevices(usize),
+    /// The sandbox could not be set up.
+    #[error(transparent)]
+    Sandbox(crate::sandbox::SandboxError),
     /// The control API socket could not be served.
     #[error("control API")]
     Api(#[source] hype_api::server::ServerError),
@@ -343,6 +346,7 @@ fn spawn_stdin_reader(serial: Arc<Mutex<Serial>>, stop_req: Arc<AtomicBool>) {
     let _ = std::thread::Builder::new()
         .name("serial-stdin".into())
         .spawn(move || {
+            crate::sandbox::enter(crate::sandbox::Thread::Stdin);
             let mut buf = [0u8; 256];
             let mut escape = EscapeFilter::default();
             loop {
@@ -811,6 +815,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         )?);
     }
 
+    crate::sandbox::restrict_files().map_err(VmmError::Sandbox)?;
     install_signal_handlers()?;
     let stop_req = Arc::new(AtomicBool::new(false));
     let raw_guard = if cfg.serial == SerialSpec::Stdio {
@@ -841,6 +846,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         let h = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
             .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::Thread::Vcpu);
                 let end = vcpu::run(vcpu, i as u8, &shared);
                 let _ = tx.send((i as u8, end));
             })
@@ -877,6 +883,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     };
 
     let graceful = controls.graceful_stop.filter(|_| acpi.is_some());
+    crate::sandbox::enter(crate::sandbox::Thread::Main);
     let first = wait_for_end(&rx, &stop_req, &control, &controls.power_button, graceful);
     control.forget_vcpu_threads();
     stop_vcpus(&shared, handles);

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 pub use hype_sandbox::{
-    Cond, FsAccess, Group, Policy, Refusal, Rule, Sandbox, SandboxArgs, SandboxMode,
-    CLONE3_REFUSED, OPEN_REFUSED, RUNTIME,
+    close_inherited_fds, Cond, FsAccess, Group, Policy, Refusal, Rule, Sandbox, SandboxArgs,
+    SandboxMode, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME,
 };
 
 use crate::{Error, ListenArgs, SocketListener};

@@ -19,6 +19,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    hype_sandbox::close_inherited_fds();
     let cli = match hype_base::parse_command_line::<Cli>("hype-vmm") {
         Ok(cli) => cli,
         Err(code) => return code,

@@ -310,7 +310,10 @@ impl VhostUserDevice {
                 "vu-{}",
                 name.split_whitespace().next().unwrap_or(name)
             ))
-            .spawn(move || worker.run())
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::Thread::Device);
+                worker.run()
+            })
             .map_err(os("cannot start device thread"))?;
         Ok(VhostUserDevice {
             shared,

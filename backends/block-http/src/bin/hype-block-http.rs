@@ -12,6 +12,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    hype_daemon::sandbox::close_inherited_fds();
     let cli: Cli = match hype_daemon::parse_command_line("hype-block-http") {
         Ok(cli) => cli,
         Err(code) => return code,

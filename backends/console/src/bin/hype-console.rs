@@ -13,6 +13,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    hype_daemon::sandbox::close_inherited_fds();
     let cli = match hype_daemon::parse_command_line::<Cli>("hype-console") {
         Ok(cli) => cli,
         Err(code) => return code,
