@@ -2,7 +2,8 @@
 //! device worker and its watchdog, serial stdin, API accept and connection threads, and the
 //! threads of a hot-plugged device) runs under a seccomp filter; a forbidden call kills the
 //! VMM with SIGSYS and names the call; `--sandbox off` leaves every thread unconfined;
-//! `--print-sandbox` shows each thread kind's policy and the Landlock rules.
+//! `--print-sandbox` shows each thread kind's policy and the Landlock rules. A descriptor a
+//! parent leaves open by accident is closed at startup, in the VMM and in a backend.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
@@ -222,4 +223,105 @@ fn print_sandbox_shows_every_thread_kind() {
         )),
         "{out}"
     );
+}
+
+/// Runs `hype ARGS` with the test's `/etc/hostname` open (not close-on-exec) as fd 9.
+fn spawn_with_fd9(args: &[&str]) -> Child {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let f = std::fs::File::open("/etc/hostname").unwrap();
+    let fd = f.as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hype"));
+    cmd.args(args)
+        .env("HYPE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(f);
+    child
+}
+
+/// The descriptors open in `pid` above stderr.
+fn fds_above_stderr(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|fd| *fd > 2)
+        .collect()
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An fd inherited from the parent is not open in a backend nor in the VMM.
+#[test]
+fn inherited_descriptors_are_closed() {
+    let dir = work_dir("vmm-sandbox-fds");
+    let sock = dir.join("fds.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut backend = spawn_with_fd9(&[
+        "block-mem",
+        "--size",
+        "1M",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for(&sock);
+    let fds = fds_above_stderr(backend.id());
+    let target = std::fs::read_link(format!("/proc/{}/fd/9", backend.id()));
+    assert!(
+        target
+            .as_ref()
+            .map_or(true, |t| t != Path::new("/etc/hostname")),
+        "fd 9 inherited by the backend is still open ({target:?}); open: {fds:?}"
+    );
+
+    let elf = assemble("count", 0x20_0000);
+    let api = dir.join("api.sock");
+    let _ = std::fs::remove_file(&api);
+    let mut vmm = spawn_with_fd9(&[
+        "vmm",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--serial",
+        "none",
+        "--device",
+        sock.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    wait_for(&api);
+    let target = std::fs::read_link(format!("/proc/{}/fd/9", vmm.id()));
+    // fd 9 may be reused by the VMM for its own files: never for the inherited one.
+    assert!(
+        target
+            .as_ref()
+            .map_or(true, |t| t != Path::new("/etc/hostname")),
+        "fd 9 inherited by the VMM is still open ({target:?})"
+    );
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    let _ = backend.kill();
+    let _ = backend.wait();
 }

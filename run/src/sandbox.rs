@@ -80,7 +80,7 @@ pub fn confine() -> Result<(), hype_sandbox::Error> {
     let on = std::env::var("HYPE_SANDBOX").map_or(true, |v| v != "off");
     hype_sandbox::confine_denylist(&DENIED, on)?;
     if on {
-        hype_sandbox::run_test_hook();
+        hype_sandbox::run_test_hook_as(DENIED.name);
     }
     Ok(())
 }

@@ -7,12 +7,25 @@
 /// see every call a test makes the process do).
 pub const HOOK_VAR: &str = "HYPE_SANDBOX_TEST_HOOK";
 
-/// Runs the hook `HYPE_SANDBOX_TEST_HOOK` names, once the process is confined.
+/// Runs the hook `HYPE_SANDBOX_TEST_HOOK` names, once the process is confined. A hook
+/// written `HOOK@TARGET` runs only in the process that calls [`run_test_hook_as`] with
+/// `TARGET` (the supervisor, whose children see the same variable).
 #[cfg(feature = "test-hooks")]
 pub fn run_test_hook() {
-    let Ok(hook) = std::env::var(HOOK_VAR) else {
+    run_test_hook_as("");
+}
+
+/// [`run_test_hook`] for a process that `HOOK@target` names.
+#[cfg(feature = "test-hooks")]
+pub fn run_test_hook_as(target: &str) {
+    let Ok(var) = std::env::var(HOOK_VAR) else {
         return;
     };
+    let (hook, wanted) = var.rsplit_once('@').unwrap_or((var.as_str(), ""));
+    if wanted != target {
+        return;
+    }
+    let hook = hook.to_owned();
     log::warn!("sandbox test hook: {hook}");
     match hook.as_str() {
         "execve" => {
@@ -61,3 +74,7 @@ pub fn log_only() -> bool {
 /// Without the `test-hooks` feature there is no hook.
 #[cfg(not(feature = "test-hooks"))]
 pub fn run_test_hook() {}
+
+/// Without the `test-hooks` feature there is no hook.
+#[cfg(not(feature = "test-hooks"))]
+pub fn run_test_hook_as(_target: &str) {}

@@ -38,7 +38,7 @@ pub use args::{SandboxArgs, SandboxMode};
 pub use error::Error;
 pub use fds::close_inherited_fds;
 pub use fs::{FsAccess, FsRules, LandlockStatus};
-pub use hook::{run_test_hook, HOOK_VAR};
+pub use hook::{run_test_hook, run_test_hook_as, HOOK_VAR};
 pub use policy::{Cond, Group, Op, Policy, Refusal, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME};
 pub use seccomp::syscall_name;
 

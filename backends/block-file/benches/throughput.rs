@@ -4,7 +4,8 @@
 //! with its sandbox (the default) and with `--sandbox off`, side by side.
 //!
 //! `cargo bench -p hype-block-file --bench throughput` (HYPE_BENCH_SECS=N per workload,
-//! default 2). The image lives in /dev/shm when it exists, so the numbers measure the
+//! default 2; HYPE_BENCH_SANDBOX_AB=ROUNDS for only the 4 KiB random read with the sandbox on
+//! and off, interleaved: `scripts/bench-sandbox`). The image lives in /dev/shm when it exists, so the numbers measure the
 //! vhost-user path and the backend, not a disk.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
@@ -144,13 +145,19 @@ fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> Vec<u64>
 }
 
 fn run(name: &str, socket: &Path) {
+    run_only(name, socket, |_| true);
+}
+
+/// Runs the workloads `pick` selects; returns their IOPS.
+fn run_only(name: &str, socket: &Path, pick: impl Fn(&Workload) -> bool) -> Vec<f64> {
     let secs = Duration::from_secs(
         std::env::var("HYPE_BENCH_SECS")
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(2),
     );
-    for w in WORKLOADS {
+    let mut iops = Vec::new();
+    for w in WORKLOADS.iter().filter(|w| pick(w)) {
         let opts = DriverOptions {
             num_queues: w.queues,
             queue_size: 256,
@@ -187,7 +194,53 @@ fn run(name: &str, socket: &Path) {
             done as f64 * w.block as f64 / t / (1 << 20) as f64,
             p99_us
         );
+        iops.push(done as f64 / t);
     }
+    iops
+}
+
+/// `HYPE_BENCH_SANDBOX_AB=ROUNDS`: only the 4 KiB random read at QD 32 on one queue, with the
+/// sandbox on and off in alternating order (on/off, off/on, ...) ROUNDS times, a fresh backend
+/// each time; prints each round's on/off ratio and their median. Interleaving spreads the
+/// load of a shared machine over both sides.
+fn sandbox_ab(rounds: usize, img: &Path) {
+    let mut ratios = Vec::new();
+    for round in 0..rounds {
+        let mut iops = [0.0f64; 2];
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for on in order {
+            let mut args = vec!["--path", img.to_str().unwrap()];
+            if !on {
+                args.extend(["--sandbox", "off"]);
+            }
+            let name = if on { "sandbox on" } else { "sandbox off" };
+            let p = Process::spawn(
+                BIN,
+                &args,
+                &tempdir(&format!("ab{round}{on}")).join("b.sock"),
+            );
+            let r = run_only(name, &p.socket, |w| {
+                !w.write && w.random && w.block == 4096 && w.queues == 1
+            });
+            iops[usize::from(!on)] = r.first().copied().unwrap_or(0.0);
+            drop(p);
+        }
+        let ratio = iops[0] / iops[1];
+        println!("round {round}: on/off = {ratio:.3}");
+        ratios.push(ratio);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "4K rand read QD32, sandbox on/off over {rounds} interleaved rounds: median {:.3}, \
+         range {:.3}-{:.3}",
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
+    );
 }
 
 fn main() {
@@ -198,6 +251,14 @@ fn main() {
     let dir = image_dir();
     let img = dir.join("hype.img");
     File::create(&img).unwrap().set_len(IMAGE).unwrap();
+    if let Some(rounds) = std::env::var("HYPE_BENCH_SANDBOX_AB")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok())
+        .filter(|r| *r > 0)
+    {
+        sandbox_ab(rounds, &img);
+        return;
+    }
     let p = Process::spawn(
         BIN,
         &["--path", img.to_str().unwrap(), "--num-queues", "4"],

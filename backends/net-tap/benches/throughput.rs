@@ -1,7 +1,9 @@
 //! net-tap throughput: packets per second and Gbit/s for TX and RX through hype-testkit and the
 //! real `hype-net-tap` process, against a plain process reading/writing the same kind of tap.
 //!
-//! `cargo bench -p hype-net-tap --bench throughput -- [SECONDS]` (root; default 2 s per row).
+//! `cargo bench -p hype-net-tap --bench throughput -- [SECONDS]` (root; default 2 s per row;
+//! HYPE_BENCH_SANDBOX_AB=ROUNDS for only TX with the sandbox on and off, interleaved:
+//! `scripts/bench-sandbox`).
 //! The driver uses fixed raw descriptors (no per-frame copy on its side), 256-entry queues,
 //! EVENT_IDX, one queue pair. RX frames come from a generator thread sending with sendmmsg on
 //! a packet socket bound to the tap; the same generator feeds the plain reader.
@@ -270,6 +272,62 @@ fn row(what: &str, size: &str, r: &Rate, extra: &str) {
     );
 }
 
+/// `HYPE_BENCH_SANDBOX_AB=ROUNDS`: only TX of 64 B and 1514 B frames, through a fresh
+/// hype-net-tap with the sandbox on and with `--sandbox off`, in alternating order ROUNDS
+/// times; prints each round's on/off ratio of packets per second and their median.
+fn sandbox_ab(rounds: usize, dur: Duration) {
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        let mut pps = [[0.0f64; 2]; 2];
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for on in order {
+            let ns = Netns::new();
+            let mut args = vec!["--mac", GUEST_MAC_STR];
+            if !on {
+                args.extend(["--sandbox", "off"]);
+            }
+            let be = Backend::spawn(&ns, &args);
+            let mut drv = be.connect(1, u64::MAX);
+            ns.configure_tap();
+            let tap_mac = ns.tap_mac();
+            let tb = tx_setup(&mut drv);
+            rx_setup(&mut drv);
+            for (i, len) in [64usize, 1514].into_iter().enumerate() {
+                let f = with_hdr(VnetHdr::default(), &raw_frame(tap_mac, GUEST_MAC, len));
+                let r = tx_driver(&mut drv, &tb, &f, dur);
+                let side = if on { "on" } else { "off" };
+                row(&format!("TX sandbox {side}"), &format!("{len} B"), &r, "");
+                pps[i][usize::from(!on)] = r.pps;
+            }
+            drop(drv);
+            be.stop();
+        }
+        for i in 0..2 {
+            ratios[i].push(pps[i][0] / pps[i][1]);
+        }
+        println!(
+            "round {round}: on/off 64 B {:.3}, 1514 B {:.3}",
+            pps[0][0] / pps[0][1],
+            pps[1][0] / pps[1][1]
+        );
+    }
+    for (i, len) in [64, 1514].into_iter().enumerate() {
+        let r = &mut ratios[i];
+        r.sort_by(f64::total_cmp);
+        println!(
+            "TX {len} B, sandbox on/off over {rounds} interleaved rounds: median {:.3}, range \
+             {:.3}-{:.3}",
+            r[r.len() / 2],
+            r[0],
+            r[r.len() - 1]
+        );
+    }
+}
+
 fn main() {
     if !can_run("net-tap throughput benchmark") {
         return;
@@ -279,6 +337,14 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(2.0);
     let dur = Duration::from_secs_f64(secs);
+    if let Some(rounds) = std::env::var("HYPE_BENCH_SANDBOX_AB")
+        .ok()
+        .and_then(|r| r.parse::<usize>().ok())
+        .filter(|r| *r > 0)
+    {
+        sandbox_ab(rounds, dur);
+        return;
+    }
     println!("| path | frame | kpps | Gbit/s | notes |");
     println!("|---|---|---|---|---|");
 
