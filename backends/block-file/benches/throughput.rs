@@ -1,13 +1,32 @@
-//! Throughput of hype-block-file (and, when installed, qemu-storage-daemon on the same kind of
-//! image) through hype-testkit's frontend: 1 MiB sequential write/read at QD 4, 4 KiB random
-//! read/write at QD 32 on one queue, and 4 KiB random read at QD 32 on each of 4 queues; hype
-//! with its sandbox (the default) and with `--sandbox off`, side by side.
+//! Block backends side by side: hype-block-file against qemu-storage-daemon and (when given)
+//! Cloud Hypervisor's `vhost_user_block`, on the same kind of image, through one client
+//! (hype-testkit's frontend playing the guest), in alternating runs.
 //!
-//! `cargo bench -p hype-block-file --bench throughput` (HYPE_BENCH_SECS=N per workload,
-//! default 2; HYPE_BENCH_SANDBOX_AB=ROUNDS for only the 4 KiB random read with the sandbox on
-//! and off, interleaved: `scripts/bench-sandbox`). The image lives in /dev/shm when it exists, so the numbers measure the
-//! vhost-user path and the backend, not a disk.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+//! ```text
+//! cargo bench -p hype-block-file --bench throughput
+//! ```
+//!
+//! For each workload (4 KiB random read/write at QD1 and QD32, 1 MiB sequential read/write at
+//! QD4, 4 KiB random read at QD32 on each of 4 queues) it prints IOPS, MiB/s, p50/p99 latency
+//! and the backend's CPU time per request (all its threads, from `/proc/PID/task/*/schedstat`),
+//! then the backend's CPU use with a connected, quiet frontend. Each backend process is started
+//! fresh for each measurement (Cloud Hypervisor's serves one frontend and exits).
+//!
+//! Environment:
+//! - `HYPE_BENCH_SECS` seconds per workload (default 2), `HYPE_BENCH_ROUNDS` rounds (default 1;
+//!   the summary shows medians, and each round runs the backends in a rotated order);
+//! - `HYPE_BENCH_CH=/path/to/vhost_user_block`: also run Cloud Hypervisor's backend, polling
+//!   (its default) and with `poll_queue=false` (build it from its own source; never vendored);
+//! - `HYPE_BENCH_PIN=split|same`: pin the backend to CPU 1 and the client to CPU 0, or both to
+//!   CPU 0 (default: no pinning);
+//! - `HYPE_BENCH_BACKENDS=a,b`: only the backends whose names contain one of these (`=NAME`:
+//!   exactly that name); `HYPE_BENCH_WORKLOADS=a,b`: the same for workloads;
+//! - `HYPE_BENCH_NOBOX=1`: also run hype-block-file with `--sandbox off` (the sandbox's cost).
+//!
+//! The image lives in /dev/shm when it exists, so the numbers measure the vhost-user path and
+//! the backend, not a disk.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench fails by panicking
+#![allow(dead_code)] // the shared conformance module has helpers this bench does not use
 
 #[path = "../../block/tests/conformance/mod.rs"]
 mod conformance;
@@ -25,6 +44,7 @@ use hype_testkit::virtqueue::Virtqueue;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hype-block-file");
 const IMAGE: u64 = 512 << 20;
+const QUEUES: usize = 4;
 
 struct Workload {
     name: &'static str,
@@ -35,48 +55,66 @@ struct Workload {
     queues: usize,
 }
 
+const fn wl(
+    name: &'static str,
+    write: bool,
+    random: bool,
+    block: u64,
+    depth: usize,
+    queues: usize,
+) -> Workload {
+    Workload {
+        name,
+        write,
+        random,
+        block,
+        depth,
+        queues,
+    }
+}
+
 const WORKLOADS: &[Workload] = &[
-    Workload {
-        name: "seq write 1M QD4",
-        write: true,
-        random: false,
-        block: 1 << 20,
-        depth: 4,
-        queues: 1,
-    },
-    Workload {
-        name: "seq read 1M QD4",
-        write: false,
-        random: false,
-        block: 1 << 20,
-        depth: 4,
-        queues: 1,
-    },
-    Workload {
-        name: "rand read 4K QD32",
-        write: false,
-        random: true,
-        block: 4096,
-        depth: 32,
-        queues: 1,
-    },
-    Workload {
-        name: "rand write 4K QD32",
-        write: true,
-        random: true,
-        block: 4096,
-        depth: 32,
-        queues: 1,
-    },
-    Workload {
-        name: "rand read 4K QD32 x4 queues",
-        write: false,
-        random: true,
-        block: 4096,
-        depth: 32,
-        queues: 4,
-    },
+    wl("randread 4K QD1", false, true, 4096, 1, 1),
+    wl("randread 4K QD32", false, true, 4096, 32, 1),
+    wl("randwrite 4K QD1", true, true, 4096, 1, 1),
+    wl("randwrite 4K QD32", true, true, 4096, 32, 1),
+    wl("read 1M QD4", false, false, 1 << 20, 4, 1),
+    wl("write 1M QD4", true, false, 1 << 20, 4, 1),
+    wl("randread 4K QD32 x4q", false, true, 4096, 32, 4),
 ];
+
+/// One backend under test: a name and how to start it serving `image` on `socket`.
+struct Backend {
+    name: String,
+    argv: Box<dyn Fn(&Path, &Path) -> Vec<String>>,
+}
+
+/// One measurement.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    iops: f64,
+    mibs: f64,
+    p50_us: f64,
+    p99_us: f64,
+    cpu_us_per_req: f64,
+}
+
+fn env_list(name: &str) -> Option<Vec<String>> {
+    std::env::var(name)
+        .ok()
+        .map(|s| s.split(',').map(|p| p.trim().to_string()).collect())
+}
+
+/// Whether `name` passes `filter`: a pattern matches names containing it, or, written
+/// `=NAME`, only that exact name.
+fn selected(filter: &Option<Vec<String>>, name: &str) -> bool {
+    filter.as_ref().is_none_or(|f| {
+        f.iter().any(|p| match p.strip_prefix('=') {
+            Some(exact) => name == exact,
+            None => name.contains(p.as_str()),
+        })
+    })
+}
 
 fn image_dir() -> PathBuf {
     let shm = Path::new("/dev/shm");
@@ -89,6 +127,29 @@ fn image_dir() -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_self(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: cpu is below CPU_SETSIZE (we only use 0 and 1).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is this thread; the set is valid for the size given.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+}
+
+/// CPU time (ns) the process's live threads have used, from their schedstat.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Keeps `w.depth` requests in flight on `q` for `secs`; returns each request's latency (ns).
@@ -144,103 +205,200 @@ fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> Vec<u64>
     }
 }
 
-fn run(name: &str, socket: &Path) {
-    run_only(name, socket, |_| true);
+fn opts(queues: usize) -> DriverOptions {
+    DriverOptions {
+        num_queues: queues,
+        queue_size: 256,
+        mem_size: 256 << 20,
+        ..DriverOptions::default()
+    }
 }
 
-/// Runs the workloads `pick` selects; returns their IOPS.
-fn run_only(name: &str, socket: &Path, pick: impl Fn(&Workload) -> bool) -> Vec<f64> {
-    let secs = Duration::from_secs(
-        std::env::var("HYPE_BENCH_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(2),
-    );
-    let mut iops = Vec::new();
-    for w in WORKLOADS.iter().filter(|w| pick(w)) {
-        let opts = DriverOptions {
-            num_queues: w.queues,
-            queue_size: 256,
-            mem_size: 256 << 20,
-            ..DriverOptions::default()
-        };
-        let mut disk = BlkDriver::connect(socket, opts).unwrap();
-        let start = Instant::now();
-        let mut latencies: Vec<u64> = std::thread::scope(|s| {
-            let handles: Vec<_> = disk
-                .driver()
-                .queues_mut()
-                .iter_mut()
-                .enumerate()
-                .map(|(i, q)| s.spawn(move || drive(q, w, secs, 0x9e37_79b9 * (i as u64 + 1))))
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap())
-                .collect()
-        });
-        let t = start.elapsed().as_secs_f64();
-        let done = latencies.len() as u64;
-        latencies.sort_unstable();
-        let p99_us = latencies
-            .get(latencies.len() * 99 / 100)
+/// Starts `b` on `image` (pinned as `pin` says) and waits for its socket.
+fn start(b: &Backend, image: &Path, pin: Option<usize>, tag: &str) -> Process {
+    let sock = tempdir(tag).join("blk.sock");
+    let argv = (b.argv)(image, &sock);
+    let mut cmd = match pin {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpu.to_string()).args(&argv);
+            c
+        }
+        None => {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+    };
+    cmd.env("HYPE_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    Process::from_child(cmd.spawn().unwrap(), &sock)
+}
+
+/// The backend's pid: the child itself, or taskset's exec'd image (same pid).
+fn measure(b: &Backend, w: &Workload, image: &Path, secs: Duration, pin: &Pin) -> Sample {
+    let p = start(b, image, pin.backend, "run");
+    let mut disk = BlkDriver::connect(&p.socket, opts(w.queues)).unwrap();
+    let client_cpu = pin.client;
+    let cpu0 = cpu_ns(p.pid());
+    let t0 = Instant::now();
+    let mut latencies: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = disk
+            .driver()
+            .queues_mut()
+            .iter_mut()
+            .enumerate()
+            .map(|(i, q)| {
+                s.spawn(move || {
+                    if let Some(cpu) = client_cpu {
+                        pin_self(cpu);
+                    }
+                    drive(q, w, secs, 0x9e37_79b9 * (i as u64 + 1))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let t = t0.elapsed().as_secs_f64();
+    let cpu = cpu_ns(p.pid()).saturating_sub(cpu0);
+    drop(disk);
+    drop(p);
+    let done = latencies.len() as f64;
+    latencies.sort_unstable();
+    let pct = |q: usize| {
+        latencies
+            .get(latencies.len() * q / 100)
             .copied()
             .unwrap_or(0) as f64
-            / 1e3;
-        println!(
-            "{name:>22} | {:<28} | {:>9.0} IOPS | {:>8.1} MiB/s | p99 {:>8.1} us",
-            w.name,
-            done as f64 / t,
-            done as f64 * w.block as f64 / t / (1 << 20) as f64,
-            p99_us
-        );
-        iops.push(done as f64 / t);
+            / 1e3
+    };
+    Sample {
+        iops: done / t,
+        mibs: done * w.block as f64 / t / f64::from(1u32 << 20),
+        p50_us: pct(50),
+        p99_us: pct(99),
+        cpu_us_per_req: cpu as f64 / 1e3 / done.max(1.0),
     }
-    iops
 }
 
-/// `HYPE_BENCH_SANDBOX_AB=ROUNDS`: only the 4 KiB random read at QD 32 on one queue, with the
-/// sandbox on and off in alternating order (on/off, off/on, ...) ROUNDS times, a fresh backend
-/// each time; prints each round's on/off ratio and their median. Interleaving spreads the
-/// load of a shared machine over both sides.
-fn sandbox_ab(rounds: usize, img: &Path) {
-    let mut ratios = Vec::new();
-    for round in 0..rounds {
-        let mut iops = [0.0f64; 2];
-        let order = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for on in order {
-            let mut args = vec!["--path", img.to_str().unwrap()];
-            if !on {
-                args.extend(["--sandbox", "off"]);
-            }
-            let name = if on { "sandbox on" } else { "sandbox off" };
-            let p = Process::spawn(
-                BIN,
-                &args,
-                &tempdir(&format!("ab{round}{on}")).join("b.sock"),
-            );
-            let r = run_only(name, &p.socket, |w| {
-                !w.write && w.random && w.block == 4096 && w.queues == 1
-            });
-            iops[usize::from(!on)] = r.first().copied().unwrap_or(0.0);
-            drop(p);
-        }
-        let ratio = iops[0] / iops[1];
-        println!("round {round}: on/off = {ratio:.3}");
-        ratios.push(ratio);
+/// CPU use (percent of one core) of `b` with a connected frontend that sends nothing.
+fn idle(b: &Backend, image: &Path, pin: &Pin) -> f64 {
+    let p = start(b, image, pin.backend, "idle");
+    let disk = BlkDriver::connect(&p.socket, opts(1)).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu0 = cpu_ns(p.pid());
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let cpu = cpu_ns(p.pid()).saturating_sub(cpu0);
+    let pct = cpu as f64 / t0.elapsed().as_nanos() as f64 * 100.0;
+    drop(disk);
+    drop(p);
+    pct
+}
+
+struct Pin {
+    backend: Option<usize>,
+    client: Option<usize>,
+}
+
+fn backends(dir: &Path) -> Vec<Backend> {
+    let mut v = vec![Backend {
+        name: "hype-block-file".into(),
+        argv: Box::new(|img, sock| {
+            vec![
+                BIN.into(),
+                "--path".into(),
+                img.display().to_string(),
+                "--num-queues".into(),
+                QUEUES.to_string(),
+                "--socket".into(),
+                sock.display().to_string(),
+            ]
+        }),
+    }];
+    if std::env::var_os("HYPE_BENCH_NOBOX").is_some() {
+        v.push(Backend {
+            name: "hype-block-file nobox".into(),
+            argv: Box::new(|img, sock| {
+                vec![
+                    BIN.into(),
+                    "--path".into(),
+                    img.display().to_string(),
+                    "--num-queues".into(),
+                    QUEUES.to_string(),
+                    "--sandbox".into(),
+                    "off".into(),
+                    "--socket".into(),
+                    sock.display().to_string(),
+                ]
+            }),
+        });
     }
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "4K rand read QD32, sandbox on/off over {rounds} interleaved rounds: median {:.3}, \
-         range {:.3}-{:.3}",
-        ratios[ratios.len() / 2],
-        ratios[0],
-        ratios[ratios.len() - 1]
-    );
+    let qsd_ok = Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if qsd_ok {
+        v.push(Backend {
+            name: "qemu-storage-daemon".into(),
+            argv: Box::new(|img, sock| {
+                vec![
+                    "qemu-storage-daemon".into(),
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=f0,filename={},discard=unmap",
+                        img.display()
+                    ),
+                    "--export".into(),
+                    format!(
+                        "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},\
+                         writable=on,num-queues={QUEUES}",
+                        sock.display()
+                    ),
+                ]
+            }),
+        });
+    } else {
+        eprintln!("qemu-storage-daemon not found: skipped");
+    }
+    match std::env::var("HYPE_BENCH_CH") {
+        Ok(ch) if Path::new(&ch).is_file() => {
+            for poll in [true, false] {
+                let ch = ch.clone();
+                v.push(Backend {
+                    name: format!("ch vhost_user_block{}", if poll { "" } else { " nopoll" }),
+                    argv: Box::new(move |img, sock| {
+                        vec![
+                            ch.clone(),
+                            "--block-backend".into(),
+                            format!(
+                                "path={},socket={},num_queues={QUEUES},readonly=false,\
+                                 direct=false,poll_queue={poll}",
+                                img.display(),
+                                sock.display()
+                            ),
+                        ]
+                    }),
+                });
+            }
+        }
+        Ok(ch) => eprintln!("HYPE_BENCH_CH={ch} is not a file: Cloud Hypervisor skipped"),
+        Err(_) => eprintln!("HYPE_BENCH_CH not set: Cloud Hypervisor's backend skipped"),
+    }
+    let _ = dir;
+    let filter = env_list("HYPE_BENCH_BACKENDS");
+    v.retain(|b| selected(&filter, &b.name));
+    v
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn main() {
@@ -248,75 +406,118 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
+    let num = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let secs = Duration::from_secs(num("HYPE_BENCH_SECS", 2));
+    let rounds = num("HYPE_BENCH_ROUNDS", 1).max(1) as usize;
+    let pin = match std::env::var("HYPE_BENCH_PIN").as_deref() {
+        Ok("split") => Pin {
+            backend: Some(1),
+            client: Some(0),
+        },
+        Ok("same") => Pin {
+            backend: Some(0),
+            client: Some(0),
+        },
+        _ => Pin {
+            backend: None,
+            client: None,
+        },
+    };
     let dir = image_dir();
-    let img = dir.join("hype.img");
-    File::create(&img).unwrap().set_len(IMAGE).unwrap();
-    if let Some(rounds) = std::env::var("HYPE_BENCH_SANDBOX_AB")
-        .ok()
-        .and_then(|r| r.parse::<usize>().ok())
-        .filter(|r| *r > 0)
+    let img = dir.join("bench.img");
+    // Written in full first, so no backend pays for the first touch of the image's pages.
     {
-        sandbox_ab(rounds, &img);
-        return;
+        use std::io::Write;
+        let mut f = File::create(&img).unwrap();
+        let chunk = vec![0x11u8; 1 << 20];
+        for _ in 0..IMAGE / (1 << 20) {
+            f.write_all(&chunk).unwrap();
+        }
     }
-    let p = Process::spawn(
-        BIN,
-        &["--path", img.to_str().unwrap(), "--num-queues", "4"],
-        &tempdir("bench").join("blk.sock"),
+    let all = backends(&dir);
+    let wfilter = env_list("HYPE_BENCH_WORKLOADS");
+    let workloads: Vec<&Workload> = WORKLOADS
+        .iter()
+        .filter(|w| selected(&wfilter, w.name))
+        .collect();
+    println!(
+        "{} s per run, {rounds} round(s), pinning {}",
+        secs.as_secs(),
+        std::env::var("HYPE_BENCH_PIN").unwrap_or_else(|_| "off".into())
     );
-    run("hype-block-file", &p.socket);
-    drop(p);
-    // The same without the sandbox, to measure what the seccomp filter costs.
-    let p = Process::spawn(
-        BIN,
-        &[
-            "--path",
-            img.to_str().unwrap(),
-            "--num-queues",
-            "4",
-            "--sandbox",
-            "off",
-        ],
-        &tempdir("benchoff").join("blk.sock"),
-    );
-    run("hype-block-file nobox", &p.socket);
-    drop(p);
-    let p = Process::spawn(
-        BIN,
-        &[
-            "--path",
-            img.to_str().unwrap(),
-            "--num-queues",
-            "4",
-            "--io-threads",
-            "4",
-        ],
-        &tempdir("benchpool").join("blk.sock"),
-    );
-    run("hype-block-file pool4", &p.socket);
-    drop(p);
-
-    let qsd_ok = Command::new("qemu-storage-daemon")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if qsd_ok {
-        let img = dir.join("qsd.img");
-        File::create(&img).unwrap().set_len(IMAGE).unwrap();
-        let sock = tempdir("benchqsd").join("qsd.sock");
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!("driver=file,node-name=f0,filename={},discard=unmap", img.display()))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=4",
-                sock.display()
-            ))
-            .spawn()
-            .unwrap();
-        let p = Process::from_child(child, &sock);
-        run("qemu-storage-daemon", &p.socket);
+    // samples[workload][backend] = one Sample per round
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); all.len()]; workloads.len()];
+    let mut idles: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
+    for round in 0..rounds {
+        for (wi, w) in workloads.iter().enumerate() {
+            for k in 0..all.len() {
+                let bi = (k + round) % all.len();
+                let s = measure(&all[bi], w, &img, secs, &pin);
+                println!(
+                    "{:>26} | {:<21} | {:>8.0} IOPS | {:>7.1} MiB/s | p50 {:>7.1} us | \
+                     p99 {:>7.1} us | {:>5.1} CPU-us/req",
+                    all[bi].name, w.name, s.iops, s.mibs, s.p50_us, s.p99_us, s.cpu_us_per_req
+                );
+                samples[wi][bi].push(s);
+            }
+        }
+        for k in 0..all.len() {
+            let bi = (k + round) % all.len();
+            let pct = idle(&all[bi], &img, &pin);
+            println!("{:>26} | idle, connected      | {pct:.2}% of a core", all[bi].name);
+            idles[bi].push(pct);
+        }
+    }
+    println!();
+    println!("| backend | workload | IOPS | MiB/s | p50 us | p99 us | CPU-us/req |");
+    println!("|---|---|---|---|---|---|---|");
+    for (wi, w) in workloads.iter().enumerate() {
+        for (bi, b) in all.iter().enumerate() {
+            let m = |f: fn(&Sample) -> f64| median(samples[wi][bi].iter().map(f).collect());
+            println!(
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                b.name,
+                w.name,
+                m(|s| s.iops),
+                m(|s| s.mibs),
+                m(|s| s.p50_us),
+                m(|s| s.p99_us),
+                m(|s| s.cpu_us_per_req)
+            );
+        }
+    }
+    for (bi, b) in all.iter().enumerate() {
+        println!(
+            "| {} | idle, connected | {:.2}% of a core |  |  |  |  |",
+            b.name,
+            median(idles[bi].clone())
+        );
+    }
+    // Ratios of hype (the first backend) to each other backend, from the medians.
+    if all.len() > 1 {
+        println!();
+        println!("| workload | vs | IOPS ratio | p99 ratio (lower is better) | CPU/req ratio |");
+        println!("|---|---|---|---|---|");
+        for (wi, w) in workloads.iter().enumerate() {
+            let med = |bi: usize, f: fn(&Sample) -> f64| {
+                median(samples[wi][bi].iter().map(f).collect())
+            };
+            for (bi, b) in all.iter().enumerate().skip(1) {
+                println!(
+                    "| {} | {} | {:.2} | {:.2} | {:.2} |",
+                    w.name,
+                    b.name,
+                    med(0, |s| s.iops) / med(bi, |s| s.iops).max(1e-9),
+                    med(0, |s| s.p99_us) / med(bi, |s| s.p99_us).max(1e-9),
+                    med(0, |s| s.cpu_us_per_req) / med(bi, |s| s.cpu_us_per_req).max(1e-9)
+                );
+            }
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
