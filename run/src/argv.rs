@@ -124,6 +124,8 @@ fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
         queue_size,
         io_threads,
         serial,
+        poll_us,
+        large_io_threads,
         sandbox: sb,
     } = v;
     if differs(d, |d| &d.num_queues, num_queues) {
@@ -137,6 +139,12 @@ fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
     }
     if let Some(s) = serial {
         a.opt("serial", s);
+    }
+    if differs(d, |d| &d.poll_us, poll_us) {
+        a.opt("poll-us", poll_us.to_string());
+    }
+    if differs(d, |d| &d.large_io_threads, large_io_threads) {
+        a.opt("large-io-threads", large_io_threads.to_string());
     }
     sandbox(a, sb);
     listen(a, l);
@@ -434,6 +442,8 @@ mod tests {
             queue_size: 64,
             io_threads: Some(0),
             serial: Some("-serial-".into()),
+            poll_us: 7,
+            large_io_threads: 5,
         }
     }
 

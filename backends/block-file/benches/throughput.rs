@@ -21,6 +21,8 @@
 //!   CPU 0 (default: no pinning);
 //! - `HYPE_BENCH_BACKENDS=a,b`: only the backends whose names contain one of these (`=NAME`:
 //!   exactly that name); `HYPE_BENCH_WORKLOADS=a,b`: the same for workloads;
+//! - hype-block-file runs with its defaults and with `--poll-us 0` ("nopoll": what polling
+//!   buys and costs);
 //! - `HYPE_BENCH_NOBOX=1`: also run hype-block-file with `--sandbox off` (the sandbox's cost).
 //!
 //! The image lives in /dev/shm when it exists, so the numbers measure the vhost-user path and
@@ -83,10 +85,13 @@ const WORKLOADS: &[Workload] = &[
     wl("randread 4K QD32 x4q", false, true, 4096, 32, 4),
 ];
 
+/// Renders a backend's command line for an image and a socket path.
+type ArgvFn = Box<dyn Fn(&Path, &Path) -> Vec<String>>;
+
 /// One backend under test: a name and how to start it serving `image` on `socket`.
 struct Backend {
     name: String,
-    argv: Box<dyn Fn(&Path, &Path) -> Vec<String>>,
+    argv: ArgvFn,
 }
 
 /// One measurement.
@@ -137,7 +142,12 @@ fn pin_self(cpu: usize) {
     unsafe { libc::CPU_SET(cpu, &mut set) };
     // SAFETY: pid 0 is this thread; the set is valid for the size given.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
-    assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// CPU time (ns) the process's live threads have used, from their schedstat.
@@ -320,6 +330,23 @@ fn backends(dir: &Path) -> Vec<Backend> {
             ]
         }),
     }];
+    // What polling buys and costs: the same backend with `--poll-us 0`.
+    v.push(Backend {
+        name: "hype-block-file nopoll".into(),
+        argv: Box::new(|img, sock| {
+            vec![
+                BIN.into(),
+                "--path".into(),
+                img.display().to_string(),
+                "--num-queues".into(),
+                QUEUES.to_string(),
+                "--poll-us".into(),
+                "0".into(),
+                "--socket".into(),
+                sock.display().to_string(),
+            ]
+        }),
+    });
     if std::env::var_os("HYPE_BENCH_NOBOX").is_some() {
         v.push(Backend {
             name: "hype-block-file nobox".into(),
@@ -469,7 +496,10 @@ fn main() {
         for k in 0..all.len() {
             let bi = (k + round) % all.len();
             let pct = idle(&all[bi], &img, &pin);
-            println!("{:>26} | idle, connected      | {pct:.2}% of a core", all[bi].name);
+            println!(
+                "{:>26} | idle, connected      | {pct:.2}% of a core",
+                all[bi].name
+            );
             idles[bi].push(pct);
         }
     }
@@ -504,9 +534,8 @@ fn main() {
         println!("| workload | vs | IOPS ratio | p99 ratio (lower is better) | CPU/req ratio |");
         println!("|---|---|---|---|---|");
         for (wi, w) in workloads.iter().enumerate() {
-            let med = |bi: usize, f: fn(&Sample) -> f64| {
-                median(samples[wi][bi].iter().map(f).collect())
-            };
+            let med =
+                |bi: usize, f: fn(&Sample) -> f64| median(samples[wi][bi].iter().map(f).collect());
             for (bi, b) in all.iter().enumerate().skip(1) {
                 println!(
                     "| {} | {} | {:.2} | {:.2} | {:.2} |",

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use conformance::*;
+use hype_testkit::blk::BlkRequest;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hype-block-file");
 const MEM: u64 = 64 << 20;
@@ -111,6 +112,93 @@ fn many_requests_in_flight_on_four_queues_with_io_pool() {
     check_config(&mut disk, (32 << 20) / 512, 4);
     check_many_in_flight(&mut disk, 23);
     check_read_after_write_whole_disk(&mut disk, 24);
+}
+
+/// CPU time (ns) used so far by the process's threads whose names start with `prefix`.
+fn threads_cpu_ns(pid: u32, prefix: &str) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The names of the process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|s| s.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn large_requests_run_on_the_large_request_threads_small_ones_stay_inline() {
+    let dir = tempdir("filelarge");
+    let img = image(&dir, 32 << 20);
+    let p = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap()],
+        &dir.join("blk.sock"),
+    );
+    let mut disk = connect(&p.socket, 1);
+    let large = thread_names(p.pid())
+        .iter()
+        .filter(|n| n.starts_with("blk-large"))
+        .count();
+    assert_eq!(large, 2, "the default --large-io-threads");
+    let large_cpu = threads_cpu_ns(p.pid(), "blk-large");
+    // 512 KiB requests, several in flight, mixed with small ones: all verified.
+    let big = 512u64 << 10;
+    let mut writes = Vec::new();
+    for i in 0..16u64 {
+        writes.push(BlkRequest::write(
+            i * big / 512,
+            pattern(i * big, big as usize, 5),
+        ));
+        let small_off = (20 << 20) + i * 4096;
+        writes.push(BlkRequest::write(
+            small_off / 512,
+            pattern(small_off, 4096, 6),
+        ));
+    }
+    for (r, resp) in writes.iter().zip(disk.run_batch(&writes).unwrap()) {
+        resp.check(r).unwrap();
+    }
+    assert!(
+        threads_cpu_ns(p.pid(), "blk-large") > large_cpu + 1_000_000,
+        "the large writes ran on the large-request threads"
+    );
+    let reads: Vec<BlkRequest> = writes
+        .iter()
+        .map(|w| BlkRequest::read(w.sector(), w.payload_len() as u32))
+        .collect();
+    for (r, resp) in reads.iter().zip(disk.run_batch(&reads).unwrap()) {
+        resp.check(r).unwrap();
+        let off = r.sector() * 512;
+        let seed = if off >= 20 << 20 { 6 } else { 5 };
+        assert!(resp.data == pattern(off, r.in_len() as usize, seed));
+    }
+    drop(disk);
+    check_reconnect(&p.socket, 1);
+
+    // --large-io-threads 0 keeps everything on the queue thread.
+    let dir0 = tempdir("filelarge0");
+    let img0 = image(&dir0, 8 << 20);
+    let p0 = Process::spawn(
+        BIN,
+        &["--path", img0.to_str().unwrap(), "--large-io-threads", "0"],
+        &dir0.join("blk.sock"),
+    );
+    let mut disk0 = connect(&p0.socket, 1);
+    assert!(!thread_names(p0.pid())
+        .iter()
+        .any(|n| n.starts_with("blk-large")));
+    check_read_after_write_whole_disk(&mut disk0, 7);
 }
 
 #[test]

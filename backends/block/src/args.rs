@@ -3,6 +3,12 @@
 use hype_daemon::sandbox::SandboxArgs;
 use hype_daemon::ListenArgs;
 
+/// Default of `--poll-us`: see [`DeviceArgs::poll_us`] and docs/benchmarks.md for the choice.
+pub const DEFAULT_POLL_US: u32 = 50;
+
+/// Default of `--large-io-threads`.
+pub const DEFAULT_LARGE_IO_THREADS: usize = 2;
+
 /// Options every block backend binary takes. Flatten it into the backend's own `Args`.
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct DeviceArgs {
@@ -24,6 +30,16 @@ pub struct DeviceArgs {
     /// Serial number the guest reads with GET_ID (at most 20 ASCII characters).
     #[arg(long, value_name = "SERIAL")]
     pub serial: Option<String>,
+    /// Longest time (microseconds) a queue's thread keeps watching its ring for the guest's
+    /// next request after a busy round, before it sleeps until a kick; adaptive, shorter when
+    /// it finds nothing; 0 turns polling off; not used with --io-threads above 0
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_US)]
+    pub poll_us: u32,
+    /// Threads that run reads and writes of 128 KiB and more, so that several large
+    /// transfers copy at once while small requests stay on the queue's thread; 0 keeps every
+    /// request on its queue's thread; not used with --io-threads above 0
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LARGE_IO_THREADS)]
+    pub large_io_threads: usize,
     /// Confinement of the process (`--sandbox`, `--print-sandbox`).
     #[command(flatten)]
     pub sandbox: SandboxArgs,

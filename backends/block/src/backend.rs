@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hype_daemon::backend_defaults;
 use hype_daemon::guest_error;
-use hype_daemon::vring::{signal_used, Drain, Handled};
+use hype_daemon::vring::{signal_used, AdaptivePoll, Drain, Handled};
 use log::warn;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -29,6 +29,10 @@ pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 type Vring = VringRwLock<GuestMemory>;
 
+/// Reads and writes of at least this many bytes go to the large-request threads (when there
+/// is no I/O pool): below it, a request costs less than handing it to another thread.
+const LARGE_REQUEST: u64 = 128 << 10;
+
 /// How long stopping a ring waits for its in-flight requests before giving up.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -38,6 +42,10 @@ struct QueueCtx {
     buf: Mutex<IoBuf>,
     /// Requests handed to the pool and not yet completed.
     inflight: Arc<InFlight>,
+    /// Polling of the ring after busy rounds (off with a pool, see [`BlockDevice::poll`]).
+    ///
+    /// [`BlockDevice::poll`]: crate::BlockDevice::poll
+    poll: AdaptivePoll,
 }
 
 /// A vhost-user-blk backend for one frontend connection, over a shared [`Storage`].
@@ -52,6 +60,9 @@ pub struct BlockBackend<S: Storage> {
     acked_features: AtomicU64,
     queues: Vec<QueueCtx>,
     pool: Option<IoPool>,
+    /// Without `pool`: the threads that run large reads and writes, so that several of them
+    /// copy data at once while small requests stay on the queue thread.
+    large: Option<IoPool>,
 }
 
 impl<S: Storage> BlockBackend<S> {
@@ -60,15 +71,23 @@ impl<S: Storage> BlockBackend<S> {
         storage: Arc<S>,
         mem: GuestMemory,
         io_threads: usize,
+        large_io_threads: usize,
+        poll: Duration,
     ) -> io::Result<Self> {
         let pool = match io_threads {
             0 => None,
             n => Some(IoPool::new(n, "blk")?),
         };
+        let large = match (io_threads, large_io_threads) {
+            (0, n) if n > 0 => Some(IoPool::new(n, "blk-large")?),
+            _ => None,
+        };
+        let poll = if pool.is_some() { Duration::ZERO } else { poll };
         let queues = (0..spec.num_queues)
             .map(|_| QueueCtx {
                 buf: Mutex::new(IoBuf::new()),
                 inflight: Arc::new(InFlight::default()),
+                poll: AdaptivePoll::new(poll),
             })
             .collect();
         Ok(BlockBackend {
@@ -79,6 +98,7 @@ impl<S: Storage> BlockBackend<S> {
             acked_features: AtomicU64::new(0),
             queues,
             pool,
+            large,
         })
     }
 
@@ -94,7 +114,10 @@ impl<S: Storage> BlockBackend<S> {
             addr: GuestAddress(st.get_queue().desc_table()),
             size: st.get_queue().size(),
         };
-        Drain::new("blk", event_idx).run(&mut st, &mem, |chain| {
+        // Polling holds the ring's lock, which the large-request threads need to complete.
+        let large_in_flight = || ctx.inflight.count() > 0;
+        let drain = Drain::new("blk", event_idx).poll_until(&ctx.poll, &large_in_flight);
+        drain.run(&mut st, &mem, |chain| {
             let head = chain.head_index();
             let req = match request::parse(head, table, &mem, &self.spec) {
                 Ok(req) => req,
@@ -109,7 +132,12 @@ impl<S: Storage> BlockBackend<S> {
             if let request::Op::Fail(e) = &req.op {
                 guest_error(format_args!("request {head}: {e}"));
             }
-            match &self.pool {
+            let pool = self.pool.as_ref().or_else(|| {
+                self.large
+                    .as_ref()
+                    .filter(|_| req.op.data_len() >= LARGE_REQUEST)
+            });
+            match pool {
                 Some(pool) => {
                     // Counted under the ring lock, so a concurrent GET_VRING_BASE that stops
                     // the ring also sees this request and waits for it.

@@ -1,6 +1,7 @@
 //! [`BlockDevice`]: the builder a backend's `main` uses to serve a [`Storage`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hype_daemon::sandbox::Sandbox;
 use hype_daemon::{ListenArgs, Shutdown, SocketListener};
@@ -39,6 +40,8 @@ pub struct BlockDevice<S: Storage> {
     read_only: bool,
     name: String,
     sandbox: Option<Sandbox>,
+    poll: Duration,
+    large_io_threads: usize,
 }
 
 impl<S: Storage> BlockDevice<S> {
@@ -58,6 +61,8 @@ impl<S: Storage> BlockDevice<S> {
             read_only: false,
             name: "hype-block".into(),
             sandbox: None,
+            poll: Duration::from_micros(u64::from(crate::args::DEFAULT_POLL_US)),
+            large_io_threads: crate::args::DEFAULT_LARGE_IO_THREADS,
         }
     }
 
@@ -82,6 +87,24 @@ impl<S: Storage> BlockDevice<S> {
     /// default here before applying the command line.
     pub fn io_threads(mut self, n: usize) -> Self {
         self.io_threads = n;
+        self
+    }
+
+    /// Longest adaptive polling window of each queue after a busy round
+    /// ([`hype_daemon::vring::AdaptivePoll`]); `Duration::ZERO` turns polling off. Polling
+    /// applies only when requests run on the queue's thread (no I/O pool): with a pool, the
+    /// pool's threads complete requests and must not wait for a polling queue thread.
+    pub fn poll(mut self, max: Duration) -> Self {
+        self.poll = max;
+        self
+    }
+
+    /// Threads for reads and writes of 128 KiB and more when there is no I/O pool (see
+    /// [`io_threads`](Self::io_threads)): several large transfers then copy at once while
+    /// small requests stay on their queue's thread. 0 runs everything on the queue's thread.
+    /// Requests may then complete out of order, which virtio-blk allows.
+    pub fn large_io_threads(mut self, n: usize) -> Self {
+        self.large_io_threads = n;
         self
     }
 
@@ -123,6 +146,8 @@ impl<S: Storage> BlockDevice<S> {
         if let Some(s) = &args.serial {
             self.serial = Some(s.clone());
         }
+        self.poll = Duration::from_micros(u64::from(args.poll_us));
+        self.large_io_threads = args.large_io_threads;
         self
     }
 
@@ -169,9 +194,19 @@ impl<S: Storage> BlockDevice<S> {
             self.io_threads
         );
         let io_threads = self.io_threads;
+        let poll = self.poll;
+        let large = self.large_io_threads;
         let storage = self.storage.clone();
         hype_daemon::serve(listener, &self.name, shutdown, |mem: &GuestMemory| {
-            BlockBackend::new(spec.clone(), storage.clone(), mem.clone(), io_threads).map(Arc::new)
+            BlockBackend::new(
+                spec.clone(),
+                storage.clone(),
+                mem.clone(),
+                io_threads,
+                large,
+                poll,
+            )
+            .map(Arc::new)
         })?;
         Ok(())
     }
@@ -179,9 +214,16 @@ impl<S: Storage> BlockDevice<S> {
     /// Builds the backend for one connection, for users who run their own daemon loop.
     pub fn backend(&self, mem: &GuestMemory) -> Result<Arc<BlockBackend<S>>, Error> {
         let spec = Arc::new(self.spec()?);
-        BlockBackend::new(spec, self.storage.clone(), mem.clone(), self.io_threads)
-            .map(Arc::new)
-            .map_err(Error::Backend)
+        BlockBackend::new(
+            spec,
+            self.storage.clone(),
+            mem.clone(),
+            self.io_threads,
+            self.large_io_threads,
+            self.poll,
+        )
+        .map(Arc::new)
+        .map_err(Error::Backend)
     }
 
     /// Validates the options and the storage info into the device's fixed description.
@@ -209,6 +251,9 @@ impl<S: Storage> BlockDevice<S> {
         }
         if self.io_threads > 1024 {
             return Err(Error::InvalidIoThreads(self.io_threads));
+        }
+        if self.large_io_threads > 1024 {
+            return Err(Error::InvalidIoThreads(self.large_io_threads));
         }
         let serial_str = self.serial.clone().or(info.serial).unwrap_or_default();
         if serial_str.len() > VIRTIO_BLK_ID_BYTES as usize
@@ -268,6 +313,8 @@ mod tests {
             queue_size: 128,
             io_threads,
             serial: None,
+            poll_us: 0,
+            large_io_threads: 0,
             sandbox: SandboxArgs::off(),
         }
     }

@@ -96,6 +96,11 @@ impl InFlight {
         }
     }
 
+    /// Requests in flight now.
+    pub(crate) fn count(&self) -> usize {
+        self.count.lock().map_or(0, |c| *c)
+    }
+
     pub(crate) fn finish(&self) {
         if let Ok(mut c) = self.count.lock() {
             *c = c.saturating_sub(1);

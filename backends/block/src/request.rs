@@ -128,6 +128,16 @@ pub(crate) enum Op {
     Fail(RequestError),
 }
 
+impl Op {
+    /// Bytes a read or write moves (0 for the other operations).
+    pub(crate) fn data_len(&self) -> u64 {
+        match self {
+            Op::Read { segs, .. } | Op::Write { segs, .. } => total_len(segs),
+            _ => 0,
+        }
+    }
+}
+
 /// A parsed request: the operation and where its status byte goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Request {

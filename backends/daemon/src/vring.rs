@@ -15,11 +15,16 @@
 //!    buffers will get no kick, so the loop goes round again. Without this step kicks are lost.
 //! 5. **Give up on a broken ring** instead of spinning: an avail index more than a ring ahead,
 //!    one that cannot be read, or one that promises chains two rounds in a row that never pop.
+//! 6. **Optionally poll** ([`Drain::poll`], [`AdaptivePoll`]): after a round that did work, and
+//!    with kicks still suppressed, watch the avail index for a short, adaptive time before
+//!    re-arming. A busy guest then adds its next requests without kicking and the worker does
+//!    not go to sleep between them; a quiet guest costs at most one polling window per burst.
 //!
 //! Every problem the guest causes is logged through the rate-limited [`guest_error`].
 
 use std::ops::Deref;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use log::warn;
 use vhost_user_backend::VringState;
@@ -60,6 +65,66 @@ pub enum Drained {
     Stuck,
 }
 
+/// Adaptive polling of one virtqueue's avail ring, kept across [`Drain::run`] calls.
+///
+/// After a round that did work, the drain watches the avail index for up to the current
+/// window before re-arming kicks (yielding the CPU between looks, so a client on the same core
+/// still runs). A window that finds work grows (doubling, up to the maximum); one that finds
+/// nothing shrinks (halving, down to an eighth of the maximum), so a guest that pauses between
+/// bursts soon costs little, and an idle guest costs nothing: polling only follows work.
+#[derive(Debug)]
+pub struct AdaptivePoll {
+    max_ns: u32,
+    window_ns: AtomicU32,
+}
+
+impl AdaptivePoll {
+    /// Polling for at most `max` after each busy round; `Duration::ZERO` turns polling off.
+    /// Windows are capped at 1 s.
+    pub fn new(max: Duration) -> Self {
+        const CAP_NS: u32 = 1_000_000_000;
+        let max_ns = u32::try_from(max.as_nanos()).map_or(CAP_NS, |n| n.min(CAP_NS));
+        AdaptivePoll {
+            max_ns,
+            window_ns: AtomicU32::new(max_ns),
+        }
+    }
+
+    /// Whether polling is on.
+    pub fn enabled(&self) -> bool {
+        self.max_ns > 0
+    }
+
+    /// The current window.
+    pub fn window(&self) -> Duration {
+        Duration::from_nanos(u64::from(self.window_ns.load(Ordering::Relaxed)))
+    }
+
+    /// Looks at `ready` until it says true (returns true) or the window passes (false),
+    /// adapting the window to the outcome.
+    pub fn wait_for(&self, mut ready: impl FnMut() -> bool) -> bool {
+        if self.max_ns == 0 {
+            return false;
+        }
+        let window = self.window_ns.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let limit = Duration::from_nanos(u64::from(window));
+        loop {
+            if ready() {
+                let grown = window.saturating_mul(2).min(self.max_ns);
+                self.window_ns.store(grown, Ordering::Relaxed);
+                return true;
+            }
+            if start.elapsed() >= limit {
+                let shrunk = (window / 2).max(self.max_ns / 8).max(1);
+                self.window_ns.store(shrunk, Ordering::Relaxed);
+                return false;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// How to drain one virtqueue: built once per call from what the guest negotiated, then
 /// [`run`](Drain::run).
 ///
@@ -80,15 +145,30 @@ pub enum Drained {
 ///     })
 /// }
 /// ```
-#[derive(Debug, Clone, Copy)]
-pub struct Drain {
+#[derive(Clone, Copy)]
+pub struct Drain<'p> {
     label: &'static str,
     event_idx: bool,
     no_notify_flag: bool,
     signal_batch: usize,
+    poll: Option<&'p AdaptivePoll>,
+    poll_stop: Option<&'p dyn Fn() -> bool>,
 }
 
-impl Drain {
+impl std::fmt::Debug for Drain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain")
+            .field("label", &self.label)
+            .field("event_idx", &self.event_idx)
+            .field("no_notify_flag", &self.no_notify_flag)
+            .field("signal_batch", &self.signal_batch)
+            .field("poll", &self.poll)
+            .field("poll_stop", &self.poll_stop.is_some())
+            .finish()
+    }
+}
+
+impl<'p> Drain<'p> {
     /// A drain of the queue called `label` in log lines ("tx", "rx", "ctrl", ...), with
     /// `event_idx` telling whether the guest negotiated `VIRTIO_RING_F_EVENT_IDX`.
     ///
@@ -100,7 +180,27 @@ impl Drain {
             event_idx,
             no_notify_flag: false,
             signal_batch: usize::MAX,
+            poll: None,
+            poll_stop: None,
         }
+    }
+
+    /// After each round that did work, polls the avail ring as `poll` says before re-arming
+    /// kicks (only when kicks are suppressed: with EVENT_IDX, or with
+    /// [`suppress_without_event_idx`](Self::suppress_without_event_idx)). The vring's lock is
+    /// held while polling: do not use it where other threads complete chains of this ring.
+    pub fn poll(mut self, poll: &'p AdaptivePoll) -> Self {
+        self.poll = Some(poll).filter(|p| p.enabled());
+        self
+    }
+
+    /// Like [`poll`](Self::poll), but polling also ends (and the drain returns, releasing the
+    /// vring's lock) as soon as `stop` says true: e.g. while other threads have chains of this
+    /// ring to complete.
+    pub fn poll_until(mut self, poll: &'p AdaptivePoll, stop: &'p dyn Fn() -> bool) -> Self {
+        self.poll = Some(poll).filter(|p| p.enabled());
+        self.poll_stop = Some(stop);
+        self
     }
 
     /// Also signals the guest within a round, after every `n` used chains, so a guest that
@@ -140,6 +240,11 @@ impl Drain {
             // Checked before kicks are suppressed, so a stuck ring keeps them on: the guest
             // can repair its avail index and kick again.
             if !self.avail_index_sane(st, &**mem) {
+                if suppress {
+                    // After a polling round kicks are still off: turn them back on, so the
+                    // guest's kick after it repairs the index reaches us.
+                    let _ = st.enable_notification();
+                }
                 return Drained::Stuck;
             }
             if suppress {
@@ -185,6 +290,19 @@ impl Drain {
                 // Kicks were never off: anything the guest adds from now on is kicked.
                 return done;
             }
+            // A busy ring: watch for the guest's next chains, kicks still off.
+            if let Some(poll) = self.poll.filter(|_| popped > 0 && !kept) {
+                let stop = self.poll_stop.unwrap_or(&|| false);
+                let mut stopped = false;
+                let found = poll.wait_for(|| {
+                    stopped = stop();
+                    stopped || Self::has_avail(st, &**mem)
+                });
+                if found && !stopped {
+                    idle_rounds = 0;
+                    continue;
+                }
+            }
             // Re-arm kicks, then look again: buffers added before the re-arm get no kick.
             match st.enable_notification() {
                 Ok(true) if !kept => {
@@ -204,6 +322,18 @@ impl Drain {
                 }
             }
         }
+    }
+
+    /// Whether the guest's avail index has moved past the chains popped so far (an unreadable
+    /// index counts as moved, so the next round reports it).
+    fn has_avail<A, M>(st: &VringState<A>, mem: &M) -> bool
+    where
+        A: GuestAddressSpace,
+        M: GuestMemory + ?Sized,
+    {
+        let q = st.get_queue();
+        q.avail_idx(mem, Ordering::Acquire)
+            .map_or(true, |idx| idx.0 != q.next_avail())
     }
 
     /// Whether the guest's avail index can be read and is at most a ring's worth ahead of us.

@@ -406,3 +406,89 @@ fn unreadable_avail_entries_give_up_instead_of_spinning() {
     assert_eq!(end, Drained::Stuck);
     assert_eq!(ring.next_avail(), 0);
 }
+
+#[test]
+fn polling_takes_chains_the_guest_adds_soon_after_without_rearming_kicks() {
+    let mut ring = Ring::new(true);
+    ring.offer(0);
+    let poll = AdaptivePoll::new(std::time::Duration::from_secs(1));
+    let mem = ring.mem.clone();
+    let mut avail_idx = ring.avail_idx;
+    let avail_events = std::sync::Mutex::new(Vec::new());
+    let (first_done, wait_first) = std::sync::mpsc::channel();
+    let end = std::thread::scope(|s| {
+        let guest = s.spawn(move || {
+            // The guest adds its next request a little after the device took the first.
+            wait_first.recv().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            offer(&mem, AVAIL_RING, &mut avail_idx, 1);
+        });
+        let end = ring.drain(Drain::new("test", true).poll(&poll), |_| {
+            avail_events.lock().unwrap().push(ring.avail_event());
+            let _ = first_done.send(());
+            Handled::Used(0)
+        });
+        guest.join().unwrap();
+        end
+    });
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(ring.used(), [(0, 0), (1, 0)], "both chains in one call");
+    // Kicks stayed off while polling (avail_event untouched), then re-armed after chain 1.
+    assert_eq!(*avail_events.lock().unwrap(), [0, 0]);
+    assert_eq!(ring.avail_event(), 2);
+    // The hit kept the window at its maximum; the miss after chain 1 halved it.
+    assert_eq!(poll.window(), std::time::Duration::from_millis(500));
+}
+
+#[test]
+fn polling_gives_up_after_its_window_and_shrinks_it() {
+    let mut ring = Ring::new(true);
+    ring.offer(0);
+    let poll = AdaptivePoll::new(std::time::Duration::from_millis(8));
+    let t = std::time::Instant::now();
+    let end = ring.drain(Drain::new("test", true).poll(&poll), |_| Handled::Used(0));
+    assert_eq!(end, Drained::Empty);
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(8),
+        "polled its window"
+    );
+    assert_eq!(poll.window(), std::time::Duration::from_millis(4));
+    // Misses halve the window down to an eighth of the maximum, never below.
+    for _ in 0..5 {
+        assert!(!poll.wait_for(|| false));
+    }
+    assert_eq!(poll.window(), std::time::Duration::from_millis(1));
+    // A hit doubles it again, up to the maximum.
+    assert!(poll.wait_for(|| true));
+    assert_eq!(poll.window(), std::time::Duration::from_millis(2));
+    assert_eq!(ring.avail_event(), 1, "kicks re-armed after polling");
+}
+
+#[test]
+fn no_polling_after_an_idle_round_or_when_told_to_stop_or_turned_off() {
+    // An empty ring: nothing popped, so no polling at all (an idle guest costs nothing).
+    let ring = Ring::new(true);
+    let poll = AdaptivePoll::new(std::time::Duration::from_secs(5));
+    let t = std::time::Instant::now();
+    assert_eq!(
+        ring.drain(Drain::new("test", true).poll(&poll), |_| Handled::Used(0)),
+        Drained::Empty
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+
+    // A stop condition ends polling at once, so other threads can take the ring's lock.
+    let mut ring = Ring::new(true);
+    ring.offer(0);
+    let stop = || true;
+    let t = std::time::Instant::now();
+    ring.drain(Drain::new("test", true).poll_until(&poll, &stop), |_| {
+        Handled::Used(0)
+    });
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(ring.used(), [(0, 0)]);
+
+    // Zero turns it off.
+    let off = AdaptivePoll::new(std::time::Duration::ZERO);
+    assert!(!off.enabled());
+    assert!(!off.wait_for(|| true));
+}
