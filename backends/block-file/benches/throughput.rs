@@ -23,6 +23,8 @@
 //!   exactly that name); `HYPE_BENCH_WORKLOADS=a,b`: the same for workloads;
 //! - hype-block-file runs with its defaults and with `--poll-us 0` ("nopoll": what polling
 //!   buys and costs);
+//! - `HYPE_BENCH_WRAP="valgrind --tool=callgrind"` (or `strace -c -f`, ...): a command each
+//!   backend is started under, for profiles (the CPU figures then include the wrapper);
 //! - `HYPE_BENCH_NOBOX=1`: also run hype-block-file with `--sandbox off` (the sandbox's cost).
 //!
 //! The image lives in /dev/shm when it exists, so the numbers measure the vhost-user path and
@@ -227,7 +229,12 @@ fn opts(queues: usize) -> DriverOptions {
 /// Starts `b` on `image` (pinned as `pin` says) and waits for its socket.
 fn start(b: &Backend, image: &Path, pin: Option<usize>, tag: &str) -> Process {
     let sock = tempdir(tag).join("blk.sock");
-    let argv = (b.argv)(image, &sock);
+    let mut argv = (b.argv)(image, &sock);
+    if let Ok(wrap) = std::env::var("HYPE_BENCH_WRAP") {
+        let mut w: Vec<String> = wrap.split_whitespace().map(String::from).collect();
+        w.append(&mut argv);
+        argv = w;
+    }
     let mut cmd = match pin {
         Some(cpu) => {
             let mut c = Command::new("taskset");

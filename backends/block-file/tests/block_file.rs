@@ -183,6 +183,32 @@ fn large_requests_run_on_the_large_request_threads_small_ones_stay_inline() {
         let seed = if off >= 20 << 20 { 6 } else { 5 };
         assert!(resp.data == pattern(off, r.in_len() as usize, seed));
     }
+    // Completions reach the used ring in the order the chains were offered, although the
+    // large reads finish on other threads after the small ones (the crash-recovery rule of
+    // docs/devices.md depends on it).
+    {
+        let q = disk.driver().queue(0).unwrap();
+        let mut offered = Vec::new();
+        let mut reqs = Vec::new();
+        for i in 0..12u64 {
+            reqs.push(if i % 3 == 0 {
+                BlkRequest::read(i * big / 512, big as u32)
+            } else {
+                BlkRequest::read(((20 << 20) + i * 4096) / 512, 4096)
+            });
+        }
+        for r in &reqs {
+            offered.push(hype_testkit::blk::add_request(q, r).unwrap());
+        }
+        q.notify().unwrap();
+        let mut used = Vec::new();
+        while used.len() < offered.len() {
+            for c in q.wait(1, std::time::Duration::from_secs(10)).unwrap() {
+                used.push(c.head);
+            }
+        }
+        assert_eq!(used, offered);
+    }
     drop(disk);
     check_reconnect(&p.socket, 1);
 

@@ -21,6 +21,7 @@ use crate::chain::DescTable;
 use crate::config::DeviceSpec;
 use crate::io_pool::{InFlight, IoPool};
 use crate::iobuf::IoBuf;
+use crate::ordered::Ordered;
 use crate::request::{self, Completion, Request};
 use crate::storage::Storage;
 
@@ -42,6 +43,9 @@ struct QueueCtx {
     buf: Mutex<IoBuf>,
     /// Requests handed to the pool and not yet completed.
     inflight: Arc<InFlight>,
+    /// Chains taken while large requests run, published in ring order (large-request mode
+    /// only; the I/O pool completes out of order, as documented).
+    order: Arc<Mutex<Ordered>>,
     /// Polling of the ring after busy rounds (off with a pool, see [`BlockDevice::poll`]).
     ///
     /// [`BlockDevice::poll`]: crate::BlockDevice::poll
@@ -87,6 +91,7 @@ impl<S: Storage> BlockBackend<S> {
             .map(|_| QueueCtx {
                 buf: Mutex::new(IoBuf::new()),
                 inflight: Arc::new(InFlight::default()),
+                order: Arc::new(Mutex::new(Ordered::default())),
                 poll: AdaptivePoll::new(poll),
             })
             .collect();
@@ -126,60 +131,99 @@ impl<S: Storage> BlockBackend<S> {
                     if head >= table.size {
                         return Handled::Elsewhere; // not a descriptor: nothing to return
                     }
-                    return Handled::Used(0);
+                    return self.finished_inline(ctx, head, 0);
                 }
             };
             if let request::Op::Fail(e) = &req.op {
                 guest_error(format_args!("request {head}: {e}"));
             }
-            let pool = self.pool.as_ref().or_else(|| {
-                self.large
-                    .as_ref()
-                    .filter(|_| req.op.data_len() >= LARGE_REQUEST)
-            });
-            match pool {
-                Some(pool) => {
-                    // Counted under the ring lock, so a concurrent GET_VRING_BASE that stops
-                    // the ring also sees this request and waits for it.
-                    ctx.inflight.start();
-                    let job = self.job(req, vring.clone(), mem.clone().into_inner(), ctx);
-                    pool.submit(job);
-                    Handled::Elsewhere
-                }
-                None => {
-                    let c = request::execute(&req.op, &*self.storage, &mem, &self.spec, &mut buf);
-                    write_status(&mem, &req, c);
-                    Handled::Used(c.used_len())
-                }
+            if let Some(pool) = &self.pool {
+                // Counted under the ring lock, so a concurrent GET_VRING_BASE that stops the
+                // ring also sees this request and waits for it.
+                ctx.inflight.start();
+                let job = self.job(req, vring.clone(), mem.clone().into_inner(), ctx, None);
+                pool.submit(job);
+                return Handled::Elsewhere;
             }
+            if let Some(large) = self
+                .large
+                .as_ref()
+                .filter(|_| req.op.data_len() >= LARGE_REQUEST)
+            {
+                let seq = lock(&ctx.order).push_pending(head);
+                ctx.inflight.start();
+                let job = self.job(req, vring.clone(), mem.clone().into_inner(), ctx, Some(seq));
+                large.submit(job);
+                return Handled::Elsewhere;
+            }
+            let c = request::execute(&req.op, &*self.storage, &mem, &self.spec, &mut buf);
+            write_status(&mem, &req, c);
+            self.finished_inline(ctx, head, c.used_len())
         });
     }
 
-    /// Wraps a request for the pool: execute, write status, return the chain, signal.
+    /// A chain finished on the queue thread: used now, or after the large requests taken
+    /// before it.
+    fn finished_inline(&self, ctx: &QueueCtx, head: u16, len: u32) -> Handled {
+        if self.large.is_none() {
+            return Handled::Used(len);
+        }
+        let mut order = lock(&ctx.order);
+        if order.is_empty() {
+            return Handled::Used(len);
+        }
+        order.push_finished(head, len);
+        Handled::Elsewhere
+    }
+
+    /// Wraps a request for a pool thread: execute, write status, return the chain (at once,
+    /// or with `seq` in ring order, with the chains finished after it), signal.
     fn job(
         &self,
         req: Request,
         vring: Vring,
         mem: Arc<GuestMemoryMmap>,
         ctx: &QueueCtx,
+        seq: Option<u64>,
     ) -> crate::io_pool::Job {
         let storage = self.storage.clone();
         let spec = self.spec.clone();
         let event_idx = self.event_idx.clone();
         let inflight = ctx.inflight.clone();
+        let order = ctx.order.clone();
         Box::new(move |buf: &mut IoBuf| {
             let c = request::execute(&req.op, &*storage, &mem, &spec, buf);
             write_status(&mem, &req, c);
             {
                 let mut st = vring.get_mut();
-                if let Err(e) = st.add_used(req.head, c.used_len()) {
-                    guest_error(format_args!("cannot return chain {}: {e}", req.head));
+                let ready = match seq {
+                    None => vec![(req.head, c.used_len())],
+                    Some(seq) => {
+                        let mut order = lock(&order);
+                        if !order.finish(seq, c.used_len()) {
+                            warn!("chain {} finished after its ring was reset", req.head);
+                        }
+                        order.take_ready()
+                    }
+                };
+                for (head, len) in &ready {
+                    if let Err(e) = st.add_used(*head, *len) {
+                        guest_error(format_args!("cannot return chain {head}: {e}"));
+                    }
                 }
-                signal_used(&mut st, event_idx.load(Ordering::Acquire));
+                if !ready.is_empty() {
+                    signal_used(&mut st, event_idx.load(Ordering::Acquire));
+                }
             }
             inflight.finish();
         })
     }
+}
+
+/// Locks `m`, also after a panic elsewhere (the data stays consistent: every update is one
+/// push or pop).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn write_status(mem: &GuestMemoryMmap, req: &Request, c: Completion) {
@@ -247,6 +291,11 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
             let left = ctx.inflight.wait_idle(STOP_TIMEOUT);
             if left > 0 {
                 warn!("queue {queue_index} stopped with {left} requests still in flight");
+            }
+            // Normally empty once idle; what is left belongs to the ring being stopped.
+            let stale = lock(&ctx.order).clear();
+            if stale > 0 {
+                warn!("queue {queue_index} stopped with {stale} chains never returned");
             }
         }
         Ok(())

@@ -29,6 +29,7 @@ mod error;
 pub mod fuzzing;
 mod io_pool;
 mod iobuf;
+mod ordered;
 mod request;
 mod storage;
 
