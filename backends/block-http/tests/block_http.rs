@@ -85,9 +85,11 @@ fn serves_image_read_only_through_range_requests_with_bounded_cache() {
             "0",
             "--serial",
             "http0",
-            // Requests run in order on the queue thread, so which blocks the bounded cache
-            // still holds after the whole-disk pass is deterministic.
+            // Requests run in order on the queue thread (large ones too), so which blocks
+            // the bounded cache still holds after the whole-disk pass is deterministic.
             "--io-threads",
+            "0",
+            "--large-io-threads",
             "0",
         ],
     );
