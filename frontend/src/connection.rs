@@ -48,6 +48,9 @@ pub struct HandshakeOptions {
     pub required_protocol_features: VhostUserProtocolFeatures,
     /// How long each handshake reply may take.
     pub timeout: Duration,
+    /// The virtio-fs tag to show the guest when an `fs` backend does not offer its config
+    /// (virtiofsd leaves the tag to the frontend).
+    pub fs_tag: Option<String>,
 }
 
 impl Default for HandshakeOptions {
@@ -59,6 +62,7 @@ impl Default for HandshakeOptions {
             protocol_features: wanted_protocol_features(),
             required_protocol_features: VhostUserProtocolFeatures::CONFIG,
             timeout: HANDSHAKE_TIMEOUT,
+            fs_tag: None,
         }
     }
 }
@@ -260,14 +264,25 @@ impl Connection {
     /// The handshake of a device of type `kind` (learned from the features when `None`, see
     /// [`types`]): [`Connection::handshake`], then GET_CONFIG of the type's config size and
     /// the type's config check. A learned type must pass the check; a given one only earns a
-    /// [`Detected::doubt`].
+    /// [`Detected::doubt`]. A given type whose config the frontend can build
+    /// ([`DeviceType::config_optional`]) does not need the CONFIG protocol feature: without
+    /// it (or with no config to read) the config is [`DeviceType::frontend_config`].
     pub fn handshake_device(
         path: &Path,
         stream: UnixStream,
         opts: &HandshakeOptions,
         kind: Option<DeviceType>,
     ) -> Result<(Connection, Detected), FrontendError> {
-        let mut conn = Connection::handshake(path, stream, opts)?;
+        let optional = kind.is_some_and(DeviceType::config_optional);
+        let mut conn = if optional {
+            let mut relaxed = opts.clone();
+            relaxed
+                .required_protocol_features
+                .remove(VhostUserProtocolFeatures::CONFIG);
+            Connection::handshake(path, stream, &relaxed)?
+        } else {
+            Connection::handshake(path, stream, opts)?
+        };
         let features = conn.info.features;
         let explicit = kind.is_some();
         let mut doubt = None;
@@ -285,7 +300,22 @@ impl Connection {
                 })
             }
         };
-        let config = conn.fetch_config(kind.config_size())?;
+        let has_config = conn
+            .info
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::CONFIG);
+        let config = if optional && (!has_config || kind.config_size() == 0) {
+            let built = kind.frontend_config(opts.fs_tag.as_deref());
+            let built = built.map_err(|what| FrontendError::Unsupported {
+                path: path.to_owned(),
+                what,
+            })?;
+            let config = built.unwrap_or_default();
+            conn.info.config = config.clone();
+            config
+        } else {
+            conn.fetch_config(kind.config_size())?
+        };
         if let Err(reason) = kind.check_config(features, &config, conn.info.queue_num) {
             if !explicit {
                 return Err(FrontendError::Detect {

@@ -213,6 +213,12 @@ impl GuestVm {
             cmd.args(["--device", d]);
         }
         cmd.args(&opts.extra_args);
+        GuestVm::spawn(cmd)
+    }
+
+    /// Starts any VMM command whose stdin and stdout are the guest's serial console (QEMU with
+    /// `-serial stdio`, for the interop tests); the agent protocol is the same.
+    pub fn spawn(mut cmd: Command) -> Result<Self, GuestError> {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -46,7 +46,9 @@ impl fmt::Display for SerialSpec {
 ///
 /// Forms: `PATH`, `TYPE:PATH`, and comma-separated `key=value` options, with the socket either
 /// first or as `socket=PATH`: `/run/d.sock,queues=2`, `socket=/run/d.sock,type=blk,wait=10s`.
-/// Keys: `socket`, `type` (blk, net, console), `queues`, `queue-size`, `wait` (how long to wait
+/// Keys: `socket`, `type` (blk, net, console, fs, vsock, rng, or a virtio device ID such as
+/// 26), `queues`, `queue-size`, `tag` (virtio-fs: the share's name when the backend does not
+/// give its config), `wait` (how long to wait
 /// for the socket at start), `reconnect-timeout` (how long to retry a lost backend). Durations
 /// are `forever` or a number with `ms`, `s` or `m` (a bare number is seconds).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +65,8 @@ pub struct DeviceSpec {
     pub wait: Option<WaitLimit>,
     /// How long to keep reconnecting a lost backend (`None`: forever).
     pub reconnect: Option<WaitLimit>,
+    /// virtio-fs tag (`tag=`).
+    pub tag: Option<String>,
 }
 
 impl DeviceSpec {
@@ -75,6 +79,7 @@ impl DeviceSpec {
             queue_size: None,
             wait: None,
             reconnect: None,
+            tag: None,
         }
     }
 
@@ -87,6 +92,7 @@ impl DeviceSpec {
             queue_size: self.queue_size,
             wait: self.wait.unwrap_or(WaitLimit::Forever),
             reconnect: self.reconnect.unwrap_or(WaitLimit::Forever),
+            tag: self.tag.clone(),
         }
     }
 }
@@ -106,7 +112,7 @@ impl fmt::Display for DeviceSpec {
             f.write_str(&path)?;
         }
         if let Some(k) = self.kind {
-            write!(f, ",type={}", k.name())?;
+            write!(f, ",type={k}")?;
         }
         if let Some(n) = self.num_queues {
             write!(f, ",queues={n}")?;
@@ -119,6 +125,9 @@ impl fmt::Display for DeviceSpec {
         }
         if let Some(w) = self.reconnect {
             write!(f, ",reconnect-timeout={}", format_wait(w))?;
+        }
+        if let Some(t) = &self.tag {
+            write!(f, ",tag={t}")?;
         }
         Ok(())
     }
@@ -161,10 +170,11 @@ impl FromStr for DeviceSpec {
             "queue-size",
             "wait",
             "reconnect-timeout",
+            "tag",
         ];
         let unknown = |key: &str| {
             format!(
-                "unknown device option '{key}' (socket, type, queues, queue-size, wait, reconnect-timeout)"
+                "unknown device option '{key}' (socket, type, queues, queue-size, tag, wait, reconnect-timeout)"
             )
         };
         let parsed = Spec::parse(s, KEYS, |_| false).map_err(|e| match e {
@@ -203,6 +213,7 @@ impl FromStr for DeviceSpec {
                 "queues" | "num-queues" => spec.num_queues = Some(parse_u16(key, value)?),
                 "queue-size" => spec.queue_size = Some(parse_u16(key, value)?),
                 "wait" => spec.wait = Some(parse_wait(value)?),
+                "tag" => spec.tag = Some(value.to_owned()),
                 _ => spec.reconnect = Some(parse_wait(value)?),
             }
         }
@@ -273,8 +284,23 @@ mod tests {
                 queue_size: Some(128),
                 wait: Some(WaitLimit::For(Duration::from_secs(10))),
                 reconnect: Some(WaitLimit::For(Duration::from_millis(500))),
+                tag: None,
             }
         );
+        // Generic devices: by name with a virtio-fs tag, or by virtio device ID.
+        let d: DeviceSpec = "fs:/run/v.sock,tag=share".parse().unwrap();
+        assert_eq!(
+            (d.kind, d.tag.as_deref()),
+            (Some(DeviceType::Fs), Some("share"))
+        );
+        assert_eq!(d.to_string().parse::<DeviceSpec>(), Ok(d));
+        let d: DeviceSpec = "26:/run/v.sock".parse().unwrap();
+        assert_eq!(d.kind, Some(DeviceType::Fs));
+        let d: DeviceSpec = "/run/g.sock,type=16".parse().unwrap();
+        assert_eq!(d.kind, Some(DeviceType::Other(16)));
+        assert_eq!(d.to_string(), "/run/g.sock,type=16");
+        let d: DeviceSpec = "socket=4:odd.sock".parse().unwrap();
+        assert_eq!(d.to_string().parse::<DeviceSpec>(), Ok(d));
         let d: DeviceSpec = "/run/d.sock,wait=forever".parse().unwrap();
         assert_eq!(d.wait, Some(WaitLimit::Forever));
         // A colon in a path that is not a type prefix stays in the path.

@@ -36,8 +36,12 @@ pub const SPEC: TypeSpec = TypeSpec {
     }],
     queue_count: Some(QueueCountField {
         offset: NUM_QUEUES_OFFSET,
+        width: 2,
         feature: bit(VIRTIO_BLK_F_MQ),
+        excluded: 0,
     }),
+    default_queues: 1,
+    config_optional: false,
     check_config,
     describe_config,
 };

@@ -38,6 +38,8 @@ pub const SPEC: TypeSpec = TypeSpec {
         sticky: false,
     }],
     queue_count: None,
+    default_queues: 2,
+    config_optional: false,
     check_config,
     describe_config,
 };

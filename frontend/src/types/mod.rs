@@ -1,5 +1,6 @@
 //! What hype knows about each virtio device type it attaches, one module per type
-//! ([`blk`], [`net`], [`console`]), and learning a backend's type from what it offers.
+//! ([`blk`], [`net`], [`console`], [`fs`], [`vsock`], [`rng`], and [`generic`] for any other
+//! virtio device ID), and learning a backend's type from what it offers.
 //!
 //! vhost-user has no "device type" message, so hype recognises a backend from its virtio
 //! feature bits and then checks the device configuration it returns (GET_CONFIG at offset 0):
@@ -15,10 +16,28 @@
 //! (`--device blk:/path.sock`). hype's own backends always offer their type's signature (this
 //! is the hype convention; it is plain standard vhost-user), and so do most third-party ones
 //! (qemu-storage-daemon's vhost-user-blk export does).
+//!
+//! The other types have no feature signature (virtio-fs, vsock and rng define almost no
+//! feature bits), so they are only ever given explicitly: `fs:PATH`, `vsock:PATH`, `rng:PATH`,
+//! or a numeric virtio device ID (`26:PATH`; an ID hype knows maps to its type). Their facts:
+//!
+//! | type | ID | default queues | config | CONFIG protocol feature |
+//! |---|---|---|---|---|
+//! | `fs` | 26 | 2 (hiprio + 1 request queue) | `tag[36]`, `num_request_queues` (40 bytes) | optional: without it hype builds the config from `tag=` (virtiofsd leaves the tag to the frontend) |
+//! | `vsock` | 19 | 3 (rx, tx, event) | `guest_cid` (8 bytes) | required (the backend owns the CID) |
+//! | `rng` | 4 | 1 | none | not needed |
+//! | other ID | N | 1 | none shown (the size is not known) | not needed |
+//!
+//! A backend that offers MQ tells its queue count (GET_QUEUE_NUM); without MQ the count is
+//! the type's default.
 
 pub mod blk;
 pub mod console;
+pub mod fs;
+pub mod generic;
 pub mod net;
+pub mod rng;
+pub mod vsock;
 
 use std::fmt;
 use std::str::FromStr;
@@ -34,10 +53,28 @@ pub enum DeviceType {
     Net,
     /// virtio-console.
     Console,
+    /// virtio-fs (never learned: give it as `fs:PATH`).
+    Fs,
+    /// virtio-vsock (never learned).
+    Vsock,
+    /// virtio-rng, the entropy device (never learned).
+    Rng,
+    /// Any other virtio device ID, passed through as it is (never learned).
+    Other(u32),
 }
 
-/// All types, in detection order.
+/// The types learned from a backend's features, in detection order.
 pub const ALL_TYPES: [DeviceType; 3] = [DeviceType::Block, DeviceType::Net, DeviceType::Console];
+
+/// Every named type, learned or not (for names and IDs).
+pub const NAMED_TYPES: [DeviceType; 6] = [
+    DeviceType::Block,
+    DeviceType::Net,
+    DeviceType::Console,
+    DeviceType::Fs,
+    DeviceType::Vsock,
+    DeviceType::Rng,
+];
 
 /// A config field the driver may write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,14 +90,18 @@ pub struct ConfigField {
     pub sticky: bool,
 }
 
-/// A 16-bit little-endian config field that holds the device's queue count, present when
-/// `feature` is offered.
+/// A little-endian config field that holds the device's queue count (less `excluded`
+/// queues it does not count), present when `feature` is offered (always when it is 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QueueCountField {
     /// Offset in the config space.
     pub offset: usize,
-    /// Feature bit that makes the field valid.
+    /// Width in bytes: 2 or 4.
+    pub width: usize,
+    /// Feature bit that makes the field valid; 0: always valid.
     pub feature: u64,
+    /// Queues the field does not count (virtio-fs counts request queues, not hiprio).
+    pub excluded: u16,
 }
 
 /// Checks a configuration space: `(features, config, queue_num)`, the reason when it is wrong.
@@ -85,6 +126,11 @@ pub struct TypeSpec {
     /// The config field with the queue count, if the type has one: the VMM shows the guest
     /// the count it exposes there, not what the backend could do.
     pub queue_count: Option<QueueCountField>,
+    /// Queues when the backend does not say (no MQ): the spec's minimum for the type.
+    pub default_queues: u16,
+    /// Whether the backend may lack the CONFIG protocol feature: the frontend then shows the
+    /// guest a config it builds itself ([`DeviceType::frontend_config`]).
+    pub config_optional: bool,
     /// Checks a configuration space of this type (`queue_num`: GET_QUEUE_NUM's answer).
     pub check_config: ConfigCheck,
     /// A one-line description of what the config says, for logs.
@@ -98,12 +144,58 @@ impl DeviceType {
             DeviceType::Block => &blk::SPEC,
             DeviceType::Net => &net::SPEC,
             DeviceType::Console => &console::SPEC,
+            DeviceType::Fs => &fs::SPEC,
+            DeviceType::Vsock => &vsock::SPEC,
+            DeviceType::Rng => &rng::SPEC,
+            DeviceType::Other(_) => &generic::SPEC,
         }
+    }
+
+    /// The type of virtio device ID `id`: a named type where hype knows the ID, else
+    /// [`DeviceType::Other`].
+    pub fn from_virtio_id(id: u32) -> DeviceType {
+        NAMED_TYPES
+            .into_iter()
+            .find(|t| t.virtio_id() == id)
+            .unwrap_or(DeviceType::Other(id))
     }
 
     /// The virtio device ID.
     pub fn virtio_id(self) -> u32 {
-        self.spec().virtio_id
+        match self {
+            DeviceType::Other(id) => id,
+            _ => self.spec().virtio_id,
+        }
+    }
+
+    /// Queues when the backend does not say (no MQ).
+    pub fn default_queues(self) -> u16 {
+        self.spec().default_queues
+    }
+
+    /// Whether the backend may lack the CONFIG protocol feature (see
+    /// [`TypeSpec::config_optional`]).
+    pub fn config_optional(self) -> bool {
+        self.spec().config_optional
+    }
+
+    /// The config the frontend shows the guest when the backend does not offer CONFIG, for
+    /// the types that allow that: virtio-fs needs `tag` (1 to 36 bytes, no NUL); the queue
+    /// count field is written later ([`DeviceType::set_queue_count`]). `Ok(None)`: this type
+    /// needs the backend's config.
+    pub fn frontend_config(self, tag: Option<&str>) -> Result<Option<Vec<u8>>, String> {
+        match self {
+            DeviceType::Fs => match tag {
+                Some(t) => fs::config_with_tag(t, 1).map(Some),
+                None => Err(
+                    "the backend does not offer its config (no CONFIG protocol feature): give the \
+                     share's tag=NAME"
+                        .into(),
+                ),
+            },
+            _ if self.config_optional() && self.config_size() == 0 => Ok(Some(Vec::new())),
+            _ => Ok(None),
+        }
     }
 
     /// Short name, as on the command line.
@@ -162,9 +254,11 @@ impl DeviceType {
     /// field and when its feature is offered; otherwise leaves `config` as it is.
     pub fn set_queue_count(self, features: u64, config: &mut [u8], count: u16) {
         if let Some(f) = self.spec().queue_count {
-            if features & f.feature != 0 {
-                if let Some(dst) = config.get_mut(f.offset..f.offset + 2) {
-                    dst.copy_from_slice(&count.to_le_bytes());
+            if f.feature == 0 || features & f.feature != 0 {
+                let shown = u32::from(count.saturating_sub(f.excluded)).to_le_bytes();
+                let src = shown.get(..f.width).unwrap_or(&shown);
+                if let Some(dst) = config.get_mut(f.offset..f.offset + src.len()) {
+                    dst.copy_from_slice(src);
                 }
             }
         }
@@ -174,7 +268,7 @@ impl DeviceType {
     /// config from the backend must not change the count the guest was shown.
     pub fn keep_queue_count(self, shown: &[u8], config: &mut [u8]) {
         if let Some(f) = self.spec().queue_count {
-            let range = f.offset..f.offset + 2;
+            let range = f.offset..f.offset + f.width;
             if let (Some(src), Some(dst)) = (shown.get(range.clone()), config.get_mut(range)) {
                 dst.copy_from_slice(src);
             }
@@ -195,21 +289,34 @@ pub(crate) fn le32(config: &[u8], offset: usize) -> Option<u32> {
 }
 
 impl fmt::Display for DeviceType {
+    /// The name, or the virtio device ID of an [`DeviceType::Other`] (what
+    /// [`DeviceType::from_str`] reads back).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        match self {
+            DeviceType::Other(id) => write!(f, "{id}"),
+            _ => f.write_str(self.name()),
+        }
     }
 }
 
 impl FromStr for DeviceType {
     type Err = String;
+    /// A name (`blk`, `net`, `console`, `fs`, `vsock`, `rng`) or a virtio device ID (1 to
+    /// 65535; an ID hype knows gives its named type).
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "blk" | "block" => Ok(DeviceType::Block),
             "net" => Ok(DeviceType::Net),
             "console" => Ok(DeviceType::Console),
-            _ => Err(format!(
-                "unknown device type '{s}' (hype attaches blk, net, console)"
-            )),
+            "fs" | "virtiofs" => Ok(DeviceType::Fs),
+            "vsock" => Ok(DeviceType::Vsock),
+            "rng" => Ok(DeviceType::Rng),
+            _ => match s.parse::<u16>() {
+                Ok(id) if id > 0 => Ok(DeviceType::from_virtio_id(u32::from(id))),
+                _ => Err(format!(
+                    "unknown device type '{s}' (hype attaches blk, net, console, fs, vsock, rng, or a virtio device ID from 1 to 65535)"
+                )),
+            },
         }
     }
 }
@@ -280,6 +387,46 @@ mod tests {
         assert!(e.to_string().contains("blk, net"), "{e}");
         assert_eq!("block".parse::<DeviceType>(), Ok(DeviceType::Block));
         assert!("gpu".parse::<DeviceType>().is_err());
+        assert!("0".parse::<DeviceType>().is_err());
+        assert!("65536".parse::<DeviceType>().is_err());
+    }
+
+    #[test]
+    fn numeric_ids_name_known_types_and_pass_others_through() {
+        assert_eq!("26".parse::<DeviceType>(), Ok(DeviceType::Fs));
+        assert_eq!("19".parse::<DeviceType>(), Ok(DeviceType::Vsock));
+        assert_eq!("4".parse::<DeviceType>(), Ok(DeviceType::Rng));
+        assert_eq!("2".parse::<DeviceType>(), Ok(DeviceType::Block));
+        let gpu = "16".parse::<DeviceType>().unwrap();
+        assert_eq!(gpu, DeviceType::Other(16));
+        assert_eq!(gpu.virtio_id(), 16);
+        assert_eq!(gpu.to_string(), "16");
+        assert_eq!(gpu.to_string().parse::<DeviceType>(), Ok(gpu));
+        assert_eq!(gpu.config_size(), 0);
+        assert_eq!(gpu.frontend_config(None), Ok(Some(Vec::new())));
+        for t in NAMED_TYPES {
+            assert_eq!(t.to_string().parse::<DeviceType>(), Ok(t));
+            assert_eq!(DeviceType::from_virtio_id(t.virtio_id()), t);
+            assert!(t.default_queues() >= 1, "{t}");
+        }
+        // The unlearned types never match a feature signature.
+        for t in [DeviceType::Fs, DeviceType::Vsock, DeviceType::Rng] {
+            assert!(!ALL_TYPES.contains(&t));
+        }
+    }
+
+    #[test]
+    fn frontend_configs() {
+        assert_eq!(DeviceType::Rng.frontend_config(None), Ok(Some(Vec::new())));
+        assert_eq!(DeviceType::Vsock.frontend_config(Some("x")), Ok(None));
+        assert_eq!(DeviceType::Block.frontend_config(None), Ok(None));
+        assert!(DeviceType::Fs.frontend_config(None).is_err());
+        let c = DeviceType::Fs.frontend_config(Some("share")).unwrap().unwrap();
+        assert_eq!(c.len(), 40);
+        assert_eq!(&c[..6], b"share\0");
+        let mut c = c;
+        DeviceType::Fs.set_queue_count(0, &mut c, 3);
+        assert_eq!(&c[36..40], &[2, 0, 0, 0], "hiprio is not a request queue");
     }
 
     #[test]
@@ -287,6 +434,7 @@ mod tests {
         for t in ALL_TYPES {
             assert_eq!(t.to_string().parse::<DeviceType>(), Ok(t));
             assert_eq!(t.spec().signature & !t.spec().device_bits, 0, "{t}");
+            assert!(!t.config_optional(), "{t}: learned types need the backend's config");
         }
         assert_eq!(
             ALL_TYPES.map(DeviceType::virtio_id),

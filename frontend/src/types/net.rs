@@ -20,6 +20,8 @@ pub const SPEC: TypeSpec = TypeSpec {
     device_bits: DEVICE_BITS,
     writable_config: &[],
     queue_count: None,
+    default_queues: 2,
+    config_optional: false,
     check_config,
     describe_config,
 };

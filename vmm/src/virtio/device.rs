@@ -62,6 +62,8 @@ pub struct DeviceOptions {
     pub wait: WaitLimit,
     /// How long to keep trying to reconnect a lost backend.
     pub reconnect: WaitLimit,
+    /// The virtio-fs tag shown to the guest when an `fs` backend does not give its config.
+    pub tag: Option<String>,
 }
 
 impl DeviceOptions {
@@ -74,6 +76,7 @@ impl DeviceOptions {
             queue_size: None,
             wait: WaitLimit::Forever,
             reconnect: WaitLimit::Forever,
+            tag: None,
         }
     }
 }
@@ -195,12 +198,12 @@ impl VhostUserDevice {
         events: Option<DeviceEvents>,
     ) -> Result<Self, DeviceError> {
         let stream = frontend::connect_waiting(&opts.socket, opts.wait.as_option(), name)?;
-        let (conn, detected) = Connection::handshake_device(
-            &opts.socket,
-            stream,
-            &HandshakeOptions::default(),
-            opts.kind,
-        )?;
+        let handshake = HandshakeOptions {
+            fs_tag: opts.tag.clone(),
+            ..HandshakeOptions::default()
+        };
+        let (conn, detected) =
+            Connection::handshake_device(&opts.socket, stream, &handshake, opts.kind)?;
         let info = conn.info().clone();
         let kind = detected.kind;
         if let Some(d) = &detected.doubt {
@@ -213,7 +216,10 @@ impl VhostUserDevice {
             path: opts.socket.clone(),
             what,
         };
-        let backend_queues = info.queue_num.unwrap_or(1);
+        // Without MQ the backend does not say: the type's default (the spec's minimum).
+        let backend_queues = info
+            .queue_num
+            .unwrap_or(u64::from(kind.default_queues()));
         let num_queues = match opts.num_queues {
             Some(0) => return Err(opt_err("queues=0".into())),
             Some(n) if u64::from(n) > backend_queues => {
@@ -292,6 +298,7 @@ impl VhostUserDevice {
             shared.clone(),
             SocketConnector {
                 path: opts.socket.clone(),
+                fs_tag: opts.tag.clone(),
             },
             WorkerSetup {
                 socket: opts.socket.clone(),

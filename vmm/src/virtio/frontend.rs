@@ -73,6 +73,8 @@ pub trait Connector: Send + 'static {
 pub struct SocketConnector {
     /// The socket path.
     pub path: PathBuf,
+    /// The virtio-fs tag for a backend that does not give its config.
+    pub fs_tag: Option<String>,
 }
 
 impl Connector for SocketConnector {
@@ -82,7 +84,10 @@ impl Connector for SocketConnector {
         let Some(stream) = try_connect(&self.path)? else {
             return Ok(None);
         };
-        let opts = HandshakeOptions::default();
+        let opts = HandshakeOptions {
+            fs_tag: self.fs_tag.clone(),
+            ..HandshakeOptions::default()
+        };
         Connection::handshake_device(&self.path, stream, &opts, Some(kind)).map(|(c, _)| Some(c))
     }
 }
