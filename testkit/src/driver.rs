@@ -389,6 +389,7 @@ fn handshake(path: &Path, opts: &DriverOptions) -> Result<(Connection, DeviceInf
         protocol_features: opts.protocol_mask,
         required_protocol_features: required,
         timeout: HANDSHAKE_TIMEOUT,
+        fs_tag: None,
     };
     loop {
         let last = match hype_frontend::try_connect(path) {
