@@ -41,7 +41,11 @@ fn wait_for_socket(socket: &Path, p: &mut Process) {
         if let Ok(Some(st)) = p.0.try_wait() {
             panic!("backend exited before listening: {st}");
         }
-        assert!(Instant::now() < deadline, "{} never appeared", socket.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            socket.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -70,7 +70,10 @@ fn qemu(art: &GuestArtifacts, devices: &[QemuDevice<'_>]) -> Command {
             QemuDevice::Blk(p) => (p, format!("vhost-user-blk-pci,chardev=c{i}")),
             QemuDevice::Net(p) => {
                 cmd.args(["-netdev", &format!("vhost-user,id=n{i},chardev=c{i}")]);
-                (p, format!("virtio-net-pci,netdev=n{i},mac=52:54:00:12:34:56"))
+                (
+                    p,
+                    format!("virtio-net-pci,netdev=n{i},mac=52:54:00:12:34:56"),
+                )
             }
         };
         cmd.args([
@@ -169,7 +172,10 @@ fn qemu_drives_hype_block_backends_and_survives_a_backend_restart() {
         )
         .unwrap();
     assert_eq!(
-        drivers.lines().filter(|l| l.contains("/pci0000:00/")).count(),
+        drivers
+            .lines()
+            .filter(|l| l.contains("/pci0000:00/"))
+            .count(),
         3,
         "{drivers}"
     );
@@ -221,7 +227,8 @@ fn qemu_drives_hype_block_backends_and_survives_a_backend_restart() {
 
     // block-http: read-only, the bytes served.
     assert_eq!(
-        vm.check(&format!("cat /sys/block/{vhttp}/ro"), STEP).unwrap(),
+        vm.check(&format!("cat /sys/block/{vhttp}/ro"), STEP)
+            .unwrap(),
         "1"
     );
     assert_eq!(
@@ -253,7 +260,10 @@ fn qemu_drives_hype_block_backends_and_survives_a_backend_restart() {
     )
     .unwrap();
     let on_host = std::fs::read(&image).unwrap();
-    assert_eq!(&on_host[200 * 512..200 * 512 + 21], b"written-after-restart");
+    assert_eq!(
+        &on_host[200 * 512..200 * 512 + 21],
+        b"written-after-restart"
+    );
 
     let st = vm.poweroff(STEP).unwrap();
     assert!(st.success(), "QEMU exit {st}: {}", vm.log());
@@ -287,7 +297,13 @@ impl NetNs {
         let socket = dir.join("net.sock");
         let _ = std::fs::remove_file(&socket);
         let backend = Command::new("ip")
-            .args(["netns", "exec", &name, env!("CARGO_BIN_EXE_hype"), "net-tap"])
+            .args([
+                "netns",
+                "exec",
+                &name,
+                env!("CARGO_BIN_EXE_hype"),
+                "net-tap",
+            ])
             .args(["--tap", "qemutap0", "--socket"])
             .arg(&socket)
             .env("HYPE_LOG", "warn")
@@ -358,7 +374,9 @@ fn qemu_virtio_net_passes_traffic_through_hype_net_tap() {
     );
     // And the host side saw them arrive on the TAP.
     let out = Command::new("ip")
-        .args(["netns", "exec", &net.name, "ip", "-s", "link", "show", "qemutap0"])
+        .args([
+            "netns", "exec", &net.name, "ip", "-s", "link", "show", "qemutap0",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -77,6 +77,9 @@ pub enum Error {
     /// A thread could not be spawned.
     #[error("cannot spawn thread")]
     SpawnThread(#[source] io::Error),
+    /// The message relay between frontend and daemon could not be set up.
+    #[error("cannot set up the vhost-user message relay")]
+    Relay(#[source] io::Error),
     /// The process could not confine itself (seccomp, Landlock).
     #[error("cannot set up the sandbox")]
     Sandbox(#[source] hype_sandbox::Error),
@@ -104,6 +107,7 @@ impl crate::CommandError for Error {
             | Error::ConnectionSetup(_)
             | Error::Accept(_)
             | Error::SpawnThread(_)
+            | Error::Relay(_)
             | Error::Sandbox(_) => false,
         }
     }

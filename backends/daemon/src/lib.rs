@@ -32,6 +32,7 @@ mod error;
 mod guest_error;
 pub mod guest_memory;
 mod listener;
+mod relay;
 pub mod sandbox;
 mod serve;
 mod shutdown;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::Listener;
 
+use crate::relay::InnerListener;
 use crate::Error;
 
 /// Mode of a socket we create when none is given: owner read/write only.
@@ -60,6 +61,9 @@ struct CreatedPath {
 pub struct SocketListener {
     listener: Listener,
     created: Option<CreatedPath>,
+    /// The daemon's side of the message relay (see `relay`), bound with the socket so that
+    /// no socket is bound once the process is confined. `None` once the sandbox refused it.
+    inner: Option<InnerListener>,
 }
 
 impl std::fmt::Debug for SocketListener {
@@ -95,6 +99,7 @@ impl SocketListener {
     /// A stale socket file (nobody listening) is replaced; a live one or a non-socket file is
     /// an error. The file is removed again when the listener is dropped, if it is still ours.
     pub fn bind(path: &Path, mode: u32) -> Result<Self, Error> {
+        let inner = InnerListener::bind().map_err(Error::Relay)?;
         remove_stale_socket(path)?;
         // Create the socket with no group/other bits so it is never briefly more open than
         // asked; then set the exact mode.
@@ -120,6 +125,7 @@ impl SocketListener {
         let me = SocketListener {
             listener: Listener::from(listener),
             created: Some(created),
+            inner: Some(inner),
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
             |source| Error::Chmod {
@@ -167,6 +173,7 @@ impl SocketListener {
         Ok(Some(SocketListener {
             listener: Listener::from(listener),
             created: None,
+            inner: Some(InnerListener::bind().map_err(Error::Relay)?),
         }))
     }
 
@@ -178,6 +185,16 @@ impl SocketListener {
     /// The listener in the form `VhostUserDaemon::start` takes.
     pub(crate) fn vhost_listener(&mut self) -> &mut Listener {
         &mut self.listener
+    }
+
+    /// The daemon's side of the message relay, unless it was given up.
+    pub(crate) fn inner(&mut self) -> Option<&mut InnerListener> {
+        self.inner.as_mut()
+    }
+
+    /// Gives the relay up: frontends are served directly from now on.
+    pub(crate) fn drop_relay(&mut self) {
+        self.inner = None;
     }
 }
 

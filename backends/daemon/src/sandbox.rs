@@ -27,6 +27,13 @@ pub static VHOST_USER: Group = Group {
           epoll, eventfds",
     rules: &[
         Rule::always("accept4", libc::SYS_accept4),
+        // The message relay connects to its private abstract socket once per frontend.
+        Rule::when(
+            "socket",
+            libc::SYS_socket,
+            &[&[Cond::eq(0, libc::AF_UNIX as u64)]],
+        ),
+        Rule::always("connect", libc::SYS_connect),
         Rule::always("recvmsg", libc::SYS_recvmsg),
         Rule::always("sendmsg", libc::SYS_sendmsg),
         Rule::always("shutdown", libc::SYS_shutdown),

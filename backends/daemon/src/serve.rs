@@ -12,6 +12,7 @@ use vm_memory::mmap::NewBitmap;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::relay::Relay;
 use crate::shutdown::poll_readable;
 use crate::{Error, Shutdown, SocketListener};
 
@@ -146,11 +147,46 @@ where
             .map_err(Error::ConnectionSetup)?;
         // The daemon holds the backend from here on.
         drop(backend);
-        daemon
-            .start(listener.vhost_listener())
-            .map_err(|e| Error::Accept(e.to_string()))?;
+        // The frontend talks to the daemon through the relay (see `relay`): it lets the
+        // daemon take message orders the spec allows and the `vhost` crate refuses.
+        let relay_end = match listener.inner().map(|inner| inner.connect()) {
+            Some(Ok(end)) => Some(end),
+            Some(Err(e)) if e.kind() == io::ErrorKind::PermissionDenied => {
+                // block-http's sandbox refuses Unix sockets (glibc's nscd lookups).
+                info!("the sandbox refuses Unix sockets: serving without the message relay");
+                listener.drop_relay();
+                None
+            }
+            Some(Err(e)) => return Err(Error::Relay(e)),
+            None => None,
+        };
+        let relay = match (relay_end, listener.inner()) {
+            (Some(end), Some(_)) => {
+                let frontend = match listener.vhost_listener().accept() {
+                    Ok(Some(f)) => f,
+                    Ok(None) => continue, // the connection went away before it was accepted
+                    Err(e) => return Err(Error::Accept(e.to_string())),
+                };
+                if let Some(inner) = listener.inner() {
+                    daemon
+                        .start(inner.listener())
+                        .map_err(|e| Error::Accept(e.to_string()))?;
+                }
+                Some(Relay::spawn(frontend, end).map_err(Error::Relay)?)
+            }
+            _ => {
+                daemon
+                    .start(listener.vhost_listener())
+                    .map_err(|e| Error::Accept(e.to_string()))?;
+                None
+            }
+        };
         info!("frontend connected");
-        let result = serve_connection(&mut daemon, shutdown)?;
+        let result = serve_connection(&mut daemon, shutdown);
+        if let Some(r) = relay {
+            r.finish();
+        }
+        let result = result?;
         // Dropping the daemon stops and joins its vring worker threads.
         drop(daemon);
         match result {

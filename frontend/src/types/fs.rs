@@ -91,6 +91,9 @@ mod tests {
         assert!(config_with_tag("a\0b", 1).is_err());
         assert!(config_with_tag(&"x".repeat(37), 1).is_err());
         let full = config_with_tag(&"x".repeat(36), 1).unwrap();
-        assert_eq!(DeviceType::Fs.describe_config(&full), format!("tag '{}'", "x".repeat(36)));
+        assert_eq!(
+            DeviceType::Fs.describe_config(&full),
+            format!("tag '{}'", "x".repeat(36))
+        );
     }
 }

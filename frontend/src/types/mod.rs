@@ -421,7 +421,10 @@ mod tests {
         assert_eq!(DeviceType::Vsock.frontend_config(Some("x")), Ok(None));
         assert_eq!(DeviceType::Block.frontend_config(None), Ok(None));
         assert!(DeviceType::Fs.frontend_config(None).is_err());
-        let c = DeviceType::Fs.frontend_config(Some("share")).unwrap().unwrap();
+        let c = DeviceType::Fs
+            .frontend_config(Some("share"))
+            .unwrap()
+            .unwrap();
         assert_eq!(c.len(), 40);
         assert_eq!(&c[..6], b"share\0");
         let mut c = c;
@@ -434,7 +437,10 @@ mod tests {
         for t in ALL_TYPES {
             assert_eq!(t.to_string().parse::<DeviceType>(), Ok(t));
             assert_eq!(t.spec().signature & !t.spec().device_bits, 0, "{t}");
-            assert!(!t.config_optional(), "{t}: learned types need the backend's config");
+            assert!(
+                !t.config_optional(),
+                "{t}: learned types need the backend's config"
+            );
         }
         assert_eq!(
             ALL_TYPES.map(DeviceType::virtio_id),

@@ -217,9 +217,7 @@ impl VhostUserDevice {
             what,
         };
         // Without MQ the backend does not say: the type's default (the spec's minimum).
-        let backend_queues = info
-            .queue_num
-            .unwrap_or(u64::from(kind.default_queues()));
+        let backend_queues = info.queue_num.unwrap_or(u64::from(kind.default_queues()));
         let num_queues = match opts.num_queues {
             Some(0) => return Err(opt_err("queues=0".into())),
             Some(n) if u64::from(n) > backend_queues => {
