@@ -302,7 +302,7 @@ struct Fixer {
 
 impl Fixer {
     /// One message from the frontend: what goes to the backend, and what goes straight back.
-    fn from_frontend(&mut self, m: Message) -> (Vec<Message>, Option<Message>) {
+    fn frontend_message(&mut self, m: Message) -> (Vec<Message>, Option<Message>) {
         match m.request() {
             SET_VRING_ENABLE if !self.protocol_features_acked && m.payload.len() == 8 => {
                 let index =
@@ -384,7 +384,7 @@ fn run(frontend: &mut UnixStream, backend: &mut UnixStream) -> io::Result<()> {
             let Some(m) = read_message(frontend)? else {
                 return Ok(());
             };
-            let (to_backend, to_frontend) = fixer.from_frontend(m);
+            let (to_backend, to_frontend) = fixer.frontend_message(m);
             for m in &to_backend {
                 write_message(backend, m)?;
             }
@@ -414,13 +414,13 @@ mod tests {
     #[test]
     fn early_enables_wait_for_the_features_and_are_acked_when_asked() {
         let mut f = Fixer::default();
-        let (out, reply) = f.from_frontend(enable(0, 1, VERSION_1 | NEED_REPLY));
+        let (out, reply) = f.frontend_message(enable(0, 1, VERSION_1 | NEED_REPLY));
         assert!(out.is_empty());
         let reply = reply.unwrap();
         assert_eq!(reply.request(), SET_VRING_ENABLE);
         assert_eq!(reply.flags(), VERSION_1 | REPLY);
         assert_eq!(reply.payload, vec![0u8; 8]);
-        let (out, reply) = f.from_frontend(enable(1, 0, VERSION_1));
+        let (out, reply) = f.frontend_message(enable(1, 0, VERSION_1));
         assert!(out.is_empty() && reply.is_none());
         // SET_FEATURES with bit 30: forwarded, then the held states in ring order.
         let feats = Message::new(
@@ -428,7 +428,7 @@ mod tests {
             VERSION_1,
             (PROTOCOL_FEATURES | 1).to_le_bytes().to_vec(),
         );
-        let (out, reply) = f.from_frontend(feats);
+        let (out, reply) = f.frontend_message(feats);
         assert!(reply.is_none());
         let reqs: Vec<(u32, Vec<u8>)> = out
             .iter()
@@ -440,7 +440,7 @@ mod tests {
         assert_eq!(reqs[2], (SET_VRING_ENABLE, enable(1, 0, 0).payload));
         assert!(out[1].flags() & NEED_REPLY == 0, "nobody waits for a reply");
         // From now on enables pass straight through.
-        let (out, reply) = f.from_frontend(enable(0, 0, VERSION_1 | NEED_REPLY));
+        let (out, reply) = f.frontend_message(enable(0, 0, VERSION_1 | NEED_REPLY));
         assert_eq!(out.len(), 1);
         assert!(reply.is_none());
     }
@@ -448,8 +448,8 @@ mod tests {
     #[test]
     fn without_protocol_features_held_enables_are_dropped() {
         let mut f = Fixer::default();
-        let _ = f.from_frontend(enable(0, 0, VERSION_1));
-        let (out, _) = f.from_frontend(Message::new(
+        let _ = f.frontend_message(enable(0, 0, VERSION_1));
+        let (out, _) = f.frontend_message(Message::new(
             SET_FEATURES,
             VERSION_1,
             1u64.to_le_bytes().to_vec(),
