@@ -2,10 +2,13 @@
 //! drivers. virtiofsd (C, QEMU 7.2's, Debian's `qemu-system-common`) serves a host directory
 //! as `--device fs:SOCKET,tag=share`: it offers no CONFIG protocol feature, so hype builds the
 //! virtio-fs config (the tag) itself. The guest mounts the share, reads a host file, writes
-//! files; the host sees them.
+//! files; the host sees them. rust-vmm's `vhost-device-rng` (from crates.io) serves
+//! `--device rng:SOCKET`: Linux's virtio-rng driver becomes the current hwrng and
+//! `/dev/hwrng` reads come from it.
 //!
-//! Needs the guest artefacts (HYPE_GUEST_*) and virtiofsd (at `HYPE_VIRTIOFSD` or
-//! /usr/lib/qemu/virtiofsd); without them the test prints a SKIPPED line.
+//! Needs the guest artefacts (HYPE_GUEST_*) and the backend (virtiofsd at `HYPE_VIRTIOFSD` or
+//! /usr/lib/qemu/virtiofsd; vhost-device-rng at `HYPE_VHOST_DEVICE_RNG` or on PATH); without
+//! them a test prints a SKIPPED line.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
@@ -140,4 +143,68 @@ fn virtiofsd_share_is_mounted_read_and_written_by_linux() {
     assert_eq!(st.code(), Some(0), "{}", vm.log());
     assert!(vm.log().contains("fs backend at"), "{}", vm.log());
     drop(fsd);
+}
+
+/// rust-vmm's `vhost-device-rng` (crates.io; `cargo install vhost-device-rng`), at
+/// `HYPE_VHOST_DEVICE_RNG` or on PATH.
+fn vhost_device_rng() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HYPE_VHOST_DEVICE_RNG") {
+        return Some(PathBuf::from(p));
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join("vhost-device-rng"))
+        .find(|p| p.exists())
+}
+
+#[test]
+fn vhost_device_rng_feeds_linux_hwrng() {
+    let Some(art) = GuestArtifacts::from_env_or_skip("interop_backends vhost-device-rng") else {
+        return;
+    };
+    let Some(rng) = vhost_device_rng() else {
+        eprintln!(
+            "SKIPPED interop_backends vhost-device-rng: not installed (cargo install vhost-device-rng; HYPE_VHOST_DEVICE_RNG names the binary)"
+        );
+        return;
+    };
+    let dir = work_dir("interop_vhost_device_rng");
+    let socket = dir.join("rng.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut p = Process(
+        Command::new(rng)
+            .arg("--socket-path")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vhost-device-rng"),
+    );
+    wait_for_socket(&socket, &mut p);
+    let spec = format!("rng:{}", socket.display());
+    let opts = VmOptions::new(&art.vmlinux, &art.initramfs).device(&spec);
+    let mut vm = GuestVm::boot(hype(), &opts).unwrap();
+    vm.wait_ready(BOOT).unwrap();
+    assert_eq!(
+        vm.check("cat /sys/class/misc/hw_random/rng_current", STEP)
+            .unwrap(),
+        "virtio_rng.0"
+    );
+    // 64 KiB from the device: all read, and not a constant.
+    let out = vm
+        .check(
+            "dd if=/dev/hwrng bs=4096 count=16 2>/dev/null | wc -c; dd if=/dev/hwrng bs=4096 count=16 2>/dev/null | md5sum | cut -d' ' -f1; dd if=/dev/hwrng bs=4096 count=16 2>/dev/null | md5sum | cut -d' ' -f1",
+            STEP,
+        )
+        .unwrap();
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "65536", "{out}");
+    assert_ne!(lines[1], lines[2], "two reads gave the same bytes: {out}");
+    let st = vm.poweroff(STEP).unwrap();
+    assert_eq!(st.code(), Some(0), "{}", vm.log());
+    assert!(vm.log().contains("rng backend at"), "{}", vm.log());
+    drop(p);
 }
