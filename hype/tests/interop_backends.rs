@@ -170,12 +170,14 @@ fn vhost_device_rng_feeds_linux_hwrng() {
         return;
     };
     let dir = work_dir("interop_vhost_device_rng");
-    let socket = dir.join("rng.sock");
+    // vhost-device-rng serves --socket-count sockets, each path suffixed with its index.
+    let base = dir.join("rng.sock");
+    let socket = dir.join("rng.sock0");
     let _ = std::fs::remove_file(&socket);
     let mut p = Process(
         Command::new(rng)
             .arg("--socket-path")
-            .arg(&socket)
+            .arg(&base)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
