@@ -190,6 +190,28 @@ pub struct ShutdownRequest {
     pub timeout_ms: Option<u64>,
 }
 
+/// `PUT /vm/snapshot` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Directory to write the snapshot into (created; must not exist or be empty), as the
+    /// VMM process sees it.
+    pub dir: String,
+}
+
+/// The answer to `PUT /vm/snapshot`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotReply {
+    /// Where the snapshot is.
+    pub dir: String,
+    /// Guest memory pages written (pages that are not all zero).
+    pub memory_pages: u64,
+    /// Their bytes.
+    pub memory_bytes_written: u64,
+    /// How long the snapshot took, in milliseconds.
+    pub took_ms: u64,
+}
+
 /// An optional field that, when present, must hold a value (`null` is refused).
 fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
@@ -325,4 +347,11 @@ pub trait VmApi: Send + Sync {
     fn add_device(&self, req: &AddDeviceRequest) -> Result<DeviceInfo, ControlError>;
     /// Hot-unplugs a device.
     fn remove_device(&self, id: &str) -> Result<(), ControlError>;
+    /// Writes a snapshot of the paused VM into `dir` (`docs/snapshot.md`).
+    fn snapshot(&self, dir: &str) -> Result<SnapshotReply, ControlError> {
+        let _ = dir;
+        Err(ControlError::Unavailable(
+            "this VMM does not take snapshots".into(),
+        ))
+    }
 }

@@ -19,7 +19,8 @@ use serde::Serialize;
 
 use crate::http::{Limits, ReadError, Reader, Request, Response};
 use crate::model::{
-    AddDeviceRequest, ControlError, EmptyRequest, ErrorReply, ShutdownRequest, VmApi,
+    AddDeviceRequest, ControlError, EmptyRequest, ErrorReply, ShutdownRequest, SnapshotRequest,
+    VmApi,
     DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT,
 };
 
@@ -427,6 +428,15 @@ pub fn route(api: &dyn VmApi, req: &Request) -> Response {
                 }
             };
             control(202, api.shutdown(timeout))
+        }
+        "/vm/snapshot" => {
+            if req.method != "PUT" {
+                return method_not_allowed("PUT");
+            }
+            match required_body::<SnapshotRequest>(req) {
+                Ok(r) => control(200, api.snapshot(&r.dir)),
+                Err(resp) => resp,
+            }
         }
         "/vm/devices" => {
             if req.method != "POST" {

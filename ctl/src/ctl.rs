@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::client::{Client, ClientError};
-use hype_api::model::{ActionReply, BackendState, DeviceInfo, VmInfo};
+use hype_api::model::{ActionReply, BackendState, DeviceInfo, SnapshotReply, VmInfo};
 
 /// `hype ctl` arguments.
 #[derive(Args, Debug)]
@@ -19,6 +19,7 @@ use hype_api::model::{ActionReply, BackendState, DeviceInfo, VmInfo};
   hype ctl --api-socket /run/vm.api --json info
   hype ctl --api-socket /run/vm.api pause
   hype ctl --api-socket /run/vm.api shutdown --timeout 30s
+  hype ctl --api-socket /run/vm.api pause && hype ctl --api-socket /run/vm.api snapshot /var/snap/vm1
 
 Exit codes: 0 done, 1 the VMM refused or could not be reached, 2 bad arguments.")]
 pub struct CtlArgs {
@@ -55,6 +56,13 @@ pub enum Verb {
         /// The backend socket, optionally with its type.
         #[arg(value_name = "SPEC")]
         spec: String,
+    },
+    /// Write a snapshot of the paused VM into DIR (created; made absolute here, since the VMM
+    /// may run elsewhere). Restore it with `hype vmm --restore DIR`.
+    Snapshot {
+        /// Target directory (must not exist, or be empty).
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
     /// Hot-unplug a device by id (as `info` shows it, e.g. virtio1).
     RemoveDevice {
@@ -158,6 +166,15 @@ pub fn execute(a: &CtlArgs) -> Result<String, CtlError> {
                 }
                 ("add-device", Method::POST, "/vm/devices".into(), Some(b))
             }
+            Verb::Snapshot { dir } => {
+                let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+                (
+                    "snapshot",
+                    Method::PUT,
+                    "/vm/snapshot".into(),
+                    Some(json!({ "dir": dir.to_string_lossy() })),
+                )
+            }
             Verb::RemoveDevice { id } => (
                 "remove-device",
                 Method::DELETE,
@@ -184,6 +201,15 @@ pub fn execute(a: &CtlArgs) -> Result<String, CtlError> {
             format!("added {}\n", device_line(&d))
         }
         Verb::RemoveDevice { id } => format!("removed {id}\n"),
+        Verb::Snapshot { .. } => {
+            let r: SnapshotReply = serde_json::from_slice(&answer.body).map_err(decode)?;
+            format!(
+                "snapshot in {}: {} of memory written in {} ms\n",
+                r.dir,
+                mib(r.memory_bytes_written),
+                r.took_ms
+            )
+        }
         Verb::Shutdown { .. } => {
             let r: ActionReply = serde_json::from_slice(&answer.body).map_err(decode)?;
             let how = if r.power_button == Some(true) {

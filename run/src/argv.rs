@@ -169,6 +169,7 @@ impl ChildArgs for VmmArgs {
             graceful_stop,
             dump_acpi,
             sandbox: sb,
+            restore,
         } = self;
         let d = parse::<VmmArgs, _, _>([OsStr::new("--kernel"), OsStr::new("k")]).ok();
         let mut a = Argv::default();
@@ -213,6 +214,9 @@ impl ChildArgs for VmmArgs {
         sandbox(&mut a, &sb.common);
         for dir in &sb.allow {
             a.opt("sandbox-allow", dir);
+        }
+        if let Some(dir) = restore {
+            a.opt("restore", dir);
         }
         a.0
     }
@@ -481,8 +485,17 @@ mod tests {
                 },
                 allow: vec!["/var/snap,shots".into()],
             },
+            restore: None,
         };
         round_trip(&all);
+        let restore = VmmArgs {
+            kernel: None,
+            initrd: None,
+            dump_acpi: None,
+            restore: Some("/var/snap,1".into()),
+            ..all.clone()
+        };
+        round_trip(&restore);
         // Odd memory sizes keep every byte.
         let odd = VmmArgs {
             memory: (512 << 20) + 4096,

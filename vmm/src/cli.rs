@@ -26,7 +26,7 @@ A guest write to I/O port 0x440 is logged with the time since start (boot-time m
 Logging: HYPE_LOG=debug (or RUST_LOG).")]
 pub struct VmmArgs {
     /// Kernel image: a bzImage, or an ELF vmlinux (booted through PVH when it has the PVH note).
-    #[arg(long, value_name = "PATH", required_unless_present = "dump_acpi")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["dump_acpi", "restore"])]
     pub kernel: Option<PathBuf>,
     /// Initial ramdisk (cpio, optionally compressed if the kernel can decompress it).
     #[arg(long, value_name = "PATH")]
@@ -76,6 +76,11 @@ pub struct VmmArgs {
     /// `--sandbox-allow DIR`.
     #[command(flatten)]
     pub sandbox: crate::sandbox::VmmSandboxArgs,
+    /// Restore the VM from a snapshot directory (written by `PUT /vm/snapshot`, `hype ctl
+    /// snapshot`) instead of booting: memory, vCPUs and platform come from the snapshot, the
+    /// guest continues where it was paused. --kernel is not needed (docs/snapshot.md).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "dump_acpi"])]
+    pub restore: Option<PathBuf>,
 }
 
 fn parse_graceful(s: &str) -> Result<std::time::Duration, String> {
@@ -142,6 +147,7 @@ pub fn run(a: VmmArgs) -> ExitCode {
     }
     let controls = VmControls {
         graceful_stop: a.graceful_stop,
+        restore: a.restore,
         ..Default::default()
     };
     match vm::run_with(&cfg, &controls) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hype_api::model::{
     ActionReply, AddDeviceRequest, BackendState, ControlError, Counters, DeviceInfo, DeviceKind,
-    ExitCounts, MemoryInfo, MemoryRegion, VcpuInfo, VmConfigInfo, VmInfo, VmState,
+    ExitCounts, MemoryInfo, MemoryRegion, SnapshotReply, VcpuInfo, VmConfigInfo, VmInfo, VmState,
 };
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -60,6 +60,7 @@ pub struct VmControl {
     power_button: Option<PowerButton>,
     serial_irqs: Arc<AtomicU64>,
     hotplug: Hotplug,
+    snapshotter: std::sync::OnceLock<crate::snapshot::Snapshotter>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,7 +110,13 @@ impl VmControl {
             power_button,
             serial_irqs,
             hotplug,
+            snapshotter: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives the control side what `PUT /vm/snapshot` needs (set once, before the API starts).
+    pub fn set_snapshotter(&self, s: crate::snapshot::Snapshotter) {
+        let _ = self.snapshotter.set(s);
     }
 
     /// The vCPU threads (kicked out of KVM_RUN for a pause).
@@ -391,6 +398,47 @@ impl hype_api::VmApi for VmControl {
             .find(|(b, _)| *b == base)
             .map(|(b, d)| self.device_info(*b, d))
             .ok_or_else(|| ControlError::NoSuchDevice(hotplug::device_name(slot)))
+    }
+
+    fn snapshot(&self, dir: &str) -> Result<SnapshotReply, ControlError> {
+        let _op = lock(&self.ops);
+        match self.state() {
+            VmState::Paused => {}
+            VmState::Running => return Err(ControlError::NotPaused),
+            VmState::ShuttingDown => return Err(ControlError::ShuttingDown),
+            VmState::Stopping => return Err(ControlError::Stopping),
+        }
+        let Some(snap) = self.snapshotter.get() else {
+            return Err(ControlError::Unavailable("snapshots are not set up".into()));
+        };
+        let path = std::path::Path::new(dir);
+        let devices = self.shared.mmio.devices().len();
+        match snap.save(path, &self.shared.snapshot, devices) {
+            Ok(s) => {
+                log::info!(
+                    "snapshot written to {dir}: {} pages of memory in {:.1} ms",
+                    s.memory_pages,
+                    s.took.as_secs_f64() * 1000.0
+                );
+                Ok(SnapshotReply {
+                    dir: dir.to_owned(),
+                    memory_pages: s.memory_pages,
+                    memory_bytes_written: s.memory_bytes_written,
+                    took_ms: s.took.as_millis() as u64,
+                })
+            }
+            Err(e) => {
+                let text = hype_base::error_chain(&e).to_string();
+                log::warn!("snapshot to {dir} failed: {text}");
+                Err(match e {
+                    crate::snapshot::SnapshotError::DirNotEmpty(_) => ControlError::Conflict(text),
+                    crate::snapshot::SnapshotError::DevicesUnsupported(_) => {
+                        ControlError::Unavailable(text)
+                    }
+                    _ => ControlError::Failed(text),
+                })
+            }
+        }
     }
 
     fn remove_device(&self, id: &str) -> Result<(), ControlError> {

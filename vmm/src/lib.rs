@@ -21,6 +21,7 @@ pub mod layout;
 pub mod memory;
 pub mod platform;
 pub mod sandbox;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -163,9 +163,21 @@ impl PauseGate {
     /// Called by vCPU `index` between two KVM_RUNs: waits while a pause is requested and
     /// `stop` is not set.
     pub fn park_if_requested(&self, index: usize, stop: &AtomicBool) {
+        self.park_if_requested_with(index, stop, || {});
+    }
+
+    /// [`PauseGate::park_if_requested`], running `before_park` (on the vCPU's thread) before
+    /// the vCPU counts as parked: a pause returns only after every vCPU has run it.
+    pub fn park_if_requested_with(
+        &self,
+        index: usize,
+        stop: &AtomicBool,
+        before_park: impl FnOnce(),
+    ) {
         if !self.is_requested() {
             return;
         }
+        before_park();
         let mut g = self.lock();
         if let Some(p) = g.get_mut(index) {
             *p = true;
@@ -237,6 +249,8 @@ pub struct VcpuShared {
     pub exits: Vec<ExitStats>,
     /// Where vCPUs wait while the VM is paused.
     pub pause: PauseGate,
+    /// Where each vCPU records its state when it parks (for snapshots).
+    pub snapshot: crate::snapshot::VcpuSlots,
 }
 
 /// Reads the instruction bytes at the vCPU's RIP (linear address through the guest's paging).
@@ -295,7 +309,9 @@ pub fn run(mut vcpu: VcpuFd, index: u8, shared: &VcpuShared) -> VcpuEnd {
         }
         shared
             .pause
-            .park_if_requested(usize::from(index), &shared.stop);
+            .park_if_requested_with(usize::from(index), &shared.stop, || {
+                shared.snapshot.capture(usize::from(index), &mut vcpu)
+            });
         if shared.stop.load(Ordering::Acquire) {
             return VcpuEnd::Stopped;
         }

@@ -74,6 +74,9 @@ pub struct VmControls {
     /// button first and stops the VM only if the guest has not ended within `t` (or on a second
     /// signal). Needs platform acpi; with mptable the VM stops at once.
     pub graceful_stop: Option<Duration>,
+    /// Restore the VM from this snapshot directory (`docs/snapshot.md`) instead of booting:
+    /// memory, vCPUs and platform come from the snapshot; the image is not loaded.
+    pub restore: Option<PathBuf>,
 }
 
 /// A Linux kernel, or a raw program (tests, demos).
@@ -208,6 +211,9 @@ pub enum VmmError {
     /// The control API socket could not be served.
     #[error("control API")]
     Api(#[source] hype_api::server::ServerError),
+    /// Taking or restoring a snapshot.
+    #[error("snapshot")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// Attaching a `--device` failed. The message gives the position and the name the logs
     /// use; the socket path is named once, by the source.
     #[error("device {index} (virtio{index})")]
@@ -732,8 +738,24 @@ pub fn acpi_tables(cfg: &VmConfig) -> Result<Option<AcpiTables>, VmmError> {
 /// thread to ask the guest to shut down.
 pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmError> {
     let started = Instant::now();
-    validate(cfg)?;
     let kvm = open_kvm()?;
+    let fixups = Fixups::new(cfg.fixups);
+    let supported = guest_cpuid(&kvm, &fixups)?;
+    let host_cpu = crate::snapshot::CpuIdentity::from_cpuid(&supported);
+    // A snapshot is checked whole before anything of the VM exists.
+    let restore = match &controls.restore {
+        Some(dir) => Some(crate::snapshot::Restore::open(dir, &host_cpu)?),
+        None => None,
+    };
+    let restored_cfg;
+    let cfg = match &restore {
+        Some(r) => {
+            restored_cfg = r.config_for(cfg)?;
+            &restored_cfg
+        }
+        None => cfg,
+    };
+    validate(cfg)?;
     let max = kvm.get_max_vcpus().min(usize::from(MAX_VCPUS));
     if usize::from(cfg.cpus) > max {
         return Err(VmmError::Cpus {
@@ -741,9 +763,11 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
             max: max as u64,
         });
     }
-    let fixups = Fixups::new(cfg.fixups);
     let vm = Arc::new(create_vm(&kvm)?);
-    let mem = memory::create_guest_memory(cfg.memory)?;
+    let mem = match &restore {
+        Some(r) => r.memory()?,
+        None => memory::create_guest_memory(cfg.memory)?,
+    };
     register_memory(&vm, &mem)?;
     let slots = Arc::new(HotplugSlots::new());
     let hotplug = Hotplug::new(vm.clone(), mem.clone(), slots.clone());
@@ -762,10 +786,12 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         }
     }
     let rsdp = acpi.as_ref().map(AcpiTables::rsdp_addr);
-    let boot = load_image(cfg, &mem, &device_cmdline, &fixups, rsdp)?;
+    let boot = match &restore {
+        Some(_) => None,
+        None => Some(load_image(cfg, &mem, &device_cmdline, &fixups, rsdp)?),
+    };
     fixups.announce();
 
-    let supported = guest_cpuid(&kvm, &fixups)?;
     if fixups.is_active() && cfg.cpus > 1 {
         log::warn!(
             "PVM host: with {} vCPUs a busy host can show guest processes stale memory \
@@ -779,9 +805,11 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         .find(|e| e.function == 1)
         .map(|e| (e.eax, e.edx))
         .unwrap_or((0x600, 0x201));
-    match &acpi {
-        Some(tables) => tables.write(&mem)?,
-        None => mptable::write(&mem, cfg.cpus, signature, features)?,
+    match (&acpi, &restore) {
+        // The snapshot's memory holds the tables the guest was booted with.
+        (_, Some(_)) => {}
+        (Some(tables), None) => tables.write(&mem)?,
+        (None, None) => mptable::write(&mem, cfg.cpus, signature, features)?,
     }
 
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;
@@ -811,9 +839,26 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
             &supported,
             i,
             cfg.cpus,
-            (i == 0).then_some(boot),
+            if i == 0 { boot } else { None },
         )?);
     }
+    if let Some(r) = &restore {
+        // Only the legacy 4 KiB XSAVE area is saved; KVM_CAP_XSAVE2 says whether KVM wants more.
+        let xsave_fits = kvm.check_extension_int(Cap::Xsave2) <= 4096;
+        for (i, vcpu) in vcpus.iter().enumerate() {
+            r.restore_vcpu(vcpu, i, xsave_fits)?;
+        }
+        crate::snapshot::state::restore_vm(&vm, &r.vm).map_err(crate::snapshot::SnapshotError::from)?;
+        log::info!(
+            "restored from {} in {:.1} ms",
+            r.dir.display(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    let msr_indices = kvm
+        .get_msr_index_list()
+        .map(|l| l.as_slice().to_vec())
+        .unwrap_or_default();
 
     crate::sandbox::restrict_files().map_err(VmmError::Sandbox)?;
     install_signal_handlers()?;
@@ -837,6 +882,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         fixups,
         exits: (0..cfg.cpus).map(|_| Default::default()).collect(),
         pause: vcpu::PauseGate::new(usize::from(cfg.cpus)),
+        snapshot: crate::snapshot::VcpuSlots::new(usize::from(cfg.cpus), msr_indices),
     });
     let (tx, rx) = mpsc::channel::<(u8, VcpuEnd)>();
     let mut handles = Vec::with_capacity(vcpus.len());
@@ -869,6 +915,14 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         hotplug,
     ));
     control.set_vcpu_threads(handles.iter().map(|h| h.as_pthread_t()).collect());
+    control.set_snapshotter(crate::snapshot::Snapshotter {
+        vm: vm.clone(),
+        mem: mem.clone(),
+        memory_bytes: cfg.memory,
+        cpus: cfg.cpus,
+        platform: cfg.platform.name().to_owned(),
+        cpu: host_cpu,
+    });
     let api = match &cfg.api_socket {
         Some(path) => match hype_api::ApiServer::start(path, control.clone()) {
             Ok(s) => Some(s),
