@@ -20,8 +20,7 @@ use serde::Serialize;
 use crate::http::{Limits, ReadError, Reader, Request, Response};
 use crate::model::{
     AddDeviceRequest, ControlError, EmptyRequest, ErrorReply, ShutdownRequest, SnapshotRequest,
-    VmApi,
-    DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT,
+    VmApi, DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT,
 };
 
 /// Most connections served at once; more are answered 503 and closed.

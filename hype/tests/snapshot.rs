@@ -66,7 +66,9 @@ impl Vm {
 
     fn snapshot(&self, dir: &Path) -> Result<SnapshotReply, ClientError> {
         let body = serde_json::json!({ "dir": dir.to_str().unwrap() });
-        let a = self.client().call(Method::PUT, "/vm/snapshot", Some(&body))?;
+        let a = self
+            .client()
+            .call(Method::PUT, "/vm/snapshot", Some(&body))?;
         Ok(serde_json::from_slice(&a.body).unwrap())
     }
 
@@ -150,7 +152,10 @@ fn take_snapshot(name: &str) -> (PathBuf, String) {
     assert!(reply.memory_bytes_written < 1 << 20, "{reply:?}");
     // A second snapshot into the same directory is refused.
     match vm.snapshot(&snap) {
-        Err(ClientError::Status { status: 409, message }) => {
+        Err(ClientError::Status {
+            status: 409,
+            message,
+        }) => {
             assert!(message.contains("not empty"), "{message}")
         }
         other => panic!("snapshot into a full directory: {other:?}"),
@@ -214,15 +219,25 @@ fn ctl_snapshot_writes_a_restorable_snapshot() {
     assert!(ctl(&["pause"]).status.success());
     let out = ctl(&["snapshot", snap.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.starts_with(&format!("snapshot in {}", snap.display())), "{text}");
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with(&format!("snapshot in {}", snap.display())),
+        "{text}"
+    );
     vm.stop();
     let m: Manifest =
         serde_json::from_slice(&std::fs::read(snap.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m.magic, "hype-snapshot");
     assert_eq!(m.memory_bytes, 64 << 20);
     assert_eq!(m.cpus, 1);
-    let restored = Vm::start(&dir.join("restored"), &["--restore", snap.to_str().unwrap()]);
+    let restored = Vm::start(
+        &dir.join("restored"),
+        &["--restore", snap.to_str().unwrap()],
+    );
     restored.wait_for_lines(1);
 }
 
@@ -250,7 +265,10 @@ fn restore_spoiled(name: &str, spoil: impl FnOnce(&Path), extra: &[&str]) -> (Op
         .unwrap();
     // Refused before the guest ran: it printed nothing.
     assert_eq!(std::fs::read(&serial).unwrap_or_default(), b"", "{name}");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Rewrites the manifest through `f` and gives it a matching checksum.
@@ -260,12 +278,20 @@ fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     f(&mut v);
     let text = serde_json::to_vec_pretty(&v).unwrap();
     std::fs::write(&path, &text).unwrap();
-    std::fs::write(dir.join("manifest.crc32"), format!("{:08x}\n", crc32(&text))).unwrap();
+    std::fs::write(
+        dir.join("manifest.crc32"),
+        format!("{:08x}\n", crc32(&text)),
+    )
+    .unwrap();
 }
 
 fn flip_byte(path: &Path, at: u64) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
@@ -283,18 +309,28 @@ fn truncated_memory_is_refused() {
     let r = restore_spoiled(
         "truncated",
         |d| {
-            let f = std::fs::OpenOptions::new().write(true).open(d.join("memory.bin")).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("memory.bin"))
+                .unwrap();
             f.set_len(32 << 20).unwrap();
         },
         &[],
     );
-    assert_refused(r, "memory.bin has 33554432 bytes, the manifest says 67108864: truncated");
+    assert_refused(
+        r,
+        "memory.bin has 33554432 bytes, the manifest says 67108864: truncated",
+    );
 }
 
 #[test]
 fn corrupted_memory_is_refused() {
     // The guest's code page (linked at 2 MiB) is in the snapshot.
-    let r = restore_spoiled("memory", |d| flip_byte(&d.join("memory.bin"), 0x20_0010), &[]);
+    let r = restore_spoiled(
+        "memory",
+        |d| flip_byte(&d.join("memory.bin"), 0x20_0010),
+        &[],
+    );
     assert_refused(r, "memory.bin is corrupted");
 }
 
@@ -309,7 +345,10 @@ fn truncated_state_is_refused() {
     let r = restore_spoiled(
         "state-cut",
         |d| {
-            let f = std::fs::OpenOptions::new().write(true).open(d.join("state.bin")).unwrap();
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join("state.bin"))
+                .unwrap();
             let len = f.metadata().unwrap().len();
             f.set_len(len - 100).unwrap();
         },
@@ -324,7 +363,9 @@ fn corrupted_manifest_is_refused() {
         "manifest",
         |d| {
             let p = d.join("manifest.json");
-            let t = std::fs::read_to_string(&p).unwrap().replace("\"cpus\": 1", "\"cpus\": 2");
+            let t = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace("\"cpus\": 1", "\"cpus\": 2");
             std::fs::write(&p, t).unwrap();
         },
         &[],
@@ -334,7 +375,11 @@ fn corrupted_manifest_is_refused() {
 
 #[test]
 fn missing_manifest_is_refused() {
-    let r = restore_spoiled("no-manifest", |d| std::fs::remove_file(d.join("manifest.json")).unwrap(), &[]);
+    let r = restore_spoiled(
+        "no-manifest",
+        |d| std::fs::remove_file(d.join("manifest.json")).unwrap(),
+        &[],
+    );
     assert_refused(r, "is not a snapshot (no manifest.json)");
 }
 
@@ -365,7 +410,10 @@ fn other_cpu_is_refused() {
         |d| edit_manifest(d, |v| v["host_cpu"]["signature"] = 0x12345.into()),
         &[],
     );
-    assert_refused(r, "taken on another CPU (family/model/stepping: snapshot 0x12345");
+    assert_refused(
+        r,
+        "taken on another CPU (family/model/stepping: snapshot 0x12345",
+    );
     let r = restore_spoiled(
         "vendor",
         |d| edit_manifest(d, |v| v["host_cpu"]["vendor"] = "OtherVendor1".into()),

@@ -61,6 +61,8 @@ pub struct VmControl {
     serial_irqs: Arc<AtomicU64>,
     hotplug: Hotplug,
     snapshotter: std::sync::OnceLock<crate::snapshot::Snapshotter>,
+    /// A snapshot stopped the devices' rings; the next resume starts them.
+    rings_stopped: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,6 +113,7 @@ impl VmControl {
             serial_irqs,
             hotplug,
             snapshotter: std::sync::OnceLock::new(),
+            rings_stopped: AtomicBool::new(false),
         }
     }
 
@@ -175,6 +178,11 @@ impl VmControl {
     }
 
     fn do_resume(&self) {
+        if self.rings_stopped.swap(false, Ordering::AcqRel) {
+            for (_, d) in self.shared.mmio.devices().iter() {
+                d.resume_rings();
+            }
+        }
         self.shared.pause.resume();
         self.set_state_from(VmState::Paused, VmState::Running);
         log::info!("VM resumed through the API");
@@ -412,8 +420,25 @@ impl hype_api::VmApi for VmControl {
             return Err(ControlError::Unavailable("snapshots are not set up".into()));
         };
         let path = std::path::Path::new(dir);
-        let devices = self.shared.mmio.devices().len();
-        match snap.save(path, &self.shared.snapshot, devices) {
+        let all = self.shared.mmio.devices();
+        let devices: Vec<crate::snapshot::LiveDevice<'_>> = all
+            .iter()
+            .map(|(base, d)| {
+                let index = (base.saturating_sub(VIRTIO_MMIO_BASE) / VIRTIO_MMIO_SIZE) as usize;
+                crate::snapshot::LiveDevice {
+                    index,
+                    socket: self
+                        .hotplug
+                        .slot(index)
+                        .map(|slot| path_text(&slot.socket))
+                        .unwrap_or_default(),
+                    device: d,
+                }
+            })
+            .collect();
+        // The rings are stopped from here on: a resume starts them again.
+        self.rings_stopped.store(true, Ordering::Release);
+        match snap.save(path, &self.shared.snapshot, &devices) {
             Ok(s) => {
                 log::info!(
                     "snapshot written to {dir}: {} pages of memory in {:.1} ms",
@@ -432,9 +457,6 @@ impl hype_api::VmApi for VmControl {
                 log::warn!("snapshot to {dir} failed: {text}");
                 Err(match e {
                     crate::snapshot::SnapshotError::DirNotEmpty(_) => ControlError::Conflict(text),
-                    crate::snapshot::SnapshotError::DevicesUnsupported(_) => {
-                        ControlError::Unavailable(text)
-                    }
                     _ => ControlError::Failed(text),
                 })
             }

@@ -424,6 +424,7 @@ fn attach_devices(
     mem: &GuestMemoryMmap,
     devices: &[DeviceSpec],
     hotplug: &Hotplug,
+    restore: Option<&crate::snapshot::Restore>,
 ) -> Result<(MmioBus, Vec<String>), VmmError> {
     if devices.len() > virtio_mod::MAX_DEVICES {
         return Err(VmmError::TooManyDevices(devices.len()));
@@ -443,6 +444,9 @@ fn attach_devices(
             VhostUserDevice::attach(&name, &spec.options(), mem.clone(), None).map_err(dev_err)?;
         crate::hotplug::wire(vm, &dev, base, gsi)
             .map_err(|(what, source)| VmmError::Kvm { what, source })?;
+        if let Some(r) = restore {
+            r.restore_device(index, &dev)?;
+        }
         hotplug.boot_device(index, &spec.socket);
         log::debug!("{name}: window {base:#x}, GSI {gsi}");
         cmdline.push(virtio_mod::cmdline_entry(base, gsi));
@@ -772,7 +776,8 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     let slots = Arc::new(HotplugSlots::new());
     let hotplug = Hotplug::new(vm.clone(), mem.clone(), slots.clone());
     let acpi = acpi_tables(cfg)?;
-    let (mmio, mut device_cmdline) = attach_devices(&vm, &mem, &cfg.devices, &hotplug)?;
+    let (mmio, mut device_cmdline) =
+        attach_devices(&vm, &mem, &cfg.devices, &hotplug, restore.as_ref())?;
     if acpi.is_some() {
         // The DSDT describes the devices: never describe them twice.
         device_cmdline.clear();
@@ -848,7 +853,11 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         for (i, vcpu) in vcpus.iter().enumerate() {
             r.restore_vcpu(vcpu, i, xsave_fits)?;
         }
-        crate::snapshot::state::restore_vm(&vm, &r.vm).map_err(crate::snapshot::SnapshotError::from)?;
+        crate::snapshot::state::restore_vm(&vm, &r.vm)
+            .map_err(crate::snapshot::SnapshotError::from)?;
+        for (_, d) in mmio.devices() {
+            d.start_restored();
+        }
         log::info!(
             "restored from {} in {:.1} ms",
             r.dir.display(),

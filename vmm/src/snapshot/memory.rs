@@ -29,7 +29,8 @@ pub struct PagesSummary {
 
 /// `lseek(fd, offset, whence)` for `SEEK_DATA`/`SEEK_HOLE`; `None` past the last data.
 fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek on a descriptor we own; it changes only the file position, which nothing
     // else uses (guest memory is reached through mappings and positioned I/O).
     let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
@@ -54,7 +55,9 @@ fn extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
         if start >= size {
             break;
         }
-        let end = seek(file, start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let end = seek(file, start, libc::SEEK_HOLE)?
+            .unwrap_or(size)
+            .min(size);
         // Page-align outwards: a page is copied whole.
         let s = start - start % PAGE as u64;
         let e = end.div_ceil(PAGE as u64) * PAGE as u64;
@@ -114,7 +117,8 @@ mod tests {
         src.set_len(size).unwrap();
         src.write_all_at(&[7u8; 10], 3 * PAGE as u64 + 5).unwrap();
         src.write_all_at(&[0u8; PAGE], 9 * PAGE as u64).unwrap();
-        src.write_all_at(&[1u8; PAGE * 2], 40 * PAGE as u64).unwrap();
+        src.write_all_at(&[1u8; PAGE * 2], 40 * PAGE as u64)
+            .unwrap();
         let dst = File::options()
             .read(true)
             .write(true)

@@ -69,7 +69,9 @@ impl CpuIdentity {
         }
         let (l1, l7) = (leaf(1), leaf(7));
         CpuIdentity {
-            vendor: String::from_utf8_lossy(&vendor).trim_end_matches('\0').to_owned(),
+            vendor: String::from_utf8_lossy(&vendor)
+                .trim_end_matches('\0')
+                .to_owned(),
             signature: l1.eax,
             // Leaf 1 EBX/ECX bits that vary per vCPU (APIC id, OSXSAVE) are not in the words.
             features: [l1.ecx & !(1 << 27), l1.edx, l7.ebx, l7.ecx, l7.edx],
@@ -96,10 +98,24 @@ pub struct FileRecord {
 pub struct DeviceRecord {
     /// Slot (virtioN).
     pub index: usize,
-    /// Device type name (block, net, console).
+    /// Device type name (blk, net, console).
     pub kind: String,
     /// The backend socket it was attached through.
     pub socket: String,
+    /// The virtio-mmio register file.
+    pub transport: crate::virtio::mmio::TransportState,
+    /// Where each ring stood when the snapshot stopped it.
+    pub rings: Vec<crate::virtio::worker::RingPosition>,
+}
+
+/// A device of the running VM, as the snapshot needs it.
+pub struct LiveDevice<'a> {
+    /// Slot.
+    pub index: usize,
+    /// Backend socket.
+    pub socket: String,
+    /// The device.
+    pub device: &'a crate::virtio::VhostUserDevice,
 }
 
 /// `manifest.json`.
@@ -136,9 +152,22 @@ pub enum SnapshotError {
     /// The target directory exists and is not empty.
     #[error("{0} exists and is not empty")]
     DirNotEmpty(PathBuf),
-    /// The VM has virtio devices, whose backend state this version does not save yet.
-    #[error("the VM has {0} virtio device(s): snapshots of VMs with devices are not supported yet")]
-    DevicesUnsupported(usize),
+    /// A device's rings could not be stopped.
+    #[error("{name}: cannot stop its rings: {text}")]
+    DeviceStop {
+        /// Device.
+        name: String,
+        /// Why.
+        text: String,
+    },
+    /// A `--device` given for a restore does not match the snapshot's device.
+    #[error("device {index} (virtio{index}): {text}")]
+    DeviceRestore {
+        /// Slot.
+        index: usize,
+        /// Why.
+        text: String,
+    },
     /// A vCPU has not recorded its state (it did not park since the pause began).
     #[error("vCPU {0} has no recorded state")]
     VcpuNotCaptured(usize),
@@ -357,19 +386,33 @@ fn memfd_of(mem: &GuestMemoryMmap) -> Option<Arc<File>> {
 
 impl Snapshotter {
     /// Writes a snapshot of the paused VM into `dir` (created; it must not exist, or be empty).
-    /// `vcpus` holds what every vCPU recorded when it parked; `devices` counts the VM's virtio
-    /// devices.
+    /// `vcpus` holds what every vCPU recorded when it parked. Every device's rings are stopped
+    /// first (the backends then leave guest memory alone) and stay stopped until the VM resumes.
     pub fn save(
         &self,
         dir: &Path,
         vcpus: &VcpuSlots,
-        devices: usize,
+        devices: &[LiveDevice<'_>],
     ) -> Result<SaveSummary, SnapshotError> {
         let started = Instant::now();
-        if devices > 0 {
-            return Err(SnapshotError::DevicesUnsupported(devices));
-        }
         let vcpu_states = vcpus.take_all()?;
+        let mut records = Vec::with_capacity(devices.len());
+        for d in devices {
+            let (transport, rings) =
+                d.device
+                    .snapshot_stop()
+                    .map_err(|text| SnapshotError::DeviceStop {
+                        name: d.device.name().to_owned(),
+                        text,
+                    })?;
+            records.push(DeviceRecord {
+                index: d.index,
+                kind: d.device.kind().name().to_owned(),
+                socket: d.socket.clone(),
+                transport,
+                rings,
+            });
+        }
         match std::fs::read_dir(dir) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -390,7 +433,8 @@ impl Snapshotter {
         })?;
         let out = File::create(&mem_path).map_err(io_err(&mem_path))?;
         out.set_len(self.memory_bytes).map_err(io_err(&mem_path))?;
-        let pages = memory::copy_sparse(&memfd, &out, self.memory_bytes).map_err(io_err(&mem_path))?;
+        let pages =
+            memory::copy_sparse(&memfd, &out, self.memory_bytes).map_err(io_err(&mem_path))?;
         out.sync_all().map_err(io_err(&mem_path))?;
         let mem_rec = FileRecord {
             name: MEMORY.to_owned(),
@@ -407,7 +451,7 @@ impl Snapshotter {
             memory_bytes: self.memory_bytes,
             cpus: self.cpus,
             platform: self.platform.clone(),
-            devices: Vec::new(),
+            devices: records,
             files: vec![state_rec, mem_rec],
             created_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -415,7 +459,11 @@ impl Snapshotter {
                 .unwrap_or(0),
         };
         let text = serde_json::to_vec_pretty(&manifest).map_err(SnapshotError::Malformed)?;
-        write_file(dir, MANIFEST_SUM, format!("{:08x}\n", crc::crc32(&text)).as_bytes())?;
+        write_file(
+            dir,
+            MANIFEST_SUM,
+            format!("{:08x}\n", crc::crc32(&text)).as_bytes(),
+        )?;
         // The manifest goes last, under a temporary name renamed into place: a snapshot cut
         // short has no manifest and is refused as such.
         let tmp = format!("{MANIFEST}.tmp");
@@ -505,7 +553,9 @@ impl Restore {
         let expected = std::str::from_utf8(&sum_text)
             .ok()
             .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
-            .ok_or_else(|| SnapshotError::Inconsistent(format!("{MANIFEST_SUM} is not a CRC-32")))?;
+            .ok_or_else(|| {
+                SnapshotError::Inconsistent(format!("{MANIFEST_SUM} is not a CRC-32"))
+            })?;
         let found = crc::crc32(&text);
         if found != expected {
             return Err(SnapshotError::Corrupt {
@@ -545,8 +595,13 @@ impl Restore {
                 manifest.memory_bytes
             )));
         }
-        if !manifest.devices.is_empty() {
-            return Err(SnapshotError::DevicesUnsupported(manifest.devices.len()));
+        for (i, d) in manifest.devices.iter().enumerate() {
+            if d.index != i {
+                return Err(SnapshotError::Inconsistent(format!(
+                    "device {i} has slot {}",
+                    d.index
+                )));
+            }
         }
         let record = |name: &'static str| {
             manifest
@@ -597,7 +652,10 @@ impl Restore {
 
     /// `cfg` with what the snapshot fixes (memory, vCPUs, platform); refuses `--device`s
     /// that do not match the snapshot's devices.
-    pub fn config_for(&self, cfg: &crate::vm::VmConfig) -> Result<crate::vm::VmConfig, SnapshotError> {
+    pub fn config_for(
+        &self,
+        cfg: &crate::vm::VmConfig,
+    ) -> Result<crate::vm::VmConfig, SnapshotError> {
         if cfg.devices.len() != self.manifest.devices.len() {
             return Err(SnapshotError::DeviceMismatch {
                 snapshot: self.manifest.devices.len(),
@@ -622,8 +680,8 @@ impl Restore {
         let memfd = memfd_of(&mem)
             .ok_or_else(|| io_err(&path)(io::Error::other("guest memory is not file-backed")))?;
         let src = File::open(&path).map_err(io_err(&path))?;
-        let got = memory::copy_sparse(&src, &memfd, self.manifest.memory_bytes)
-            .map_err(io_err(&path))?;
+        let got =
+            memory::copy_sparse(&src, &memfd, self.manifest.memory_bytes).map_err(io_err(&path))?;
         if got.crc32 != self.memory.crc32 || Some(got.pages) != self.memory.pages {
             return Err(SnapshotError::Corrupt {
                 name: MEMORY.into(),
@@ -633,6 +691,40 @@ impl Restore {
             .into());
         }
         Ok(mem)
+    }
+
+    /// Puts device `index`'s saved state into `dev` (just attached to the backend given for it)
+    /// and starts its rings where the guest's used rings stand; refuses a backend of another
+    /// kind or one that cannot carry the guest's setup.
+    pub fn restore_device(
+        &self,
+        index: usize,
+        dev: &crate::virtio::VhostUserDevice,
+    ) -> Result<(), SnapshotError> {
+        let bad = |text: String| SnapshotError::DeviceRestore { index, text };
+        let rec = self
+            .manifest
+            .devices
+            .get(index)
+            .ok_or_else(|| bad("not in the snapshot".into()))?;
+        if rec.kind != dev.kind().name() {
+            return Err(bad(format!(
+                "the snapshot has a {} device here, the backend given is {}",
+                rec.kind,
+                dev.kind().name()
+            )));
+        }
+        dev.restore(&rec.transport).map_err(bad)?;
+        log::info!(
+            "restore: {} (was {}): rings resume at used {:?}",
+            dev.name(),
+            rec.socket,
+            rec.rings
+                .iter()
+                .map(|r| (r.queue, r.used))
+                .collect::<Vec<_>>()
+        );
+        Ok(())
     }
 
     /// Restores vCPU `index` into `vcpu` (created with its CPUID set).

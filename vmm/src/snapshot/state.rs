@@ -5,8 +5,8 @@
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
@@ -233,7 +233,10 @@ impl std::fmt::Debug for VcpuState {
 }
 
 /// Reads as many of `indices` as KVM allows; MSRs it refuses are skipped (returned second).
-fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<(Vec<kvm_msr_entry>, Vec<u32>), KvmCallError> {
+fn read_msrs(
+    vcpu: &VcpuFd,
+    indices: &[u32],
+) -> Result<(Vec<kvm_msr_entry>, Vec<u32>), KvmCallError> {
     let mut out = Vec::with_capacity(indices.len());
     let mut skipped = Vec::new();
     let mut rest: &[u32] = indices;
@@ -476,10 +479,8 @@ pub fn decode(data: &[u8], cpus: usize) -> Result<(Vec<VcpuState>, VmState), Dec
         let body = data
             .get(at + 8..(at + 8).saturating_add(len))
             .ok_or(DecodeError::Truncated(at))?;
-        let kind = Kind::from_u16(kind_raw).ok_or(DecodeError::UnknownKind {
-            at,
-            kind: kind_raw,
-        })?;
+        let kind =
+            Kind::from_u16(kind_raw).ok_or(DecodeError::UnknownKind { at, kind: kind_raw })?;
         let vcpu_kind = (kind as u16) < 16;
         if vcpu_kind && usize::from(index) >= cpus {
             return Err(DecodeError::BadIndex { kind, index, cpus });

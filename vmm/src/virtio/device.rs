@@ -410,6 +410,56 @@ impl VhostUserDevice {
     }
 }
 
+/// How long a snapshot waits for a device thread to stop its rings.
+pub const SNAPSHOT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl VhostUserDevice {
+    fn post(&self, cmd: Command) -> bool {
+        let sent = self.commands.send(cmd).is_ok();
+        if sent {
+            let _ = self.wake.write(1);
+        }
+        sent
+    }
+
+    /// For a snapshot of the paused VM: stops the rings on the backend (GET_VRING_BASE, so it
+    /// no longer touches guest memory) and returns the register file and each ring's position.
+    pub fn snapshot_stop(
+        &self,
+    ) -> Result<(mmio::TransportState, Vec<super::worker::RingPosition>), String> {
+        let (tx, rx) = mpsc::channel();
+        if !self.post(Command::SnapshotStop(tx)) {
+            return Err("the device thread has ended".into());
+        }
+        let rings = rx.recv_timeout(SNAPSHOT_STOP_TIMEOUT).map_err(|_| {
+            format!("the device thread did not answer within {SNAPSHOT_STOP_TIMEOUT:?}")
+        })??;
+        Ok((self.shared.transport().save_state(), rings))
+    }
+
+    /// Starts the rings a snapshot stopped (the VM resumes).
+    pub fn resume_rings(&self) {
+        self.post(Command::ResumeRings);
+    }
+
+    /// A device attached for a restored VM: puts the snapshot's register file in place
+    /// (refusing one that does not fit this backend). The rings start with
+    /// [`VhostUserDevice::start_restored`].
+    pub fn restore(&self, state: &mmio::TransportState) -> Result<(), String> {
+        self.shared.transport().restore_state(state).map(|_| ())
+    }
+
+    /// Starts the rings of a restored, active device where the guest's used rings stand.
+    /// Called once the interrupt controllers are restored, so that no completion interrupt is
+    /// raised into a controller that is then overwritten.
+    pub fn start_restored(&self) {
+        let activation = self.shared.transport().restored_activation();
+        if let Some(a) = activation {
+            self.post(Command::Restore(a));
+        }
+    }
+}
+
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::Release);

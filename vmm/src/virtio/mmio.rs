@@ -648,6 +648,161 @@ impl MmioTransport {
     }
 }
 
+/// One queue's registers in a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    /// QueueNum.
+    pub size: u16,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDesc.
+    pub desc: u64,
+    /// QueueDriver.
+    pub driver: u64,
+    /// QueueDevice.
+    pub device: u64,
+}
+
+/// Everything the guest set in a device's register file, for snapshots (`docs/snapshot.md`),
+/// with the model values a restored device must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The model's device ID.
+    pub device_id: u32,
+    /// The model's offered features.
+    pub device_features: u64,
+    /// The model's queue count.
+    pub num_queues: u16,
+    /// The model's largest queue size.
+    pub queue_max: u16,
+    /// Each queue.
+    pub queues: Vec<QueueState>,
+    /// The config space the guest sees.
+    pub config: Vec<u8>,
+    /// ConfigGeneration.
+    pub config_generation: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// DriverFeatures.
+    pub driver_features: u64,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// SHMSel.
+    pub shm_sel: u32,
+    /// Status.
+    pub status: u32,
+    /// A config interrupt is pending.
+    pub config_interrupt: bool,
+    /// DRIVER_OK was accepted.
+    pub activated: bool,
+}
+
+impl MmioTransport {
+    /// The register file as a snapshot keeps it.
+    pub fn save_state(&self) -> TransportState {
+        TransportState {
+            device_id: self.model.device_id,
+            device_features: self.model.features,
+            num_queues: self.model.num_queues,
+            queue_max: self.model.queue_max,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                })
+                .collect(),
+            config: self.config.clone(),
+            config_generation: self.config_generation,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            shm_sel: self.shm_sel,
+            status: self.status,
+            config_interrupt: self.config_interrupt,
+            activated: self.activated,
+        }
+    }
+
+    /// Puts a saved register file into a fresh transport of a matching model; returns the
+    /// activation to start the rings with when the device was active. Refuses (with the
+    /// reason) a state whose model does not match this device or whose rings are invalid.
+    pub fn restore_state(&mut self, s: &TransportState) -> Result<Option<Activation>, String> {
+        let m = &self.model;
+        if s.device_id != m.device_id {
+            return Err(format!(
+                "device ID {} in the snapshot, {} now",
+                s.device_id, m.device_id
+            ));
+        }
+        if s.num_queues != m.num_queues || s.queues.len() != usize::from(m.num_queues) {
+            return Err(format!(
+                "{} queue(s) in the snapshot, {} now",
+                s.num_queues, m.num_queues
+            ));
+        }
+        if s.queue_max != m.queue_max {
+            return Err(format!(
+                "queue size limit {} in the snapshot, {} now",
+                s.queue_max, m.queue_max
+            ));
+        }
+        let missing = s.driver_features & !m.features;
+        if missing != 0 {
+            return Err(format!(
+                "the guest uses features {missing:#x} the backend no longer offers"
+            ));
+        }
+        if s.config.len() != self.config.len() {
+            return Err(format!(
+                "a config space of {} bytes in the snapshot, {} now",
+                s.config.len(),
+                self.config.len()
+            ));
+        }
+        self.queues = s
+            .queues
+            .iter()
+            .map(|q| QueueConfig {
+                size: q.size,
+                ready: q.ready,
+                desc: q.desc,
+                driver: q.driver,
+                device: q.device,
+            })
+            .collect();
+        self.config = s.config.clone();
+        self.config_generation = s.config_generation;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.shm_sel = s.shm_sel;
+        self.status = s.status;
+        self.config_interrupt = s.config_interrupt;
+        self.activated = s.activated;
+        if !s.activated {
+            return Ok(None);
+        }
+        self.activation().map(Some)
+    }
+
+    /// The activation of a restored, active device (`None` when it was not active).
+    pub fn restored_activation(&self) -> Option<Activation> {
+        if !self.activated {
+            return None;
+        }
+        self.activation().ok()
+    }
+}
+
 fn set_low(v: u64, low: u32) -> u64 {
     (v & !0xffff_ffff) | u64::from(low)
 }

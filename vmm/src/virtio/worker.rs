@@ -91,6 +91,26 @@ pub(crate) enum Command {
     },
     /// The device goes away.
     Shutdown,
+    /// A snapshot: stop the rings (GET_VRING_BASE), keep the setup, answer with each ring's
+    /// position.
+    SnapshotStop(mpsc::Sender<Result<Vec<RingPosition>, String>>),
+    /// Start the rings stopped for a snapshot again (the VM resumes).
+    ResumeRings,
+    /// A restored device: take the guest's setup from the snapshot and start the rings where
+    /// the used rings in guest memory say.
+    Restore(Activation),
+}
+
+/// Where one ring stood when a snapshot stopped it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RingPosition {
+    /// Queue index.
+    pub queue: u16,
+    /// The backend's next avail index (GET_VRING_BASE).
+    pub next_avail: u32,
+    /// The used index in guest memory: a restored backend starts here, so requests the old
+    /// backend had taken but not completed are done (once) by the new one.
+    pub used: u16,
 }
 
 /// What the vCPU side and the worker share.
@@ -427,7 +447,78 @@ impl<C: Connector> Worker<C> {
             }
             Command::ConfigWrite { offset, data } => self.config_write(offset, data),
             Command::Shutdown => {}
+            Command::SnapshotStop(reply) => {
+                let r = self.snapshot_stop();
+                let _ = reply.send(r);
+            }
+            Command::ResumeRings => self.start_rings(true),
+            Command::Restore(a) => self.activate_at(a, true),
         }
+    }
+
+    /// Stops the rings for a snapshot, keeping the guest's setup.
+    fn snapshot_stop(&mut self) -> Result<Vec<RingPosition>, String> {
+        let Some(setup) = &self.setup else {
+            return Ok(Vec::new());
+        };
+        let LinkState::Connected { link, running } = &mut self.link else {
+            return Err("the backend is not connected".into());
+        };
+        let queues: Vec<u16> = setup.rings.iter().map(|r| r.index).collect();
+        let used: Vec<u16> = setup
+            .rings
+            .iter()
+            .map(|r| {
+                self.fixed
+                    .mem
+                    .read_obj::<u16>(GuestAddress(r.used.wrapping_add(2)))
+                    .unwrap_or_default()
+            })
+            .collect();
+        if !*running {
+            return Ok(queues
+                .iter()
+                .zip(&used)
+                .map(|(q, u)| RingPosition {
+                    queue: *q,
+                    next_avail: u32::from(*u),
+                    used: *u,
+                })
+                .collect());
+        }
+        let bases = match link.stop(&queues) {
+            Ok(b) => b,
+            Err(e) => {
+                let msg = error_chain(&e);
+                if e.is_disconnect() {
+                    self.lost("stopping the rings for a snapshot failed");
+                }
+                return Err(msg);
+            }
+        };
+        *running = false;
+        self.publish();
+        // Re-read: the backend may have completed requests until it stopped.
+        let used: Vec<u16> = setup
+            .rings
+            .iter()
+            .map(|r| {
+                self.fixed
+                    .mem
+                    .read_obj::<u16>(GuestAddress(r.used.wrapping_add(2)))
+                    .unwrap_or_default()
+            })
+            .collect();
+        Ok(queues
+            .iter()
+            .zip(bases.iter().chain(std::iter::repeat(&0)))
+            .zip(&used)
+            .map(|((q, b), u)| RingPosition {
+                queue: *q,
+                next_avail: *b,
+                used: *u,
+            })
+            .collect())
     }
 
     fn config_write(&mut self, offset: u32, data: Vec<u8>) {
@@ -481,6 +572,12 @@ impl<C: Connector> Worker<C> {
 
     /// DRIVER_OK: keep the guest's setup and start the rings if a backend is there.
     fn activate(&mut self, a: Activation) {
+        self.activate_at(a, false);
+    }
+
+    /// [`Worker::activate`]; with `resume` the rings start at the used indexes in guest memory
+    /// (a restored snapshot) instead of 0.
+    fn activate_at(&mut self, a: Activation, resume: bool) {
         if self.setup.is_some() {
             // The transport only activates after a reset, which clears this first.
             self.reset();
@@ -502,7 +599,7 @@ impl<C: Connector> Worker<C> {
             self.link = LinkState::lost_now();
             self.publish();
         }
-        self.start_rings(false);
+        self.start_rings(resume);
     }
 
     /// Starts the rings on the current connection. On a replay after a reconnect every ring
