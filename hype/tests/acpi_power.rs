@@ -96,6 +96,7 @@ fn power_button_event_reaches_the_guest() {
     let controls = VmControls {
         power_button: button.clone(),
         graceful_stop: None,
+        ..Default::default()
     };
     let r = vm::run_with(&config(code, Platform::Acpi), &controls).expect("vm runs");
     t.join().unwrap();

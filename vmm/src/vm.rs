@@ -855,6 +855,9 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         }
         crate::snapshot::state::restore_vm(&vm, &r.vm)
             .map_err(crate::snapshot::SnapshotError::from)?;
+        if let Ok(mut s) = serial.lock() {
+            s.restore_state(&r.manifest.serial);
+        }
         for (_, d) in mmio.devices() {
             d.start_restored();
         }
@@ -931,6 +934,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         cpus: cfg.cpus,
         platform: cfg.platform.name().to_owned(),
         cpu: host_cpu,
+        serial: serial.clone(),
     });
     let api = match &cfg.api_socket {
         Some(path) => match hype_api::ApiServer::start(path, control.clone()) {

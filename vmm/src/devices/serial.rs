@@ -202,6 +202,62 @@ impl Serial {
     pub fn flush(&mut self) {
         let _ = self.out.flush();
     }
+
+    /// The registers and pending input, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        SerialState {
+            ier: self.ier,
+            lcr: self.lcr,
+            mcr: self.mcr,
+            scr: self.scr,
+            dll: self.dll,
+            dlm: self.dlm,
+            fifo_enabled: self.fifo_enabled,
+            thre_pending: self.thre_pending,
+            rx: self.rx.iter().copied().collect(),
+        }
+    }
+
+    /// Puts saved registers back (input beyond the queue's capacity is dropped); raises the
+    /// interrupt the restored state has pending.
+    pub fn restore_state(&mut self, s: &SerialState) {
+        self.ier = s.ier & 0x0f;
+        self.lcr = s.lcr;
+        self.mcr = s.mcr & 0x1f;
+        self.scr = s.scr;
+        self.dll = s.dll;
+        self.dlm = s.dlm;
+        self.fifo_enabled = s.fifo_enabled;
+        self.thre_pending = s.thre_pending;
+        self.rx = s.rx.iter().take(INPUT_CAPACITY).copied().collect();
+        let rda = !self.rx.is_empty() && self.ier & IER_RDA != 0;
+        if rda || (self.thre_pending && self.ier & IER_THRE != 0) {
+            self.irq.trigger();
+        }
+    }
+}
+
+/// A UART's state in a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    /// Interrupt enable.
+    pub ier: u8,
+    /// Line control.
+    pub lcr: u8,
+    /// Modem control.
+    pub mcr: u8,
+    /// Scratch.
+    pub scr: u8,
+    /// Divisor latch, low.
+    pub dll: u8,
+    /// Divisor latch, high.
+    pub dlm: u8,
+    /// FIFOs enabled.
+    pub fifo_enabled: bool,
+    /// A THR-empty interrupt is pending.
+    pub thre_pending: bool,
+    /// Input the guest has not read yet.
+    pub rx: Vec<u8>,
 }
 
 #[cfg(test)]

@@ -137,6 +137,8 @@ pub struct Manifest {
     pub platform: String,
     /// Devices of the VM.
     pub devices: Vec<DeviceRecord>,
+    /// The COM1 UART.
+    pub serial: crate::devices::serial::SerialState,
     /// Every other file, with its checksum.
     pub files: Vec<FileRecord>,
     /// When it was taken (ms since the Unix epoch).
@@ -356,6 +358,8 @@ pub struct Snapshotter {
     pub platform: String,
     /// This host's CPU.
     pub cpu: CpuIdentity,
+    /// The COM1 UART.
+    pub serial: Arc<Mutex<crate::devices::serial::Serial>>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
@@ -452,6 +456,7 @@ impl Snapshotter {
             cpus: self.cpus,
             platform: self.platform.clone(),
             devices: records,
+            serial: lock(&self.serial).save_state(),
             files: vec![state_rec, mem_rec],
             created_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -124,17 +124,12 @@ pub enum DecodeError {
 }
 
 /// A `kvm_xsave` (which is not `Clone` in kvm-bindings).
+#[derive(Default)]
 pub struct XsaveArea(pub kvm_xsave);
 
 impl Clone for XsaveArea {
     fn clone(&self) -> Self {
         XsaveArea(kvm_xsave::read_from_bytes(self.0.as_bytes()).unwrap_or_default())
-    }
-}
-
-impl Default for XsaveArea {
-    fn default() -> Self {
-        XsaveArea(kvm_xsave::default())
     }
 }
 
