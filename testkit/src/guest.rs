@@ -216,6 +216,28 @@ impl GuestVm {
         GuestVm::spawn(cmd)
     }
 
+    /// Starts `hype vmm --restore DIR` (a snapshot of a test guest, docs/snapshot.md) with
+    /// `--device` for each of `devices` and `extra_args`; the serial console is the agent's
+    /// channel, as with [`GuestVm::boot`]. The restored agent does not print READY again: it
+    /// answers the next command.
+    pub fn restore(
+        hype: &Path,
+        snapshot: &Path,
+        devices: &[String],
+        extra_args: &[String],
+    ) -> Result<Self, GuestError> {
+        let mut cmd = Command::new(hype);
+        cmd.arg("vmm")
+            .arg("--restore")
+            .arg(snapshot)
+            .args(["--serial", "stdio"]);
+        for d in devices {
+            cmd.args(["--device", d]);
+        }
+        cmd.args(extra_args);
+        Self::spawn(cmd)
+    }
+
     /// Starts any VMM command whose stdin and stdout are the guest's serial console (QEMU with
     /// `-serial stdio`, for the interop tests); the agent protocol is the same.
     pub fn spawn(mut cmd: Command) -> Result<Self, GuestError> {

@@ -1,0 +1,159 @@
+//! Snapshot and restore of the real Linux test guest: booted with a block-file disk, it makes a
+//! file system and writes files (on the disk and in RAM), is paused, snapshotted and stopped;
+//! a new `hype vmm --restore` process with a new backend on the disk continues it: the agent
+//! answers, both files read back with the same md5, and new writes land in the image. The same
+//! snapshot is then restored a second time into another VM with its own copy of the disk.
+//! Prints the cold boot time to the agent, the snapshot's size and time, and the restore time
+//! to the agent's first answer (docs/benchmarks.md).
+//!
+//! Needs the artefacts from `scripts/test` (HYPE_GUEST_*); without them the test says SKIPPED.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{work_dir, Backend};
+use hype_api::model::SnapshotReply;
+use hype_ctl::client::Client;
+use hype_testkit::guest::{GuestArtifacts, GuestVm, VmOptions};
+use reqwest::Method;
+
+const BOOT: Duration = Duration::from_secs(400);
+const STEP: Duration = Duration::from_secs(180);
+
+fn hype() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_hype"))
+}
+
+fn image_contains(img: &Path, needle: &[u8]) -> bool {
+    let data = std::fs::read(img).unwrap();
+    data.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
+    let Some(art) = GuestArtifacts::from_env_or_skip("linux_snapshot") else {
+        return;
+    };
+    let dir = work_dir("linux-snapshot");
+    let image = dir.join("disk.img");
+    let _ = std::fs::remove_file(&image);
+    let mut disk = Backend::block_file(&dir, &image, 32 << 20);
+    let sock = disk.socket.to_str().unwrap().to_owned();
+    let api = dir.join("api.sock");
+    let _ = std::fs::remove_file(&api);
+    let opts = VmOptions::new(&art.vmlinux, &art.initramfs)
+        .memory("256M")
+        .device(&sock)
+        .arg("--api-socket")
+        .arg(api.to_str().unwrap());
+    let mut vm = GuestVm::boot(hype(), &opts).unwrap();
+    vm.wait_ready(BOOT).unwrap();
+    let cold = vm.ready_after.unwrap();
+    vm.check("mke2fs -q /dev/vda && mount -t ext2 /dev/vda /mnt", STEP)
+        .unwrap();
+    vm.check(
+        "echo 'written before the snapshot' > /mnt/note && dd if=/dev/urandom of=/mnt/blob bs=1k count=256 2>/dev/null && echo ram-file-4711 > /tmp/ram-note && sync",
+        STEP,
+    )
+    .unwrap();
+    let sum = vm.check("md5sum /mnt/blob | cut -d' ' -f1", STEP).unwrap();
+
+    let client = Client::new(&api, Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        client.call(Method::POST, "/vm/pause", None).unwrap().status,
+        200
+    );
+    let snap = dir.join("snap");
+    let _ = std::fs::remove_dir_all(&snap);
+    let body = serde_json::json!({ "dir": snap.to_str().unwrap() });
+    let t = Instant::now();
+    let a = client
+        .call(Method::PUT, "/vm/snapshot", Some(&body))
+        .unwrap();
+    let snap_wall = t.elapsed();
+    let reply: SnapshotReply = serde_json::from_slice(&a.body).unwrap();
+    assert_eq!(
+        client.call(Method::POST, "/vm/stop", None).unwrap().status,
+        202
+    );
+    assert!(vm.wait_exit(STEP).unwrap().success(), "{}", vm.log());
+    drop(vm);
+    // The second VM gets the disk as it was at the snapshot.
+    let image2 = dir.join("disk2.img");
+    std::fs::copy(&image, &image2).unwrap();
+
+    disk.restart();
+    let t = Instant::now();
+    let mut r = GuestVm::restore(hype(), &snap, std::slice::from_ref(&sock), &[]).unwrap();
+    assert_eq!(r.check("cat /tmp/ram-note", STEP).unwrap(), "ram-file-4711");
+    let to_agent = t.elapsed();
+    assert_eq!(
+        r.check("cat /mnt/note", STEP).unwrap(),
+        "written before the snapshot"
+    );
+    assert_eq!(
+        r.check("md5sum /mnt/blob | cut -d' ' -f1", STEP).unwrap(),
+        sum
+    );
+    r.check(
+        "echo 'written after restore one' > /mnt/after && sync",
+        STEP,
+    )
+    .unwrap();
+    r.check("umount /mnt", STEP).unwrap();
+    assert!(r.poweroff(STEP).unwrap().success(), "{}", r.log());
+    assert!(r.log().contains("restored from"), "{}", r.log());
+    assert!(image_contains(&image, b"written after restore one"));
+    drop(disk);
+
+    // The same snapshot again, into a VM with its own copy of the disk.
+    let disk2 = Backend::block_file(&dir, &image2, 32 << 20);
+    let t = Instant::now();
+    let mut r2 = GuestVm::restore(
+        hype(),
+        &snap,
+        &[disk2.socket.to_str().unwrap().to_owned()],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        r2.check("cat /tmp/ram-note", STEP).unwrap(),
+        "ram-file-4711"
+    );
+    let to_agent2 = t.elapsed();
+    assert_eq!(
+        r2.check("md5sum /mnt/blob | cut -d' ' -f1", STEP).unwrap(),
+        sum
+    );
+    assert_eq!(
+        r2.run("cat /mnt/after", STEP).unwrap().rc,
+        1,
+        "the second VM sees the first one's write"
+    );
+    r2.check(
+        "echo 'written after restore two' > /mnt/after2 && sync && umount /mnt",
+        STEP,
+    )
+    .unwrap();
+    assert!(r2.poweroff(STEP).unwrap().success(), "{}", r2.log());
+    assert!(image_contains(&image2, b"written after restore two"));
+    assert!(!image_contains(&image2, b"written after restore one"));
+
+    let mem_file = std::fs::metadata(snap.join("memory.bin")).unwrap();
+    eprintln!(
+        "BENCH linux-snapshot: cold boot to agent {:.2} s; snapshot {:.1} ms (VMM {} ms), \
+         {} pages = {:.1} MiB of 256 MiB written ({:.1} MiB on disk); restore to agent answer \
+         {:.3} s, second restore {:.3} s",
+        cold.as_secs_f64(),
+        snap_wall.as_secs_f64() * 1000.0,
+        reply.took_ms,
+        reply.memory_pages,
+        reply.memory_bytes_written as f64 / (1 << 20) as f64,
+        std::os::unix::fs::MetadataExt::blocks(&mem_file) as f64 * 512.0 / (1 << 20) as f64,
+        to_agent.as_secs_f64(),
+        to_agent2.as_secs_f64()
+    );
+}
