@@ -80,6 +80,7 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
         202
     );
     assert!(vm.wait_exit(STEP).unwrap().success(), "{}", vm.log());
+    assert!(!vm.log().contains("KVM refused"), "{}", vm.log());
     drop(vm);
     // The second VM gets the disk as it was at the snapshot.
     let image2 = dir.join("disk2.img");
@@ -106,6 +107,8 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
     r.check("umount /mnt", STEP).unwrap();
     assert!(r.poweroff(STEP).unwrap().success(), "{}", r.log());
     assert!(r.log().contains("restored from"), "{}", r.log());
+    // PVM's KVM took every piece of state (docs/snapshot.md says so).
+    assert!(!r.log().contains("KVM refused"), "{}", r.log());
     assert!(image_contains(&image, b"written after restore one"));
     drop(disk);
 

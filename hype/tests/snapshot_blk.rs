@@ -2,8 +2,8 @@
 //! process: the guest is snapshotted while it polls the disk, the VM is stopped, and a new
 //! `hype vmm --restore` process with a new backend on the same image continues it: its next
 //! reads see what the host wrote meanwhile, its writes after the restore land in the image, and
-//! its used index shows every request completed exactly once. A restore without the device is
-//! refused before the disk is touched.
+//! its used index shows every request completed exactly once. A restore without the device, or
+//! with a backend of another type, is refused before the disk is touched.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 mod common;
@@ -143,6 +143,34 @@ fn restored_guest_with_a_disk_finishes_its_io() {
         err.contains("the snapshot has 1 device(s), 0 given with --device"),
         "{err}"
     );
+    assert_eq!(sector(&img, 40), vec![0u8; 512]);
+    // Nor with a backend of another type in its slot.
+    let console = Backend::start(
+        &[
+            "console",
+            "--output",
+            &format!("file:{}", dir.join("console.out").display()),
+        ],
+        &dir.join("con.sock"),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_hype"))
+        .args(["vmm", "--restore", snap.to_str().unwrap()])
+        .arg("--device")
+        .arg(&console.socket)
+        .arg(format!("--serial=file:{}", serial2.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "device 0 (virtio0): the snapshot has a blk device here, the backend given is console"
+        ),
+        "{err}"
+    );
+    assert_eq!(read(&serial2), "");
+    drop(console);
     assert_eq!(sector(&img, 40), vec![0u8; 512]);
 
     let t = Instant::now();

@@ -954,6 +954,9 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     let first = wait_for_end(&rx, &stop_req, &control, &controls.power_button, graceful);
     control.forget_vcpu_threads();
     stop_vcpus(&shared, handles);
+    for (_, d) in shared.mmio.devices() {
+        d.shut_down();
+    }
     if let Some(api) = api {
         // Lets the answer to a stop or shutdown request reach its client.
         api.close(Duration::from_millis(500));

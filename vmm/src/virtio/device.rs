@@ -460,13 +460,22 @@ impl VhostUserDevice {
     }
 }
 
-impl Drop for VhostUserDevice {
-    fn drop(&mut self) {
+impl VhostUserDevice {
+    /// Ends the device thread and closes the backend connection now, even while others still
+    /// hold the device (e.g. a control API connection outliving the VM): the VM has ended, and
+    /// its device must not reconnect to a backend that another VM uses next.
+    pub fn shut_down(&self) {
         self.shared.stopping.store(true, Ordering::Release);
         let _ = self.commands.send(Command::Shutdown);
         let _ = self.wake.write(1);
         // A device thread stuck in a request to a hung backend must not hold the VM's end.
         self.shared.cut_link();
+    }
+}
+
+impl Drop for VhostUserDevice {
+    fn drop(&mut self) {
+        self.shut_down();
         if let Some(h) = self.worker.take() {
             let _ = h.join();
         }
