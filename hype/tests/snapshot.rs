@@ -427,3 +427,57 @@ fn wrong_devices_are_refused() {
     let r = restore_spoiled("devices", |_| {}, &["--device", "/nonexistent/disk.sock"]);
     assert_refused(r, "the snapshot has 0 device(s), 1 given with --device");
 }
+
+#[test]
+fn hype_run_restores_a_snapshot() {
+    let (snap, before) = take_snapshot("run");
+    let dir = work_dir("snapshot-run");
+    let serial = dir.join("serial.out");
+    let api = dir.join("api.sock");
+    let _ = std::fs::remove_file(&serial);
+    let _ = std::fs::remove_file(&api);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hype"))
+        .args(["run", "--restore", snap.to_str().unwrap()])
+        .arg(format!("--serial=file:{}", serial.display()))
+        .arg("--api-socket")
+        .arg(&api)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "restored guest ticks", || {
+        std::fs::read_to_string(&serial)
+            .unwrap_or_default()
+            .matches('\n')
+            .count()
+            >= 2
+    });
+    let after = std::fs::read_to_string(&serial).unwrap();
+    let all = ticks(&(before.clone() + &after));
+    assert_eq!(all, (1..=all.len() as u32).collect::<Vec<_>>(), "{after:?}");
+    let client = Client::new(&api, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        client.call(Method::POST, "/vm/stop", None).unwrap().status,
+        202
+    );
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // `hype run --print-commands` shows the VMM getting the snapshot and no kernel.
+    let out = Command::new(env!("CARGO_BIN_EXE_hype"))
+        .args([
+            "run",
+            "--restore",
+            snap.to_str().unwrap(),
+            "--print-commands",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("--restore"), "{text}");
+    assert!(!text.contains("--kernel"), "{text}");
+}

@@ -74,6 +74,12 @@ pub struct RunArgs {
     /// Print the equivalent separate commands (backends, then the VMM) and exit.
     #[arg(long)]
     pub print_commands: bool,
+    /// Continue a VM from a snapshot directory (docs/snapshot.md) instead of booting: the
+    /// disks and devices are started as given (the same ones, in the same order, as when the
+    /// snapshot was taken); kernel, initrd, command line, memory, vCPUs and platform come from
+    /// the snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    pub restore: Option<PathBuf>,
 }
 
 /// A size given in the config file: a string with a suffix, or a number of MiB.
@@ -138,6 +144,8 @@ pub struct RunConfig {
     pub max_restarts: Option<u32>,
     /// The VMM's control API socket.
     pub api_socket: Option<PathBuf>,
+    /// A snapshot to restore instead of booting (command line only).
+    pub restore: Option<PathBuf>,
 }
 
 /// Reads `path` and merges `args` over it.
@@ -168,6 +176,7 @@ fn merge(cfg: &mut RunConfig, a: &RunArgs) {
     over(&mut cfg.name, &a.name);
     over(&mut cfg.max_restarts, &a.max_restarts);
     over(&mut cfg.api_socket, &a.api_socket);
+    over(&mut cfg.restore, &a.restore);
     for (dst, src) in [
         (&mut cfg.disks, &a.disks),
         (&mut cfg.nets, &a.nets),
@@ -230,6 +239,7 @@ fn parse_file(text: &str, base: &Path, path: &Path) -> Result<RunConfig, Problem
         name: f.name,
         max_restarts: f.max_restarts,
         api_socket: f.api_socket.map(rebase),
+        restore: None,
     })
 }
 

@@ -201,6 +201,8 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
     let mut bad = |p: Problem| problems.push(p);
 
     let kernel = match &cfg.kernel {
+        // A restore boots nothing: the snapshot holds the guest.
+        _ if cfg.restore.is_some() => PathBuf::new(),
         Some(k) => {
             if check_readable("--kernel", k, false, &mut bad) {
                 check_kernel(k, &mut bad);
@@ -452,21 +454,28 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
             }),
         }
     }
-    let mut vmm_argv = vec![kv("kernel", &kernel)];
-    if let Some(i) = &cfg.initrd {
-        vmm_argv.push(kv("initrd", i));
-    }
-    if let Some(c) = &cfg.cmdline {
-        vmm_argv.push(kv("cmdline", c));
-    }
-    if let Some(m) = &cfg.memory {
-        vmm_argv.push(kv("memory", m));
-    }
-    if let Some(n) = cfg.cpus {
-        vmm_argv.push(kv("cpus", n.to_string()));
-    }
-    if let Some(p) = &cfg.platform {
-        vmm_argv.push(kv("platform", p));
+    let mut vmm_argv = Vec::new();
+    if let Some(dir) = &cfg.restore {
+        // The snapshot fixes the guest (kernel, memory, vCPUs, platform): only the devices,
+        // the serial sink and the API socket are given again.
+        vmm_argv.push(kv("restore", dir));
+    } else {
+        vmm_argv.push(kv("kernel", &kernel));
+        if let Some(i) = &cfg.initrd {
+            vmm_argv.push(kv("initrd", i));
+        }
+        if let Some(c) = &cfg.cmdline {
+            vmm_argv.push(kv("cmdline", c));
+        }
+        if let Some(m) = &cfg.memory {
+            vmm_argv.push(kv("memory", m));
+        }
+        if let Some(n) = cfg.cpus {
+            vmm_argv.push(kv("cpus", n.to_string()));
+        }
+        if let Some(p) = &cfg.platform {
+            vmm_argv.push(kv("platform", p));
+        }
     }
     vmm_argv.push(kv("serial", serial.to_string()));
     for d in &devices {
@@ -755,6 +764,29 @@ mod tests {
         assert_eq!(sockets, want);
         let user = &vmm.devices[4];
         assert_eq!(user.wait, Some(WaitLimit::For(Duration::from_secs(10))));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn restore_passes_the_snapshot_and_devices_but_no_kernel() {
+        let dir = std::env::temp_dir().join(format!("hype-plan-r-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let cfg = RunConfig {
+            restore: Some("/var/snap/vm1".into()),
+            memory: Some("1G".into()),
+            disks: vec![format!("file:{}", img.display())],
+            ..RunConfig::default()
+        };
+        let checked = check(&cfg, "/bin/true".into()).unwrap();
+        let plan = checked.plan(Path::new("/run/vm"));
+        let (_, rest) = plan.vmm.split_first().unwrap();
+        let vmm: VmmArgs = argv::parse(rest.to_vec()).unwrap();
+        assert_eq!(vmm.restore, Some("/var/snap/vm1".into()));
+        assert_eq!(vmm.kernel, None);
+        assert_eq!(vmm.devices.len(), 1);
+        assert_eq!(vmm.devices[0].socket, plan.backends[0].socket);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
