@@ -1058,6 +1058,49 @@ mod tests {
     }
 
     #[test]
+    fn saved_state_restores_into_a_fresh_transport_and_refuses_another_model() {
+        let mut t = MmioTransport::new(model());
+        negotiate(&mut t, F_VERSION_1 | 1 << 29);
+        setup_queue(&mut t, 0, 128, 0x10_0000);
+        let Some(TransportEvent::Activate(a)) = w(&mut t, reg::STATUS, RUNNING) else {
+            panic!("not activated")
+        };
+        t.set_config_interrupt();
+        let saved = t.save_state();
+        // Through JSON, as the manifest keeps it.
+        let saved: TransportState =
+            serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+        let mut fresh = MmioTransport::new(model());
+        assert_eq!(fresh.restore_state(&saved), Ok(Some(a.clone())));
+        assert_eq!(fresh.save_state(), t.save_state());
+        assert_eq!(r(&mut fresh, reg::STATUS), RUNNING);
+        assert_eq!(r(&mut fresh, reg::INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
+        assert_eq!(fresh.restored_activation(), Some(a));
+        // A model that cannot carry the guest's setup is refused, and left untouched.
+        let mut fewer = model();
+        fewer.features &= !(1 << 29);
+        let mut other = MmioTransport::new(fewer);
+        let e = other.restore_state(&saved).unwrap_err();
+        assert!(e.contains("no longer offers"), "{e}");
+        assert_eq!(other.status(), 0);
+        let mut more_queues = model();
+        more_queues.num_queues += 1;
+        let e = MmioTransport::new(more_queues)
+            .restore_state(&saved)
+            .unwrap_err();
+        assert!(e.contains("queue(s) in the snapshot"), "{e}");
+        let mut net = model();
+        net.device_id = 1;
+        let e = MmioTransport::new(net).restore_state(&saved).unwrap_err();
+        assert!(e.contains("device ID 2 in the snapshot, 1 now"), "{e}");
+        // A saved ring that is not valid is refused, not started.
+        let mut bad = saved.clone();
+        bad.queues[0].desc = 0x10_0008;
+        let e = MmioTransport::new(model()).restore_state(&bad).unwrap_err();
+        assert!(e.contains("misaligned"), "{e}");
+    }
+
+    #[test]
     fn interrupt_status_reports_vring_for_vhost_user() {
         let mut t = MmioTransport::new(model());
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), INT_VRING);
