@@ -48,7 +48,9 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
         .memory("256M")
         .device(&sock)
         .arg("--api-socket")
-        .arg(api.to_str().unwrap());
+        .arg(api.to_str().unwrap())
+        .arg("--sandbox-allow")
+        .arg(dir.to_str().unwrap());
     let mut vm = GuestVm::boot(hype(), &opts).unwrap();
     vm.wait_ready(BOOT).unwrap();
     let cold = vm.ready_after.unwrap();

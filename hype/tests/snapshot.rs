@@ -131,9 +131,17 @@ fn ticks(text: &str) -> Vec<u32> {
 fn take_snapshot(name: &str) -> (PathBuf, String) {
     let dir = work_dir(&format!("snapshot-{name}"));
     let elf = assemble("snap_count", 0x20_0000);
+    // The confined VMM writes snapshots only beneath a --sandbox-allow directory.
     let mut vm = Vm::start(
         &dir.join("first"),
-        &["--kernel", elf.to_str().unwrap(), "--memory", "64M"],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--sandbox-allow",
+            dir.to_str().unwrap(),
+        ],
     );
     vm.wait_for_lines(3);
     // A running VM is not snapshotted.
@@ -202,13 +210,26 @@ fn restored_guest_continues_counting_where_it_stopped() {
 fn ctl_snapshot_writes_a_restorable_snapshot() {
     let dir = work_dir("snapshot-ctl");
     let elf = assemble("snap_count", 0x20_0000);
+    let allowed = dir.join("allowed");
+    std::fs::create_dir_all(&allowed).unwrap();
     let mut vm = Vm::start(
         &dir.join("first"),
-        &["--kernel", elf.to_str().unwrap(), "--memory", "64M"],
+        &[
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--sandbox-allow",
+            allowed.to_str().unwrap(),
+        ],
     );
     vm.wait_for_lines(2);
-    let snap = dir.join("snap");
+    let snap = allowed.join("snap");
     let _ = std::fs::remove_dir_all(&snap);
+    // Outside the --sandbox-allow directories the confined VMM cannot write: refused, and
+    // the VM goes on.
+    let outside = dir.join("outside");
+    let _ = std::fs::remove_dir_all(&outside);
     let ctl = |verb: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_hype"))
             .args(["ctl", "--api-socket", vm.api.to_str().unwrap()])
@@ -217,6 +238,11 @@ fn ctl_snapshot_writes_a_restorable_snapshot() {
             .unwrap()
     };
     assert!(ctl(&["pause"]).status.success());
+    let out = ctl(&["snapshot", outside.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(!outside.exists());
     let out = ctl(&["snapshot", snap.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(

@@ -209,7 +209,7 @@ pub static API_SERVER: Group = Group {
     ],
 };
 
-/// Snapshots (`PUT /vm/snapshot`, reviewed from the design, not yet exercised by a test):
+/// Snapshots (`PUT /vm/snapshot`, exercised confined by `hype/tests/snapshot.rs`):
 /// writing the state files into a `--sandbox-allow` directory, the VM's interrupt controller,
 /// PIT and clock, a pipe or socket pair for a backend's DEVICE_STATE; memory slots for restore.
 pub static SNAPSHOT: Group = Group {
