@@ -51,6 +51,9 @@ pub struct HandshakeOptions {
     /// The virtio-fs tag to show the guest when an `fs` backend does not offer its config
     /// (virtiofsd leaves the tag to the frontend).
     pub fs_tag: Option<String>,
+    /// Users besides this process's own and root whose backends may be given guest memory
+    /// (the peer's SO_PEERCRED uid is checked before anything is sent, see [`crate::peer`]).
+    pub allowed_peer_uids: Vec<u32>,
 }
 
 impl Default for HandshakeOptions {
@@ -63,6 +66,7 @@ impl Default for HandshakeOptions {
             required_protocol_features: VhostUserProtocolFeatures::CONFIG,
             timeout: HANDSHAKE_TIMEOUT,
             fs_tag: None,
+            allowed_peer_uids: Vec::new(),
         }
     }
 }
@@ -173,7 +177,8 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Runs the handshake on a connected socket: SET_OWNER, GET_FEATURES (VERSION_1 and
+    /// Runs the handshake on a connected socket: first the listener's credentials are
+    /// checked ([`crate::peer::check_peer`] with `opts.allowed_peer_uids`), then SET_OWNER, GET_FEATURES (VERSION_1 and
     /// bit 30 required), GET/SET_PROTOCOL_FEATURES (with the required ones), the BACKEND_REQ
     /// channel when acked, GET_QUEUE_NUM when MQ is acked. The device config is not read:
     /// [`Connection::fetch_config`] is the last step, once the caller knows its size.
@@ -182,6 +187,7 @@ impl Connection {
         stream: UnixStream,
         opts: &HandshakeOptions,
     ) -> Result<Connection, FrontendError> {
+        crate::peer::check_peer(path, &stream, &opts.allowed_peer_uids)?;
         let path = path.to_owned();
         let watchdog = Watchdog::spawn(&stream).map_err(|source| FrontendError::Watchdog {
             path: path.clone(),

@@ -26,6 +26,31 @@ pub enum FrontendError {
         #[source]
         source: io::Error,
     },
+    /// The credentials of the process listening on the socket could not be read.
+    #[error("backend socket {path}: cannot learn who listens on it (SO_PEERCRED)")]
+    PeerCredentials {
+        /// Socket path.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket is served by another user than this process's, root or an allowed one:
+    /// guest memory is not shared with it.
+    #[error(
+        "backend socket {path} is served by uid {uid} (pid {pid}), not by uid {own_uid} or root: \
+         refusing to share guest memory (allow it with the device option allow-uid={uid})"
+    )]
+    PeerNotAllowed {
+        /// Socket path.
+        path: PathBuf,
+        /// The listener's uid.
+        uid: u32,
+        /// The listener's pid.
+        pid: i32,
+        /// This process's effective uid.
+        own_uid: u32,
+    },
     /// The watchdog thread of a connection could not be started.
     #[error("backend {path}: cannot start the connection's watchdog thread")]
     Watchdog {

@@ -3,6 +3,8 @@
 //!
 //! # What is here
 //! - [`connect`]: connecting to a backend socket, once or waiting for it to appear.
+//! - [`peer`]: who listens on a backend socket (SO_PEERCRED), checked before the handshake
+//!   so guest memory only goes to this user, root or a user allowed for the device.
 //! - [`Connection`]: one connection: the handshake (SET_OWNER, features, protocol features,
 //!   BACKEND_REQ channel, GET_QUEUE_NUM, GET_CONFIG), config reads and writes, the inflight
 //!   area, starting and stopping the rings. Every request is bounded by a [`watchdog`].
@@ -22,6 +24,7 @@ pub mod connection;
 pub mod error;
 pub mod features;
 pub mod link;
+pub mod peer;
 pub mod types;
 pub mod watchdog;
 

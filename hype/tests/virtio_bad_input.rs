@@ -160,6 +160,52 @@ fn vmm_binary_reports_bad_devices_in_one_line() {
     assert!(texts(&o).1.contains("unknown device option 'colour'"));
 }
 
+/// A backend served by another user (here `nobody`) does not get guest memory unless the
+/// device allows that uid: one clear line, exit 1; with `allow-uid=` the VM runs.
+#[test]
+fn backend_of_another_user_is_refused_unless_allowed() {
+    // SAFETY: geteuid() has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot start a backend as another user; skipped");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    // A directory `nobody` can create its socket in (the target dir may not be reachable).
+    let dir = std::env::temp_dir().join(format!("hype-peer-vmm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.join("disk.sock");
+    let _b = Backend::start_as(&["block-mem", "--size", "1M"], &sock, Some(NOBODY));
+    let elf = assemble("long_hello", 0x20_0000);
+    let vmm = |dev: &str| {
+        hype(&[
+            "vmm",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--device",
+            dev,
+        ])
+    };
+    let o = vmm(sock.to_str().unwrap());
+    let (_, err) = texts(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("is served by uid 65534") && last.contains("allow-uid=65534"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let o = vmm(&format!("{},allow-uid={NOBODY}", sock.display()));
+    let (out, err) = texts(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(!err.contains("served by uid"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A backend with configurable features and nothing behind its queues.
 struct Mystery {
     features: u64,

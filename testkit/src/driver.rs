@@ -390,6 +390,7 @@ fn handshake(path: &Path, opts: &DriverOptions) -> Result<(Connection, DeviceInf
         required_protocol_features: required,
         timeout: HANDSHAKE_TIMEOUT,
         fs_tag: None,
+        allowed_peer_uids: Vec::new(),
     };
     loop {
         let last = match hype_frontend::try_connect(path) {

@@ -49,7 +49,8 @@ impl fmt::Display for SerialSpec {
 /// Keys: `socket`, `type` (blk, net, console, fs, vsock, rng, or a virtio device ID such as
 /// 26), `queues`, `queue-size`, `tag` (virtio-fs: the share's name when the backend does not
 /// give its config), `wait` (how long to wait
-/// for the socket at start), `reconnect-timeout` (how long to retry a lost backend). Durations
+/// for the socket at start), `reconnect-timeout` (how long to retry a lost backend), `allow-uid`
+/// (a user besides hype's own and root whose backend may get guest memory). Durations
 /// are `forever` or a number with `ms`, `s` or `m` (a bare number is seconds).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSpec {
@@ -67,6 +68,8 @@ pub struct DeviceSpec {
     pub reconnect: Option<WaitLimit>,
     /// virtio-fs tag (`tag=`).
     pub tag: Option<String>,
+    /// Another uid than hype's own and root that may serve this device's socket.
+    pub allow_uid: Option<u32>,
 }
 
 impl DeviceSpec {
@@ -80,6 +83,7 @@ impl DeviceSpec {
             wait: None,
             reconnect: None,
             tag: None,
+            allow_uid: None,
         }
     }
 
@@ -93,6 +97,7 @@ impl DeviceSpec {
             wait: self.wait.unwrap_or(WaitLimit::Forever),
             reconnect: self.reconnect.unwrap_or(WaitLimit::Forever),
             tag: self.tag.clone(),
+            allow_uid: self.allow_uid,
         }
     }
 }
@@ -128,6 +133,9 @@ impl fmt::Display for DeviceSpec {
         }
         if let Some(t) = &self.tag {
             write!(f, ",tag={t}")?;
+        }
+        if let Some(u) = self.allow_uid {
+            write!(f, ",allow-uid={u}")?;
         }
         Ok(())
     }
@@ -171,10 +179,11 @@ impl FromStr for DeviceSpec {
             "wait",
             "reconnect-timeout",
             "tag",
+            "allow-uid",
         ];
         let unknown = |key: &str| {
             format!(
-                "unknown device option '{key}' (socket, type, queues, queue-size, tag, wait, reconnect-timeout)"
+                "unknown device option '{key}' (socket, type, queues, queue-size, tag, wait, reconnect-timeout, allow-uid)"
             )
         };
         let parsed = Spec::parse(s, KEYS, |_| false).map_err(|e| match e {
@@ -214,6 +223,12 @@ impl FromStr for DeviceSpec {
                 "queue-size" => spec.queue_size = Some(parse_u16(key, value)?),
                 "wait" => spec.wait = Some(parse_wait(value)?),
                 "tag" => spec.tag = Some(value.to_owned()),
+                "allow-uid" => {
+                    spec.allow_uid =
+                        Some(value.parse().map_err(|_| {
+                            format!("allow-uid={value}: expected a numeric user id")
+                        })?)
+                }
                 _ => spec.reconnect = Some(parse_wait(value)?),
             }
         }
@@ -285,6 +300,7 @@ mod tests {
                 wait: Some(WaitLimit::For(Duration::from_secs(10))),
                 reconnect: Some(WaitLimit::For(Duration::from_millis(500))),
                 tag: None,
+                allow_uid: None,
             }
         );
         // Generic devices: by name with a virtio-fs tag, or by virtio device ID.
@@ -301,6 +317,10 @@ mod tests {
         assert_eq!(d.to_string(), "/run/g.sock,type=16");
         let d: DeviceSpec = "socket=4:odd.sock".parse().unwrap();
         assert_eq!(d.to_string().parse::<DeviceSpec>(), Ok(d));
+        let d: DeviceSpec = "/run/e.sock,allow-uid=1000".parse().unwrap();
+        assert_eq!(d.allow_uid, Some(1000));
+        assert_eq!(d.options().allow_uid, Some(1000));
+        assert_eq!(d.to_string().parse::<DeviceSpec>().unwrap(), d);
         let d: DeviceSpec = "/run/d.sock,wait=forever".parse().unwrap();
         assert_eq!(d.wait, Some(WaitLimit::Forever));
         // A colon in a path that is not a type prefix stays in the path.
@@ -319,6 +339,9 @@ mod tests {
             "/a,queues",
             "/a,wait=1s,wait=2s",
             "colour=red",
+            "/a,allow-uid=bob",
+            "/a,allow-uid=-1",
+            "/a,allow-uid=1,allow-uid=2",
         ] {
             assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
         }

@@ -111,16 +111,24 @@ pub struct Backend {
     args: Vec<String>,
     pub socket: PathBuf,
     process: Option<hype_testkit::process::BackendProcess>,
+    /// Runs the process as this uid (and gid), when set.
+    uid: Option<u32>,
 }
 
 impl Backend {
     /// Starts `hype <args...> --socket <socket>` and waits for the socket.
     pub fn start(args: &[&str], socket: &Path) -> Backend {
+        Backend::start_as(args, socket, None)
+    }
+
+    /// [`Backend::start`] as user (and group) `uid` when given (the test must be root).
+    pub fn start_as(args: &[&str], socket: &Path, uid: Option<u32>) -> Backend {
         let _ = std::fs::remove_file(socket);
         let mut b = Backend {
             args: args.iter().map(|s| s.to_string()).collect(),
             socket: socket.to_owned(),
             process: None,
+            uid,
         };
         b.spawn();
         b
@@ -149,6 +157,10 @@ impl Backend {
             .arg(&self.socket)
             .env("HYPE_LOG", "warn")
             .stdin(Stdio::null());
+        if let Some(uid) = self.uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
         let p = hype_testkit::process::BackendProcess::spawn(&mut cmd, &self.socket)
             .unwrap_or_else(|e| panic!("{}", hype_daemon::error_chain(&e)));
         self.process = Some(p);

@@ -64,6 +64,9 @@ pub struct DeviceOptions {
     pub reconnect: WaitLimit,
     /// The virtio-fs tag shown to the guest when an `fs` backend does not give its config.
     pub tag: Option<String>,
+    /// A uid besides the VMM's own and root that may serve the socket (SO_PEERCRED is
+    /// checked before guest memory is shared).
+    pub allow_uid: Option<u32>,
 }
 
 impl DeviceOptions {
@@ -77,6 +80,7 @@ impl DeviceOptions {
             wait: WaitLimit::Forever,
             reconnect: WaitLimit::Forever,
             tag: None,
+            allow_uid: None,
         }
     }
 }
@@ -200,6 +204,7 @@ impl VhostUserDevice {
         let stream = frontend::connect_waiting(&opts.socket, opts.wait.as_option(), name)?;
         let handshake = HandshakeOptions {
             fs_tag: opts.tag.clone(),
+            allowed_peer_uids: opts.allow_uid.into_iter().collect(),
             ..HandshakeOptions::default()
         };
         let (conn, detected) =
@@ -297,6 +302,7 @@ impl VhostUserDevice {
             SocketConnector {
                 path: opts.socket.clone(),
                 fs_tag: opts.tag.clone(),
+                allow_uid: opts.allow_uid,
             },
             WorkerSetup {
                 socket: opts.socket.clone(),

@@ -75,6 +75,8 @@ pub struct SocketConnector {
     pub path: PathBuf,
     /// The virtio-fs tag for a backend that does not give its config.
     pub fs_tag: Option<String>,
+    /// A uid besides the VMM's own and root that may serve the socket.
+    pub allow_uid: Option<u32>,
 }
 
 impl Connector for SocketConnector {
@@ -86,6 +88,7 @@ impl Connector for SocketConnector {
         };
         let opts = HandshakeOptions {
             fs_tag: self.fs_tag.clone(),
+            allowed_peer_uids: self.allow_uid.into_iter().collect(),
             ..HandshakeOptions::default()
         };
         Connection::handshake_device(&self.path, stream, &opts, Some(kind)).map(|(c, _)| Some(c))
