@@ -270,6 +270,15 @@ impl Virtqueue {
         &self.call
     }
 
+    /// Replaces the kick and call fds handed to the backend at the next activation: for
+    /// hostile-frontend tests, which wrap other files (a pipe, a regular file) as if they
+    /// were eventfds. Kicking and waiting through such fds fail; the test drives the ring
+    /// with [`Virtqueue::add`] and its own writes.
+    pub fn replace_event_fds(&mut self, kick: EventFd, call: EventFd) {
+        self.kick = kick;
+        self.call = call;
+    }
+
     /// Whether VIRTIO_RING_F_EVENT_IDX is in use on this queue.
     pub fn event_idx(&self) -> bool {
         self.event_idx

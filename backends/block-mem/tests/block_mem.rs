@@ -291,3 +291,143 @@ fn memory_beyond_its_file_or_unsealed_is_refused_without_sigbus() {
     let st = p.signal_and_wait(libc::SIGTERM);
     assert!(st.success(), "{st:?}");
 }
+
+/// Open fds of process `pid`.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// The fd count of `pid` once it stops changing (a disconnect is torn down asynchronously).
+fn settled_fd_count(pid: u32) -> usize {
+    let mut last = fd_count(pid);
+    for _ in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        let now = fd_count(pid);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+#[test]
+fn fd_count_stays_flat_over_1000_connections() {
+    let (mut p, _dir) = spawn(
+        "memfds",
+        &["--size", "4M", "--num-queues", "4", "--io-threads", "2"],
+    );
+    let one = |i: usize| {
+        let mut disk = connect(&p.socket, 4);
+        disk.write(0, &[i as u8; 512]).unwrap();
+        assert_eq!(disk.read(0, 512).unwrap(), vec![i as u8; 512]);
+        drop(disk);
+    };
+    for i in 0..10 {
+        one(i);
+    }
+    let before = settled_fd_count(p.pid());
+    for i in 10..1000 {
+        one(i);
+    }
+    let after = settled_fd_count(p.pid());
+    assert_eq!(
+        after, before,
+        "fds before {before}, after 990 more connections {after}"
+    );
+    assert!(p.alive());
+}
+
+/// A pipe as (read end, write end), blocking.
+fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe() writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both are fresh descriptors owned only by these OwnedFds.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// `fd` dressed up as an eventfd, as a hostile frontend hands it over.
+fn fake_eventfd(fd: std::os::fd::OwnedFd) -> vmm_sys_util::eventfd::EventFd {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the descriptor is owned and handed over whole; the EventFd only reads and
+    // writes it (which fails or does nothing useful for a non-eventfd).
+    unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(fd.into_raw_fd()) }
+}
+
+#[test]
+fn non_eventfd_kick_or_call_does_not_wedge_the_next_frontend() {
+    use hype_testkit::blk::{add_request, BlkRequest};
+    use hype_testkit::driver::Driver;
+    use std::os::fd::AsRawFd;
+    let (p, dir) = spawn("memnoevfd", &["--size", "4M", "--io-threads", "2"]);
+    let good = || {
+        let mut disk = connect(&p.socket, 1);
+        disk.write(8, &[7; 512]).unwrap();
+        assert_eq!(disk.read(8, 512).unwrap(), vec![7; 512]);
+    };
+    // 1. A regular file as kick fd (epoll refuses it).
+    let file = std::fs::File::create(dir.join("not-an-eventfd")).unwrap();
+    let mut drv = Driver::connect_inactive(&p.socket, opts(1)).unwrap();
+    let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let q = drv.queue(0).unwrap();
+    q.replace_event_fds(fake_eventfd(file.into()), call);
+    let _ = drv.activate();
+    drop(drv);
+    good();
+    // 2. A pipe nobody reads, already full, as call fd: completing a request writes to it.
+    let (rd, wr) = pipe();
+    // SAFETY: fcntl and write on our own pipe: fill it without blocking, then hand the
+    // write end over blocking.
+    unsafe {
+        let fl = libc::fcntl(wr.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        let chunk = [0u8; 4096];
+        while libc::write(wr.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) > 0 {}
+        libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl);
+    }
+    let mut drv = Driver::connect_inactive(&p.socket, opts(1)).unwrap();
+    let kick = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    drv.queue(0)
+        .unwrap()
+        .replace_event_fds(kick, fake_eventfd(wr));
+    drv.activate().unwrap();
+    let q = drv.queue(0).unwrap();
+    for i in 0..4 {
+        add_request(q, &BlkRequest::write(i * 8, vec![1; 4096])).unwrap();
+    }
+    q.notify().unwrap();
+    // Wait until the backend has completed them (and so tried to signal).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while q.device_used_idx().unwrap() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests never completed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    drop(drv);
+    drop(rd);
+    // 3. A pipe's read end as kick fd (kicks read nothing useful).
+    let (rd, wr) = pipe();
+    let mut drv = Driver::connect_inactive(&p.socket, opts(1)).unwrap();
+    let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    drv.queue(0)
+        .unwrap()
+        .replace_event_fds(fake_eventfd(rd), call);
+    let _ = drv.activate();
+    // SAFETY: writing 3 bytes from a valid buffer to our pipe.
+    unsafe { libc::write(wr.as_raw_fd(), b"abc".as_ptr().cast(), 3) };
+    drop(wr);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    drop(drv);
+    good();
+}

@@ -642,3 +642,48 @@ fn confined_while_serving_and_forbidden_calls_kill() {
         hype_testkit::sandbox::assert_killed_by_sigsys(status, &stderr, call);
     }
 }
+
+/// Open fds of process `pid`, once the count stops changing (a disconnect is torn down
+/// asynchronously).
+fn settled_fd_count(pid: u32) -> usize {
+    let count = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let mut last = count();
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(25));
+        let now = count();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+#[test]
+fn fd_count_stays_flat_over_1000_connections() {
+    let dir = tempdir("fds");
+    let csock = dir.join("console.sock");
+    let b = Backend::spawn(&dir, &["--output", &format!("socket:{}", csock.display())]);
+    let pid = b.process.pid().unwrap();
+    let one = |i: usize| {
+        let mut drv = guest(&b);
+        guest_write(&mut drv, &pattern(i, 64, 3), 64);
+        drop(drv);
+    };
+    for i in 0..10 {
+        one(i);
+    }
+    let before = settled_fd_count(pid);
+    for i in 10..1000 {
+        one(i);
+    }
+    let after = settled_fd_count(pid);
+    assert_eq!(
+        after, before,
+        "fds before {before}, after 990 more connections {after}"
+    );
+}

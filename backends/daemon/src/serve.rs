@@ -12,6 +12,7 @@ use vm_memory::mmap::NewBitmap;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::backend_defaults::ExitConsumers;
 use crate::relay::Relay;
 use crate::shutdown::poll_readable;
 use crate::{Error, Shutdown, SocketListener};
@@ -140,8 +141,12 @@ where
         }
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<T::Bitmap>::new());
         let backend = make_backend(&mem).map_err(|e| Error::CreateBackend(e.into()))?;
-        let mut daemon = VhostUserDaemon::new(name.to_string(), backend.clone(), mem)
-            .map_err(|e| Error::CreateDaemon(e.to_string()))?;
+        ExitConsumers::reset();
+        let created = VhostUserDaemon::new(name.to_string(), backend.clone(), mem);
+        // Declared before the daemon: dropped (closing the worker threads' exit events, which
+        // vhost-user-backend 0.24 leaks) only after the daemon and its threads are gone.
+        let _exit_consumers = ExitConsumers::collect();
+        let mut daemon = created.map_err(|e| Error::CreateDaemon(e.to_string()))?;
         hooks
             .daemon_created(&backend, &daemon)
             .map_err(Error::ConnectionSetup)?;
@@ -194,6 +199,7 @@ where
             Err(e) => warn!("frontend connection ended: {e}"),
         }
         hooks.disconnected();
+        drop(_exit_consumers);
     }
 }
 

@@ -23,10 +23,10 @@
 //! Every problem the guest causes is logged through the rate-limited [`guest_error`].
 
 use std::ops::Deref;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use log::warn;
 use vhost_user_backend::VringState;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemory};
@@ -370,12 +370,31 @@ impl<'p> Drain<'p> {
 /// EVENT_IDX, otherwise when the used index has passed the driver's `used_event` since the
 /// last signal. When that cannot be read the guest is signalled anyway (a spurious interrupt
 /// is harmless, a missing one hangs the driver).
+///
+/// The call fd is the frontend's: one that is not a non-blocking eventfd (a pipe or socket
+/// nobody reads) would block this thread in write() for good, and with it the teardown of the
+/// connection and every later frontend. It is made non-blocking first, so such a signal fails
+/// (logged, rate-limited) instead.
 pub fn signal_used<A: GuestAddressSpace>(st: &mut VringState<A>, event_idx: bool) {
     let needed = !event_idx || st.needs_notification().unwrap_or(true);
     if needed {
-        if let Err(e) = st.signal_used_queue() {
-            warn!("cannot signal used queue: {e}");
+        if let Some(call) = st.get_call() {
+            ensure_nonblocking(call.as_raw_fd());
         }
+        if let Err(e) = st.signal_used_queue() {
+            guest_error(format_args!("cannot signal used queue: {e}"));
+        }
+    }
+}
+
+/// Sets O_NONBLOCK on `fd` unless it is set (one fcntl when it is, as for every eventfd a
+/// well-behaved frontend passes).
+fn ensure_nonblocking(fd: RawFd) {
+    // SAFETY: F_GETFL reads the flags of `fd`; a bad fd only makes it fail.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: F_SETFL with the flags just read plus O_NONBLOCK; no memory is involved.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
     }
 }
 #[cfg(test)]

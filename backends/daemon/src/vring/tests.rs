@@ -492,3 +492,41 @@ fn no_polling_after_an_idle_round_or_when_told_to_stop_or_turned_off() {
     assert!(!off.enabled());
     assert!(!off.wait_for(|| true));
 }
+
+#[test]
+fn a_full_blocking_pipe_as_call_fd_does_not_block_the_signal() {
+    let mut ring = Ring::new(false);
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe() writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both are fresh descriptors owned only by these OwnedFds.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Fill the pipe while it is non-blocking, then make it blocking again, as a hostile
+    // frontend would hand it over.
+    // SAFETY: fcntl on our own descriptor.
+    let fl = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) };
+    let chunk = [0u8; 4096];
+    // SAFETY: writing from a valid buffer until the pipe is full (EAGAIN).
+    while unsafe { libc::write(wr.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) } > 0 {}
+    // SAFETY: as above.
+    unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) };
+    ring.vring.set_call(Some(File::from(wr)));
+    ring.offer_all([1]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let vring = ring.vring.clone();
+    let mem = ring.mem.clone();
+    std::thread::spawn(move || {
+        let m = mem.memory();
+        let mut st = vring.get_mut();
+        let end = Drain::new("test", false).run(&mut st, &m, |_| Handled::Used(0));
+        let _ = tx.send(end);
+    });
+    let end = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("signalling a full blocking pipe blocked the drain");
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(ring.used_idx(), 1);
+    drop(rd);
+}
