@@ -48,6 +48,18 @@ pub fn connect_waiting(
     wait: Option<Duration>,
     what: &str,
 ) -> Result<UnixStream, FrontendError> {
+    connect_waiting_until(path, wait, what, &|| false)
+}
+
+/// [`connect_waiting`] that also gives up with [`FrontendError::Stopped`] as soon as
+/// `stop()` says so (checked every [`POLL_INTERVAL`]): a VMM asked to stop (SIGTERM) while
+/// waiting for a backend ends like any other stop.
+pub fn connect_waiting_until(
+    path: &Path,
+    wait: Option<Duration>,
+    what: &str,
+    stop: &dyn Fn() -> bool,
+) -> Result<UnixStream, FrontendError> {
     let start = Instant::now();
     let mut logged = false;
     loop {
@@ -60,6 +72,11 @@ pub fn connect_waiting(
                 );
             }
             return Ok(s);
+        }
+        if stop() {
+            return Err(FrontendError::Stopped {
+                path: path.to_owned(),
+            });
         }
         if wait.is_some_and(|w| start.elapsed() >= w) {
             return Err(FrontendError::WaitTimeout {
@@ -102,6 +119,10 @@ mod tests {
             try_connect(&file),
             Err(FrontendError::Connect { .. })
         ));
+        let t = Instant::now();
+        let e =
+            connect_waiting_until(&sock, None, "t", &|| t.elapsed() > POLL_INTERVAL).unwrap_err();
+        assert!(matches!(e, FrontendError::Stopped { .. }), "{e}");
         let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         assert!(try_connect(&sock).unwrap().is_some());
         let _ = std::fs::remove_dir_all(&dir);

@@ -17,6 +17,12 @@ pub enum FrontendError {
         /// How long hype waited.
         waited: Duration,
     },
+    /// The caller asked to stop while waiting for the socket.
+    #[error("stopped while waiting for backend socket {path}")]
+    Stopped {
+        /// Socket path.
+        path: PathBuf,
+    },
     /// connect() failed for another reason than "not there yet".
     #[error("cannot connect to backend socket {path}")]
     Connect {

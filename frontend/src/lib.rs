@@ -28,7 +28,7 @@ pub mod peer;
 pub mod types;
 pub mod watchdog;
 
-pub use connect::{connect_waiting, try_connect};
+pub use connect::{connect_waiting, connect_waiting_until, try_connect};
 pub use connection::{BackendInfo, Connection, Detected, HandshakeOptions, InflightArea, Ring};
 pub use error::FrontendError;
 pub use link::BackendLink;

@@ -113,6 +113,10 @@ fn dump_acpi(cfg: &VmConfig, dir: &std::path::Path) -> ExitCode {
 /// Runs the VM `a` describes; errors become one line on stderr (`hype: ...`), exit code 2 for
 /// usage errors and 1 for runtime errors.
 pub fn run(a: VmmArgs) -> ExitCode {
+    if let Err(e) = crate::config::check_devices(&a.devices) {
+        eprintln!("hype: {e}");
+        return ExitCode::from(2);
+    }
     let mut devices = a.devices;
     for d in &mut devices {
         d.wait.get_or_insert(a.device_wait);

@@ -233,6 +233,12 @@ impl FromStr for DeviceSpec {
             }
         }
         match socket {
+            Some(p) if p.len() > SOCKET_PATH_MAX => {
+                return Err(format!(
+                    "device socket path is {} bytes, a Unix socket path has at most {SOCKET_PATH_MAX}: {p}",
+                    p.len()
+                ))
+            }
             Some(p) if !p.is_empty() => spec.socket = PathBuf::from(p),
             _ => return Err(format!("'{s}' has no socket path")),
         }
@@ -240,11 +246,42 @@ impl FromStr for DeviceSpec {
     }
 }
 
+/// Longest socket path connect() takes: `sun_path` is 108 bytes with the final NUL.
+pub const SOCKET_PATH_MAX: usize = 107;
+
+/// Checks that no two devices name the same socket (as given, or as the same file once
+/// resolved): two devices on one backend would fight over its one connection.
+pub fn check_devices(devices: &[DeviceSpec]) -> Result<(), String> {
+    let key =
+        |d: &DeviceSpec| std::fs::canonicalize(&d.socket).unwrap_or_else(|_| d.socket.clone());
+    for (i, a) in devices.iter().enumerate() {
+        for (j, b) in devices.iter().enumerate().skip(i + 1) {
+            if a.socket == b.socket || key(a) == key(b) {
+                return Err(format!(
+                    "devices {i} and {j} both use the socket {}: give each backend its own",
+                    b.socket.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub use hype_base::parse_size;
 
-/// Memory size in bytes: a bare number means MiB, as in other VMMs.
+/// Granularity of guest memory: 2 MiB, so RAM is whole pages and can be backed by huge pages.
+pub const MEMORY_ALIGN: u64 = 2 << 20;
+
+/// Memory size in bytes: a bare number means MiB, as in other VMMs. It must be a multiple of
+/// [`MEMORY_ALIGN`].
 pub fn parse_memory(s: &str) -> Result<u64, String> {
-    parse_size(s, 1 << 20)
+    let size = parse_size(s, 1 << 20)?;
+    if size % MEMORY_ALIGN != 0 {
+        return Err(format!(
+            "{s} is not a multiple of 2 MiB (guest memory comes in 2 MiB steps)"
+        ));
+    }
+    Ok(size)
 }
 
 #[cfg(test)]
@@ -265,6 +302,36 @@ mod tests {
         assert!(parse_memory("-1G").is_err());
         assert!(parse_memory("99999999999999999999G").is_err());
         assert!(parse_memory("9999999999T").is_err());
+        for unaligned in ["1000K", "513M", "536870913", "3M", "4097K"] {
+            let e = parse_memory(unaligned).unwrap_err();
+            assert!(e.contains("not a multiple of 2 MiB"), "{unaligned}: {e}");
+        }
+        assert_eq!(parse_memory("2048K").unwrap(), 2 << 20);
+    }
+
+    #[test]
+    fn duplicate_devices() {
+        let d = |s: &str| s.parse::<DeviceSpec>().unwrap();
+        check_devices(&[d("/run/a.sock"), d("/run/b.sock")]).unwrap();
+        let e = check_devices(&[
+            d("/run/a.sock"),
+            d("blk:/run/b.sock"),
+            d("/run/b.sock,queues=2"),
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("devices 1 and 2 both use the socket /run/b.sock"),
+            "{e}"
+        );
+        // The same file under two spellings.
+        let dir = std::env::temp_dir().join(format!("hype-dup-dev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("s.sock"), b"").unwrap();
+        let a = dir.join("s.sock");
+        let b = dir.join(".").join("s.sock");
+        let e = check_devices(&[d(a.to_str().unwrap()), d(b.to_str().unwrap())]).unwrap_err();
+        assert!(e.contains("devices 0 and 1"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -345,6 +412,11 @@ mod tests {
         ] {
             assert!(bad.parse::<DeviceSpec>().is_err(), "{bad}");
         }
+        let long = format!("/{}", "s".repeat(SOCKET_PATH_MAX));
+        let e = long.parse::<DeviceSpec>().unwrap_err();
+        assert!(e.contains("at most 107"), "{e}");
+        let fits = format!("/{}", "s".repeat(SOCKET_PATH_MAX - 1));
+        assert!(fits.parse::<DeviceSpec>().is_ok());
         assert_eq!(
             parse_wait("2m"),
             Ok(WaitLimit::For(Duration::from_secs(120)))

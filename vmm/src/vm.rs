@@ -776,8 +776,25 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     let slots = Arc::new(HotplugSlots::new());
     let hotplug = Hotplug::new(vm.clone(), mem.clone(), slots.clone());
     let acpi = acpi_tables(cfg)?;
+    // Stop signals count from here: SIGTERM while waiting for a backend socket is a stop.
+    install_signal_handlers()?;
     let (mmio, mut device_cmdline) =
-        attach_devices(&vm, &mem, &cfg.devices, &hotplug, restore.as_ref())?;
+        match attach_devices(&vm, &mem, &cfg.devices, &hotplug, restore.as_ref()) {
+            Err(VmmError::Device {
+                source:
+                    DeviceError::Frontend(crate::virtio::frontend::FrontendError::Stopped { .. }),
+                ..
+            }) => {
+                log::info!("stopped from the host while waiting for a backend");
+                return Ok(VmOutcome {
+                    end: VmEnd::Stopped,
+                    markers: Vec::new(),
+                    mmio: MmioExitCounts::default(),
+                    devices: Vec::new(),
+                });
+            }
+            other => other?,
+        };
     if acpi.is_some() {
         // The DSDT describes the devices: never describe them twice.
         device_cmdline.clear();

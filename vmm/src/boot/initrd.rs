@@ -1,7 +1,6 @@
 //! Initrd placement: as high as possible below the kernel's `initrd_addr_max` and the end of low
 //! RAM, page aligned, and above the kernel.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestAddress};
@@ -24,6 +23,9 @@ pub enum InitrdError {
         #[source]
         source: std::io::Error,
     },
+    /// Not a regular file (a FIFO, device, directory): its size cannot be known up front.
+    #[error("initrd {0} is not a regular file")]
+    NotRegular(PathBuf),
     /// Does not fit.
     #[error("initrd {path} ({size} bytes) does not fit in guest memory between the kernel end {kernel_end:#x} and {limit:#x}")]
     TooBig {
@@ -58,12 +60,13 @@ pub fn load(
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
-    let meta = file.metadata().map_err(read_err)?;
-    if meta.is_dir() {
-        return Err(read_err(std::io::Error::from_raw_os_error(libc::EISDIR)));
-    }
-    let size = meta.len();
+    let (mut file, size) = match super::image::open_regular(path, "initrd") {
+        Ok(f) => f,
+        Err(super::image::OpenError::Io(e)) => return Err(read_err(e)),
+        Err(super::image::OpenError::Image(_)) => {
+            return Err(InitrdError::NotRegular(path.to_owned()))
+        }
+    };
     let addr = place(size, kernel_end, initrd_addr_max, low_ram_end).ok_or_else(|| {
         InitrdError::TooBig {
             path: path.to_owned(),

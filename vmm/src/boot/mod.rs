@@ -6,6 +6,7 @@
 //! - ELF with a PVH note: PVH (`hvm_start_info` in EBX, 32-bit protected mode, paging off);
 //! - ELF without a PVH note: its 64-bit entry point with a minimal zero page in RSI.
 
+pub mod image;
 pub mod initrd;
 pub mod pvh;
 pub mod zero_page;
@@ -102,6 +103,9 @@ pub enum BootError {
     /// Command line contains a NUL byte.
     #[error("command line contains a NUL byte")]
     CmdlineNul,
+    /// The image's headers do not match the file (or it is not a regular file).
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
     /// Initrd problems.
     #[error(transparent)]
     Initrd(#[from] initrd::InitrdError),
@@ -202,11 +206,11 @@ pub fn load(
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
-    let file_size = file.metadata().map_err(read_err)?.len();
-    if file.metadata().map_err(read_err)?.is_dir() {
-        return Err(BootError::UnknownFormat(path.to_owned()));
-    }
+    let (mut file, file_size) = match image::open_regular(path, "kernel") {
+        Ok(f) => f,
+        Err(image::OpenError::Io(e)) => return Err(read_err(e)),
+        Err(image::OpenError::Image(e)) => return Err(e.into()),
+    };
     let format = detect_format(&mut file, path)?;
     let too_big = || BootError::KernelTooBig {
         path: path.to_owned(),
@@ -216,6 +220,15 @@ pub fn load(
     let low_end = low_ram_end(mem_size);
     if file_size >= low_end.saturating_sub(HIMEM_START) {
         return Err(too_big());
+    }
+    match format {
+        KernelFormat::BzImage => {
+            let mut head = [0u8; 0x206];
+            file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+            file.read_exact(&mut head).map_err(read_err)?;
+            image::check_bzimage(path, &head, file_size)?;
+        }
+        KernelFormat::Elf => image::check_elf(path, &mut file, file_size, low_end)?,
     }
     let load_err = |e: linux_loader::loader::Error| match e {
         linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage)

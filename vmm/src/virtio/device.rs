@@ -201,7 +201,13 @@ impl VhostUserDevice {
         mem: GuestMemoryMmap,
         events: Option<DeviceEvents>,
     ) -> Result<Self, DeviceError> {
-        let stream = frontend::connect_waiting(&opts.socket, opts.wait.as_option(), name)?;
+        // A stop signal (SIGTERM) while waiting ends the wait; the caller stops the VM.
+        let stream = frontend::connect_waiting_until(
+            &opts.socket,
+            opts.wait.as_option(),
+            name,
+            &hype_base::signals::stop_requested,
+        )?;
         let handshake = HandshakeOptions {
             fs_tag: opts.tag.clone(),
             allowed_peer_uids: opts.allow_uid.into_iter().collect(),

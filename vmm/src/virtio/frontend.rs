@@ -17,7 +17,9 @@ pub use hype_frontend::connection::{
 pub use hype_frontend::features::{
     wanted_protocol_features, PROTOCOL_FEATURES as PROTOCOL_FEATURES_BIT,
 };
-pub use hype_frontend::{connect_waiting, try_connect, BackendLink, Connection, FrontendError};
+pub use hype_frontend::{
+    connect_waiting, connect_waiting_until, try_connect, BackendLink, Connection, FrontendError,
+};
 
 use super::DeviceType;
 use crate::memory::GuestMemoryMmap;
