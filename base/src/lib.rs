@@ -3,6 +3,7 @@
 //! that are safe to share ([`memfd`]), one way to spell sizes and durations on a command line.
 //!
 //! * [`options`]: the `HEAD,key=value,...` grammar of every spec string.
+//! * [`redact`]: secrets (user information, query tokens) out of URLs that are printed.
 //! * [`signals`]: the one stop-on-signal handler (a flag and an optional wake-up eventfd).
 //! * [`terminal`]: raw mode that is always restored, and the `Ctrl-a` escape filter, for
 //!   every hype program that owns a terminal (the VMM's serial console, `hype console`).
@@ -16,6 +17,7 @@ pub mod log_limit;
 mod logging;
 pub mod memfd;
 pub mod options;
+pub mod redact;
 pub mod signals;
 pub mod terminal;
 mod units;
@@ -26,4 +28,5 @@ pub use exit::{
     usage_error_line, CommandError, EXIT_RUNTIME, EXIT_USAGE,
 };
 pub use logging::init_logging;
+pub use redact::redact_url;
 pub use units::{format_duration, format_size, parse_bytes, parse_duration, parse_size};

@@ -284,6 +284,7 @@ impl ChildArgs for hype_block_http::Args {
             connections,
             retries,
             retry_delay_ms,
+            credentials_file,
             ca_cert,
             timeout,
             block_size,
@@ -313,6 +314,9 @@ impl ChildArgs for hype_block_http::Args {
         }
         if differs(&d, |d| &d.retry_delay_ms, retry_delay_ms) {
             a.opt("retry-delay-ms", retry_delay_ms.to_string());
+        }
+        if let Some(c) = credentials_file {
+            a.opt("credentials-file", c);
         }
         if let Some(c) = ca_cert {
             a.opt("ca-cert", c);
@@ -496,9 +500,9 @@ mod tests {
             ..all.clone()
         };
         round_trip(&restore);
-        // Odd memory sizes keep every byte.
+        // Sizes that are not whole GiB keep every byte (memory comes in 2 MiB steps).
         let odd = VmmArgs {
-            memory: (512 << 20) + 4096,
+            memory: (1 << 30) + (2 << 20),
             ..all.clone()
         };
         round_trip(&odd);
@@ -547,6 +551,7 @@ mod tests {
             connections: 2,
             retries: 0,
             retry_delay_ms: 7,
+            credentials_file: Some("/run/creds".into()),
             ca_cert: Some("/ca.pem".into()),
             timeout: 9,
             block_size: 4096,

@@ -667,13 +667,20 @@ fn shell_word(w: &str) -> String {
 impl Plan {
     /// The equivalent shell commands: runtime directory, backends in the background, VMM.
     /// Build the plan with `dir` = `$DIR` to get a reusable script.
+    /// URLs are printed without their secrets (user information, query values:
+    /// [`hype_base::redact_url`]); give credentials with the backend's `--credentials-file`.
     pub fn commands(&self, dir_setup: &str) -> String {
         let exe = self.exe.to_string_lossy();
         let line = |args: &[OsString]| {
             let mut s = shell_word(&exe);
             for a in args {
                 s.push(' ');
-                s.push_str(&shell_word(&a.to_string_lossy()));
+                let word = a.to_string_lossy();
+                if word.contains("://") {
+                    s.push_str(&shell_word(&hype_base::redact_url(&word)));
+                } else {
+                    s.push_str(&shell_word(&word));
+                }
             }
             s
         };
@@ -813,6 +820,36 @@ mod tests {
         ] {
             assert!(e.contains(want), "{want:?} not in {e}");
         }
+    }
+
+    #[test]
+    fn printed_commands_hide_url_secrets() {
+        let kernel = std::env::temp_dir().join(format!("hype-plan-sec-{}", std::process::id()));
+        std::fs::write(&kernel, b"\x7fELF").unwrap();
+        let cfg = RunConfig {
+            kernel: Some(kernel.clone()),
+            disks: vec!["http://alice:pw1@h/i.raw?token=abc123".into()],
+            ..RunConfig::default()
+        };
+        let checked = check(&cfg, "/bin/true".into()).unwrap();
+        let plan = checked.plan(Path::new("$DIR"));
+        let printed = plan.commands("");
+        std::fs::remove_file(&kernel).unwrap();
+        assert!(
+            !printed.contains("pw1") && !printed.contains("abc123"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("http://***@h/i.raw?token=***"),
+            "{printed}"
+        );
+        // What is run still has them (the backend needs them).
+        let argv: Vec<String> = plan.backends[0]
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(argv.iter().any(|a| a.contains("pw1")), "{argv:?}");
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct Behaviour {
     pub shift_ranges: bool,
     /// Wait this long before answering a GET.
     pub delay: Duration,
+    /// Answer 401 to every request whose `Authorization` header is not exactly this.
+    pub require_authorization: Option<String>,
 }
 
 impl Behaviour {
@@ -96,6 +98,7 @@ impl Behaviour {
             truncate_next: 0,
             shift_ranges: false,
             delay: Duration::ZERO,
+            require_authorization: None,
         }
     }
 }
@@ -301,6 +304,7 @@ fn read_line<R: BufRead>(reader: &mut R) -> Option<String> {
 struct Request {
     method: String,
     range: Option<String>,
+    authorization: Option<String>,
 }
 
 /// Reads a request line and its headers; `None` when the connection ends first.
@@ -308,15 +312,22 @@ fn read_request<R: BufRead>(reader: &mut R) -> Option<Request> {
     let line = read_line(reader)?;
     let method = line.split_whitespace().next().unwrap_or("").to_string();
     let mut range = None;
+    let mut authorization = None;
     loop {
         let h = read_line(reader)?;
         let h = h.trim_end();
         if h.is_empty() {
-            return Some(Request { method, range });
+            return Some(Request {
+                method,
+                range,
+                authorization,
+            });
         }
         if let Some((k, v)) = h.split_once(':') {
             if k.eq_ignore_ascii_case("range") {
                 range = Some(v.trim().to_string());
+            } else if k.eq_ignore_ascii_case("authorization") {
+                authorization = Some(v.trim().to_string());
             }
         }
     }
@@ -426,6 +437,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
         206 => "Partial Content",
+        401 => "Unauthorized",
         405 => "Method Not Allowed",
         416 => "Range Not Satisfiable",
         503 => "Service Unavailable",
@@ -457,7 +469,14 @@ fn serve_connection<S: Read + Write>(s: &Shared, conn: S) {
         let b = behaviour_for(s, &req.method);
         let len = b.content.len() as u64;
         let range = req.range.as_deref().and_then(|r| parse_range(r, len));
-        let a = answer(&b, &req.method, range);
+        let a = match &b.require_authorization {
+            Some(want) if req.authorization.as_ref() != Some(want) => Answer {
+                status: 401,
+                headers: Vec::new(),
+                body: &[],
+            },
+            _ => answer(&b, &req.method, range),
+        };
         let active = (req.method == "GET").then(|| ActiveGet::new(s));
         if active.is_some() {
             std::thread::sleep(b.delay);

@@ -49,7 +49,7 @@ use hype_daemon::sandbox::Sandbox;
 
 pub use overlay::{Overlay, OverlayError, DEFAULT_GRANULE};
 pub use reader::{ReaderOptions, RemoteReader};
-pub use remote::{FetchError, OpenError, Remote, RemoteOptions, Validator};
+pub use remote::{Credentials, FetchError, OpenError, Remote, RemoteOptions, Validator};
 pub use retry::RetryPolicy;
 pub use storage::HttpStorage;
 
@@ -90,6 +90,11 @@ pub struct Args {
     /// Wait before the first retry, in milliseconds; it doubles on each retry (at most 5 s).
     #[arg(long, value_name = "MS", default_value_t = 100)]
     pub retry_delay_ms: u64,
+    /// File whose first line is `user:password`, sent as HTTP basic credentials with every
+    /// request (keeps them out of the URL and the process list). Without it the environment
+    /// variable HYPE_HTTP_CREDENTIALS (same form) is used, if set.
+    #[arg(long, value_name = "PATH")]
+    pub credentials_file: Option<PathBuf>,
     /// PEM file of extra CA certificates to trust for https (besides the system's).
     #[arg(long, value_name = "PEM")]
     pub ca_cert: Option<PathBuf>,
@@ -119,6 +124,24 @@ pub enum Error {
     /// `--timeout` is 0.
     #[error("invalid --timeout 0")]
     InvalidTimeout,
+    /// The credentials file cannot be read.
+    #[error("cannot read credentials file {path}")]
+    CredentialsRead {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The credentials file is not a small regular file.
+    #[error("credentials file {path} is not a regular file of at most {CREDENTIALS_MAX} bytes")]
+    CredentialsFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The credentials are not `user:password`.
+    #[error("{0}: expected user:password on the first line")]
+    CredentialsFormat(String),
     /// The image could not be opened.
     #[error(transparent)]
     Open(#[from] OpenError),
@@ -153,7 +176,10 @@ impl CommandError for Error {
             Error::InvalidCacheBlock(_)
             | Error::InvalidBlockSize(_)
             | Error::InvalidConnections(_)
-            | Error::InvalidTimeout => true,
+            | Error::InvalidTimeout
+            | Error::CredentialsRead { .. }
+            | Error::CredentialsFile { .. }
+            | Error::CredentialsFormat(_) => true,
             Error::Open(e) => e.is_usage(),
             Error::Overlay(e) => e.is_usage(),
             Error::OverlayCreate { .. } => true,
@@ -161,6 +187,41 @@ impl CommandError for Error {
             Error::Sandbox(e) => e.is_usage(),
             Error::Block(e) => e.is_usage(),
         }
+    }
+}
+
+/// Largest credentials file read.
+pub const CREDENTIALS_MAX: u64 = 4096;
+
+/// Environment variable with `user:password` when no `--credentials-file` is given.
+pub const CREDENTIALS_ENV: &str = "HYPE_HTTP_CREDENTIALS";
+
+/// The credentials `args` (or the environment) give, if any.
+pub fn credentials(args: &Args) -> Result<Option<Credentials>, Error> {
+    if let Some(path) = &args.credentials_file {
+        use std::io::Read;
+        let read_err = |source| Error::CredentialsRead {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        let meta = file.metadata().map_err(read_err)?;
+        if !meta.is_file() || meta.len() > CREDENTIALS_MAX {
+            return Err(Error::CredentialsFile { path: path.clone() });
+        }
+        let mut text = String::new();
+        file.take(CREDENTIALS_MAX)
+            .read_to_string(&mut text)
+            .map_err(read_err)?;
+        return Credentials::parse(&text).map(Some).ok_or_else(|| {
+            Error::CredentialsFormat(format!("--credentials-file {}", path.display()))
+        });
+    }
+    match std::env::var(CREDENTIALS_ENV) {
+        Ok(v) => Credentials::parse(&v)
+            .map(Some)
+            .ok_or_else(|| Error::CredentialsFormat(CREDENTIALS_ENV.into())),
+        Err(_) => Ok(None),
     }
 }
 
@@ -187,13 +248,14 @@ pub fn storage(args: &Args) -> Result<HttpStorage, Error> {
         },
         connections: args.connections,
         ca_cert: args.ca_cert.clone(),
+        credentials: credentials(args)?,
     };
     let remote = Remote::open(&args.url, &opts)?;
     // The guest sees whole sectors; a ragged tail reads as zeroes.
     let size = remote.size().div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
     log::info!(
         "{}: {} bytes ({})",
-        remote.url(),
+        remote.shown_url(),
         remote.size(),
         remote.validator()
     );

@@ -323,6 +323,40 @@ pub struct RemoteOptions {
     pub connections: usize,
     /// PEM file of extra CA certificates to trust for https, besides the system's.
     pub ca_cert: Option<std::path::PathBuf>,
+    /// HTTP basic credentials sent with every request (given from a file or the environment,
+    /// so they need not be in the URL and argv).
+    pub credentials: Option<Credentials>,
+}
+
+/// HTTP basic credentials. Never printed: `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &hype_base::redact::REDACTED)
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Parses `user:password` (the first line; surrounding white space and a trailing
+    /// newline are not part of it). `None` without a colon or with an empty user.
+    pub fn parse(s: &str) -> Option<Credentials> {
+        let line = s.lines().next()?.trim();
+        let (user, password) = line.split_once(':')?;
+        (!user.is_empty()).then(|| Credentials {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        })
+    }
 }
 
 impl Default for RemoteOptions {
@@ -332,6 +366,7 @@ impl Default for RemoteOptions {
             retry: RetryPolicy::default(),
             connections: 8,
             ca_cert: None,
+            credentials: None,
         }
     }
 }
@@ -351,6 +386,9 @@ pub struct RemoteStats {
 pub struct Remote {
     client: Client,
     url: Url,
+    /// The URL as printed: [`hype_base::redact_url`] of `url`.
+    shown: String,
+    auth: Option<Credentials>,
     size: u64,
     validator: Validator,
     retry: RetryPolicy,
@@ -363,12 +401,12 @@ impl Remote {
     /// must come back as 206 with a matching Content-Range.
     pub fn open(url: &str, opts: &RemoteOptions) -> Result<Remote, OpenError> {
         let parsed = Url::parse(url).map_err(|e| OpenError::Url {
-            url: url.to_string(),
+            url: hype_base::redact_url(url).into_owned(),
             reason: e.to_string(),
         })?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(OpenError::Url {
-                url: url.to_string(),
+                url: hype_base::redact_url(url).into_owned(),
                 reason: format!("scheme {:?} is not http or https", parsed.scheme()),
             });
         }
@@ -384,11 +422,19 @@ impl Remote {
         let client = builder
             .build()
             .map_err(|e| OpenError::Client(error_text(&e)))?;
-        let url_s = parsed.to_string();
+        // Every message names the URL without its secrets.
+        let url_s = hype_base::redact_url(parsed.as_str()).into_owned();
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            log::warn!(
+                "{url_s}: credentials in the URL are visible to every local user in the process \
+                 list; give them with --credentials-file or HYPE_HTTP_CREDENTIALS instead"
+            );
+        }
+        let auth = opts.credentials.clone();
 
         // HEAD: size, validators, Accept-Ranges.
         let head = retry_loop(&opts.retry, "HEAD", || {
-            match client.head(parsed.clone()).send() {
+            match with_auth(client.head(parsed.clone()), auth.as_ref()).send() {
                 Ok(r) if is_transient_status(r.status().as_u16()) => Err((
                     true,
                     OpenError::HeadStatus {
@@ -454,6 +500,8 @@ impl Remote {
         // Probe: one byte with Range. It must come back as 206.
         let mut remote = Remote {
             client,
+            shown: url_s.clone(),
+            auth,
             url: parsed,
             size: head_size.unwrap_or(0),
             validator,
@@ -553,6 +601,11 @@ impl Remote {
         &self.url
     }
 
+    /// The URL as it may be printed (user information and query values hidden).
+    pub fn shown_url(&self) -> &str {
+        &self.shown
+    }
+
     /// Traffic counters.
     pub fn stats(&self) -> &RemoteStats {
         &self.stats
@@ -588,7 +641,7 @@ impl Remote {
                     let delay = self.retry.delay(retry);
                     log::warn!(
                         "{}: {e}; retry {}/{} in {delay:?}",
-                        self.url,
+                        self.shown,
                         retry + 1,
                         self.retry.retries
                     );
@@ -599,10 +652,10 @@ impl Remote {
                 Err(e) => {
                     if let FetchError::ImageChanged { .. } = e {
                         if !self.changed.swap(true, Ordering::Relaxed) {
-                            log::error!("{}: {e}; reads that need the server now fail", self.url);
+                            log::error!("{}: {e}; reads that need the server now fail", self.shown);
                         }
                     } else {
-                        log::error!("{}: bytes {offset}+{len}: {e}", self.url);
+                        log::error!("{}: bytes {offset}+{len}: {e}", self.shown);
                     }
                     return Err(e);
                 }
@@ -613,8 +666,8 @@ impl Remote {
     fn send_range(&self, offset: u64, len: u64) -> Result<Response, FetchError> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let last = offset + len.max(1) - 1;
-        self.client
-            .get(self.url.clone())
+        let req = self.client.get(self.url.clone());
+        with_auth(req, self.auth.as_ref())
             .header(RANGE, format!("bytes={offset}-{last}"))
             .send()
             .map_err(|e| FetchError::Transport {
@@ -768,6 +821,18 @@ fn retry_loop<T, E: std::fmt::Display>(
 }
 
 /// reqwest's error with its source chain, on one line.
+/// Adds the basic credentials, if any, to a request.
+fn with_auth(
+    req: reqwest::blocking::RequestBuilder,
+    auth: Option<&Credentials>,
+) -> reqwest::blocking::RequestBuilder {
+    match auth {
+        Some(c) => req.basic_auth(&c.user, Some(&c.password)),
+        None => req,
+    }
+}
+
+/// The error and its causes in one line, with the URL reqwest quotes redacted.
 fn error_text(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     let mut src = std::error::Error::source(e);
@@ -776,7 +841,10 @@ fn error_text(e: &reqwest::Error) -> String {
         s.push_str(&c.to_string());
         src = c.source();
     }
-    s
+    match e.url() {
+        Some(u) => hype_base::redact::redact_in(&s, u.as_str()),
+        None => s,
+    }
 }
 
 #[cfg(test)]

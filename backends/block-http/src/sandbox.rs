@@ -105,7 +105,7 @@ const PROXY_VARS: &[&str] = &[
 ];
 
 /// Adds block-http's Landlock rules to `sandbox`: the socket directory (the socket is bound
-/// after they apply), the overlay, `--ca-cert`, resolver files and TLS roots (read only), TCP
+/// after they apply), the overlay, `--ca-cert`, `--credentials-file`, resolver files and TLS roots (read only), TCP
 /// to the URL's port, DNS and any proxy's port.
 pub fn add_rules(sandbox: &mut Sandbox, args: &Args) {
     hype_daemon::sandbox::allow_socket_bind(sandbox, &args.device.listen);
@@ -113,6 +113,9 @@ pub fn add_rules(sandbox: &mut Sandbox, args: &Args) {
         sandbox.files().allow(p, FsAccess::ReadWrite);
     }
     if let Some(p) = &args.ca_cert {
+        sandbox.files().allow_if_exists(p, FsAccess::Read);
+    }
+    if let Some(p) = &args.credentials_file {
         sandbox.files().allow_if_exists(p, FsAccess::Read);
     }
     for p in RESOLVER_FILES.iter().chain(TLS_ROOTS) {

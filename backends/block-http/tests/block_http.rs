@@ -709,3 +709,122 @@ fn confined_while_serving_files_and_calls_outside_the_sandbox_refused() {
         check_hook_kills(BIN, &args, &dir, hook, call);
     }
 }
+
+/// Starts the backend on `url` with `extra` arguments and `env`, logging at info level into
+/// a file; returns the process and the log path.
+fn spawn_logged(
+    name: &str,
+    url: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Process, std::path::PathBuf) {
+    let dir = tempdir(name);
+    let sock = dir.join("blk.sock");
+    let log = dir.join("stderr.log");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--url", url])
+        .args(extra)
+        .arg("--socket")
+        .arg(&sock)
+        .env("HYPE_LOG", "info")
+        .env_remove("HYPE_HTTP_CREDENTIALS")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    (Process::from_child(child, &sock), log)
+}
+
+#[test]
+fn credentials_from_a_file_or_the_environment_and_never_printed() {
+    let img = image(1 << 20, 9);
+    let mut b = Behaviour::new(img.clone());
+    // alice:s3cret
+    b.require_authorization = Some("Basic YWxpY2U6czNjcmV0".into());
+    let server = HttpServer::start(b);
+    let url = server.url();
+    // Without credentials the server says 401.
+    let err = start_fails(&url, &[], exit_check::USAGE);
+    assert!(err.contains("server answered 401"), "{err}");
+    // From a file (mode and size checked, first line only).
+    let dir = tempdir("http-creds");
+    let creds = dir.join("creds");
+    std::fs::write(&creds, "alice:s3cret\nignored\n").unwrap();
+    let (p, log) = spawn_logged(
+        "http-cred-file",
+        &url,
+        &["--credentials-file", creds.to_str().unwrap()],
+        &[],
+    );
+    let mut disk = connect(&p.socket, 1);
+    assert_eq!(disk.read(0, 4096).unwrap(), img[..4096]);
+    drop(disk);
+    drop(p);
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("s3cret"));
+    // From the environment.
+    let (p, _log) = spawn_logged(
+        "http-cred-env",
+        &url,
+        &[],
+        &[("HYPE_HTTP_CREDENTIALS", "alice:s3cret")],
+    );
+    let mut disk = connect(&p.socket, 1);
+    assert_eq!(disk.read(8, 4096).unwrap(), img[4096..8192]);
+    drop(disk);
+    drop(p);
+    // Wrong ones are refused by the server; malformed ones by the backend.
+    std::fs::write(&creds, "alice:wrong\n").unwrap();
+    let err = start_fails(
+        &url,
+        &["--credentials-file", creds.to_str().unwrap()],
+        exit_check::USAGE,
+    );
+    assert!(err.contains("server answered 401"), "{err}");
+    std::fs::write(&creds, "no colon here\n").unwrap();
+    let err = start_fails(
+        &url,
+        &["--credentials-file", creds.to_str().unwrap()],
+        exit_check::USAGE,
+    );
+    assert!(
+        err.contains("expected user:password on the first line"),
+        "{err}"
+    );
+    let err = start_fails(
+        &url,
+        &["--credentials-file", dir.to_str().unwrap()],
+        exit_check::USAGE,
+    );
+    assert!(err.contains("is not a regular file"), "{err}");
+    // Credentials in the URL still work, but the log and every error show them redacted.
+    let port = server.port();
+    let secret_url = format!("http://alice:s3cret@127.0.0.1:{port}/disk.raw?token=tok123");
+    let (p, log) = spawn_logged("http-cred-url", &secret_url, &[], &[]);
+    let mut disk = connect(&p.socket, 1);
+    assert_eq!(disk.read(0, 512).unwrap(), img[..512]);
+    drop(disk);
+    drop(p);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains("s3cret") && !logged.contains("tok123"),
+        "{logged}"
+    );
+    assert!(logged.contains("http://***@127.0.0.1"), "{logged}");
+    assert!(logged.contains("--credentials-file"), "{logged}");
+    // An error naming the URL (nobody listens on port 1).
+    let err = start_fails(
+        "http://alice:s3cret@127.0.0.1:1/i.raw?token=tok123",
+        &[],
+        exit_check::RUNTIME,
+    );
+    assert!(!err.contains("s3cret") && !err.contains("tok123"), "{err}");
+    assert!(err.contains("***"), "{err}");
+    let err = start_fails(
+        "ftp://alice:s3cret@h/i?token=tok123",
+        &[],
+        exit_check::USAGE,
+    );
+    assert!(!err.contains("s3cret") && !err.contains("tok123"), "{err}");
+}
