@@ -37,6 +37,20 @@ use super::mmio::{self, Activation, MmioTransport};
 use super::DeviceType;
 use crate::memory::GuestMemoryMmap;
 use hype_base::error_chain;
+use hype_base::log_limit::LogCounter;
+
+/// Lines of one call site that a guest or a backend can trigger again and again, before only
+/// every power of two is logged ([`hype_base::log_limit`]).
+const LOG_BURST: u64 = 20;
+
+/// Logs at `level` when `counter` says so, with the event's running number.
+macro_rules! limited {
+    ($level:ident, $counter:expr, $($arg:tt)*) => {
+        if let Some(n) = $counter.hit() {
+            log::$level!("{} (#{n})", format_args!($($arg)*));
+        }
+    };
+}
 
 /// Where a device's link to its backend stands, as the worker last published it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -430,7 +444,11 @@ impl<C: Connector> Worker<C> {
             WaitLimit::Forever => "no time limit".to_string(),
             WaitLimit::For(d) => format!("giving up after {d:?}"),
         };
-        log::warn!(
+        // A backend that keeps dying right after each reconnect must not flood the log.
+        static LOST: LogCounter = LogCounter::new(LOG_BURST);
+        limited!(
+            warn,
+            LOST,
             "{}: backend {} lost ({why}); reconnecting ({limit}); guest I/O waits",
             self.name(),
             self.fixed.socket.display()
@@ -532,7 +550,10 @@ impl<C: Connector> Worker<C> {
         let stats = &self.shared.stats;
         let LinkState::Connected { link, .. } = &mut self.link else {
             stats.config_writes_failed.fetch_add(1, Ordering::Relaxed);
-            log::warn!(
+            static DROPPED: LogCounter = LogCounter::new(LOG_BURST);
+            limited!(
+                warn,
+                DROPPED,
                 "{}: config write at {offset} dropped: backend not connected",
                 self.shared.name
             );
@@ -544,7 +565,8 @@ impl<C: Connector> Worker<C> {
             }
             Err(e) => {
                 stats.config_writes_failed.fetch_add(1, Ordering::Relaxed);
-                log::warn!("{}: {}", self.shared.name, error_chain(&e));
+                static FAILED: LogCounter = LogCounter::new(LOG_BURST);
+                limited!(warn, FAILED, "{}: {}", self.shared.name, error_chain(&e));
                 if e.is_disconnect() {
                     self.lost("SET_CONFIG failed");
                 }
@@ -758,7 +780,11 @@ impl<C: Connector> Worker<C> {
         let kind = self.fixed.kind;
         match link.read_config(0, kind.config_size()) {
             Ok(config) => {
-                log::info!(
+                // The backend decides how often it says so.
+                static CHANGES: LogCounter = LogCounter::new(LOG_BURST);
+                limited!(
+                    info,
+                    CHANGES,
                     "{}: backend reports a config change: {}",
                     self.shared.name,
                     kind.describe_config(&config)
@@ -767,7 +793,8 @@ impl<C: Connector> Worker<C> {
                 self.apply_backend_config(&config);
             }
             Err(e) => {
-                log::warn!("{}: {}", self.shared.name, error_chain(&e));
+                static FAILED: LogCounter = LogCounter::new(LOG_BURST);
+                limited!(warn, FAILED, "{}: {}", self.shared.name, error_chain(&e));
                 if e.is_disconnect() {
                     self.lost("GET_CONFIG failed");
                 }
@@ -813,12 +840,20 @@ impl<C: Connector> Worker<C> {
         let link = match self.connector.connect(self.fixed.kind) {
             Ok(Some(l)) => l,
             Ok(None) => return,
-            Err(e @ FrontendError::Connect { .. }) => {
+            Err(
+                e @ (FrontendError::Connect { .. }
+                | FrontendError::PeerNotAllowed { .. }
+                | FrontendError::PeerCredentials { .. }),
+            ) => {
                 self.refuse(error_chain(&e));
                 return;
             }
             Err(e) => {
-                log::debug!(
+                // Every RECONNECT_INTERVAL, for as long as the backend is gone.
+                static ATTEMPTS: LogCounter = LogCounter::new(LOG_BURST);
+                limited!(
+                    debug,
+                    ATTEMPTS,
                     "{}: reconnect attempt: {}",
                     self.shared.name,
                     error_chain(&e)
@@ -852,7 +887,10 @@ impl<C: Connector> Worker<C> {
         }
         let waited = since.elapsed();
         if new.config != self.info.config {
-            log::warn!(
+            static CHANGED: LogCounter = LogCounter::new(LOG_BURST);
+            limited!(
+                warn,
+                CHANGED,
                 "{}: backend {socket} came back with a different {kind} config: {} (was {}); telling the guest",
                 self.shared.name,
                 kind.describe_config(&new.config),
@@ -883,7 +921,10 @@ impl<C: Connector> Worker<C> {
         };
         self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
         self.publish();
-        log::info!(
+        static BACK: LogCounter = LogCounter::new(LOG_BURST);
+        limited!(
+            info,
+            BACK,
             "{}: backend {socket} is back after {waited:?}",
             self.shared.name
         );

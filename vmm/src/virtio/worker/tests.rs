@@ -612,3 +612,78 @@ fn a_lost_backend_during_shutdown_is_not_reconnected() {
     h.worker.lost("the VMM cut it");
     assert_eq!(h.state(), running());
 }
+
+/// A logger that keeps every line, for tests of what the worker logs (installed once per test
+/// binary; lines of tests running alongside are kept too, so tests filter by their own text).
+mod capture {
+    use std::sync::Mutex;
+
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    struct Capture;
+
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            LINES
+                .lock()
+                .unwrap()
+                .push(format!("{} {}", r.level(), r.args()));
+        }
+        fn flush(&self) {}
+    }
+
+    static LOGGER: Capture = Capture;
+
+    /// Installs the logger (if no other was) at debug level.
+    pub(super) fn install() -> bool {
+        let ok = log::set_logger(&LOGGER).is_ok();
+        log::set_max_level(log::LevelFilter::Debug);
+        ok
+    }
+
+    /// Lines logged so far that contain `needle`.
+    pub(super) fn count(needle: &str) -> usize {
+        LINES
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+}
+
+#[test]
+fn a_flapping_backend_or_endless_attempts_cannot_flood_the_log() {
+    if !capture::install() {
+        eprintln!("another logger is installed; skipped");
+        return;
+    }
+    let mut h = Harness::new(WaitLimit::Forever);
+    h.guest_sets_up();
+    // A backend that dies right after every reconnect, 1,000 times.
+    for _ in 0..1000 {
+        h.worker.lost("flap-test");
+        let b = h.backend();
+        h.will_find(Outcome::Link(b));
+        h.worker.try_reconnect();
+    }
+    assert_eq!(h.reconnects(), 1000);
+    // Then 1,000 attempts (one per RECONNECT_INTERVAL) that find no vhost-user backend.
+    h.worker.lost("flap-test");
+    for _ in 0..1000 {
+        h.will_find(Outcome::NotVhostUser);
+        h.worker.try_reconnect();
+    }
+    // 20 lines, then powers of two: at most 20 + 7 for 1,001 events (fewer when tests alongside
+    // counted some first; the counters are per call site).
+    let lost = capture::count("lost (flap-test)");
+    assert!((1..=27).contains(&lost), "{lost} 'lost' lines");
+    assert!(capture::count("(#1024)") >= 1 || capture::count("(#512)") >= 1);
+    let back = capture::count("is back after");
+    assert!((1..=40).contains(&back), "{back} 'is back' lines");
+    let attempts = capture::count("reconnect attempt");
+    assert!((1..=40).contains(&attempts), "{attempts} attempt lines");
+}
