@@ -29,6 +29,8 @@
 
 pub mod backend_defaults;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod guest_error;
 pub mod guest_memory;
 mod listener;

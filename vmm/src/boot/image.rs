@@ -165,7 +165,12 @@ pub fn check_bzimage(path: &Path, head: &[u8], size: u64) -> Result<(), ImageErr
 /// Checks an ELF kernel read from `file` (`size` bytes): 64-bit little-endian, x86-64, a
 /// program header table inside the file, every PT_LOAD segment's bytes inside the file and
 /// its memory inside `[0, ram_end)`, and the entry point inside a PT_LOAD segment.
-pub fn check_elf(path: &Path, file: &mut File, size: u64, ram_end: u64) -> Result<(), ImageError> {
+pub fn check_elf<R: Read + Seek>(
+    path: &Path,
+    file: &mut R,
+    size: u64,
+    ram_end: u64,
+) -> Result<(), ImageError> {
     let mut ehdr = [0u8; EHDR_SIZE];
     let bad_ph = |reason: String| ImageError::ElfProgramHeaders {
         path: path.to_owned(),
@@ -266,7 +271,7 @@ pub fn check_elf(path: &Path, file: &mut File, size: u64, ram_end: u64) -> Resul
     Ok(())
 }
 
-fn read_at(file: &mut File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+fn read_at<R: Read + Seek>(file: &mut R, offset: u64, buf: &mut [u8]) -> io::Result<()> {
     file.seek(SeekFrom::Start(offset))?;
     file.read_exact(buf)
 }
