@@ -378,6 +378,12 @@ impl VhostUserDevice {
         self.shared.transport().status()
     }
 
+    /// Whether the guest's driver let the device go (see
+    /// [`MmioTransport::driver_released`](super::mmio::MmioTransport::driver_released)).
+    pub fn driver_released(&self) -> bool {
+        self.shared.transport().driver_released()
+    }
+
     /// Guest read at `offset` in the device window.
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
         self.shared.transport().read(offset, data);
