@@ -190,6 +190,13 @@ impl Hotplug {
         );
     }
 
+    /// Records that the device in `slot` now talks to the backend at `socket`.
+    pub fn set_socket(&self, slot: usize, socket: &Path) {
+        if let Some(info) = lock(&self.used).get_mut(&slot) {
+            info.socket = socket.to_owned();
+        }
+    }
+
     /// What is in `slot`.
     pub fn slot(&self, slot: usize) -> Option<SlotInfo> {
         lock(&self.used).get(&slot).cloned()
