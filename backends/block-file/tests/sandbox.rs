@@ -92,6 +92,7 @@ fn print_sandbox_shows_the_policy_and_exits() {
         "fdatasync",
         "fallocate",
         "ioctl if arg1 == 0x1277",
+        "ioctl if arg1 == 0x80081272",
         "accept4",
     ] {
         assert!(
