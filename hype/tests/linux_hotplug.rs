@@ -274,9 +274,17 @@ fn linux_resize_and_backend_switch_under_reads() {
         passes_after >= 2,
         "reads went on across the switch: {before:?} -> {after:?}"
     );
-    let errors = vm
-        .check("dmesg | grep -c 'I/O error' || true", STEP)
-        .unwrap();
+    // A guest tool can crash under the PVM emulator ("Segmentation fault", unrelated to the
+    // disk): ask again then.
+    let mut errors = String::new();
+    for _ in 0..3 {
+        errors = vm
+            .check("dmesg | grep -c 'I/O error' || true", STEP)
+            .unwrap();
+        if errors.parse::<u32>().is_ok() {
+            break;
+        }
+    }
     assert_eq!(errors, "0", "{}", vm.log());
     // The new backend serves the host's bytes (a full md5 of 16 MiB is too slow here).
     assert_eq!(vm.check("head -c 32 /dev/vda", STEP).unwrap(), TEXT);
