@@ -247,6 +247,25 @@ pub struct AddDeviceRequest {
     pub kind: Option<DeviceKind>,
 }
 
+/// `PUT /vm/devices/{id}/backend` body: the socket of the backend the device moves to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBackendRequest {
+    /// The new backend's socket path.
+    pub socket: String,
+}
+
+/// `POST /vm/devices/{id}/resize` answer: what re-reading the device's config found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigRefreshReply {
+    /// The device.
+    pub id: String,
+    /// Whether the config changed (the guest then got a config-change interrupt).
+    pub changed: bool,
+    /// The config now, described (a disk: its capacity).
+    pub config: String,
+}
+
 /// The answer to an action.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionReply {
@@ -352,6 +371,24 @@ pub trait VmApi: Send + Sync {
         let _ = dir;
         Err(ControlError::Unavailable(
             "this VMM does not take snapshots".into(),
+        ))
+    }
+    /// Re-reads a device's config from its backend and tells the guest what changed.
+    fn refresh_device_config(&self, id: &str) -> Result<ConfigRefreshReply, ControlError> {
+        let _ = id;
+        Err(ControlError::Unavailable(
+            "this VM cannot re-read device configs".into(),
+        ))
+    }
+    /// Moves a device to another backend while the guest runs.
+    fn switch_backend(
+        &self,
+        id: &str,
+        req: &SwitchBackendRequest,
+    ) -> Result<DeviceInfo, ControlError> {
+        let _ = (id, req);
+        Err(ControlError::Unavailable(
+            "this VM cannot switch device backends".into(),
         ))
     }
 }

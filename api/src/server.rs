@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::http::{Limits, ReadError, Reader, Request, Response};
 use crate::model::{
     AddDeviceRequest, ControlError, EmptyRequest, ErrorReply, ShutdownRequest, SnapshotRequest,
-    VmApi, DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT,
+    SwitchBackendRequest, VmApi, DEFAULT_SHUTDOWN_TIMEOUT, MAX_SHUTDOWN_TIMEOUT,
 };
 
 /// Most connections served at once; more are answered 503 and closed.
@@ -447,6 +447,10 @@ pub fn route(api: &dyn VmApi, req: &Request) -> Response {
             }
         }
         _ => match path.strip_prefix("/vm/devices/") {
+            Some(rest) if rest.split('/').count() == 2 => {
+                let (id, what) = rest.split_once('/').unwrap_or((rest, ""));
+                device_action(api, req, id, what)
+            }
             Some(id) if !id.is_empty() && !id.contains('/') => {
                 if req.method != "DELETE" {
                     return method_not_allowed("DELETE");
@@ -462,6 +466,34 @@ pub fn route(api: &dyn VmApi, req: &Request) -> Response {
             }
             _ => error_response(404, &format!("no such path: {}", truncate(path, 100))),
         },
+    }
+}
+
+/// `/vm/devices/{id}/resize` and `/vm/devices/{id}/backend`.
+fn device_action(api: &dyn VmApi, req: &Request, id: &str, what: &str) -> Response {
+    if id.is_empty() {
+        return error_response(404, &format!("no such path: {}", truncate(&req.path, 100)));
+    }
+    match what {
+        "resize" => {
+            if req.method != "POST" {
+                return method_not_allowed("POST");
+            }
+            match body::<EmptyRequest>(req) {
+                Ok(_) => control(200, api.refresh_device_config(id)),
+                Err(resp) => resp,
+            }
+        }
+        "backend" => {
+            if req.method != "PUT" {
+                return method_not_allowed("PUT");
+            }
+            match required_body::<SwitchBackendRequest>(req) {
+                Ok(r) => control(200, api.switch_backend(id, &r)),
+                Err(resp) => resp,
+            }
+        }
+        _ => error_response(404, &format!("no such path: {}", truncate(&req.path, 100))),
     }
 }
 

@@ -94,6 +94,17 @@ impl VmApi for Fake {
     fn remove_device(&self, id: &str) -> Result<(), ControlError> {
         Err(ControlError::NoSuchDevice(id.into()))
     }
+    fn refresh_device_config(&self, id: &str) -> Result<ConfigRefreshReply, ControlError> {
+        if id != "virtio0" {
+            return Err(ControlError::NoSuchDevice(id.into()));
+        }
+        Ok(ConfigRefreshReply {
+            id: id.into(),
+            changed: true,
+            config: "capacity 2048 sectors".into(),
+        })
+    }
+    // switch_backend: the trait's default (501).
 }
 
 fn socket(name: &str) -> PathBuf {
@@ -418,4 +429,70 @@ fn null_and_unknown_values_are_refused() {
         let a = raw(&path, &req("POST", p, b));
         assert_eq!(status_of(&a), 400, "{p} {b}: {a}");
     }
+}
+
+#[test]
+fn device_resize_and_backend_routes() {
+    let (server, _fake, path) = start("device-actions", Limits::default());
+    let a = raw(&path, &req("POST", "/vm/devices/virtio0/resize", ""));
+    assert_eq!(status_of(&a), 200, "{a}");
+    let b = body_of(&a);
+    assert_eq!(
+        (b["id"].as_str(), b["changed"].as_bool()),
+        (Some("virtio0"), Some(true)),
+        "{a}"
+    );
+    assert_eq!(b["config"], "capacity 2048 sectors");
+    // An empty object is an empty body; anything else is refused.
+    assert_eq!(
+        status_of(&raw(
+            &path,
+            &req("POST", "/vm/devices/virtio0/resize", "{}")
+        )),
+        200
+    );
+    assert_eq!(
+        status_of(&raw(
+            &path,
+            &req("POST", "/vm/devices/virtio0/resize", "{\"size\":1}")
+        )),
+        400
+    );
+    assert_eq!(
+        status_of(&raw(&path, &req("POST", "/vm/devices/virtio9/resize", ""))),
+        404
+    );
+    let a = raw(&path, &req("GET", "/vm/devices/virtio0/resize", ""));
+    assert_eq!(status_of(&a), 405, "{a}");
+    assert!(a.contains("Allow: POST"), "{a}");
+    // The backend switch: a body with the socket is required; the fake cannot switch.
+    let sw = req(
+        "PUT",
+        "/vm/devices/virtio0/backend",
+        "{\"socket\":\"/tmp/x.sock\"}",
+    );
+    assert_eq!(status_of(&raw(&path, &sw)), 501);
+    assert_eq!(
+        status_of(&raw(&path, &req("PUT", "/vm/devices/virtio0/backend", ""))),
+        400
+    );
+    assert_eq!(
+        status_of(&raw(
+            &path,
+            &req("PUT", "/vm/devices/virtio0/backend", "{\"socket\":1}")
+        )),
+        400
+    );
+    let a = raw(&path, &req("POST", "/vm/devices/virtio0/backend", "{}"));
+    assert_eq!(status_of(&a), 405, "{a}");
+    assert!(a.contains("Allow: PUT"), "{a}");
+    for p in [
+        "/vm/devices/virtio0/other",
+        "/vm/devices//resize",
+        "/vm/devices/virtio0/resize/x",
+        "/vm/devices/virtio0/",
+    ] {
+        assert_eq!(status_of(&raw(&path, &req("POST", p, ""))), 404, "{p}");
+    }
+    server.close(Duration::from_secs(1));
 }

@@ -10,7 +10,9 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::client::{Client, ClientError};
-use hype_api::model::{ActionReply, BackendState, DeviceInfo, SnapshotReply, VmInfo};
+use hype_api::model::{
+    ActionReply, BackendState, ConfigRefreshReply, DeviceInfo, SnapshotReply, VmInfo,
+};
 
 /// `hype ctl` arguments.
 #[derive(Args, Debug)]
@@ -20,6 +22,8 @@ use hype_api::model::{ActionReply, BackendState, DeviceInfo, SnapshotReply, VmIn
   hype ctl --api-socket /run/vm.api pause
   hype ctl --api-socket /run/vm.api shutdown --timeout 30s
   hype ctl --api-socket /run/vm.api pause && hype ctl --api-socket /run/vm.api snapshot /var/snap/vm1
+  hype ctl --api-socket /run/vm.api resize-device virtio0
+  hype ctl --api-socket /run/vm.api switch-backend virtio0 /run/disk-v2.sock
 
 Exit codes: 0 done, 1 the VMM refused or could not be reached, 2 bad arguments.")]
 pub struct CtlArgs {
@@ -69,6 +73,22 @@ pub enum Verb {
         /// Device id.
         #[arg(value_name = "ID")]
         id: String,
+    },
+    /// Re-read a device's config from its backend (a disk whose image grew) and tell the
+    /// guest what changed.
+    ResizeDevice {
+        /// Device id.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// Move a device to the backend at another socket while the guest runs.
+    SwitchBackend {
+        /// Device id.
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The new backend's socket.
+        #[arg(value_name = "SOCKET")]
+        socket: String,
     },
 }
 
@@ -181,10 +201,27 @@ pub fn execute(a: &CtlArgs) -> Result<String, CtlError> {
                 format!("/vm/devices/{id}"),
                 None,
             ),
+            Verb::ResizeDevice { id } => (
+                "resize-device",
+                Method::POST,
+                format!("/vm/devices/{id}/resize"),
+                None,
+            ),
+            Verb::SwitchBackend { id, socket } => (
+                "switch-backend",
+                Method::PUT,
+                format!("/vm/devices/{id}/backend"),
+                Some(json!({ "socket": socket })),
+            ),
         };
     let call_err = |source| CtlError::Call { verb, source };
-    // A shutdown answers at once; only a slow VMM makes any call take long.
-    let client = Client::new(&a.api_socket, Duration::from_secs(30)).map_err(call_err)?;
+    // A shutdown answers at once; only a slow VMM makes any call take long. A backend
+    // switch waits for the old backend's requests (the VMM gives it a minute).
+    let limit = match a.verb {
+        Verb::SwitchBackend { .. } => Duration::from_secs(75),
+        _ => Duration::from_secs(30),
+    };
+    let client = Client::new(&a.api_socket, limit).map_err(call_err)?;
     let answer = client
         .call(method, &path, body.as_ref())
         .map_err(call_err)?;
@@ -209,6 +246,19 @@ pub fn execute(a: &CtlArgs) -> Result<String, CtlError> {
                 mib(r.memory_bytes_written),
                 r.took_ms
             )
+        }
+        Verb::ResizeDevice { .. } => {
+            let r: ConfigRefreshReply = serde_json::from_slice(&answer.body).map_err(decode)?;
+            let what = if r.changed {
+                "changed; the guest was told"
+            } else {
+                "unchanged"
+            };
+            format!("{}: {} ({what})\n", r.id, r.config)
+        }
+        Verb::SwitchBackend { .. } => {
+            let d: DeviceInfo = serde_json::from_slice(&answer.body).map_err(decode)?;
+            format!("switched {}\n", device_line(&d))
         }
         Verb::Shutdown { .. } => {
             let r: ActionReply = serde_json::from_slice(&answer.body).map_err(decode)?;

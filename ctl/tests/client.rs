@@ -67,6 +67,23 @@ impl VmApi for Fake {
     fn remove_device(&self, id: &str) -> Result<(), ControlError> {
         Err(ControlError::NoSuchDevice(id.into()))
     }
+    fn refresh_device_config(&self, id: &str) -> Result<ConfigRefreshReply, ControlError> {
+        Ok(ConfigRefreshReply {
+            id: id.into(),
+            changed: id == "virtio0",
+            config: "capacity 4096 sectors".into(),
+        })
+    }
+    fn switch_backend(
+        &self,
+        _: &str,
+        req: &SwitchBackendRequest,
+    ) -> Result<DeviceInfo, ControlError> {
+        Err(ControlError::Conflict(format!(
+            "no backend listens on {}",
+            req.socket
+        )))
+    }
 }
 
 fn socket(name: &str) -> PathBuf {
@@ -112,6 +129,33 @@ fn client_and_ctl_against_a_server() {
         execute(&args(Verb::Stop, true)).unwrap(),
         "{\"state\":\"stopping\"}\n"
     );
+    let resize = |id: &str| Verb::ResizeDevice { id: id.into() };
+    assert_eq!(
+        execute(&args(resize("virtio0"), false)).unwrap(),
+        "virtio0: capacity 4096 sectors (changed; the guest was told)\n"
+    );
+    assert_eq!(
+        execute(&args(resize("virtio1"), false)).unwrap(),
+        "virtio1: capacity 4096 sectors (unchanged)\n"
+    );
+    let json = execute(&args(resize("virtio0"), true)).unwrap();
+    let r: ConfigRefreshReply = serde_json::from_str(&json).unwrap();
+    assert!(r.changed);
+    let switch = Verb::SwitchBackend {
+        id: "virtio0".into(),
+        socket: "/x.sock".into(),
+    };
+    match execute(&args(switch, false)).unwrap_err() {
+        hype_ctl::ctl::CtlError::Call {
+            verb: "switch-backend",
+            source:
+                ClientError::Status {
+                    status: 409,
+                    message,
+                },
+        } => assert_eq!(message, "no backend listens on /x.sock"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! table (the RSDP excepted: iasl cannot load an RSDP from a file, the unit tests check it)
 //! without errors or warnings, the disassembled DSDT must compile back cleanly, and `acpiexec`
 //! must load the tables and evaluate `_S5_` and every device's `_CRS` and `_STA` to the values
-//! hype means. Without `iasl`/`acpiexec` on PATH the test says SKIPPED (`.ci/run` installs
+//! hype means, and every empty hot-plug slot's `_STA` (absent), `_CRS`, `_DSD` and `_EJ0`, and
+//! the GED's `_EVT`. Without `iasl`/`acpiexec` on PATH the test says SKIPPED (`.ci/run` installs
 //! them).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
@@ -102,12 +103,32 @@ fn check(cpus: u8, devices: usize) {
             cmds.push(format!("evaluate \\_SB.{n}._CRS"));
         }
     }
-    let batch = cmds.join("; ");
-    let (ok, out) = run(
-        &dir,
-        "acpiexec",
-        &["-b", &batch, "facp.dat", "apic.dat", "dsdt.dat"],
-    );
+    // The empty hot-plug slots after the boot devices: absent (acpiexec's I/O ports read 0),
+    // their _CRS and _DSD, _EJ0, and the GED's _EVT that walks them.
+    let slots: Vec<String> = (devices..10).map(|i| format!("VR{i:02X}")).collect();
+    let mut slot_cmds = vec!["evaluate \\_SB.GED0._EVT 0".to_owned()];
+    for n in &slots {
+        for m in ["_STA", "_CRS", "_DSD"] {
+            slot_cmds.push(format!("evaluate \\_SB.{n}.{m}"));
+        }
+        slot_cmds.push(format!("evaluate \\_SB.{n}._EJ0 1"));
+    }
+    // acpiexec takes at most 1023 characters of commands: a few batches.
+    let mut out = String::new();
+    let mut ok = true;
+    for chunk in [&cmds[..], &slot_cmds[..]]
+        .iter()
+        .flat_map(|c| c.chunks(12))
+    {
+        let batch = chunk.join("; ");
+        let (o, text) = run(
+            &dir,
+            "acpiexec",
+            &["-b", &batch, "facp.dat", "apic.dat", "dsdt.dat"],
+        );
+        ok &= o;
+        out.push_str(&text);
+    }
     assert!(ok, "acpiexec failed:\n{out}");
     assert!(problems(&out).is_empty(), "acpiexec:\n{out}");
     assert!(
@@ -125,8 +146,27 @@ fn check(cpus: u8, devices: usize) {
         names.len(),
         "every _STA is 0x0F:\n{out}"
     );
-    // Each virtio device's _CRS: Memory32Fixed(RW, base, 0x1000) then its GSI.
-    for i in 0..devices {
+    for n in &slots {
+        let sta = out
+            .split(&format!("Evaluating \\_SB.{n}._STA"))
+            .nth(1)
+            .unwrap();
+        assert!(
+            sta.split("Evaluating")
+                .next()
+                .unwrap()
+                .contains("[Integer] = 0000000000000000"),
+            "{n}._STA is 0 while the slot is empty:\n{out}"
+        );
+        let dsd = out
+            .split(&format!("Evaluating \\_SB.{n}._DSD"))
+            .nth(1)
+            .unwrap();
+        assert!(dsd.contains("\"virtio,mmio\""), "{n}._DSD:\n{out}");
+    }
+    assert!(out.contains("Evaluating \\_SB.GED0._EVT"), "{out}");
+    // Each virtio device's and slot's _CRS: Memory32Fixed(RW, base, 0x1000) then its GSI.
+    for i in 0..10 {
         let base = 0xd000_0000u32 + 0x1000 * i as u32;
         let b = base.to_le_bytes();
         let needle = format!(

@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hype_api::model::{
-    ActionReply, AddDeviceRequest, BackendState, ControlError, Counters, DeviceInfo, DeviceKind,
-    ExitCounts, MemoryInfo, MemoryRegion, SnapshotReply, VcpuInfo, VmConfigInfo, VmInfo, VmState,
+    ActionReply, AddDeviceRequest, BackendState, ConfigRefreshReply, ControlError, Counters,
+    DeviceInfo, DeviceKind, ExitCounts, MemoryInfo, MemoryRegion, SnapshotReply,
+    SwitchBackendRequest, VcpuInfo, VmConfigInfo, VmInfo, VmState,
 };
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -463,6 +464,18 @@ impl hype_api::VmApi for VmControl {
         }
     }
 
+    fn refresh_device_config(&self, id: &str) -> Result<ConfigRefreshReply, ControlError> {
+        self.refresh_config(id)
+    }
+
+    fn switch_backend(
+        &self,
+        id: &str,
+        req: &SwitchBackendRequest,
+    ) -> Result<DeviceInfo, ControlError> {
+        self.switch_device_backend(id, req)
+    }
+
     fn remove_device(&self, id: &str) -> Result<(), ControlError> {
         if self.state() == VmState::Stopping {
             return Err(ControlError::Stopping);
@@ -470,6 +483,75 @@ impl hype_api::VmApi for VmControl {
         self.hotplug
             .remove(&self.shared.mmio, id, hotplug::EJECT_TIMEOUT)
             .map_err(control_error)
+    }
+}
+
+/// How long `POST /vm/devices/{id}/resize` waits for the device thread.
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `PUT /vm/devices/{id}/backend` waits for the device thread (the old backend may
+/// take a while to finish its requests).
+pub const SWITCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl VmControl {
+    /// The device called `id` and its window base.
+    fn device(&self, id: &str) -> Result<(u64, Arc<crate::virtio::VhostUserDevice>), ControlError> {
+        self.shared
+            .mmio
+            .devices()
+            .into_iter()
+            .find(|(_, d)| d.name() == id)
+            .ok_or_else(|| ControlError::NoSuchDevice(id.to_owned()))
+    }
+
+    /// `POST /vm/devices/{id}/resize`.
+    pub fn refresh_config(&self, id: &str) -> Result<ConfigRefreshReply, ControlError> {
+        if self.state() == VmState::Stopping {
+            return Err(ControlError::Stopping);
+        }
+        let (_, dev) = self.device(id)?;
+        let r = dev
+            .refresh_config(REFRESH_TIMEOUT)
+            .map_err(device_command_error)?;
+        Ok(ConfigRefreshReply {
+            id: id.to_owned(),
+            changed: r.changed,
+            config: r.config,
+        })
+    }
+
+    /// `PUT /vm/devices/{id}/backend`.
+    pub fn switch_device_backend(
+        &self,
+        id: &str,
+        req: &SwitchBackendRequest,
+    ) -> Result<DeviceInfo, ControlError> {
+        if self.state() == VmState::Stopping {
+            return Err(ControlError::Stopping);
+        }
+        if req.socket.is_empty() {
+            return Err(ControlError::BadValue("socket must not be empty".into()));
+        }
+        let (base, dev) = self.device(id)?;
+        let socket = std::path::Path::new(&req.socket);
+        dev.switch_backend(socket, SWITCH_TIMEOUT)
+            .map_err(device_command_error)?;
+        let slot = (base.saturating_sub(VIRTIO_MMIO_BASE) / VIRTIO_MMIO_SIZE) as usize;
+        self.hotplug.set_socket(slot, socket);
+        Ok(self.device_info(base, &dev))
+    }
+}
+
+fn device_command_error(e: crate::virtio::DeviceCommandError) -> ControlError {
+    use crate::virtio::DeviceCommandError as E;
+    let text = hype_base::error_chain(&e);
+    match e {
+        // The request is fine; the backend it names (or the device's state) is not.
+        E::NotConnected
+        | E::CannotSwitch
+        | E::NoBackend(_)
+        | E::Connect { .. }
+        | E::Incompatible { .. } => ControlError::Conflict(text),
+        E::GetConfig(_) | E::NoAnswer(_) | E::Gone => ControlError::Failed(text),
     }
 }
 

@@ -4,8 +4,10 @@
 //! Slot n is virtio-mmio window n with GSI [`DEVICE_GSIS`]`[n]`; the boot devices take the
 //! first slots, a hot-plugged device the first free one. Adding marks the slot present in the
 //! [`HotplugSlots`] registers and tells the guest (INSERTED); removing asks the guest to
-//! release the slot (REMOVE) and waits for it to write EJECT (ACPI `_EJ0`) before the device is
-//! taken away, so a guest never loses a device it still drives.
+//! release the slot (REMOVE) and waits until it did, by writing EJECT (ACPI `_EJ0`) or by
+//! letting its driver go (the device's DRIVER status bit clear: a Linux 6.1 guest cannot eject
+//! a virtio-mmio node and unbinds the driver instead, see `crate::acpi::dsdt`), before the
+//! device is taken away, so a guest never loses a device it still drives.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,8 +85,24 @@ pub struct Hotplug {
     mem: GuestMemoryMmap,
     slots: Arc<HotplugSlots>,
     used: Mutex<BTreeMap<usize, SlotInfo>>,
+    /// Slots that held a hot-plugged device at some point (bit n: slot n).
+    ever_used: Mutex<u64>,
     /// Serialises adds and removals.
     ops: Mutex<()>,
+}
+
+/// How often a removal looks whether the guest's driver let go.
+const RELEASE_POLL: Duration = Duration::from_millis(20);
+
+/// The slot an add takes: the first one never used in this VM's life, else the first free one
+/// (a guest keeps what it knew of a slot it released: Linux 6.1 keeps the slot's platform
+/// device, so a fresh slot is what it enumerates on its own).
+pub fn pick_slot(used: &BTreeMap<usize, SlotInfo>, ever_used: u64, slots: usize) -> Option<usize> {
+    let free = |i: &usize| !used.contains_key(i);
+    (0..slots)
+        .filter(free)
+        .find(|i| ever_used & (1 << i) == 0)
+        .or_else(|| (0..slots).find(free))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,6 +173,7 @@ impl Hotplug {
             mem,
             slots,
             used: Mutex::new(BTreeMap::new()),
+            ever_used: Mutex::new(0),
             ops: Mutex::new(()),
         }
     }
@@ -171,6 +190,13 @@ impl Hotplug {
         );
     }
 
+    /// Records that the device in `slot` now talks to the backend at `socket`.
+    pub fn set_socket(&self, slot: usize, socket: &Path) {
+        if let Some(info) = lock(&self.used).get_mut(&slot) {
+            info.socket = socket.to_owned();
+        }
+    }
+
     /// What is in `slot`.
     pub fn slot(&self, slot: usize) -> Option<SlotInfo> {
         lock(&self.used).get(&slot).cloned()
@@ -185,12 +211,12 @@ impl Hotplug {
         kind: Option<DeviceType>,
     ) -> Result<usize, HotplugError> {
         let _op = lock(&self.ops);
-        let slot = {
-            let used = lock(&self.used);
-            (0..virtio::MAX_DEVICES)
-                .find(|i| !used.contains_key(i))
-                .ok_or(HotplugError::NoFreeSlot(virtio::MAX_DEVICES))?
-        };
+        let slot = pick_slot(
+            &lock(&self.used),
+            *lock(&self.ever_used),
+            virtio::MAX_DEVICES,
+        )
+        .ok_or(HotplugError::NoFreeSlot(virtio::MAX_DEVICES))?;
         let name = device_name(slot);
         let mut opts = DeviceOptions::new(socket);
         opts.kind = kind;
@@ -216,6 +242,7 @@ impl Hotplug {
                 hotplugged: true,
             },
         );
+        *lock(&self.ever_used) |= 1 << slot;
         self.slots.insert(slot);
         log::info!(
             "{name}: hot-plugged ({}), window {base:#x}, GSI {gsi}",
@@ -235,14 +262,25 @@ impl Hotplug {
         if self.slot(slot).is_some_and(|s| !s.hotplugged) {
             return Err(HotplugError::BootDevice(name.to_owned()));
         }
+        let base = virtio::device_base(slot);
+        let let_go = || {
+            bus.devices()
+                .iter()
+                .find(|(b, _)| *b == base)
+                .is_none_or(|(_, d)| d.driver_released())
+        };
         self.slots.request_removal(slot);
-        if !self.slots.wait_ejected(slot, timeout) {
+        // Released: the guest ejected the slot (ACPI _EJ0), or the driver that once started
+        // the device let it go (what a Linux 6.1 guest does: it unbinds virtio-mmio).
+        if !self
+            .slots
+            .wait_released(slot, timeout, RELEASE_POLL, let_go)
+        {
             return Err(HotplugError::NotReleased {
                 name: name.to_owned(),
                 timeout,
             });
         }
-        let base = virtio::device_base(slot);
         let Some(dev) = bus.remove(base) else {
             lock(&self.used).remove(&slot);
             return Ok(());
@@ -251,7 +289,35 @@ impl Hotplug {
         lock(&self.used).remove(&slot);
         // The device thread ends and the backend sees the connection close.
         drop(dev);
-        log::info!("{name}: removed (the guest ejected it)");
+        log::info!("{name}: removed (the guest released it)");
         unwired.map_err(|(what, source)| HotplugError::Kvm { what, slot, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn used(slots: &[usize]) -> BTreeMap<usize, SlotInfo> {
+        slots
+            .iter()
+            .map(|&i| {
+                let info = SlotInfo {
+                    socket: PathBuf::from("/s"),
+                    hotplugged: true,
+                };
+                (i, info)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fresh_slots_first_then_freed_ones() {
+        assert_eq!(pick_slot(&used(&[0]), 0, 4), Some(1));
+        // Slot 1 was used and freed: slot 2 is fresh.
+        assert_eq!(pick_slot(&used(&[0]), 0b11, 4), Some(2));
+        // Every free slot was used once: the first free one.
+        assert_eq!(pick_slot(&used(&[0, 3]), 0b1111, 4), Some(1));
+        assert_eq!(pick_slot(&used(&[0, 1, 2, 3]), 0, 4), None);
     }
 }

@@ -843,6 +843,10 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         Box::new(CountedIrq::new(serial_irq, serial_irqs.clone())),
     )));
 
+    if acpi.is_some() {
+        // The slots tell the guest through the GED (its _EVT reads the slot registers).
+        slots.set_notifier(Box::new(controls.power_button.hotplug_line()));
+    }
     let mut pio = PioBus::new(serial.clone(), started).with_hotplug(slots);
     if acpi.is_some() {
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;

@@ -199,6 +199,21 @@ fn ioctl_int(file: &File, req: libc::Ioctl) -> io::Result<libc::c_int> {
 }
 
 impl Storage for FileStorage {
+    fn current_size(&self) -> Option<u64> {
+        let now = if self.block_device {
+            ioctl_u64(&self.file, BLKGETSIZE64)
+        } else {
+            self.file.metadata().map(|m| m.len())
+        };
+        match now {
+            Ok(size) => Some(size),
+            Err(e) => {
+                log::warn!("{}: cannot read the size: {e}", self.path.display());
+                None
+            }
+        }
+    }
+
     fn info(&self) -> StorageInfo {
         StorageInfo::new(self.size)
             .block_size(self.block_size)

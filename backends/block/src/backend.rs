@@ -57,7 +57,9 @@ struct QueueCtx {
 /// Built by [`BlockDevice`](crate::BlockDevice) for every connection; use it directly only to
 /// embed the device in your own daemon loop.
 pub struct BlockBackend<S: Storage> {
-    spec: Arc<DeviceSpec>,
+    /// The device as it is now (its capacity follows a storage that grows, see
+    /// [`Storage::current_size`]); requests take the current one.
+    spec: Mutex<Arc<DeviceSpec>>,
     storage: Arc<S>,
     mem: GuestMemory,
     event_idx: Arc<AtomicBool>,
@@ -96,7 +98,7 @@ impl<S: Storage> BlockBackend<S> {
             })
             .collect();
         Ok(BlockBackend {
-            spec,
+            spec: Mutex::new(spec),
             storage,
             mem,
             event_idx: Arc::new(AtomicBool::new(false)),
@@ -109,7 +111,35 @@ impl<S: Storage> BlockBackend<S> {
 
     /// Drains one virtqueue: pops every available chain, answers it (inline, or through the
     /// pool), and signals the guest as EVENT_IDX allows.
+    /// The device as it is now.
+    fn spec(&self) -> Arc<DeviceSpec> {
+        self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The device with the capacity the storage has now (unchanged when the storage's size is
+    /// fixed or unreadable, or would leave no block).
+    fn refresh_capacity(&self) -> Arc<DeviceSpec> {
+        let mut spec = self.spec.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(size) = self.storage.current_size() else {
+            return spec.clone();
+        };
+        let block = u64::from(spec.block_size);
+        let sectors = size / block * block / crate::storage::SECTOR_SIZE;
+        if sectors != 0 && sectors != spec.capacity_sectors {
+            log::info!(
+                "capacity now {} bytes (was {})",
+                sectors * crate::storage::SECTOR_SIZE,
+                spec.capacity_sectors * crate::storage::SECTOR_SIZE
+            );
+            let mut new = (**spec).clone();
+            new.capacity_sectors = sectors;
+            *spec = Arc::new(new);
+        }
+        spec.clone()
+    }
+
     fn process_queue(&self, vring: &Vring, ctx: &QueueCtx) {
+        let spec = self.spec();
         let mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut st = vring.get_mut();
@@ -124,7 +154,7 @@ impl<S: Storage> BlockBackend<S> {
         let drain = Drain::new("blk", event_idx).poll_until(&ctx.poll, &large_in_flight);
         drain.run(&mut st, &mem, |chain| {
             let head = chain.head_index();
-            let req = match request::parse(head, table, &mem, &self.spec) {
+            let req = match request::parse(head, table, &mem, &spec) {
                 Ok(req) => req,
                 Err(reason) => {
                     guest_error(format_args!("dropping chain {head}: {reason}"));
@@ -156,7 +186,7 @@ impl<S: Storage> BlockBackend<S> {
                 large.submit(job);
                 return Handled::Elsewhere;
             }
-            let c = request::execute(&req.op, &*self.storage, &mem, &self.spec, &mut buf);
+            let c = request::execute(&req.op, &*self.storage, &mem, &spec, &mut buf);
             write_status(&mem, &req, c);
             self.finished_inline(ctx, head, c.used_len())
         });
@@ -187,7 +217,7 @@ impl<S: Storage> BlockBackend<S> {
         seq: Option<u64>,
     ) -> crate::io_pool::Job {
         let storage = self.storage.clone();
-        let spec = self.spec.clone();
+        let spec = self.spec();
         let event_idx = self.event_idx.clone();
         let inflight = ctx.inflight.clone();
         let order = ctx.order.clone();
@@ -240,15 +270,15 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        usize::from(self.spec.num_queues)
+        usize::from(self.spec().num_queues)
     }
 
     fn max_queue_size(&self) -> usize {
-        usize::from(self.spec.queue_size)
+        usize::from(self.spec().queue_size)
     }
 
     fn features(&self) -> u64 {
-        self.spec.features()
+        self.spec().features()
     }
 
     fn acked_features(&self, features: u64) {
@@ -264,7 +294,7 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.spec.read_config(offset, size)
+        self.refresh_capacity().read_config(offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -279,7 +309,7 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         // One worker thread per queue, so queues never wait for each other.
-        (0..self.spec.num_queues).map(|q| 1u64 << q).collect()
+        (0..self.spec().num_queues).map(|q| 1u64 << q).collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

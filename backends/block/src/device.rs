@@ -306,6 +306,50 @@ mod tests {
         }
     }
 
+    /// A store whose size the test changes.
+    struct Growing(Arc<std::sync::atomic::AtomicU64>);
+
+    impl Storage for Growing {
+        fn info(&self) -> StorageInfo {
+            StorageInfo::new(self.0.load(std::sync::atomic::Ordering::SeqCst))
+        }
+        fn current_size(&self) -> Option<u64> {
+            Some(self.0.load(std::sync::atomic::Ordering::SeqCst))
+        }
+        fn read_at(&self, _: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, _: u64, _: &[u8]) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn get_config_reports_the_size_the_storage_has_now() {
+        use vhost_user_backend::VhostUserBackend;
+        let size = Arc::new(std::sync::atomic::AtomicU64::new(1 << 20));
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])
+                .unwrap();
+        let backend = BlockDevice::new(Growing(size.clone()))
+            .backend(&vm_memory::GuestMemoryAtomic::new(mem))
+            .unwrap();
+        let capacity =
+            |b: &BlockBackend<Growing>| u64::from_le_bytes(b.get_config(0, 8).try_into().unwrap());
+        assert_eq!(capacity(&backend), (1 << 20) / 512);
+        size.store(3 << 20, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(capacity(&backend), (3 << 20) / 512);
+        // A partial last sector is not shown; a size of zero leaves the capacity alone.
+        size.store((4 << 20) + 100, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(capacity(&backend), (4 << 20) / 512);
+        size.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(capacity(&backend), (4 << 20) / 512);
+    }
+
     fn args(io_threads: Option<usize>) -> DeviceArgs {
         DeviceArgs {
             listen: ListenArgs::path("/unused.sock"),

@@ -123,6 +123,14 @@ pub trait Storage: Send + Sync + 'static {
     /// Size and capabilities. Called once, when the device is built.
     fn info(&self) -> StorageInfo;
 
+    /// The store's size now, for a store whose size can change while it is served (a file
+    /// or block device that grew); `None` (the default) for a fixed size. Asked whenever the
+    /// frontend reads the device config (GET_CONFIG), so a resize shows up when the VMM is
+    /// told to look.
+    fn current_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Fills `buf` with the bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 

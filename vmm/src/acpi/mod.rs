@@ -3,8 +3,10 @@
 //!
 //! What the guest learns from them:
 //! - [`madt`]: its CPUs (one local APIC per vCPU), the IOAPIC and the ISA interrupt routing;
-//! - [`dsdt`]: COM1, one `LNRO0005` (virtio-mmio) device per attached device, `_S5_`, and the
-//!   Generic Event Device whose power button the host presses ([`crate::devices::power`]);
+//! - [`dsdt`]: COM1, one `LNRO0005` (virtio-mmio) device per attached device and one hot-plug
+//!   slot per free window ([`crate::devices::hotplug`]), `_S5_`, and the Generic Event Device
+//!   whose power button the host presses and that announces hot-plug events
+//!   ([`crate::devices::power`]);
 //! - the FADT: where the reset and sleep registers are (ports of [`crate::devices::power`]).
 //!
 //! The tables live at [`ACPI_TABLES_ADDR`] (reserved in the e820 map); the RSDP comes first, so
@@ -47,26 +49,31 @@ pub struct MmioDevice {
 pub struct Machine {
     /// Number of vCPUs (APIC IDs 0..cpus).
     pub cpus: u8,
-    /// virtio-mmio devices in attach order.
+    /// virtio-mmio devices in attach order (slots 0, 1, ...).
     pub devices: Vec<MmioDevice>,
+    /// The empty hot-plug slots after them.
+    pub hotplug: Vec<MmioDevice>,
 }
 
 impl Machine {
     /// The machine `hype vmm` builds for `cpus` vCPUs and `devices` virtio devices: device `i`
     /// at [`crate::virtio::device_base`]`(i)` with GSI [`crate::virtio::DEVICE_GSIS`]`[i]`
-    /// (devices past [`crate::virtio::MAX_DEVICES`] are dropped: the VM refuses them anyway).
+    /// (devices past [`crate::virtio::MAX_DEVICES`] are dropped: the VM refuses them anyway);
+    /// every other window is an empty hot-plug slot.
     pub fn for_vm(cpus: u8, devices: usize) -> Self {
+        let mut all: Vec<MmioDevice> = crate::virtio::DEVICE_GSIS
+            .iter()
+            .enumerate()
+            .map(|(i, &gsi)| MmioDevice {
+                base: crate::virtio::device_base(i),
+                gsi,
+            })
+            .collect();
+        let hotplug = all.split_off(devices.min(all.len()));
         Machine {
             cpus,
-            devices: crate::virtio::DEVICE_GSIS
-                .iter()
-                .take(devices)
-                .enumerate()
-                .map(|(i, &gsi)| MmioDevice {
-                    base: crate::virtio::device_base(i),
-                    gsi,
-                })
-                .collect(),
+            devices: all,
+            hotplug,
         }
     }
 }
@@ -80,6 +87,9 @@ pub enum AcpiError {
     /// More devices than the DSDT generator names.
     #[error("{0} devices cannot be described in the DSDT (at most {max})", max = dsdt::MAX_DEVICES)]
     Devices(usize),
+    /// More devices and hot-plug slots than the slot registers have bits for.
+    #[error("{0} device slots cannot be described (at most {max})", max = crate::devices::hotplug::MAX_SLOTS)]
+    Slots(usize),
     /// A device interrupt the IOAPIC does not have.
     #[error("device interrupt {0} is not an IOAPIC pin (0 to {max})", max = dsdt::IOAPIC_PINS - 1)]
     DeviceGsi(u32),
@@ -160,7 +170,7 @@ impl AcpiTables {
     /// Builds every table for `m`.
     pub fn build(m: &Machine) -> Result<Self, AcpiError> {
         let madt = madt::build(m.cpus)?;
-        let dsdt = dsdt::build(&m.devices)?;
+        let dsdt = dsdt::build(&m.devices, &m.hotplug)?;
         let rsdp_addr = ACPI_TABLES_ADDR;
         let xsdt_addr = align16(rsdp_addr + Rsdp::len() as u64);
         // XSDT: header + 2 entries (FADT, MADT).
@@ -355,6 +365,7 @@ mod tests {
                 base: 1 << 32,
                 gsi: 5,
             }],
+            hotplug: vec![],
         };
         assert!(matches!(
             AcpiTables::build(&high),

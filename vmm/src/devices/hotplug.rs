@@ -147,6 +147,59 @@ impl HotplugSlots {
         }
     }
 
+    /// Waits up to `timeout` until the guest ejected `slot` or `released()` says it let the
+    /// slot's device go (checked every `poll`); on success the slot is no longer present. On
+    /// timeout the removal request is withdrawn. Returns whether it was released.
+    pub fn wait_released(
+        &self,
+        slot: usize,
+        timeout: Duration,
+        poll: Duration,
+        released: impl Fn() -> bool,
+    ) -> bool {
+        let until = Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if self.wait_ejected_keeping(slot, left.min(poll)) {
+                return true;
+            }
+            if released() {
+                let mut r = self.lock();
+                r.present &= !bit(slot);
+                r.inserted &= !bit(slot);
+                r.remove &= !bit(slot);
+                return true;
+            }
+            if left.is_zero() {
+                self.lock().remove &= !bit(slot);
+                return false;
+            }
+        }
+    }
+
+    /// [`wait_ejected`](Self::wait_ejected) without withdrawing the request on timeout.
+    fn wait_ejected_keeping(&self, slot: usize, timeout: Duration) -> bool {
+        let until = Instant::now() + timeout;
+        let mut r = self.lock();
+        loop {
+            if r.ejected & bit(slot) != 0 {
+                r.ejected &= !bit(slot);
+                r.present &= !bit(slot);
+                r.inserted &= !bit(slot);
+                r.remove &= !bit(slot);
+                return true;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            r = match self.ejects.wait_timeout(r, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+
     /// The PRESENT register.
     pub fn present(&self) -> u32 {
         self.lock().present
@@ -238,6 +291,26 @@ mod tests {
         s.write(EJECT, &[3, 0, 0, 0]);
         assert!(s.wait_ejected(3, Duration::from_millis(10)));
         assert_eq!(read32(&s, PRESENT), 0b0001);
+    }
+
+    #[test]
+    fn released_by_eject_or_by_the_driver() {
+        let s = HotplugSlots::new();
+        let poll = Duration::from_millis(1);
+        s.insert(2);
+        s.request_removal(2);
+        assert!(!s.wait_released(2, Duration::from_millis(5), poll, || false));
+        assert_eq!(read32(&s, REMOVE), 0, "withdrawn");
+        assert_eq!(read32(&s, PRESENT), 0b100, "still there");
+        s.request_removal(2);
+        s.write(EJECT, &[2]);
+        assert!(s.wait_released(2, Duration::from_millis(5), poll, || false));
+        assert_eq!(read32(&s, PRESENT), 0);
+        s.insert(4);
+        s.request_removal(4);
+        assert!(s.wait_released(4, Duration::from_secs(5), poll, || true));
+        assert_eq!(read32(&s, PRESENT), 0);
+        assert_eq!(read32(&s, REMOVE), 0);
     }
 
     #[test]

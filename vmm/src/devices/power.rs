@@ -45,6 +45,8 @@ pub const SLP_EN: u8 = 1 << 5;
 pub const GED_GSI: u32 = 16;
 /// GED event bit: the power button was pressed.
 pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// GED event bit: a hot-plug slot changed (the DSDT's `_EVT` then reads the slot registers).
+pub const GED_EVENT_HOTPLUG: u8 = 1 << 1;
 
 /// What a guest write asks the VMM to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +123,24 @@ impl PowerButton {
         Ok(())
     }
 
+    /// Sets `events` in the GED's event register and raises its interrupt (nothing when no VM
+    /// is attached).
+    fn raise(&self, events: u8) {
+        let Ok(irq) = self.state.irq.lock() else {
+            return;
+        };
+        if let Some(irq) = irq.as_ref() {
+            self.state.pending.fetch_or(events, Ordering::SeqCst);
+            irq.trigger();
+        }
+    }
+
+    /// The line the hot-plug slot registers raise: it sets [`GED_EVENT_HOTPLUG`] and raises
+    /// the GED interrupt ([`crate::devices::hotplug::HotplugSlots::set_notifier`]).
+    pub fn hotplug_line(&self) -> GedHotplugLine {
+        GedHotplugLine(self.clone())
+    }
+
     /// Whether a running VM's power device is attached.
     pub fn is_attached(&self) -> bool {
         self.state.irq.lock().map(|i| i.is_some()).unwrap_or(false)
@@ -146,6 +166,15 @@ impl PowerButton {
 
     fn take_events(&self) -> u8 {
         self.state.pending.swap(0, Ordering::SeqCst)
+    }
+}
+
+/// The GED's hot-plug event, as an interrupt line for the slot registers.
+pub struct GedHotplugLine(PowerButton);
+
+impl IrqLine for GedHotplugLine {
+    fn trigger(&self) {
+        self.0.raise(GED_EVENT_HOTPLUG);
     }
 }
 

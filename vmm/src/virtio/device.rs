@@ -7,7 +7,7 @@
 //! the whole setup when the backend is back.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -17,7 +17,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::frontend::{self, BackendInfo, Connection, FrontendError, HandshakeOptions};
 use super::mmio::{self, DeviceModel, MmioTransport, TransportEvent};
-use super::worker::{BackendStatus, Command, Shared, SocketConnector, Worker, WorkerSetup};
+use super::worker::{
+    BackendStatus, Command, ConfigRefresh, DeviceCommandError, Shared, SocketConnector, Worker,
+    WorkerSetup,
+};
 use super::DeviceType;
 use crate::memory::GuestMemoryMmap;
 
@@ -388,6 +391,51 @@ impl VhostUserDevice {
     /// Current device status register.
     pub fn status(&self) -> u32 {
         self.shared.transport().status()
+    }
+
+    /// Asks the device thread to fetch the config from the backend again and show the guest
+    /// what changed (a disk that grew); waits up to `timeout` for the answer.
+    pub fn refresh_config(&self, timeout: Duration) -> Result<ConfigRefresh, DeviceCommandError> {
+        let (tx, rx) = mpsc::channel();
+        self.ask(Command::RefreshConfig(tx), &rx, timeout)
+    }
+
+    /// Asks the device thread to move the device to the backend at `socket` (see
+    /// [`super::worker`]'s `commands`); waits up to `timeout` for the answer.
+    pub fn switch_backend(
+        &self,
+        socket: &Path,
+        timeout: Duration,
+    ) -> Result<(), DeviceCommandError> {
+        let (reply, rx) = mpsc::channel();
+        let cmd = Command::SwitchBackend {
+            socket: socket.to_owned(),
+            reply,
+        };
+        self.ask(cmd, &rx, timeout)
+    }
+
+    fn ask<T>(
+        &self,
+        cmd: Command,
+        rx: &mpsc::Receiver<Result<T, DeviceCommandError>>,
+        timeout: Duration,
+    ) -> Result<T, DeviceCommandError> {
+        self.commands
+            .send(cmd)
+            .map_err(|_| DeviceCommandError::Gone)?;
+        let _ = self.wake.write(1);
+        match rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(DeviceCommandError::NoAnswer(timeout)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(DeviceCommandError::Gone),
+        }
+    }
+
+    /// Whether the guest's driver let the device go (see
+    /// [`MmioTransport::driver_released`](super::mmio::MmioTransport::driver_released)).
+    pub fn driver_released(&self) -> bool {
+        self.shared.transport().driver_released()
     }
 
     /// Guest read at `offset` in the device window.

@@ -5,7 +5,7 @@
 //! Everything here blocks on the backend, so it runs on the device's own thread, never on a
 //! vCPU thread.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use vhost::VhostUserMemoryRegionInfo;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -68,6 +68,13 @@ pub trait Connector: Send + 'static {
     /// itself is unusable; other errors are a backend that is there but failed the
     /// handshake.
     fn connect(&mut self, kind: DeviceType) -> Result<Option<Self::Link>, FrontendError>;
+
+    /// Makes later [`connect`](Self::connect)s go to the backend at `path` (a backend
+    /// switch); returns the path used until now, or `None` when this connector cannot move.
+    fn retarget(&mut self, path: &Path) -> Option<PathBuf> {
+        let _ = path;
+        None
+    }
 }
 
 /// The real [`Connector`]: the backend's Unix socket.
@@ -83,6 +90,10 @@ pub struct SocketConnector {
 
 impl Connector for SocketConnector {
     type Link = Connection;
+
+    fn retarget(&mut self, path: &Path) -> Option<PathBuf> {
+        Some(std::mem::replace(&mut self.path, path.to_owned()))
+    }
 
     fn connect(&mut self, kind: DeviceType) -> Result<Option<Connection>, FrontendError> {
         let Some(stream) = try_connect(&self.path)? else {

@@ -205,6 +205,8 @@ pub struct MmioTransport {
     status: u32,
     config_interrupt: bool,
     activated: bool,
+    /// A driver activated the device at some point (survives resets).
+    ever_activated: bool,
     guest_errors: u64,
 }
 
@@ -226,6 +228,7 @@ impl MmioTransport {
             status: 0,
             config_interrupt: false,
             activated: false,
+            ever_activated: false,
             guest_errors: 0,
         }
     }
@@ -243,6 +246,13 @@ impl MmioTransport {
     /// Whether the device has been activated (DRIVER_OK accepted) since the last reset.
     pub fn is_activated(&self) -> bool {
         self.activated
+    }
+
+    /// Whether a driver let the device go: it activated it once, and no driver holds it now
+    /// (the DRIVER status bit is clear: reset, or only ACKNOWLEDGE left after a driver's
+    /// removal).
+    pub fn driver_released(&self) -> bool {
+        self.ever_activated && self.status & status::DRIVER == 0
     }
 
     /// The driver's view of queue `index`.
@@ -601,6 +611,7 @@ impl MmioTransport {
                 Ok(a) => {
                     self.status = accept;
                     self.activated = true;
+                    self.ever_activated = true;
                     return Some(TransportEvent::Activate(a));
                 }
                 Err(e) => {

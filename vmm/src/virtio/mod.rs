@@ -22,7 +22,7 @@ pub mod worker;
 pub use device::{DeviceEvents, DeviceOptions, VhostUserDevice, WaitLimit};
 pub use hype_frontend::types as detect;
 pub use hype_frontend::types::DeviceType;
-pub use worker::{BackendState, BackendStatus};
+pub use worker::{BackendState, BackendStatus, ConfigRefresh, DeviceCommandError};
 
 use crate::layout::{VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
 

@@ -103,6 +103,16 @@ pub(crate) enum Command {
         /// The bytes.
         data: Vec<u8>,
     },
+    /// The control API: fetch the config from the backend again (GET_CONFIG) and show the
+    /// guest what changed (a disk that grew).
+    RefreshConfig(mpsc::Sender<Result<ConfigRefresh, DeviceCommandError>>),
+    /// The control API: move the device to the backend at another socket.
+    SwitchBackend {
+        /// The new backend's socket.
+        socket: PathBuf,
+        /// Where the answer goes.
+        reply: mpsc::Sender<Result<(), DeviceCommandError>>,
+    },
     /// The device goes away.
     Shutdown,
     /// A snapshot: stop the rings (GET_VRING_BASE), keep the setup, answer with each ring's
@@ -464,6 +474,12 @@ impl<C: Connector> Worker<C> {
                 self.reset()
             }
             Command::ConfigWrite { offset, data } => self.config_write(offset, data),
+            Command::RefreshConfig(reply) => {
+                let _ = reply.send(self.refresh_config());
+            }
+            Command::SwitchBackend { socket, reply } => {
+                let _ = reply.send(self.switch_backend(socket));
+            }
             Command::Shutdown => {}
             Command::SnapshotStop(reply) => {
                 let r = self.snapshot_stop();
@@ -933,6 +949,9 @@ impl<C: Connector> Worker<C> {
         }
     }
 }
+
+mod commands;
+pub use commands::{ConfigRefresh, DeviceCommandError};
 
 #[cfg(test)]
 mod tests;

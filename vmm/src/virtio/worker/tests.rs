@@ -65,6 +65,8 @@ impl Fail {
 struct MockLink {
     id: usize,
     info: BackendInfo,
+    /// What GET_CONFIG answers when set (a backend whose disk grew).
+    config_now: Arc<Mutex<Option<Vec<u8>>>>,
     calls: Calls,
     inflight: bool,
     fail_start: Option<Fail>,
@@ -94,7 +96,8 @@ impl BackendLink for MockLink {
         false
     }
     fn read_config(&mut self, _offset: u32, _size: u32) -> Result<Vec<u8>, FrontendError> {
-        Ok(self.info.config.clone())
+        let now = self.config_now.lock().unwrap().clone();
+        Ok(now.unwrap_or_else(|| self.info.config.clone()))
     }
     fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
         self.log(Call::SetConfig(offset, data.to_vec()));
@@ -152,10 +155,14 @@ enum Outcome {
 
 struct MockConnector {
     next: Arc<Mutex<VecDeque<Outcome>>>,
+    path: PathBuf,
 }
 
 impl Connector for MockConnector {
     type Link = MockLink;
+    fn retarget(&mut self, path: &std::path::Path) -> Option<PathBuf> {
+        Some(std::mem::replace(&mut self.path, path.to_owned()))
+    }
     fn connect(&mut self, _kind: DeviceType) -> Result<Option<MockLink>, FrontendError> {
         match self.next.lock().unwrap().pop_front() {
             None | Some(Outcome::Absent) => Ok(None),
@@ -179,6 +186,7 @@ struct Harness {
     calls: Calls,
     next: Arc<Mutex<VecDeque<Outcome>>>,
     links: usize,
+    config_now: Arc<Mutex<Option<Vec<u8>>>>,
     _commands: mpsc::Sender<Command>,
 }
 
@@ -229,14 +237,19 @@ impl Harness {
             commands: rx,
             wake: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         };
+        let config_now = Arc::new(Mutex::new(None));
         let h = Harness {
             worker: Worker::new(
                 shared.clone(),
-                MockConnector { next: next.clone() },
+                MockConnector {
+                    next: next.clone(),
+                    path: "mock.sock".into(),
+                },
                 fixed,
                 MockLink {
                     id: 0,
                     info: info(BLK, 2048),
+                    config_now: config_now.clone(),
                     calls: calls.clone(),
                     inflight: true,
                     fail_start: None,
@@ -247,6 +260,7 @@ impl Harness {
             calls,
             next,
             links: 1,
+            config_now,
             _commands: tx,
         };
         h.calls.lock().unwrap().clear();
@@ -263,6 +277,7 @@ impl Harness {
         MockLink {
             id: self.links - 1,
             info: info(features, capacity),
+            config_now: Arc::new(Mutex::new(None)),
             calls: self.calls.clone(),
             inflight: true,
             fail_start: None,
@@ -686,4 +701,93 @@ fn a_flapping_backend_or_endless_attempts_cannot_flood_the_log() {
     assert!((1..=40).contains(&back), "{back} 'is back' lines");
     let attempts = capture::count("reconnect attempt");
     assert!((1..=40).contains(&attempts), "{attempts} attempt lines");
+}
+
+#[test]
+fn refresh_config_shows_a_grown_disk_to_the_guest() {
+    let mut h = Harness::new(WaitLimit::Forever);
+    h.guest_sets_up();
+    let generation = |h: &Harness| {
+        let mut b = [0u8; 4];
+        h.shared.transport().read(reg::CONFIG_GENERATION, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let interrupt = |h: &Harness| {
+        let mut b = [0u8; 4];
+        h.shared.transport().read(reg::INTERRUPT_STATUS, &mut b);
+        u32::from_le_bytes(b) & 2 != 0
+    };
+    let g0 = generation(&h);
+    let r = h.worker.refresh_config().unwrap();
+    assert!(!r.changed, "{r:?}");
+    assert_eq!(generation(&h), g0);
+    assert!(!interrupt(&h));
+    *h.config_now.lock().unwrap() = Some(blk_config(4096));
+    let r = h.worker.refresh_config().unwrap();
+    assert!(r.changed, "{r:?}");
+    assert_eq!(&h.shared.transport().config()[..8], &4096u64.to_le_bytes());
+    assert_eq!(generation(&h), g0.wrapping_add(1));
+    assert!(interrupt(&h), "config-change interrupt pending");
+    assert_eq!(h.state(), running(), "the rings keep running");
+    h.worker.lost("test: hang-up");
+    assert!(matches!(
+        h.worker.refresh_config(),
+        Err(DeviceCommandError::NotConnected)
+    ));
+}
+
+#[test]
+fn switch_backend_stops_the_old_rings_and_replays_on_the_new_one() {
+    let mut h = Harness::new(WaitLimit::Forever);
+    h.guest_sets_up();
+    h.guest_writes_wce(1);
+    h.worker
+        .fixed
+        .mem
+        .write_obj(5u16, GuestAddress(USED + 2))
+        .unwrap();
+    h.take_calls();
+
+    // Nobody on the new socket: refused, nothing touched, the old socket kept.
+    h.will_find(Outcome::Absent);
+    let e = h.worker.switch_backend("new.sock".into()).unwrap_err();
+    assert!(matches!(e, DeviceCommandError::NoBackend(_)), "{e}");
+    assert_eq!(h.worker.connector.path, PathBuf::from("mock.sock"));
+    // A backend without a feature the guest uses: refused, stays.
+    let poor = h.backend_with(BLK & !(1 << 9), 2048);
+    h.will_find(Outcome::Link(poor));
+    let e = h.worker.switch_backend("new.sock".into()).unwrap_err();
+    assert!(matches!(e, DeviceCommandError::Incompatible { .. }), "{e}");
+    assert_eq!(h.take_calls(), vec![], "the old backend was left alone");
+    assert_eq!(h.state(), running());
+
+    // A good one: the old rings stop first, then the guest's config write and the rings
+    // (from used.idx) go to the new backend.
+    let kick = h.worker.fixed.events.kicks[0].try_clone().unwrap();
+    let _ = kick.read();
+    let b = h.backend();
+    let id = b.id;
+    h.will_find(Outcome::Link(b));
+    h.worker.switch_backend("new.sock".into()).unwrap();
+    assert_eq!(
+        h.take_calls(),
+        vec![
+            (0, Call::Stop(vec![0])),
+            (id, Call::SetConfig(32, vec![1])),
+            (id, Call::Start(GUEST, vec![(0, 5)], true)),
+        ]
+    );
+    assert_eq!(kick.read().unwrap(), 1, "the new backend looks at its ring");
+    assert_eq!(h.state(), running());
+    assert_eq!(h.worker.fixed.socket, PathBuf::from("new.sock"));
+    assert_eq!(h.worker.connector.path, PathBuf::from("new.sock"));
+
+    // While lost, a switch points the reconnects at the new socket.
+    h.worker.lost("test: hang-up");
+    h.worker.switch_backend("third.sock".into()).unwrap();
+    assert_eq!(h.worker.connector.path, PathBuf::from("third.sock"));
+    let b = h.backend();
+    h.will_find(Outcome::Link(b));
+    h.worker.try_reconnect();
+    assert_eq!(h.state(), running());
 }
