@@ -55,10 +55,8 @@ fn parse_cli() -> Result<Cli, ExitCode> {
             Err(ExitCode::SUCCESS)
         }
         Err(e) => {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("hype: {first} (see --help)");
+            // One line, with the missing arguments clap lists (e.g. --group without --user).
+            eprintln!("{}", hype_daemon::usage_error_line("hype", &e));
             Err(ExitCode::from(2))
         }
     }

@@ -80,6 +80,10 @@ pub struct RunArgs {
     /// the snapshot.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
     pub restore: Option<PathBuf>,
+    /// `--user USER [--group GROUP]`: every backend and the VMM drop root to that user once
+    /// set up; the runtime directory is given to it (docs/sandbox.md).
+    #[command(flatten)]
+    pub privileges: hype_sandbox::PrivilegeArgs,
 }
 
 /// A size given in the config file: a string with a suffix, or a number of MiB.

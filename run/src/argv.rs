@@ -109,11 +109,16 @@ fn sandbox(a: &mut Argv, v: &SandboxArgs) {
     let SandboxArgs {
         sandbox,
         print_sandbox,
+        privileges,
     } = v;
     if *sandbox == SandboxMode::Off {
         a.opt("sandbox", "off");
     }
     a.flag("print-sandbox", *print_sandbox);
+    if let Some(c) = privileges.credentials() {
+        a.opt("user", c.uid.to_string());
+        a.opt("group", c.gid.to_string());
+    }
 }
 
 /// The shared block options; `d` is the backend's defaults for them.
@@ -439,6 +444,7 @@ mod tests {
         SandboxArgs {
             sandbox: SandboxMode::Off,
             print_sandbox: true,
+            privileges: Default::default(),
         }
     }
 
@@ -486,6 +492,7 @@ mod tests {
                 common: SandboxArgs {
                     sandbox: SandboxMode::Off,
                     print_sandbox: false,
+                    privileges: Default::default(),
                 },
                 allow: vec!["/var/snap,shots".into()],
             },

@@ -55,12 +55,22 @@ pub fn print_commands(checked: &Checked) -> String {
 
 /// Runs `hype run`: returns the VMM's exit code, or the error that stopped the run.
 pub fn run_vm(args: &RunArgs) -> Result<u8, RunError> {
-    let checked = prepare(args)?;
+    let mut checked = prepare(args)?;
+    checked.run_as(args.privileges);
     if args.print_commands {
         print!("{}", print_commands(&checked));
         return Ok(0);
     }
     let dir = RuntimeDir::create(&checked.name)?;
+    if let Some(to) = args.privileges.credentials() {
+        // The backends and the VMM bind and remove their sockets here as that user.
+        hype_sandbox::privileges::give_to(dir.path(), to).map_err(|source| {
+            RunError::RuntimeDirOwner {
+                path: dir.path().to_path_buf(),
+                source,
+            }
+        })?;
+    }
     let plan = checked.plan(dir.path());
     log::info!(
         "runtime directory {}, {} backend(s)",

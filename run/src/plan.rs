@@ -81,6 +81,16 @@ impl Backend {
         v
     }
 
+    fn privileges_mut(&mut self) -> &mut hype_sandbox::PrivilegeArgs {
+        match self {
+            Backend::BlockFile(a) => &mut a.device.sandbox.privileges,
+            Backend::BlockMem(a) => &mut a.device.sandbox.privileges,
+            Backend::BlockHttp(a) => &mut a.device.sandbox.privileges,
+            Backend::NetTap(a) => &mut a.sandbox.privileges,
+            Backend::Console(a) => &mut a.sandbox.privileges,
+        }
+    }
+
     fn listen_mut(&mut self) -> &mut ListenArgs {
         match self {
             Backend::BlockFile(a) => &mut a.device.listen,
@@ -614,6 +624,15 @@ fn normalize(p: &Path) -> PathBuf {
 }
 
 impl Checked {
+    /// `hype run --user/--group`: every backend and the VMM drop to that user once set up
+    /// (the supervisor itself stays root, to restart backends).
+    pub fn run_as(&mut self, privileges: hype_sandbox::PrivilegeArgs) {
+        self.vmm.sandbox.common.privileges = privileges;
+        for (_, b, _) in &mut self.backends {
+            *b.privileges_mut() = privileges;
+        }
+    }
+
     /// The processes for this VM, with automatic sockets in `dir`.
     pub fn plan(&self, dir: &Path) -> Plan {
         let mut backends = Vec::new();

@@ -205,6 +205,15 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The runtime directory could not be given to `--user`.
+    #[error("cannot give runtime directory {path} to the --user")]
+    RuntimeDirOwner {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Blocking or waiting for signals failed.
     #[error("signal setup failed")]
     Signals(#[source] std::io::Error),

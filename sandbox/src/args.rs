@@ -1,5 +1,7 @@
 //! The command-line options every sandboxed hype process takes.
 
+use crate::privileges::PrivilegeArgs;
+
 /// Whether the process confines itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SandboxMode {
@@ -9,7 +11,7 @@ pub enum SandboxMode {
     Off,
 }
 
-/// `--sandbox on|off` and `--print-sandbox`. Flatten it into a process's options.
+/// `--sandbox on|off`, `--print-sandbox`, `--user` and `--group`. Flatten it into a process's options.
 #[derive(clap::Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SandboxArgs {
     /// Confine this process once it is set up (seccomp allow-list, Landlock, no_new_privs);
@@ -25,6 +27,9 @@ pub struct SandboxArgs {
     /// Print the sandbox this command would apply (system calls, paths) and exit.
     #[arg(long)]
     pub print_sandbox: bool,
+    /// `--user`/`--group`: drop root once set up (independent of `--sandbox`).
+    #[command(flatten)]
+    pub privileges: PrivilegeArgs,
 }
 
 impl Default for SandboxArgs {
@@ -32,6 +37,7 @@ impl Default for SandboxArgs {
         SandboxArgs {
             sandbox: SandboxMode::On,
             print_sandbox: false,
+            privileges: PrivilegeArgs::default(),
         }
     }
 }
@@ -42,6 +48,7 @@ impl SandboxArgs {
         SandboxArgs {
             sandbox: SandboxMode::Off,
             print_sandbox: false,
+            privileges: PrivilegeArgs::default(),
         }
     }
 }

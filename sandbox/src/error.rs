@@ -29,4 +29,16 @@ pub enum Error {
         #[source]
         source: landlock::PathFdError,
     },
+    /// `--user` was given and dropping root failed.
+    #[error("cannot drop root")]
+    Privileges(#[source] crate::privileges::PrivilegeError),
+    /// The socket could not be given to the `--user` before dropping root.
+    #[error("cannot give {path} to the --user")]
+    GiveSocket {
+        /// The socket.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -31,6 +31,7 @@ mod fs;
 mod hook;
 mod names;
 pub mod policy;
+pub mod privileges;
 mod seccomp;
 pub mod thread;
 
@@ -39,6 +40,7 @@ pub use error::Error;
 pub use fds::close_inherited_fds;
 pub use fs::{FsAccess, FsRules, LandlockStatus};
 pub use hook::{run_test_hook, run_test_hook_as, HOOK_VAR};
+pub use privileges::{Credentials, PrivilegeArgs, PrivilegeError};
 pub use policy::{Cond, Group, Op, Policy, Refusal, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME};
 pub use seccomp::syscall_name;
 
@@ -50,6 +52,7 @@ pub struct Sandbox {
     files: FsRules,
     landlock: Option<LandlockStatus>,
     seccomp: bool,
+    dropped: bool,
 }
 
 impl Sandbox {
@@ -61,12 +64,46 @@ impl Sandbox {
             files: FsRules::new(),
             landlock: None,
             seccomp: false,
+            dropped: false,
         }
     }
 
     /// Whether the process will be confined (`--sandbox on`).
     pub fn is_on(&self) -> bool {
         self.args.sandbox == SandboxMode::On
+    }
+
+    /// The user `--user`/`--group` drop to, if given.
+    pub fn credentials(&self) -> Option<Credentials> {
+        self.args.privileges.credentials()
+    }
+
+    /// With `--user`: gives the socket `path` this process bound (as root) to that user, so
+    /// the dropped process and peers running as it can still connect. Call before
+    /// confining.
+    pub fn give_socket(&self, path: &std::path::Path) -> Result<(), Error> {
+        let Some(to) = self.credentials() else {
+            return Ok(());
+        };
+        privileges::give_to(path, to).map_err(|source| Error::GiveSocket {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// With `--user`: drops root now ([`privileges::drop_to`]), whether or not the sandbox is
+    /// on; once. [`restrict_files`](Self::restrict_files) and [`confine`](Self::confine)
+    /// call it first, so a process drops while it still has one thread, before Landlock and
+    /// seccomp.
+    pub fn drop_privileges(&mut self) -> Result<(), Error> {
+        if self.dropped {
+            return Ok(());
+        }
+        if let Some(to) = self.credentials() {
+            privileges::drop_to(to).map_err(Error::Privileges)?;
+        }
+        self.dropped = true;
+        Ok(())
     }
 
     /// The system-call policy.
@@ -84,6 +121,12 @@ impl Sandbox {
         let mut s = self.policy.describe();
         s.push_str(&self.files.describe());
         s.push_str("no_new_privs: set\n");
+        if let Some(c) = self.credentials() {
+            s.push_str(&format!(
+                "runs as: uid {} gid {}, no supplementary groups, no capabilities\n",
+                c.uid, c.gid
+            ));
+        }
         s
     }
 
@@ -100,6 +143,7 @@ impl Sandbox {
     /// (for processes that start threads before they are fully set up). Does nothing with
     /// `--sandbox off` or when already applied.
     pub fn restrict_files(&mut self) -> Result<(), Error> {
+        self.drop_privileges()?;
         if !self.is_on() || self.landlock.is_some() {
             return Ok(());
         }
@@ -115,6 +159,7 @@ impl Sandbox {
     /// already), then the seccomp filter on every thread; logs the effective sandbox in one
     /// line. With `--sandbox off` it only logs a warning.
     pub fn confine(&mut self) -> Result<(), Error> {
+        self.drop_privileges()?;
         if !self.is_on() {
             log::warn!(
                 "sandbox: off (--sandbox off): this {} process is not confined",

@@ -776,6 +776,8 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     let slots = Arc::new(HotplugSlots::new());
     let hotplug = Hotplug::new(vm.clone(), mem.clone(), slots.clone());
     let acpi = acpi_tables(cfg)?;
+    // --user: KVM, the VM and its memory exist and no thread runs yet (docs/sandbox.md).
+    crate::sandbox::drop_privileges().map_err(VmmError::Sandbox)?;
     // Stop signals count from here: SIGTERM while waiting for a backend socket is a stop.
     install_signal_handlers()?;
     let (mmio, mut device_cmdline) =

@@ -309,6 +309,9 @@ pub fn run(args: Args) -> Result<(), Error> {
     let mut listener = SocketListener::open(&args.listen)?;
     // Everything is open: confine before the I/O thread starts (Landlock covers the threads
     // created after it).
+    if let Output::Socket(p) = &args.output {
+        hype_daemon::sandbox::give_socket(&sandbox, p)?;
+    }
     hype_daemon::sandbox::confine(&mut sandbox, &listener)?;
     let logs: Vec<_> = file_out.into_iter().chain(log).collect();
     let buffered = !matches!(endpoint, Endpoint::None);

@@ -118,10 +118,20 @@ pub fn restrict_files(sandbox: &mut Sandbox) -> Result<(), Error> {
     sandbox.restrict_files().map_err(Error::Sandbox)
 }
 
+/// With `--user`: gives a socket other than the vhost-user one (bound as root) to that user;
+/// see [`Sandbox::give_socket`].
+pub fn give_socket(sandbox: &Sandbox, path: &Path) -> Result<(), Error> {
+    sandbox.give_socket(path).map_err(Error::Sandbox)
+}
+
 /// Confines the process once `listener` is bound and every file is open: adds the listener's
-/// rule and calls [`Sandbox::confine`].
+/// rule, with `--user` gives the socket to that user and drops root, and calls
+/// [`Sandbox::confine`].
 pub fn confine(sandbox: &mut Sandbox, listener: &SocketListener) -> Result<(), Error> {
     allow_listener(sandbox, listener);
+    if let Some(path) = listener.path() {
+        sandbox.give_socket(path).map_err(Error::Sandbox)?;
+    }
     sandbox.confine().map_err(Error::Sandbox)
 }
 

@@ -100,6 +100,13 @@ pub fn describe(args: &VmmSandboxArgs, cfg: &VmConfig, dump: Option<&Path>) -> S
     }
     s.push_str(&fs_rules(args, cfg, dump).describe());
     s.push_str("no_new_privs: set\n");
+    if let Some(c) = args.common.privileges.credentials() {
+        s.push_str(&format!(
+            "runs as: uid {} gid {} from before the boot devices connect, no supplementary \
+             groups, no capabilities\n",
+            c.uid, c.gid
+        ));
+    }
     s
 }
 
@@ -111,6 +118,22 @@ pub fn is_on(args: &VmmSandboxArgs) -> bool {
 /// The Landlock rules [`restrict_files`] applies.
 static FILES: OnceLock<FsRules> = OnceLock::new();
 
+/// The user `--user`/`--group` ask [`drop_privileges`] to drop to.
+static DROP_TO: OnceLock<hype_sandbox::Credentials> = OnceLock::new();
+
+/// With `--user` (kept by [`prepare`], whether or not the sandbox is on): drops root now, for
+/// good (`hype_sandbox::privileges`). Call on the main thread while it is the only one: once
+/// `/dev/kvm` is open and the VM and its memory exist, before the boot devices' workers start.
+/// What is opened later (device sockets, kernel, initrd, serial file, API socket directory)
+/// must be reachable by that user. Nothing without `--user` or [`prepare`].
+pub fn drop_privileges() -> Result<(), SandboxError> {
+    let Some(to) = DROP_TO.get() else {
+        return Ok(());
+    };
+    hype_sandbox::privileges::drop_to(*to)
+        .map_err(|e| SandboxError::Setup(hype_sandbox::Error::Privileges(e)))
+}
+
 /// Registers every thread kind's seccomp policy, so each thread's [`enter`] confines it, and
 /// keeps the Landlock rules for [`restrict_files`]. Call on the main thread before it starts
 /// any thread. With `--dump-acpi` (`dump`: its directory, created here so the rule can name
@@ -121,6 +144,9 @@ pub fn prepare(
     cfg: &VmConfig,
     dump: Option<&Path>,
 ) -> Result<(), SandboxError> {
+    if let Some(to) = args.common.privileges.credentials() {
+        let _ = DROP_TO.set(to);
+    }
     if !is_on(args) {
         log::warn!("sandbox: off (--sandbox off): the VMM is not confined");
         return Ok(());
