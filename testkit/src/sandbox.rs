@@ -98,3 +98,50 @@ pub fn assert_killed_by_sigsys(status: ExitStatus, stderr: &str, syscall: &str) 
         "no {needle:?} in stderr: {stderr}"
     );
 }
+
+/// The uid and gid of `nobody` on these hosts (`hype --user nobody`).
+pub const NOBODY: u32 = 65534;
+
+/// Checks that every thread of process `pid` runs as `uid`/`gid` for good (`--user`): real,
+/// effective, saved and filesystem ids, no supplementary groups, no effective, permitted,
+/// bounding or ambient capability, no_new_privs. Returns the first thread's `status` text on
+/// success, or what is wrong.
+pub fn check_runs_as(pid: u32, uid: u32, gid: u32) -> Result<String, String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map_err(|e| format!("/proc/{pid}/task: {e}"))?;
+    let mut first = None;
+    for entry in tasks.flatten() {
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_else(|| "?".into())
+        };
+        let want = [
+            ("Uid:", format!("{uid} {uid} {uid} {uid}")),
+            ("Gid:", format!("{gid} {gid} {gid} {gid}")),
+            ("Groups:", String::new()),
+            ("CapEff:", "0000000000000000".into()),
+            ("CapPrm:", "0000000000000000".into()),
+            ("CapBnd:", "0000000000000000".into()),
+            ("CapAmb:", "0000000000000000".into()),
+            ("NoNewPrivs:", "1".into()),
+        ];
+        for (key, value) in want {
+            if field(key) != value {
+                return Err(format!(
+                    "pid {pid} thread {:?}: {key} is {:?}, want {value:?}\n{status}",
+                    entry.file_name(),
+                    field(key)
+                ));
+            }
+        }
+        first.get_or_insert(status);
+    }
+    first.ok_or_else(|| format!("pid {pid}: no thread readable"))
+}
