@@ -813,3 +813,38 @@ fn confined_while_serving_and_forbidden_calls_kill() {
         hype_testkit::sandbox::assert_killed_by_sigsys(status, &stderr, call);
     }
 }
+
+/// `--user nobody`: the TAP (two queue pairs) is created as root, then the backend drops to
+/// nobody for good (no capability left, CAP_NET_ADMIN included) and still moves frames.
+#[test]
+fn drops_root_after_creating_the_tap() {
+    if !can_run("drops_root_after_creating_the_tap") {
+        return;
+    }
+    use hype_testkit::sandbox::{check_runs_as, NOBODY};
+    let ns = Netns::new();
+    let be = Backend::spawn(
+        &ns,
+        &["--queue-pairs", "2", "--mac", GUEST_MAC_STR, "--user", "nobody"],
+    );
+    // The socket's directory is the user's (as hype run's runtime directory is), so the
+    // dropped backend can remove its socket on exit.
+    let dir = std::env::temp_dir().join(format!("{}-dir", ns.name));
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut drv = be.connect(2, u64::MAX);
+    if let Err(e) = check_runs_as(be.pid(), NOBODY, NOBODY) {
+        panic!("{e}\nlog:\n{}", be.log_text());
+    }
+    ns.configure_tap();
+    let cap = ns.enter(packet_socket);
+    let f = eth([0xff; 6], GUEST_MAC, 0x88b5, b"sent by a backend that is not root");
+    send(drv.queue(1).unwrap(), &with_hdr(VnetHdr::default(), &f));
+    assert_eq!(capture(&cap, 1, |g| g == &f[..]).len(), 1);
+    drop(drv);
+    let log = be.stop();
+    assert!(
+        log.contains("privileges dropped: uid 65534 gid 65534"),
+        "{log}"
+    );
+    assert!(!dir.join("net.sock").exists(), "{log}");
+}
