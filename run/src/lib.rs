@@ -46,10 +46,14 @@ pub fn print_commands(checked: &Checked) -> String {
     let p = checked.plan(std::path::Path::new("$DIR"));
     // mktemp -d makes a fresh directory (mode 0700) with a random part and fails rather than
     // reuse one: another local user cannot plant sockets in it ahead of the VMM.
-    let setup = format!(
+    let mut setup = format!(
         "DIR=\"$(mktemp -d \"${{XDG_RUNTIME_DIR:-/tmp}}/hype-{}.XXXXXXXXXX\")\" || exit 1\n",
         checked.name
     );
+    if let Some(c) = checked.privileges.credentials() {
+        // --user: the backends and the VMM bind and remove their sockets there as that user.
+        setup.push_str(&format!("chown {}:{} \"$DIR\" || exit 1\n", c.uid, c.gid));
+    }
     p.commands(&setup)
 }
 

@@ -38,6 +38,8 @@ pub struct Checked {
     backends: Vec<(String, Backend, bool)>,
     /// Restarts allowed per backend per window.
     pub max_restarts: u32,
+    /// `--user`/`--group`, set by [`Checked::run_as`].
+    pub privileges: hype_sandbox::PrivilegeArgs,
 }
 
 /// One backend process, as the typed arguments of its `hype` subcommand (built and checked
@@ -517,6 +519,7 @@ pub fn check(cfg: &RunConfig, exe: PathBuf) -> Result<Checked, Problems> {
         vmm,
         backends,
         max_restarts: cfg.max_restarts.unwrap_or(DEFAULT_MAX_RESTARTS),
+        privileges: hype_sandbox::PrivilegeArgs::default(),
     })
 }
 
@@ -627,6 +630,7 @@ impl Checked {
     /// `hype run --user/--group`: every backend and the VMM drop to that user once set up
     /// (the supervisor itself stays root, to restart backends).
     pub fn run_as(&mut self, privileges: hype_sandbox::PrivilegeArgs) {
+        self.privileges = privileges;
         self.vmm.sandbox.common.privileges = privileges;
         for (_, b, _) in &mut self.backends {
             *b.privileges_mut() = privileges;
