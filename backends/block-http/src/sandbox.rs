@@ -139,10 +139,15 @@ pub fn add_rules(sandbox: &mut Sandbox, args: &Args) {
     }
 }
 
-/// Applies the rules of [`add_rules`] before the HTTP client and the fetchers start; creates
+/// Drops root (`--user`), then applies the rules of [`add_rules`] before the HTTP client and
+/// the fetchers start; creates
 /// the overlay empty first if it is missing (a Landlock rule needs the file; the overlay code
 /// takes an empty file as new).
 pub fn restrict_files(sandbox: &mut Sandbox, args: &Args) -> Result<(), crate::Error> {
+    // --user: drop first, while single-threaded; the overlay is then created as the user.
+    sandbox
+        .drop_privileges()
+        .map_err(|e| crate::Error::Sandbox(hype_daemon::Error::Sandbox(e)))?;
     if !sandbox.is_on() {
         return Ok(());
     }

@@ -827,4 +827,43 @@ fn credentials_from_a_file_or_the_environment_and_never_printed() {
         exit_check::USAGE,
     );
     assert!(!err.contains("s3cret") && !err.contains("tok123"), "{err}");
+
+/// `--user nobody`: block-http drops before it opens anything or starts a thread, then binds
+/// its socket, creates its overlay and serves as nobody (all its threads: four ids, no groups,
+/// no capabilities).
+#[test]
+fn drops_root_before_its_threads_start() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED drops_root_before_its_threads_start: needs root");
+        return;
+    }
+    use hype_testkit::sandbox::{check_runs_as, NOBODY};
+    use std::os::unix::fs::MetadataExt;
+    let img = image(1 << 20, 6);
+    let server = HttpServer::start(Behaviour::new(img.clone()));
+    let url = server.url();
+    let dir = tempdir("http-user");
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let overlay = dir.join("overlay");
+    let overlay_arg = overlay.to_str().unwrap().to_string();
+    let args = [
+        "--url",
+        url.as_str(),
+        "--overlay",
+        overlay_arg.as_str(),
+        "--user",
+        "nobody",
+    ];
+    let mut p = Process::spawn(BIN, &args, &dir.join("blk.sock"));
+    let mut disk = connect(&p.socket, 1);
+    check_read_after_write_whole_disk(&mut disk, 7);
+    check_runs_as(p.pid(), NOBODY, NOBODY).unwrap();
+    for f in [&overlay, &p.socket] {
+        let m = std::fs::symlink_metadata(f).unwrap();
+        assert_eq!((m.uid(), m.gid()), (NOBODY, NOBODY), "{}", f.display());
+    }
+    drop(disk);
+    assert!(p.signal_and_wait(libc::SIGTERM).success());
+    assert!(!p.socket.exists());
 }
