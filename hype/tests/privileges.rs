@@ -94,7 +94,15 @@ fn backend_and_vmm_run_as_nobody() {
     let be_log = dir.join("backend.log");
     let s = sock.to_str().unwrap();
     let mut backend = spawn(
-        &["block-mem", "--size", "4M", "--socket", s, "--user", "nobody"],
+        &[
+            "block-mem",
+            "--size",
+            "4M",
+            "--socket",
+            s,
+            "--user",
+            "nobody",
+        ],
         &be_log,
     );
     wait_for("the backend's socket", &be_log, || sock.exists());
@@ -262,7 +270,12 @@ fn bad_users_and_groups_are_usage_errors() {
         assert!(e.contains("unknown user 'no-such-user-hype'"), "{e}");
         let e = usage_error(&with(&["--user", "root"]));
         assert!(e.contains("unprivileged user"), "{e}");
-        let e = usage_error(&with(&["--user", "nobody", "--group", "no-such-group-hype"]));
+        let e = usage_error(&with(&[
+            "--user",
+            "nobody",
+            "--group",
+            "no-such-group-hype",
+        ]));
         assert!(e.contains("unknown group 'no-such-group-hype'"), "{e}");
         let e = usage_error(&with(&["--group", "nogroup"]));
         assert!(e.contains("--user"), "{e}");

@@ -40,8 +40,8 @@ pub use error::Error;
 pub use fds::close_inherited_fds;
 pub use fs::{FsAccess, FsRules, LandlockStatus};
 pub use hook::{run_test_hook, run_test_hook_as, HOOK_VAR};
-pub use privileges::{Credentials, PrivilegeArgs, PrivilegeError};
 pub use policy::{Cond, Group, Op, Policy, Refusal, Rule, CLONE3_REFUSED, OPEN_REFUSED, RUNTIME};
+pub use privileges::{Credentials, PrivilegeArgs, PrivilegeError};
 pub use seccomp::syscall_name;
 
 /// How one process confines itself; see the [crate documentation](crate).

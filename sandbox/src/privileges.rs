@@ -84,7 +84,9 @@ pub enum PrivilegeError {
 pub fn parse_user(s: &str) -> Result<User, String> {
     let user = lookup_user(s).ok_or_else(|| format!("unknown user '{s}'"))?;
     if user.uid == 0 {
-        return Err(format!("'{s}' is root: --user must name an unprivileged user"));
+        return Err(format!(
+            "'{s}' is root: --user must name an unprivileged user"
+        ));
     }
     Ok(user)
 }
@@ -120,13 +122,9 @@ fn lookup_user(s: &str) -> Option<User> {
         // what is written to the buffer; `name` is NUL-terminated.
         let rc = unsafe {
             match id {
-                Some(uid) => libc::getpwuid_r(
-                    uid,
-                    &mut pw,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    &mut out,
-                ),
+                Some(uid) => {
+                    libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out)
+                }
                 None => libc::getpwnam_r(
                     name.as_ptr(),
                     &mut pw,
@@ -163,13 +161,9 @@ fn lookup_group(s: &str) -> Option<u32> {
         // SAFETY: as in lookup_user.
         let rc = unsafe {
             match id {
-                Some(gid) => libc::getgrgid_r(
-                    gid,
-                    &mut gr,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    &mut out,
-                ),
+                Some(gid) => {
+                    libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr().cast(), buf.len(), &mut out)
+                }
                 None => libc::getgrnam_r(
                     name.as_ptr(),
                     &mut gr,
@@ -202,10 +196,7 @@ fn prctl(what: &'static str, op: libc::c_int, arg: libc::c_ulong) -> Result<(), 
     // SAFETY: the prctl operations used here take integer arguments only.
     let rc = unsafe { libc::prctl(op, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0) };
     if rc < 0 {
-        return Err(PrivilegeError::Prctl(
-            what,
-            std::io::Error::last_os_error(),
-        ));
+        return Err(PrivilegeError::Prctl(what, std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -298,7 +289,7 @@ fn check(to: Credentials) -> Result<(), PrivilegeError> {
     }
     for cap in ["CapEff:", "CapPrm:", "CapAmb:", "CapBnd:"] {
         let v = field(cap);
-        if v.trim_start_matches('0') != "" {
+        if !v.trim_start_matches('0').is_empty() {
             return Err(PrivilegeError::Check(format!("{cap} {v}")));
         }
     }

@@ -825,7 +825,14 @@ fn drops_root_after_creating_the_tap() {
     let ns = Netns::new();
     let be = Backend::spawn(
         &ns,
-        &["--queue-pairs", "2", "--mac", GUEST_MAC_STR, "--user", "nobody"],
+        &[
+            "--queue-pairs",
+            "2",
+            "--mac",
+            GUEST_MAC_STR,
+            "--user",
+            "nobody",
+        ],
     );
     // The socket's directory is the user's (as hype run's runtime directory is), so the
     // dropped backend can remove its socket on exit.
@@ -837,7 +844,12 @@ fn drops_root_after_creating_the_tap() {
     }
     ns.configure_tap();
     let cap = ns.enter(packet_socket);
-    let f = eth([0xff; 6], GUEST_MAC, 0x88b5, b"sent by a backend that is not root");
+    let f = eth(
+        [0xff; 6],
+        GUEST_MAC,
+        0x88b5,
+        b"sent by a backend that is not root",
+    );
     send(drv.queue(1).unwrap(), &with_hdr(VnetHdr::default(), &f));
     assert_eq!(capture(&cap, 1, |g| g == &f[..]).len(), 1);
     drop(drv);
