@@ -63,6 +63,9 @@ pub struct DriverOptions {
     pub connect_timeout: Duration,
     /// Default timeout for waiting on completions (used by the `blk` helpers).
     pub io_timeout: Duration,
+    /// Users besides the driver's own and root whose backend may be connected to (the
+    /// frontend's peer check; a backend that listened after dropping to `--user`).
+    pub allowed_peer_uids: Vec<u32>,
 }
 
 impl Default for DriverOptions {
@@ -77,6 +80,7 @@ impl Default for DriverOptions {
             always_kick: false,
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(10),
+            allowed_peer_uids: Vec::new(),
         }
     }
 }
@@ -390,7 +394,7 @@ fn handshake(path: &Path, opts: &DriverOptions) -> Result<(Connection, DeviceInf
         required_protocol_features: required,
         timeout: HANDSHAKE_TIMEOUT,
         fs_tag: None,
-        allowed_peer_uids: Vec::new(),
+        allowed_peer_uids: opts.allowed_peer_uids.clone(),
     };
     loop {
         let last = match hype_frontend::try_connect(path) {

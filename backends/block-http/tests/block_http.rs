@@ -827,6 +827,7 @@ fn credentials_from_a_file_or_the_environment_and_never_printed() {
         exit_check::USAGE,
     );
     assert!(!err.contains("s3cret") && !err.contains("tok123"), "{err}");
+}
 
 /// `--user nobody`: block-http drops before it opens anything or starts a thread, then binds
 /// its socket, creates its overlay and serves as nobody (all its threads: four ids, no groups,
@@ -856,7 +857,13 @@ fn drops_root_before_its_threads_start() {
         "nobody",
     ];
     let mut p = Process::spawn(BIN, &args, &dir.join("blk.sock"));
-    let mut disk = connect(&p.socket, 1);
+    // It listened as nobody: the (root) driver must allow that user, as a root VMM would
+    // with `--device blk:PATH,allow-uid=65534`.
+    let allow = hype_testkit::driver::DriverOptions {
+        allowed_peer_uids: vec![NOBODY],
+        ..opts(1)
+    };
+    let mut disk = BlkDriver::connect(&p.socket, allow).unwrap();
     check_read_after_write_whole_disk(&mut disk, 7);
     check_runs_as(p.pid(), NOBODY, NOBODY).unwrap();
     for f in [&overlay, &p.socket] {

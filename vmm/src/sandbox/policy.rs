@@ -164,6 +164,17 @@ pub static VHOST_FRONTEND: Group = Group {
     rules: &[
         Rule::when("socket", libc::SYS_socket, &[&[Cond::eq(0, AF_UNIX)]]),
         Rule::always("connect", libc::SYS_connect),
+        // The listener's credentials, checked before the handshake (hype_frontend::peer).
+        Rule::when(
+            "getsockopt",
+            libc::SYS_getsockopt,
+            &[&[
+                Cond::eq(1, libc::SOL_SOCKET as u64),
+                Cond::eq(2, libc::SO_PEERCRED as u64),
+            ]],
+        ),
+        // ...against this process's own user.
+        Rule::always("geteuid", libc::SYS_geteuid),
         Rule::always("sendmsg", libc::SYS_sendmsg),
         Rule::always("recvmsg", libc::SYS_recvmsg),
         Rule::always("shutdown", libc::SYS_shutdown),
