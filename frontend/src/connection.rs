@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, FrontendReqHandler, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -531,4 +532,171 @@ impl Connection {
         }
         Ok(bases)
     }
+    /// Whether the backend's state can be saved and loaded (DEVICE_STATE was acked).
+    pub fn has_device_state(&self) -> bool {
+        self.info
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::DEVICE_STATE)
+    }
+
+    /// Saves the backend's state (its rings stopped): SET_DEVICE_STATE_FD(SAVE, STOPPED)
+    /// with the write end of a pipe, reads the pipe to EOF, then CHECK_DEVICE_STATE.
+    /// `None` when the backend does not offer DEVICE_STATE. More than `limit` bytes is
+    /// refused.
+    pub fn save_state(&mut self, limit: u64) -> Result<Option<Vec<u8>>, FrontendError> {
+        if !self.has_device_state() {
+            return Ok(None);
+        }
+        let (rd, wr) = state_pipe().map_err(self.state_err("pipe2"))?;
+        set_nonblocking(&rd).map_err(self.state_err("fcntl"))?;
+        let reply = {
+            let _armed = self.watchdog.arm(REPLY_TIMEOUT);
+            let r = self.frontend.set_device_state_fd(
+                VhostTransferStateDirection::SAVE,
+                VhostTransferStatePhase::STOPPED,
+                wr,
+            );
+            r.map_err(self.req("SET_DEVICE_STATE_FD"))?
+        };
+        // A backend may answer with its own channel instead of using the pipe.
+        let source: OwnedFd = match reply {
+            Some(file) => file.into(),
+            None => rd,
+        };
+        let mut data = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            wait_fd(&source, libc::POLLIN).map_err(self.state_err("waiting for the backend's state"))?;
+            // SAFETY: `buf` is writable for its length; `source` is an open descriptor.
+            let n = unsafe { libc::read(source.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock {
+                    continue;
+                }
+                return Err(self.state_err("reading the backend's state")(e));
+            }
+            let n = n as usize; // n >= 0, at most buf.len()
+            if n == 0 {
+                break;
+            }
+            if data.len() as u64 + n as u64 > limit {
+                return Err(FrontendError::StateTooLarge {
+                    path: self.path.clone(),
+                    limit,
+                });
+            }
+            data.extend_from_slice(&buf[..n]);
+        }
+        drop(source);
+        let _armed = self.watchdog.arm(REPLY_TIMEOUT);
+        let r = self.frontend.check_device_state();
+        r.map_err(self.req("CHECK_DEVICE_STATE"))?;
+        Ok(Some(data))
+    }
+
+    /// Loads `state` (from [`save_state`](Self::save_state)) into the backend before its
+    /// rings start: SET_DEVICE_STATE_FD(LOAD, STOPPED) with the read end of a pipe, writes
+    /// `state` and closes the pipe, then CHECK_DEVICE_STATE (the backend's verdict on what it
+    /// read).
+    pub fn load_state(&mut self, state: &[u8]) -> Result<(), FrontendError> {
+        if !self.has_device_state() {
+            return Err(FrontendError::Unsupported {
+                path: self.path.clone(),
+                what: "the snapshot has state for this device and the backend does not offer DEVICE_STATE".into(),
+            });
+        }
+        let (rd, wr) = state_pipe().map_err(self.state_err("pipe2"))?;
+        set_nonblocking(&wr).map_err(self.state_err("fcntl"))?;
+        let reply = {
+            let _armed = self.watchdog.arm(REPLY_TIMEOUT);
+            let r = self.frontend.set_device_state_fd(
+                VhostTransferStateDirection::LOAD,
+                VhostTransferStatePhase::STOPPED,
+                rd,
+            );
+            r.map_err(self.req("SET_DEVICE_STATE_FD"))?
+        };
+        let sink: OwnedFd = match reply {
+            Some(file) => file.into(),
+            None => wr,
+        };
+        let mut rest = state;
+        while !rest.is_empty() {
+            wait_fd(&sink, libc::POLLOUT).map_err(self.state_err("waiting for the backend to read"))?;
+            // SAFETY: `rest` is readable for its length; `sink` is an open descriptor.
+            let n = unsafe { libc::write(sink.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock {
+                    continue;
+                }
+                return Err(self.state_err("writing the state to the backend")(e));
+            }
+            rest = rest.get(n as usize..).unwrap_or_default(); // n >= 0, at most rest.len()
+        }
+        drop(sink);
+        let _armed = self.watchdog.arm(REPLY_TIMEOUT);
+        let r = self.frontend.check_device_state();
+        r.map_err(self.req("CHECK_DEVICE_STATE"))
+    }
+
+    fn state_err(&self, what: &'static str) -> impl FnOnce(io::Error) -> FrontendError + '_ {
+        move |source| FrontendError::StateTransfer {
+            path: self.path.clone(),
+            what,
+            source,
+        }
+    }
+}
+
+/// A pipe for DEVICE_STATE (read end, write end), close-on-exec. The end the frontend keeps
+/// is made non-blocking ([`set_nonblocking`]) and each transfer step waits with [`wait_fd`],
+/// bounded by [`REPLY_TIMEOUT`]; the backend's end stays blocking.
+fn state_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both are new descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Waits until `fd` is ready for `events` (or hung up), at most [`REPLY_TIMEOUT`].
+fn wait_fd(fd: &OwnedFd, events: libc::c_short) -> io::Result<()> {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    let ms = REPLY_TIMEOUT.as_millis().min(i32::MAX as u128) as libc::c_int;
+    loop {
+        // SAFETY: `p` is one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return Ok(());
+        }
+        if r == 0 {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no progress"));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Sets O_NONBLOCK on `fd` (its own file description: the other end of a pipe is unaffected).
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an open descriptor; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

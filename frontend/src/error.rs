@@ -120,6 +120,26 @@ pub enum FrontendError {
     /// Guest memory cannot be shared.
     #[error("guest memory cannot be shared with a backend")]
     Memory(#[source] vhost::Error),
+    /// Moving the backend's state through the DEVICE_STATE pipe failed (the pipe could not
+    /// be made, read or written, or the backend stopped sending or reading for too long).
+    #[error("backend {path}: device state transfer: {what}")]
+    StateTransfer {
+        /// Socket path.
+        path: PathBuf,
+        /// The step that failed.
+        what: &'static str,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The backend sent more state than the caller accepts.
+    #[error("backend {path}: device state larger than {limit} bytes")]
+    StateTooLarge {
+        /// Socket path.
+        path: PathBuf,
+        /// The limit.
+        limit: u64,
+    },
 }
 
 impl FrontendError {

@@ -38,6 +38,7 @@ pub fn wanted_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::BACKEND_REQ
+        | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
 #[cfg(test)]

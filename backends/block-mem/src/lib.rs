@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use hype_block::{io_threads_help, parse_size, BlockDevice, CommandError, DeviceArgs};
 use hype_daemon::sandbox::Sandbox;
 
-pub use store::{MemStorage, MAX_SIZE};
+pub use store::{MemStorage, MAX_SIZE, STATE_MAGIC};
 
 /// I/O threads when `--io-threads` is not given: memory answers in microseconds, so each
 /// request runs on its queue's thread.

@@ -6,7 +6,7 @@
 //! on different chunks mostly run in parallel.
 
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use hype_block::{Storage, StorageInfo};
@@ -185,6 +185,100 @@ impl Storage for MemStorage {
     fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
         self.zero_range(offset, len)
     }
+
+    /// The RAM disk lives only in this process: a snapshot carries it (DEVICE_STATE).
+    fn has_state(&self) -> bool {
+        true
+    }
+
+    /// Writes the state format described at [`STATE_MAGIC`]: only the allocated chunks that
+    /// are not all zero.
+    fn save_state(&self, out: &mut dyn Write) -> io::Result<()> {
+        out.write_all(STATE_MAGIC)?;
+        out.write_all(&self.size.to_le_bytes())?;
+        let mut indexes: Vec<u64> = self.shards.iter().flat_map(|s| read(s).keys().copied().collect::<Vec<_>>()).collect();
+        indexes.sort_unstable();
+        for idx in indexes {
+            let shard = read(self.shard(idx));
+            let Some(data) = shard.get(&idx) else { continue };
+            if data.iter().all(|&b| b == 0) {
+                continue;
+            }
+            out.write_all(&idx.to_le_bytes())?;
+            out.write_all(data)?;
+        }
+        out.write_all(&STATE_END.to_le_bytes())
+    }
+
+    /// Reads a state [`save_state`](Storage::save_state) wrote, refusing one of another
+    /// disk size, a chunk out of order or past the end, or a stream cut short. The disk is
+    /// replaced only once the whole state has been read and checked.
+    fn load_state(&self, input: &mut dyn Read) -> io::Result<()> {
+        let mut magic = [0u8; STATE_MAGIC.len()];
+        input.read_exact(&mut magic).map_err(cut_short)?;
+        if &magic != STATE_MAGIC {
+            return Err(bad_state("not a block-mem state".into()));
+        }
+        let size = read_u64(input)?;
+        if size != self.size {
+            return Err(bad_state(format!(
+                "state of a {size}-byte disk, this disk has {} bytes",
+                self.size
+            )));
+        }
+        let chunks = self.size.div_ceil(CHUNK);
+        let mut loaded: Vec<(u64, Box<[u8]>)> = Vec::new();
+        loop {
+            let idx = read_u64(input)?;
+            if idx == STATE_END {
+                break;
+            }
+            if idx >= chunks || loaded.last().is_some_and(|(last, _)| *last >= idx) {
+                return Err(bad_state(format!("chunk {idx} out of order or past the end")));
+            }
+            let mut data = vec![0u8; self.chunk_len(idx)].into_boxed_slice();
+            input.read_exact(&mut data).map_err(cut_short)?;
+            loaded.push((idx, data));
+        }
+        let mut extra = [0u8; 1];
+        if input.read(&mut extra)? != 0 {
+            return Err(bad_state("bytes after the end of the state".into()));
+        }
+        for shard in &self.shards {
+            write(shard).clear();
+        }
+        for (idx, data) in loaded {
+            write(self.shard(idx)).insert(idx, data);
+        }
+        Ok(())
+    }
+}
+
+/// The state of a RAM disk (vhost-user DEVICE_STATE): these 16 bytes, the disk size (u64),
+/// then for each chunk of 1 MiB that holds data, in ascending order, its index (u64) and its
+/// bytes (1 MiB, the last chunk of the disk as long as it is), ended by [`STATE_END`]. All
+/// integers little endian.
+pub const STATE_MAGIC: &[u8; 16] = b"hype-blkmem-st1\n";
+
+/// The index that ends a state.
+const STATE_END: u64 = u64::MAX;
+
+fn read_u64(input: &mut dyn Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    input.read_exact(&mut b).map_err(cut_short)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn cut_short(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        bad_state("cut short".into())
+    } else {
+        e
+    }
+}
+
+fn bad_state(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("block-mem state: {why}"))
 }
 
 #[cfg(test)]
@@ -248,6 +342,45 @@ mod tests {
             assert_eq!(s.allocated_bytes(), 0);
             assert!(s.read_at(size - 512, &mut b).is_err());
         }
+    }
+
+    #[test]
+    fn state_round_trip_is_sparse_and_checked() {
+        let s = MemStorage::new(5 * CHUNK + 4096, false);
+        s.write_at(CHUNK + 512, &[3u8; 4096]).unwrap();
+        s.write_at(5 * CHUNK, &[9u8; 4096]).unwrap();
+        s.write_at(3 * CHUNK, &[0u8; 512]).unwrap(); // allocated but all zero: not saved
+        let mut state = Vec::new();
+        s.save_state(&mut state).unwrap();
+        assert_eq!(state.len(), 16 + 8 + (8 + CHUNK as usize) + (8 + 4096) + 8);
+
+        let t = MemStorage::new(5 * CHUNK + 4096, false);
+        t.write_at(0, &[1u8; 512]).unwrap(); // replaced by the load
+        t.load_state(&mut &state[..]).unwrap();
+        assert_eq!(t.allocated_bytes(), CHUNK + 4096);
+        let (mut a, mut b) = (vec![0u8; 6 * CHUNK as usize], vec![0u8; 6 * CHUNK as usize]);
+        s.read_at(0, &mut a[..5 * CHUNK as usize + 4096]).unwrap();
+        t.read_at(0, &mut b[..5 * CHUNK as usize + 4096]).unwrap();
+        assert!(a == b);
+
+        // Refusals leave the disk as it was.
+        let other = MemStorage::new(4 * CHUNK, false);
+        assert!(other.load_state(&mut &state[..]).is_err());
+        assert!(t.load_state(&mut &state[..state.len() - 3]).is_err());
+        assert!(t.load_state(&mut &state[..100]).is_err());
+        let mut bad = state.clone();
+        bad[0] ^= 1;
+        assert!(t.load_state(&mut &bad[..]).is_err());
+        let mut long = state.clone();
+        long.push(0);
+        assert!(t.load_state(&mut &long[..]).is_err());
+        let mut past = state.clone();
+        past[24..32].copy_from_slice(&9u64.to_le_bytes()); // chunk 9 of a 6-chunk disk
+        assert!(t.load_state(&mut &past[..]).is_err());
+        assert_eq!(t.allocated_bytes(), CHUNK + 4096);
+        let mut c = [0u8; 512];
+        t.read_at(0, &mut c).unwrap();
+        assert_eq!(c, [0u8; 512]);
     }
 
     #[test]

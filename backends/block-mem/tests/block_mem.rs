@@ -431,3 +431,62 @@ fn non_eventfd_kick_or_call_does_not_wedge_the_next_frontend() {
     drop(drv);
     good();
 }
+
+/// vhost-user DEVICE_STATE: the RAM disk of one process, saved with its rings stopped,
+/// loaded into a fresh, empty process before its rings start, reads back there; a state of
+/// another disk size, or a damaged one, is refused by CHECK_DEVICE_STATE.
+#[test]
+fn device_state_carries_the_disk_to_a_new_process() {
+    use hype_testkit::blk::{BlkDriver, BLK_CONFIG_SIZE};
+    use hype_testkit::driver::Driver;
+
+    let (mut p, _dir) = spawn("memst1", &["--size", "8M"]);
+    let mut disk = connect(&p.socket, 1);
+    assert!(disk.driver().connection().unwrap().has_device_state());
+    disk.write(0, &pattern(0, 65536, 7)).unwrap();
+    disk.write(12288, &pattern(12288 * 512, 4096, 8)).unwrap(); // sector 12288: chunk 6
+    disk.driver().stop_queues().unwrap();
+    let state = disk
+        .driver()
+        .connection()
+        .unwrap()
+        .save_state(1 << 30)
+        .unwrap()
+        .expect("block-mem offers DEVICE_STATE");
+    // Sparse: the header, two 1 MiB chunks with their indexes, the end mark.
+    assert_eq!(state.len(), 24 + 2 * (8 + (1 << 20)) + 8);
+    drop(disk);
+    assert!(p.signal_and_wait(libc::SIGTERM).success());
+
+    let inactive = |socket: &std::path::Path| {
+        let mut o = opts(1);
+        o.config_size = BLK_CONFIG_SIZE;
+        Driver::connect_inactive(socket, o).unwrap()
+    };
+    let (mut q, _dir2) = spawn("memst2", &["--size", "8M"]);
+    let mut drv = inactive(&q.socket);
+    drv.connection().unwrap().load_state(&state).unwrap();
+    drv.activate().unwrap();
+    let mut disk = BlkDriver::from_driver(drv).unwrap();
+    assert_eq!(disk.read(0, 65536).unwrap(), pattern(0, 65536, 7));
+    assert_eq!(disk.read(12288, 4096).unwrap(), pattern(12288 * 512, 4096, 8));
+    assert_eq!(disk.read(1 << 12, 4096).unwrap(), vec![0u8; 4096]);
+    drop(disk);
+    assert!(q.alive());
+    assert!(q.signal_and_wait(libc::SIGTERM).success());
+
+    let (mut r, _dir3) = spawn("memst3", &["--size", "16M"]);
+    let mut drv = inactive(&r.socket);
+    assert!(drv.connection().unwrap().load_state(&state).is_err());
+    drop(drv);
+    let mut drv = inactive(&r.socket);
+    let mut damaged = state.clone();
+    damaged[0] ^= 1;
+    assert!(drv.connection().unwrap().load_state(&damaged).is_err());
+    drop(drv);
+    // Still serving, the disk untouched.
+    let mut disk = connect(&r.socket, 1);
+    assert_eq!(disk.read(0, 4096).unwrap(), vec![0u8; 4096]);
+    drop(disk);
+    assert!(r.signal_and_wait(libc::SIGTERM).success());
+}

@@ -1,16 +1,20 @@
 //! The `VhostUserBackend` implementation: one worker thread per virtqueue, requests executed
 //! inline on that thread or handed to the I/O pool.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hype_daemon::backend_defaults;
 use hype_daemon::guest_error;
 use hype_daemon::vring::{signal_used, AdaptivePoll, Drain, Handled};
 use log::warn;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -69,6 +73,9 @@ pub struct BlockBackend<S: Storage> {
     /// Without `pool`: the threads that run large reads and writes, so that several of them
     /// copy data at once while small requests stay on the queue thread.
     large: Option<IoPool>,
+    /// The DEVICE_STATE transfer under way (SET_DEVICE_STATE_FD started it on its own thread,
+    /// CHECK_DEVICE_STATE waits for it and reports its outcome).
+    transfer: Mutex<Option<JoinHandle<io::Result<()>>>>,
 }
 
 impl<S: Storage> BlockBackend<S> {
@@ -106,6 +113,7 @@ impl<S: Storage> BlockBackend<S> {
             queues,
             pool,
             large,
+            transfer: Mutex::new(None),
         })
     }
 
@@ -286,7 +294,74 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        backend_defaults::PROTOCOL_FEATURES
+        if self.storage.has_state() {
+            backend_defaults::PROTOCOL_FEATURES | VhostUserProtocolFeatures::DEVICE_STATE
+        } else {
+            backend_defaults::PROTOCOL_FEATURES
+        }
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        if !self.storage.has_state() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this disk keeps no state outside its file",
+            ));
+        }
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "state is transferred only with the rings stopped",
+            ));
+        }
+        let mut slot = lock(&self.transfer);
+        if slot.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "a state transfer is already under way",
+            ));
+        }
+        let storage = Arc::clone(&self.storage);
+        let save = direction == VhostTransferStateDirection::SAVE;
+        // The transfer must not block the vhost-user handler (the frontend reads or writes
+        // the pipe only after this answer), so it runs on a thread of its own.
+        let handle = std::thread::Builder::new()
+            .name("blk-state".into())
+            .spawn(move || {
+                let mut file = file;
+                if save {
+                    let mut out = io::BufWriter::with_capacity(1 << 20, &mut file);
+                    storage.save_state(&mut out)?;
+                    io::Write::flush(&mut out)
+                } else {
+                    let mut input = io::BufReader::with_capacity(1 << 20, &mut file);
+                    storage.load_state(&mut input)
+                }
+            })?;
+        *slot = Some(handle);
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        let Some(handle) = lock(&self.transfer).take() else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no state transfer to check",
+            ));
+        };
+        match handle.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                warn!("device state transfer failed: {e}");
+                Err(e)
+            }
+            Err(_) => Err(io::Error::other("the state transfer thread panicked")),
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

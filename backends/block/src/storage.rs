@@ -162,6 +162,30 @@ pub trait Storage: Send + Sync + 'static {
         let _ = may_unmap;
         write_zero_buffers(self, offset, len)
     }
+
+    /// Whether the store holds data a snapshot must carry that is not in a file of its own
+    /// (a RAM disk): then the backend offers vhost-user DEVICE_STATE and a VM snapshot asks it
+    /// for [`save_state`](Self::save_state). A store whose data lives in a file says `false`
+    /// (the default): the file is the state.
+    fn has_state(&self) -> bool {
+        false
+    }
+
+    /// Writes the store's state to `out` (called on a thread of its own while the rings are
+    /// stopped, so no request runs meanwhile). Only called if [`has_state`](Self::has_state).
+    fn save_state(&self, out: &mut dyn io::Write) -> io::Result<()> {
+        let _ = out;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Replaces the store's contents with a state written by [`save_state`](Self::save_state),
+    /// read from `input` to its end; refuses (an error) a state that is not one or does not
+    /// fit this store. Called before any ring starts. Only called if
+    /// [`has_state`](Self::has_state).
+    fn load_state(&self, input: &mut dyn io::Read) -> io::Result<()> {
+        let _ = input;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 }
 
 /// Writes `len` zero bytes at `offset` through [`Storage::write_at`], 1 MiB at a time. The
