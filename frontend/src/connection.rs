@@ -566,7 +566,8 @@ impl Connection {
         let mut data = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            wait_fd(&source, libc::POLLIN).map_err(self.state_err("waiting for the backend's state"))?;
+            wait_fd(&source, libc::POLLIN)
+                .map_err(self.state_err("waiting for the backend's state"))?;
             // SAFETY: `buf` is writable for its length; `source` is an open descriptor.
             let n = unsafe { libc::read(source.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
@@ -623,7 +624,8 @@ impl Connection {
         };
         let mut rest = state;
         while !rest.is_empty() {
-            wait_fd(&sink, libc::POLLOUT).map_err(self.state_err("waiting for the backend to read"))?;
+            wait_fd(&sink, libc::POLLOUT)
+                .map_err(self.state_err("waiting for the backend to read"))?;
             // SAFETY: `rest` is readable for its length; `sink` is an open descriptor.
             let n = unsafe { libc::write(sink.as_raw_fd(), rest.as_ptr().cast(), rest.len()) };
             if n < 0 {

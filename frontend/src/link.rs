@@ -43,6 +43,14 @@ pub trait BackendLink: Send {
     ) -> Result<(), FrontendError>;
     /// Stops the rings; returns their next avail indexes.
     fn stop(&mut self, queues: &[u16]) -> Result<Vec<u32>, FrontendError>;
+    /// The backend's state (DEVICE_STATE SAVE, rings stopped), `None` when it offers none;
+    /// at most `limit` bytes. The default: no state.
+    fn save_state(&mut self, limit: u64) -> Result<Option<Vec<u8>>, FrontendError> {
+        let _ = limit;
+        Ok(None)
+    }
+    /// Loads a saved state into the backend (DEVICE_STATE LOAD) before its rings start.
+    fn load_state(&mut self, state: &[u8]) -> Result<(), FrontendError>;
 }
 
 impl BackendLink for Connection {
@@ -90,6 +98,12 @@ impl BackendLink for Connection {
         rings: &[Ring<'_>],
     ) -> Result<(), FrontendError> {
         Connection::start(self, regions, acked_features, inflight, rings)
+    }
+    fn save_state(&mut self, limit: u64) -> Result<Option<Vec<u8>>, FrontendError> {
+        Connection::save_state(self, limit)
+    }
+    fn load_state(&mut self, state: &[u8]) -> Result<(), FrontendError> {
+        Connection::load_state(self, state)
     }
 
     fn stop(&mut self, queues: &[u16]) -> Result<Vec<u32>, FrontendError> {

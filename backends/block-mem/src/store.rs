@@ -196,11 +196,17 @@ impl Storage for MemStorage {
     fn save_state(&self, out: &mut dyn Write) -> io::Result<()> {
         out.write_all(STATE_MAGIC)?;
         out.write_all(&self.size.to_le_bytes())?;
-        let mut indexes: Vec<u64> = self.shards.iter().flat_map(|s| read(s).keys().copied().collect::<Vec<_>>()).collect();
+        let mut indexes: Vec<u64> = self
+            .shards
+            .iter()
+            .flat_map(|s| read(s).keys().copied().collect::<Vec<_>>())
+            .collect();
         indexes.sort_unstable();
         for idx in indexes {
             let shard = read(self.shard(idx));
-            let Some(data) = shard.get(&idx) else { continue };
+            let Some(data) = shard.get(&idx) else {
+                continue;
+            };
             if data.iter().all(|&b| b == 0) {
                 continue;
             }
@@ -234,7 +240,9 @@ impl Storage for MemStorage {
                 break;
             }
             if idx >= chunks || loaded.last().is_some_and(|(last, _)| *last >= idx) {
-                return Err(bad_state(format!("chunk {idx} out of order or past the end")));
+                return Err(bad_state(format!(
+                    "chunk {idx} out of order or past the end"
+                )));
             }
             let mut data = vec![0u8; self.chunk_len(idx)].into_boxed_slice();
             input.read_exact(&mut data).map_err(cut_short)?;
@@ -278,7 +286,10 @@ fn cut_short(e: io::Error) -> io::Error {
 }
 
 fn bad_state(why: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("block-mem state: {why}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("block-mem state: {why}"),
+    )
 }
 
 #[cfg(test)]

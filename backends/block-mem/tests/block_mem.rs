@@ -469,7 +469,10 @@ fn device_state_carries_the_disk_to_a_new_process() {
     drv.activate().unwrap();
     let mut disk = BlkDriver::from_driver(drv).unwrap();
     assert_eq!(disk.read(0, 65536).unwrap(), pattern(0, 65536, 7));
-    assert_eq!(disk.read(12288, 4096).unwrap(), pattern(12288 * 512, 4096, 8));
+    assert_eq!(
+        disk.read(12288, 4096).unwrap(),
+        pattern(12288 * 512, 4096, 8)
+    );
     assert_eq!(disk.read(1 << 12, 4096).unwrap(), vec![0u8; 4096]);
     drop(disk);
     assert!(q.alive());

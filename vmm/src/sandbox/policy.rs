@@ -319,10 +319,25 @@ pub static VCPU: Policy = Policy {
     refusals: &[CLONE3_REFUSED, OPEN_REFUSED],
 };
 
+/// A device worker moving a backend's state for a snapshot or a restore (vhost-user
+/// DEVICE_STATE): the pipe it hands the backend (read, write, poll and fcntl are already
+/// allowed).
+pub static DEVICE_STATE_PIPE: Group = Group {
+    name: "device-state",
+    why: "the pipe of a vhost-user DEVICE_STATE transfer",
+    rules: &[Rule::always("pipe2", libc::SYS_pipe2)],
+};
+
 /// Policy of each device worker (and so of the watchdogs it starts).
 pub static DEVICE: Policy = Policy {
     name: "vmm-device",
-    groups: &[&RUNTIME, &FD_CHECK, &VHOST_FRONTEND, &NESTED_SANDBOX],
+    groups: &[
+        &RUNTIME,
+        &FD_CHECK,
+        &VHOST_FRONTEND,
+        &NESTED_SANDBOX,
+        &DEVICE_STATE_PIPE,
+    ],
     refusals: &[CLONE3_REFUSED, OPEN_REFUSED],
 };
 

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemoryMmap;
+use crate::virtio::worker::MAX_DEVICE_STATE;
 use state::{DecodeError, KvmCallError, VcpuState, VmState};
 
 /// The `magic` of every manifest.
@@ -106,6 +107,15 @@ pub struct DeviceRecord {
     pub transport: crate::virtio::mmio::TransportState,
     /// Where each ring stood when the snapshot stopped it.
     pub rings: Vec<crate::virtio::worker::RingPosition>,
+    /// The backend's own state (vhost-user DEVICE_STATE), when it offers the feature: the
+    /// file [`device_state_file`] names, and its checksum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<FileRecord>,
+}
+
+/// The file holding device `index`'s backend state.
+pub fn device_state_file(index: usize) -> String {
+    format!("device{index}.state")
 }
 
 /// A device of the running VM, as the snapshot needs it.
@@ -401,20 +411,25 @@ impl Snapshotter {
         let started = Instant::now();
         let vcpu_states = vcpus.take_all()?;
         let mut records = Vec::with_capacity(devices.len());
+        let mut states = Vec::new();
         for d in devices {
-            let (transport, rings) =
+            let (transport, stopped) =
                 d.device
                     .snapshot_stop()
                     .map_err(|text| SnapshotError::DeviceStop {
                         name: d.device.name().to_owned(),
                         text,
                     })?;
+            if let Some(state) = stopped.state {
+                states.push((records.len(), state));
+            }
             records.push(DeviceRecord {
                 index: d.index,
                 kind: d.device.kind().name().to_owned(),
                 socket: d.socket.clone(),
                 transport,
-                rings,
+                rings: stopped.rings,
+                state: None,
             });
         }
         match std::fs::read_dir(dir) {
@@ -427,6 +442,12 @@ impl Snapshotter {
                 std::fs::create_dir(dir).map_err(io_err(dir))?;
             }
             Err(e) => return Err(io_err(dir)(e)),
+        }
+        for (at, state) in states {
+            if let Some(rec) = records.get_mut(at) {
+                let name = device_state_file(rec.index);
+                rec.state = Some(write_file(dir, &name, &state)?);
+            }
         }
         let vm_state = state::capture_vm(&self.vm)?;
         let state_rec = write_file(dir, STATE, &state::encode(&vcpu_states, &vm_state))?;
@@ -607,6 +628,23 @@ impl Restore {
                     d.index
                 )));
             }
+            if let Some(rec) = &d.state {
+                if rec.name != device_state_file(i) || rec.bytes > MAX_DEVICE_STATE {
+                    return Err(SnapshotError::Inconsistent(format!(
+                        "device {i}'s state is {} of {} bytes",
+                        rec.name, rec.bytes
+                    )));
+                }
+                let path = dir.join(&rec.name);
+                let found = std::fs::metadata(&path).map_err(io_err(&path))?.len();
+                if found != rec.bytes {
+                    return Err(SnapshotError::Truncated {
+                        name: rec.name.clone(),
+                        expected: rec.bytes,
+                        found,
+                    });
+                }
+            }
         }
         let record = |name: &'static str| {
             manifest
@@ -720,6 +758,25 @@ impl Restore {
             )));
         }
         dev.restore(&rec.transport).map_err(bad)?;
+        if let Some(file) = &rec.state {
+            let path = self.dir.join(&file.name);
+            let data = std::fs::read(&path).map_err(io_err(&path))?;
+            let found = crc::crc32(&data);
+            if found != file.crc32 || data.len() as u64 != file.bytes {
+                return Err(SnapshotError::Corrupt {
+                    name: file.name.clone(),
+                    expected: file.crc32,
+                    found,
+                });
+            }
+            let bytes = data.len();
+            dev.load_state(data)
+                .map_err(|text| bad(format!("the backend refused its saved state: {text}")))?;
+            log::info!(
+                "restore: {}: backend state loaded ({bytes} bytes)",
+                dev.name()
+            );
+        }
         log::info!(
             "restore: {} (was {}): rings resume at used {:?}",
             dev.name(),

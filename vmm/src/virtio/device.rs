@@ -470,8 +470,9 @@ impl VhostUserDevice {
     }
 }
 
-/// How long a snapshot waits for a device thread to stop its rings.
-pub const SNAPSHOT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a snapshot waits for a device thread to stop its rings and move the backend's
+/// state (a RAM disk of some GiB takes seconds through a pipe).
+pub const SNAPSHOT_STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl VhostUserDevice {
     fn post(&self, cmd: Command) -> bool {
@@ -484,17 +485,31 @@ impl VhostUserDevice {
 
     /// For a snapshot of the paused VM: stops the rings on the backend (GET_VRING_BASE, so it
     /// no longer touches guest memory) and returns the register file and each ring's position.
+    /// The backend's own state comes with them where it offers DEVICE_STATE.
     pub fn snapshot_stop(
         &self,
-    ) -> Result<(mmio::TransportState, Vec<super::worker::RingPosition>), String> {
+    ) -> Result<(mmio::TransportState, super::worker::SnapshotStopped), String> {
         let (tx, rx) = mpsc::channel();
         if !self.post(Command::SnapshotStop(tx)) {
             return Err("the device thread has ended".into());
         }
-        let rings = rx.recv_timeout(SNAPSHOT_STOP_TIMEOUT).map_err(|_| {
+        let stopped = rx.recv_timeout(SNAPSHOT_STOP_TIMEOUT).map_err(|_| {
             format!("the device thread did not answer within {SNAPSHOT_STOP_TIMEOUT:?}")
         })??;
-        Ok((self.shared.transport().save_state(), rings))
+        Ok((self.shared.transport().save_state(), stopped))
+    }
+
+    /// A device attached for a restored VM, before its rings start: loads the backend's
+    /// saved state (DEVICE_STATE LOAD); an error when the backend refuses it or does not
+    /// offer the feature.
+    pub fn load_state(&self, state: Vec<u8>) -> Result<(), String> {
+        let (tx, rx) = mpsc::channel();
+        if !self.post(Command::LoadState(state, tx)) {
+            return Err("the device thread has ended".into());
+        }
+        rx.recv_timeout(SNAPSHOT_STOP_TIMEOUT).map_err(|_| {
+            format!("the device thread did not answer within {SNAPSHOT_STOP_TIMEOUT:?}")
+        })?
     }
 
     /// Starts the rings a snapshot stopped (the VM resumes).

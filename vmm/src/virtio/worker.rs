@@ -117,12 +117,28 @@ pub(crate) enum Command {
     Shutdown,
     /// A snapshot: stop the rings (GET_VRING_BASE), keep the setup, answer with each ring's
     /// position.
-    SnapshotStop(mpsc::Sender<Result<Vec<RingPosition>, String>>),
+    SnapshotStop(mpsc::Sender<Result<SnapshotStopped, String>>),
+    /// A restored device, before its rings start: load the backend's saved state
+    /// (DEVICE_STATE LOAD) and answer whether the backend took it.
+    LoadState(Vec<u8>, mpsc::Sender<Result<(), String>>),
     /// Start the rings stopped for a snapshot again (the VM resumes).
     ResumeRings,
     /// A restored device: take the guest's setup from the snapshot and start the rings where
     /// the used rings in guest memory say.
     Restore(Activation),
+}
+
+/// The most backend state a snapshot takes from one device (the VMM holds it in memory
+/// while writing it out).
+pub const MAX_DEVICE_STATE: u64 = 16 << 30;
+
+/// What a device's worker answers when a snapshot stops it.
+#[derive(Debug)]
+pub struct SnapshotStopped {
+    /// Where each ring stood.
+    pub rings: Vec<RingPosition>,
+    /// The backend's own state (DEVICE_STATE SAVE), if it offers the feature.
+    pub state: Option<Vec<u8>>,
 }
 
 /// Where one ring stood when a snapshot stopped it.
@@ -482,11 +498,51 @@ impl<C: Connector> Worker<C> {
             }
             Command::Shutdown => {}
             Command::SnapshotStop(reply) => {
-                let r = self.snapshot_stop();
+                let r = self.snapshot_stop().and_then(|rings| {
+                    let state = self.save_state()?;
+                    Ok(SnapshotStopped { rings, state })
+                });
                 let _ = reply.send(r);
+            }
+            Command::LoadState(state, reply) => {
+                let _ = reply.send(self.load_state(&state));
             }
             Command::ResumeRings => self.start_rings(true),
             Command::Restore(a) => self.activate_at(a, true),
+        }
+    }
+
+    /// The backend's state for a snapshot (its rings stopped), if it offers DEVICE_STATE.
+    fn save_state(&mut self) -> Result<Option<Vec<u8>>, String> {
+        let LinkState::Connected { link, .. } = &mut self.link else {
+            return Err("the backend is not connected".into());
+        };
+        match link.save_state(MAX_DEVICE_STATE) {
+            Ok(state) => Ok(state),
+            Err(e) => {
+                let msg = error_chain(&e);
+                if e.is_disconnect() {
+                    self.lost("saving the backend's state failed");
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    /// Loads a restored backend's state (its rings not started yet).
+    fn load_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let LinkState::Connected { link, .. } = &mut self.link else {
+            return Err("the backend is not connected".into());
+        };
+        match link.load_state(state) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let msg = error_chain(&e);
+                if e.is_disconnect() {
+                    self.lost("loading the backend's state failed");
+                }
+                Err(msg)
+            }
         }
     }
 

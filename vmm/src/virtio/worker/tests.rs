@@ -139,6 +139,9 @@ impl BackendLink for MockLink {
             None => Ok(vec![0; queues.len()]),
         }
     }
+    fn load_state(&mut self, _state: &[u8]) -> Result<(), FrontendError> {
+        Err(Fail::Refused.error("SET_DEVICE_STATE_FD"))
+    }
 }
 
 /// What the next reconnect attempt finds.
