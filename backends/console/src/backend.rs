@@ -1,15 +1,20 @@
 //! The `VhostUserBackend`: virtio-console with one port (receiveq 0, transmitq 1), one worker
 //! thread per queue.
 
+use std::fs::File;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use hype_daemon::backend_defaults;
 use hype_daemon::guest_error;
 use hype_daemon::vring::{Drain, Handled};
 use log::warn;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -49,6 +54,8 @@ pub(crate) struct ConsoleBackend {
     event_idx: Arc<AtomicBool>,
     acked: AtomicU64,
     generation: u64,
+    /// The DEVICE_STATE transfer under way (CHECK_DEVICE_STATE waits for it).
+    transfer: Mutex<Option<JoinHandle<io::Result<()>>>>,
 }
 
 impl ConsoleBackend {
@@ -62,6 +69,7 @@ impl ConsoleBackend {
             event_idx: Arc::new(AtomicBool::new(false)),
             acked: AtomicU64::new(0),
             generation,
+            transfer: Mutex::new(None),
         }
     }
 
@@ -165,7 +173,70 @@ impl VhostUserBackend for ConsoleBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        backend_defaults::PROTOCOL_FEATURES
+        // DEVICE_STATE: output the reader has not taken and input the guest has not.
+        backend_defaults::PROTOCOL_FEATURES | VhostUserProtocolFeatures::DEVICE_STATE
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        if phase != VhostTransferStatePhase::STOPPED {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "state is transferred only with the rings stopped",
+            ));
+        }
+        let mut slot = self.transfer.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "a state transfer is already under way",
+            ));
+        }
+        let shared = Arc::clone(&self.shared);
+        let save = direction == VhostTransferStateDirection::SAVE;
+        // The frontend reads or writes the pipe only after this answer: the transfer runs on
+        // a thread of its own.
+        let handle = std::thread::Builder::new()
+            .name("console-state".into())
+            .spawn(move || {
+                let mut file = file;
+                if save {
+                    io::Write::write_all(&mut file, &shared.save_state())
+                } else {
+                    let limit = shared.max_state() as u64 + 1;
+                    let mut state = Vec::new();
+                    (&mut file).take(limit).read_to_end(&mut state)?;
+                    shared.load_state(&state)
+                }
+            })?;
+        *slot = Some(handle);
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        let handle = self
+            .transfer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(handle) = handle else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no state transfer to check",
+            ));
+        };
+        match handle.join() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                warn!("device state transfer failed: {e}");
+                Err(e)
+            }
+            Err(_) => Err(io::Error::other("the state transfer thread panicked")),
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -101,6 +101,13 @@ impl OutputBuffer {
     }
 }
 
+impl OutputBuffer {
+    /// A copy of the bytes waiting (for a snapshot of the device).
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.iter().copied().collect()
+    }
+}
+
 /// The notice a reader sees where guest output was dropped.
 pub fn drop_notice(n: u64) -> String {
     format!("\r\n[hype-console: {n} bytes of guest output dropped]\r\n")
@@ -159,6 +166,16 @@ impl InputBuffer {
     pub fn consume(&mut self, n: usize) {
         let n = n.min(self.data.len());
         self.data.drain(..n);
+    }
+
+    /// A copy of the bytes waiting (for a snapshot of the device).
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.iter().copied().collect()
+    }
+
+    /// The bound.
+    pub fn capacity(&self) -> usize {
+        self.cap
     }
 }
 

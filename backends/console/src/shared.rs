@@ -21,6 +21,16 @@ pub(crate) type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 /// A vring as the vhost-user daemon hands it to the backend.
 pub(crate) type Vring = VringRwLock<GuestMemory>;
 
+/// The first bytes of a console state (see [`Shared::save_state`]).
+pub const STATE_MAGIC: &[u8; 16] = b"hype-console-s1\n";
+
+/// One length-prefixed part of a state and what follows it.
+fn take_part(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = b.split_first_chunk::<8>()?;
+    let len = usize::try_from(u64::from_le_bytes(*len)).ok()?;
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
 /// The receive queue (host to guest) of the connected frontend.
 pub(crate) struct RxRing {
     pub vring: Vring,
@@ -107,6 +117,60 @@ impl Shared {
     /// Locks the state (a poisoned lock is still usable: the buffers stay consistent).
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The console's state for a snapshot (vhost-user DEVICE_STATE): [`STATE_MAGIC`], then
+    /// the guest output not yet written to the reader and the input not yet placed in guest
+    /// receive buffers, each as a length (u64, little endian) and the bytes.
+    pub fn save_state(&self) -> Vec<u8> {
+        let st = self.lock();
+        let (out, input) = (st.out.contents(), st.input.contents());
+        drop(st);
+        let mut v = Vec::with_capacity(32 + out.len() + input.len());
+        v.extend_from_slice(STATE_MAGIC);
+        for part in [&out, &input] {
+            v.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            v.extend_from_slice(part);
+        }
+        v
+    }
+
+    /// Takes a state [`save_state`](Self::save_state) wrote: its output is queued for the
+    /// reader (the log files had it when the guest wrote it; a console without a reader
+    /// drops it), its input for the guest. A state that is not one, or holds more than this
+    /// console's buffers, is refused and nothing changes.
+    pub fn load_state(&self, state: &[u8]) -> std::io::Result<()> {
+        let bad = |why: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("console state: {why}"),
+            )
+        };
+        let rest = state
+            .strip_prefix(STATE_MAGIC.as_slice())
+            .ok_or_else(|| bad("not a console state"))?;
+        let (out, rest) = take_part(rest).ok_or_else(|| bad("cut short"))?;
+        let (input, rest) = take_part(rest).ok_or_else(|| bad("cut short"))?;
+        if !rest.is_empty() {
+            return Err(bad("bytes after the end"));
+        }
+        let mut st = self.lock();
+        if out.len() > st.out.room() || input.len() > st.input.room() {
+            return Err(bad("more than this console's buffers hold"));
+        }
+        if self.buffered {
+            st.out.push(out);
+        }
+        st.input.push(input);
+        drop(st);
+        self.wake_io();
+        Ok(())
+    }
+
+    /// The largest state [`load_state`](Self::load_state) can take.
+    pub fn max_state(&self) -> usize {
+        let st = self.lock();
+        STATE_MAGIC.len() + 16 + st.out.capacity() + st.input.capacity()
     }
 
     /// Wakes the I/O thread.

@@ -687,3 +687,49 @@ fn fd_count_stays_flat_over_1000_connections() {
         "fds before {before}, after 990 more connections {after}"
     );
 }
+
+/// vhost-user DEVICE_STATE: guest output no reader has taken and input the guest has not
+/// received, saved with the rings stopped, come out of a fresh console process that loaded
+/// the state before its rings started; a damaged state is refused.
+#[test]
+fn device_state_carries_buffered_output_and_input_to_a_new_process() {
+    let dir = tempdir("state1");
+    let csock = dir.join("console.sock");
+    let mut b = Backend::spawn(&dir, &["--output", &format!("socket:{}", csock.display())]);
+    // Input typed while the guest has no receive buffer, then the client leaves.
+    let mut c = client(&csock);
+    c.write_all(b"typed before the snapshot").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut drv = guest(&b);
+    // Output written while nobody reads: buffered.
+    let out = pattern(0, 20_000, 9);
+    guest_write(&mut drv, &out, 512);
+    drv.stop_queues().unwrap();
+    let state = drv.connection().unwrap().save_state(1 << 20).unwrap();
+    let state = state.expect("the console offers DEVICE_STATE");
+    assert_eq!(state.len(), 16 + 8 + out.len() + 8 + 25);
+    drop(drv);
+    b.signal_and_wait(libc::SIGTERM);
+
+    let dir2 = tempdir("state2");
+    let csock2 = dir2.join("console.sock");
+    let _b2 = Backend::spawn(
+        &dir2,
+        &["--output", &format!("socket:{}", csock2.display())],
+    );
+    let mut damaged = state.clone();
+    damaged[3] ^= 1;
+    let mut drv = hype_testkit::driver::Driver::connect_inactive(&_b2.socket, opts()).unwrap();
+    assert!(drv.connection().unwrap().load_state(&damaged).is_err());
+    drop(drv);
+    let mut drv = hype_testkit::driver::Driver::connect_inactive(&_b2.socket, opts()).unwrap();
+    drv.connection().unwrap().load_state(&state).unwrap();
+    drv.activate().unwrap();
+    let (got, _) = guest_read(&mut drv, 25, 64);
+    assert_eq!(got, b"typed before the snapshot");
+    let mut c = client(&csock2);
+    assert!(read_exact_within(&mut c, out.len()) == out);
+    assert_quiet(&mut c, Duration::from_millis(200));
+}
