@@ -62,6 +62,8 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
     )
     .unwrap();
     let sum = vm.check("md5sum /mnt/blob | cut -d' ' -f1", STEP).unwrap();
+    // What one agent command costs in the booted guest (to compare with the restored one's).
+    let cold_cmds = timed_commands(&mut vm);
 
     let client = Client::new(&api, Duration::from_secs(60)).unwrap();
     assert_eq!(
@@ -93,6 +95,7 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
     let mut r = GuestVm::restore(hype(), &snap, std::slice::from_ref(&sock), &[]).unwrap();
     assert_eq!(r.check("cat /tmp/ram-note", STEP).unwrap(), "ram-file-4711");
     let to_agent = t.elapsed();
+    let restored_cmds = timed_commands(&mut r);
     assert_eq!(
         r.check("cat /mnt/note", STEP).unwrap(),
         "written before the snapshot"
@@ -151,7 +154,8 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
     eprintln!(
         "BENCH linux-snapshot: cold boot to agent {:.2} s; snapshot {:.1} ms (VMM {} ms), \
          {} pages = {:.1} MiB of 256 MiB written ({:.1} MiB on disk); restore to agent answer \
-         {:.3} s, second restore {:.3} s",
+         {:.3} s, second restore {:.3} s; agent commands (cat, cat, builtin echo) booted {:?} \
+         restored {:?}",
         cold.as_secs_f64(),
         snap_wall.as_secs_f64() * 1000.0,
         reply.took_ms,
@@ -159,6 +163,23 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
         reply.memory_bytes_written as f64 / (1 << 20) as f64,
         std::os::unix::fs::MetadataExt::blocks(&mem_file) as f64 * 512.0 / (1 << 20) as f64,
         to_agent.as_secs_f64(),
-        to_agent2.as_secs_f64()
+        to_agent2.as_secs_f64(),
+        cold_cmds,
+        restored_cmds
     );
+}
+
+/// The wall time of three agent commands in a row: `cat` twice (a fork and an exec each),
+/// then a builtin `echo` (the agent's subshell fork only), in ms.
+fn timed_commands(vm: &mut GuestVm) -> [u128; 3] {
+    let mut ms = [0u128; 3];
+    for (i, cmd) in ["cat /tmp/ram-note", "cat /tmp/ram-note", "echo ram-file-4711"]
+        .iter()
+        .enumerate()
+    {
+        let t = Instant::now();
+        assert_eq!(vm.check(cmd, STEP).unwrap(), "ram-file-4711");
+        ms[i] = t.elapsed().as_millis();
+    }
+    ms
 }

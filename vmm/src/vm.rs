@@ -881,6 +881,9 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         if let Ok(mut s) = serial.lock() {
             s.restore_state(&r.manifest.serial);
         }
+        if acpi.is_some() {
+            controls.power_button.restore_events(r.manifest.ged_events);
+        }
         for (_, d) in mmio.devices() {
             d.start_restored();
         }
@@ -958,6 +961,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         platform: cfg.platform.name().to_owned(),
         cpu: host_cpu,
         serial: serial.clone(),
+        power: acpi.as_ref().map(|_| controls.power_button.clone()),
     });
     let api = match &cfg.api_socket {
         Some(path) => match hype_api::ApiServer::start(path, control.clone()) {

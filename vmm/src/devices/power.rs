@@ -151,6 +151,20 @@ impl PowerButton {
         self.state.presses.load(Ordering::Relaxed)
     }
 
+    /// The GED events set and not yet read by the guest (for a snapshot).
+    pub fn pending_events(&self) -> u8 {
+        self.state.pending.load(Ordering::SeqCst)
+    }
+
+    /// Sets GED events a snapshot recorded as not yet read by the guest, without raising the
+    /// interrupt again (the restored interrupt controllers hold where it stood). Unknown bits
+    /// are ignored.
+    pub fn restore_events(&self, events: u8) {
+        self.state
+            .pending
+            .fetch_or(events & GED_EVENT_POWER_BUTTON, Ordering::SeqCst);
+    }
+
     fn attach(&self, irq: Box<dyn IrqLine>) {
         if let Ok(mut slot) = self.state.irq.lock() {
             *slot = Some(irq);
@@ -286,6 +300,25 @@ mod tests {
         let button = PowerButton::new();
         let dev = PowerDevice::new(button.clone(), Box::new(CountingIrq(count.clone())));
         (dev, button, count)
+    }
+
+    #[test]
+    fn pending_events_survive_a_snapshot_without_a_second_interrupt() {
+        let (d, button, count) = device();
+        button.press().unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        let saved = button.pending_events();
+        assert_eq!(saved, GED_EVENT_POWER_BUTTON);
+        drop(d);
+        // The restored VM: a new device (attaching clears the events), then the saved ones.
+        let (d2, button2, count2) = device();
+        button2.restore_events(saved | 0x80);
+        assert_eq!(count2.load(Ordering::SeqCst), 0);
+        let mut b = [0u8; 1];
+        d2.read(GED_EVENT_PORT, &mut b);
+        assert_eq!(b, [GED_EVENT_POWER_BUTTON]);
+        d2.read(GED_EVENT_PORT, &mut b);
+        assert_eq!(b, [0]);
     }
 
     #[test]

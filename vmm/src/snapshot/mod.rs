@@ -149,6 +149,9 @@ pub struct Manifest {
     pub devices: Vec<DeviceRecord>,
     /// The COM1 UART.
     pub serial: crate::devices::serial::SerialState,
+    /// The GED's events not yet read by the guest (bit 0: the power button), ACPI only.
+    #[serde(default)]
+    pub ged_events: u8,
     /// Every other file, with its checksum.
     pub files: Vec<FileRecord>,
     /// When it was taken (ms since the Unix epoch).
@@ -370,6 +373,8 @@ pub struct Snapshotter {
     pub cpu: CpuIdentity,
     /// The COM1 UART.
     pub serial: Arc<Mutex<crate::devices::serial::Serial>>,
+    /// The ACPI power button (its GED events), with the `acpi` platform.
+    pub power: Option<crate::devices::power::PowerButton>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
@@ -478,6 +483,7 @@ impl Snapshotter {
             platform: self.platform.clone(),
             devices: records,
             serial: lock(&self.serial).save_state(),
+            ged_events: self.power.as_ref().map_or(0, |p| p.pending_events()),
             files: vec![state_rec, mem_rec],
             created_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
