@@ -173,9 +173,13 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
 /// then a builtin `echo` (the agent's subshell fork only), in ms.
 fn timed_commands(vm: &mut GuestVm) -> [u128; 3] {
     let mut ms = [0u128; 3];
-    for (i, cmd) in ["cat /tmp/ram-note", "cat /tmp/ram-note", "echo ram-file-4711"]
-        .iter()
-        .enumerate()
+    for (i, cmd) in [
+        "cat /tmp/ram-note",
+        "cat /tmp/ram-note",
+        "echo ram-file-4711",
+    ]
+    .iter()
+    .enumerate()
     {
         let t = Instant::now();
         assert_eq!(vm.check(cmd, STEP).unwrap(), "ram-file-4711");

@@ -849,7 +849,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         // The slots tell the guest through the GED (its _EVT reads the slot registers).
         slots.set_notifier(Box::new(controls.power_button.hotplug_line()));
     }
-    let mut pio = PioBus::new(serial.clone(), started).with_hotplug(slots);
+    let mut pio = PioBus::new(serial.clone(), started).with_hotplug(slots.clone());
     if acpi.is_some() {
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(os_err("cannot create eventfd"))?;
         vm.register_irqfd(&ged_irq, GED_GSI)
@@ -884,6 +884,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         if acpi.is_some() {
             controls.power_button.restore_events(r.manifest.ged_events);
         }
+        slots.restore_inserted(r.manifest.hotplug_inserted);
         for (_, d) in mmio.devices() {
             d.start_restored();
         }
@@ -962,6 +963,7 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
         cpu: host_cpu,
         serial: serial.clone(),
         power: acpi.as_ref().map(|_| controls.power_button.clone()),
+        slots: slots.clone(),
     });
     let api = match &cfg.api_socket {
         Some(path) => match hype_api::ApiServer::start(path, control.clone()) {

@@ -200,6 +200,19 @@ impl HotplugSlots {
         }
     }
 
+    /// The INSERTED register: insertions the guest has not read yet (for a snapshot).
+    pub fn pending_inserted(&self) -> u32 {
+        self.lock().inserted
+    }
+
+    /// Sets insertions a snapshot recorded as unread, for slots that are present, without
+    /// notifying the guest again (the restored interrupt controllers hold where the
+    /// notification stood).
+    pub fn restore_inserted(&self, inserted: u32) {
+        let mut r = self.lock();
+        r.inserted |= inserted & r.present;
+    }
+
     /// The PRESENT register.
     pub fn present(&self) -> u32 {
         self.lock().present
@@ -265,6 +278,25 @@ mod tests {
         let mut b = [0u8; 4];
         s.read(off, &mut b);
         u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn unread_insertions_survive_a_snapshot_without_a_second_notification() {
+        let s = HotplugSlots::new();
+        s.set_boot_present(0);
+        s.insert(1);
+        let saved = s.pending_inserted();
+        assert_eq!(saved, 0b10);
+        // The restored VM: both slots attached as boot devices, then the saved register.
+        let r = HotplugSlots::new();
+        let n = Arc::new(AtomicU32::new(0));
+        r.set_notifier(Box::new(Count(n.clone())));
+        r.set_boot_present(0);
+        r.set_boot_present(1);
+        r.restore_inserted(saved | 0b100); // slot 2 is not present: dropped
+        assert_eq!(n.load(Ordering::SeqCst), 0);
+        assert_eq!(read32(&r, INSERTED), 0b10);
+        assert_eq!(read32(&r, INSERTED), 0);
     }
 
     #[test]

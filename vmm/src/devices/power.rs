@@ -162,7 +162,7 @@ impl PowerButton {
     pub fn restore_events(&self, events: u8) {
         self.state
             .pending
-            .fetch_or(events & GED_EVENT_POWER_BUTTON, Ordering::SeqCst);
+            .fetch_or(events & (GED_EVENT_POWER_BUTTON | GED_EVENT_HOTPLUG), Ordering::SeqCst);
     }
 
     fn attach(&self, irq: Box<dyn IrqLine>) {
@@ -312,11 +312,11 @@ mod tests {
         drop(d);
         // The restored VM: a new device (attaching clears the events), then the saved ones.
         let (d2, button2, count2) = device();
-        button2.restore_events(saved | 0x80);
+        button2.restore_events(saved | GED_EVENT_HOTPLUG | 0x80);
         assert_eq!(count2.load(Ordering::SeqCst), 0);
         let mut b = [0u8; 1];
         d2.read(GED_EVENT_PORT, &mut b);
-        assert_eq!(b, [GED_EVENT_POWER_BUTTON]);
+        assert_eq!(b, [GED_EVENT_POWER_BUTTON | GED_EVENT_HOTPLUG]);
         d2.read(GED_EVENT_PORT, &mut b);
         assert_eq!(b, [0]);
     }

@@ -149,9 +149,13 @@ pub struct Manifest {
     pub devices: Vec<DeviceRecord>,
     /// The COM1 UART.
     pub serial: crate::devices::serial::SerialState,
-    /// The GED's events not yet read by the guest (bit 0: the power button), ACPI only.
+    /// The GED's events not yet read by the guest (bit 0: the power button, bit 1: a hot-plug
+    /// slot changed), ACPI only.
     #[serde(default)]
     pub ged_events: u8,
+    /// The hot-plug INSERTED register: slots whose insertion the guest has not read yet.
+    #[serde(default)]
+    pub hotplug_inserted: u32,
     /// Every other file, with its checksum.
     pub files: Vec<FileRecord>,
     /// When it was taken (ms since the Unix epoch).
@@ -375,6 +379,8 @@ pub struct Snapshotter {
     pub serial: Arc<Mutex<crate::devices::serial::Serial>>,
     /// The ACPI power button (its GED events), with the `acpi` platform.
     pub power: Option<crate::devices::power::PowerButton>,
+    /// The hot-plug slot registers.
+    pub slots: Arc<crate::devices::hotplug::HotplugSlots>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), SnapshotError> {
@@ -484,6 +490,7 @@ impl Snapshotter {
             devices: records,
             serial: lock(&self.serial).save_state(),
             ged_events: self.power.as_ref().map_or(0, |p| p.pending_events()),
+            hotplug_inserted: self.slots.pending_inserted(),
             files: vec![state_rec, mem_rec],
             created_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
