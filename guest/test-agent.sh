@@ -66,7 +66,7 @@ run_agent() {
 step1="$(printf 'echo boot-step\nexit 4\n' | base64 -w0)"
 run_agent console-protocol \
     "console=ttyS0 hype.console=nosuch hype.loglevel=x hype.run=$step1 hype.run=@@@ hype.then=later" \
-    $'RUN 1 echo hello; echo err >&2\nRUN 2 exit 5\nRUN 3 printf \'a\\n\\nb\'\nRUN 4 echo "<$1>"\nRUN 5 read x; echo "read rc=$?"\nRUN bad!id echo x\nFOO\n\nRUN 6 echo \'x\\ty %s\'\r\nRUN 7 echo (\nRUN 8\nRUN k sh -c \'kill -9 $$\'\nRUN applets echo a b | xargs echo; env printf \'env-%s\\n\' ok; ls /bin\nPOWEROFF\nRUN 9 echo never\n' \
+    $'RUN 1 echo hello; echo err >&2\nRUN 2 exit 5\nRUN 3 printf \'a\\n\\nb\'\nRUN 4 echo "<$1>"\nRUN 5 read x; echo "read rc=$?"\nRUN bad!id echo x\nFOO\n\nRUN 6 echo \'x\\ty %s\'\r\nRUN 7 echo (\nRUN 8\nRUN k sh -c \'kill -9 $$\'\nRUN applets echo a b | xargs echo; env printf \'env-%s\\n\' ok; ls /bin\nPING p1\nPING bad!\nPOWEROFF\nRUN 9 echo never\n' \
     "HYPE-AGENT READY
 HYPE-ERR hype.console: no such tty /dev/nosuch
 HYPE-ERR hype.loglevel: not a digit: x
@@ -101,6 +101,8 @@ HYPE-OUT applets env-ok
 HYPE-OUT applets busybox
 HYPE-OUT applets sh
 HYPE-DONE applets rc=0
+HYPE-PONG p1
+HYPE-ERR bad id in: PING bad!
 HYPE-AGENT POWEROFF"
 
 run_agent then-reboot "quiet hype.then=reboot hype.run=$(printf 'uname -s' | base64 -w0)" \

@@ -384,6 +384,17 @@ impl GuestVm {
         Ok(StepResult { rc, lines })
     }
 
+    /// Sends `PING` and waits for the agent's `HYPE-PONG` (answered by the agent shell itself,
+    /// no process started: the cheapest sign that the guest runs and reads its console).
+    pub fn ping(&mut self, timeout: Duration) -> Result<(), GuestError> {
+        let id = format!("p{}", self.next_id);
+        self.next_id += 1;
+        self.send(&format!("PING {id}"))?;
+        let pong = format!("HYPE-PONG {id}");
+        self.wait_line(&format!("ping {id}"), timeout, |l| l == pong)?;
+        Ok(())
+    }
+
     /// Runs a command that must succeed; returns its output.
     pub fn check(&mut self, command: &str, timeout: Duration) -> Result<String, GuestError> {
         let r = self.run(command, timeout)?;
