@@ -160,9 +160,10 @@ impl PowerButton {
     /// interrupt again (the restored interrupt controllers hold where it stood). Unknown bits
     /// are ignored.
     pub fn restore_events(&self, events: u8) {
-        self.state
-            .pending
-            .fetch_or(events & (GED_EVENT_POWER_BUTTON | GED_EVENT_HOTPLUG), Ordering::SeqCst);
+        self.state.pending.fetch_or(
+            events & (GED_EVENT_POWER_BUTTON | GED_EVENT_HOTPLUG),
+            Ordering::SeqCst,
+        );
     }
 
     fn attach(&self, irq: Box<dyn IrqLine>) {
