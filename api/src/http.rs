@@ -47,6 +47,8 @@ pub struct Request {
     pub method: String,
     /// Path without the query.
     pub path: String,
+    /// The query after `?` (without it; empty when there is none).
+    pub query: String,
     /// Body bytes (empty without a body).
     pub body: Vec<u8>,
     /// Whether the client wants the connection kept open.
@@ -239,6 +241,7 @@ impl Reader {
         Ok(Request {
             method: p.method,
             path: p.path,
+            query: p.query,
             body,
             keep_alive: p.keep_alive,
         })
@@ -248,6 +251,7 @@ impl Reader {
 struct Parsed {
     method: String,
     path: String,
+    query: String,
     length: u64,
     keep_alive: bool,
 }
@@ -284,10 +288,12 @@ impl Parsed {
                 }
             }
         }
-        let path = target.split(['?', '#']).next().unwrap_or("").to_owned();
+        let target = target.split('#').next().unwrap_or("");
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
         Ok(Parsed {
             method: method.to_owned(),
-            path,
+            path: path.to_owned(),
+            query: query.to_owned(),
             length: length.unwrap_or(0),
             keep_alive,
         })

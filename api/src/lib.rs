@@ -5,6 +5,7 @@
 //! The server is synchronous (std threads, `httparse` for the request head): no async runtime
 //! runs in the VMM. The VMM plugs in through the [`model::VmApi`] trait.
 
+pub mod events;
 pub mod http;
 pub mod model;
 pub mod server;

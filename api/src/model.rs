@@ -380,6 +380,17 @@ pub trait VmApi: Send + Sync {
             "this VM cannot re-read device configs".into(),
         ))
     }
+    /// The events after `since`, waiting up to `timeout` when there are none yet.
+    fn events(
+        &self,
+        since: u64,
+        timeout: Duration,
+    ) -> Result<crate::events::EventsReply, ControlError> {
+        let _ = (since, timeout);
+        Err(ControlError::Unavailable(
+            "this VM keeps no event log".into(),
+        ))
+    }
     /// Moves a device to another backend while the guest runs.
     fn switch_backend(
         &self,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::events::MAX_EVENTS_TIMEOUT;
 use crate::http::{Limits, ReadError, Reader, Request, Response};
 use crate::model::{
     AddDeviceRequest, ControlError, EmptyRequest, ErrorReply, ShutdownRequest, SnapshotRequest,
@@ -400,6 +401,15 @@ pub fn route(api: &dyn VmApi, req: &Request) -> Response {
                 method_not_allowed("GET")
             }
         }
+        "/vm/events" => {
+            if req.method != "GET" {
+                return method_not_allowed("GET");
+            }
+            match events_query(&req.query) {
+                Ok((since, timeout)) => control(200, api.events(since, timeout)),
+                Err(why) => error_response(400, &why),
+            }
+        }
         "/vm/pause" => no_body_action(req, || api.pause(), 200),
         "/vm/resume" => no_body_action(req, || api.resume(), 200),
         "/vm/stop" => no_body_action(req, || api.stop(), 202),
@@ -467,6 +477,48 @@ pub fn route(api: &dyn VmApi, req: &Request) -> Response {
             _ => error_response(404, &format!("no such path: {}", truncate(path, 100))),
         },
     }
+}
+
+/// `since` (default 0) and `timeout` (seconds, default 0, at most
+/// [`MAX_EVENTS_TIMEOUT`]) from the query of `GET /vm/events`.
+fn events_query(query: &str) -> Result<(u64, Duration), String> {
+    let mut since = 0u64;
+    let mut timeout = Duration::ZERO;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "since" => {
+                since = value.parse().map_err(|_| {
+                    format!(
+                        "since must be a whole number of events, not {:?}",
+                        truncate(value, 40)
+                    )
+                })?
+            }
+            "timeout" => {
+                let secs: u64 = value.parse().map_err(|_| {
+                    format!(
+                        "timeout must be a whole number of seconds, not {:?}",
+                        truncate(value, 40)
+                    )
+                })?;
+                if secs > MAX_EVENTS_TIMEOUT.as_secs() {
+                    return Err(format!(
+                        "timeout {secs} is more than {} seconds",
+                        MAX_EVENTS_TIMEOUT.as_secs()
+                    ));
+                }
+                timeout = Duration::from_secs(secs);
+            }
+            _ => {
+                return Err(format!(
+                    "unknown query parameter {:?}; use since and timeout",
+                    truncate(key, 40)
+                ))
+            }
+        }
+    }
+    Ok((since, timeout))
 }
 
 /// `/vm/devices/{id}/resize` and `/vm/devices/{id}/backend`.

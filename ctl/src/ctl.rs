@@ -10,6 +10,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::client::{Client, ClientError};
+use hype_api::events::{Event, EventKind, EventsReply};
 use hype_api::model::{
     ActionReply, BackendState, ConfigRefreshReply, DeviceInfo, SnapshotReply, VmInfo,
 };
@@ -24,6 +25,7 @@ use hype_api::model::{
   hype ctl --api-socket /run/vm.api pause && hype ctl --api-socket /run/vm.api snapshot /var/snap/vm1
   hype ctl --api-socket /run/vm.api resize-device virtio0
   hype ctl --api-socket /run/vm.api switch-backend virtio0 /run/disk-v2.sock
+  hype ctl --api-socket /run/vm.api events --follow
 
 Exit codes: 0 done, 1 the VMM refused or could not be reached, 2 bad arguments.")]
 pub struct CtlArgs {
@@ -90,7 +92,21 @@ pub enum Verb {
         #[arg(value_name = "SOCKET")]
         socket: String,
     },
+    /// Print the VM's events (pause, hot-plug, backend lost or back, power-off, ...) after
+    /// SEQ. With --follow, wait for new ones and print them as they come, until the VM ends
+    /// (one JSON object a line with --json).
+    Events {
+        /// Print the events after this sequence number (0: all the VMM still keeps).
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        since: u64,
+        /// Keep waiting for events until the VM powers off, resets or is stopped.
+        #[arg(long)]
+        follow: bool,
+    },
 }
+
+/// How long one `GET /vm/events` of `events --follow` waits (the server allows 30 s).
+pub const FOLLOW_WAIT_SECS: u64 = 25;
 
 /// Parses `500ms`, `10s`, `2m`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -138,6 +154,19 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// Runs `hype ctl`; prints the error chain on one line and exits 1 on failure.
 pub fn run(a: CtlArgs) -> ExitCode {
+    if let Verb::Events {
+        since,
+        follow: true,
+    } = a.verb
+    {
+        return match follow(&a, since, &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hype ctl: {}", chain(&e));
+                ExitCode::from(1)
+            }
+        };
+    }
     match execute(&a) {
         Ok(out) => {
             print!("{out}");
@@ -207,6 +236,12 @@ pub fn execute(a: &CtlArgs) -> Result<String, CtlError> {
                 format!("/vm/devices/{id}/resize"),
                 None,
             ),
+            Verb::Events { since, .. } => (
+                "events",
+                Method::GET,
+                format!("/vm/events?since={since}"),
+                None,
+            ),
             Verb::SwitchBackend { id, socket } => (
                 "switch-backend",
                 Method::PUT,
@@ -238,6 +273,17 @@ pub fn execute(a: &CtlArgs) -> Result<String, CtlError> {
             format!("added {}\n", device_line(&d))
         }
         Verb::RemoveDevice { id } => format!("removed {id}\n"),
+        Verb::Events { .. } => {
+            let r: EventsReply = serde_json::from_slice(&answer.body).map_err(decode)?;
+            let mut s = String::new();
+            if r.dropped > 0 {
+                let _ = writeln!(s, "({} older events dropped)", r.dropped);
+            }
+            for e in &r.events {
+                let _ = writeln!(s, "{}", event_line(e));
+            }
+            s
+        }
         Verb::Snapshot { .. } => {
             let r: SnapshotReply = serde_json::from_slice(&answer.body).map_err(decode)?;
             format!(
@@ -278,6 +324,77 @@ pub fn execute(a: &CtlArgs) -> Result<String, CtlError> {
             format!("{}\n", r.state)
         }
     })
+}
+
+/// One event for people: `seq`, time (Unix seconds), kind, device, detail.
+pub fn event_line(e: &Event) -> String {
+    let kind = serde_json::to_value(e.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let mut s = format!(
+        "{} {}.{:03} {kind}",
+        e.seq,
+        e.time_ms / 1000,
+        e.time_ms % 1000
+    );
+    if let Some(d) = &e.device {
+        let _ = write!(s, " {d}");
+    }
+    if let Some(d) = &e.detail {
+        let _ = write!(s, " ({d})");
+    }
+    s
+}
+
+/// Whether the VM ends after this event (`events --follow` stops there).
+fn ends_vm(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::GuestPoweredOff | EventKind::GuestReset | EventKind::StopRequested
+    )
+}
+
+/// `events --follow`: long-polls `GET /vm/events` and writes each event to `out` as it comes.
+pub fn follow(a: &CtlArgs, mut since: u64, out: &mut dyn std::io::Write) -> Result<(), CtlError> {
+    let call_err = |source| CtlError::Call {
+        verb: "events",
+        source,
+    };
+    let client =
+        Client::new(&a.api_socket, Duration::from_secs(FOLLOW_WAIT_SECS + 10)).map_err(call_err)?;
+    loop {
+        let answer = client
+            .call(
+                Method::GET,
+                &format!("/vm/events?since={since}&timeout={FOLLOW_WAIT_SECS}"),
+                None,
+            )
+            .map_err(call_err)?;
+        let r: EventsReply =
+            serde_json::from_slice(&answer.body).map_err(|e| call_err(ClientError::Decode(e)))?;
+        if r.dropped > 0 {
+            eprintln!(
+                "hype ctl: {} events were dropped before they were read",
+                r.dropped
+            );
+        }
+        let mut end = false;
+        for e in &r.events {
+            let line = if a.json {
+                serde_json::to_string(e).map_err(|e| call_err(ClientError::Decode(e)))?
+            } else {
+                event_line(e)
+            };
+            let _ = writeln!(out, "{line}");
+            end |= ends_vm(e.kind);
+        }
+        let _ = out.flush();
+        since = since.max(r.last_seq);
+        if end {
+            return Ok(());
+        }
+    }
 }
 
 fn device_line(d: &DeviceInfo) -> String {

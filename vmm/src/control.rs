@@ -2,6 +2,11 @@
 //! through the vCPUs' [`PauseGate`](crate::vcpu::PauseGate), shutdown (power button, then a
 //! forced stop after a timeout), the forced stop, and the VM described for `GET /vm`.
 //!
+//! Every state change an orchestrator may wait for (pause, resume, shutdown, hot-plug, backend
+//! switch, config change, a backend lost or back, the guest's power-off or reset) is recorded in
+//! the VM's [`EventLog`] for `GET /vm/events`; the device workers record theirs through
+//! [`record`], since they have no handle on this struct.
+//!
 //! The API threads never touch a vCPU: they set flags and kick the vCPU threads with the
 //! VMM's kick signal; the VM's main thread notices a due stop in its wait loop
 //! ([`VmControl::stop_due`]).
@@ -11,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use hype_api::events::{EventKind, EventLog, EventsReply};
 use hype_api::model::{
     ActionReply, AddDeviceRequest, BackendState, ConfigRefreshReply, ControlError, Counters,
     DeviceInfo, DeviceKind, ExitCounts, MemoryInfo, MemoryRegion, SnapshotReply,
@@ -31,6 +37,16 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Presses the guest's power button; `false` when the event could not be raised.
 pub type PowerButton = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// The event log of this process's VM (one VM per VMM process); set by [`VmControl::new`].
+static EVENTS: std::sync::OnceLock<Arc<EventLog>> = std::sync::OnceLock::new();
+
+/// Records an event in the VM's log (nothing before a [`VmControl`] exists).
+pub fn record(kind: EventKind, device: Option<&str>, detail: Option<String>) {
+    if let Some(log) = EVENTS.get() {
+        log.push(kind, device, detail);
+    }
+}
 
 /// Why the VM's main thread must stop the VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +80,7 @@ pub struct VmControl {
     snapshotter: std::sync::OnceLock<crate::snapshot::Snapshotter>,
     /// A snapshot stopped the devices' rings; the next resume starts them.
     rings_stopped: AtomicBool,
+    events: Arc<EventLog>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -115,6 +132,7 @@ impl VmControl {
             hotplug,
             snapshotter: std::sync::OnceLock::new(),
             rings_stopped: AtomicBool::new(false),
+            events: EVENTS.get_or_init(|| Arc::new(EventLog::default())).clone(),
         }
     }
 
@@ -142,6 +160,12 @@ impl VmControl {
             // forget_vcpu_threads, which takes this lock and empties the list.
             unsafe { libc::pthread_kill(*t, vmm_sys_util::signal::SIGRTMIN()) };
         }
+    }
+
+    /// Records how the VM ends (guest power-off or reset, a shutdown's forced stop) so a
+    /// client waiting on `GET /vm/events` learns it before the API server closes.
+    pub fn record_end(&self, kind: EventKind) {
+        self.events.push(kind, None, None);
     }
 
     /// Whether the VM must stop now, and why.
@@ -186,6 +210,7 @@ impl VmControl {
         }
         self.shared.pause.resume();
         self.set_state_from(VmState::Paused, VmState::Running);
+        self.events.push(EventKind::Resumed, None, None);
         log::info!("VM resumed through the API");
     }
 
@@ -325,6 +350,7 @@ impl hype_api::VmApi for VmControl {
                 ControlError::PauseTimeout(e.waited)
             })?;
         self.set_state_from(VmState::Running, VmState::Paused);
+        self.events.push(EventKind::Paused, None, None);
         log::info!("VM paused through the API");
         Ok(ActionReply::state(self.state()))
     }
@@ -359,6 +385,15 @@ impl hype_api::VmApi for VmControl {
             Some(press) => press(),
             None => false,
         };
+        self.events.push(
+            EventKind::ShutdownRequested,
+            None,
+            Some(format!(
+                "power button {}; forced stop in {} ms",
+                if pressed { "pressed" } else { "unavailable" },
+                timeout.as_millis()
+            )),
+        );
         if pressed {
             log::info!("shutdown: power button pressed; forced stop in {timeout:?}");
         } else {
@@ -382,6 +417,7 @@ impl hype_api::VmApi for VmControl {
         p.state = VmState::Stopping;
         drop(p);
         self.stop.store(true, Ordering::Release);
+        self.events.push(EventKind::StopRequested, None, None);
         log::info!("forced stop requested through the API");
         Ok(ActionReply::state(VmState::Stopping))
     }
@@ -400,6 +436,11 @@ impl hype_api::VmApi for VmControl {
             .add(&self.shared.mmio, std::path::Path::new(&req.socket), kind)
             .map_err(control_error)?;
         let base = crate::virtio::device_base(slot);
+        self.events.push(
+            EventKind::DeviceAdded,
+            Some(&hotplug::device_name(slot)),
+            Some(req.socket.clone()),
+        );
         self.shared
             .mmio
             .devices()
@@ -482,7 +523,13 @@ impl hype_api::VmApi for VmControl {
         }
         self.hotplug
             .remove(&self.shared.mmio, id, hotplug::EJECT_TIMEOUT)
-            .map_err(control_error)
+            .map_err(control_error)?;
+        self.events.push(EventKind::DeviceRemoved, Some(id), None);
+        Ok(())
+    }
+
+    fn events(&self, since: u64, timeout: Duration) -> Result<EventsReply, ControlError> {
+        Ok(self.events.since(since, timeout))
     }
 }
 
@@ -512,6 +559,9 @@ impl VmControl {
         let r = dev
             .refresh_config(REFRESH_TIMEOUT)
             .map_err(device_command_error)?;
+        if r.changed {
+            self.events.push(EventKind::ConfigChanged, Some(id), None);
+        }
         Ok(ConfigRefreshReply {
             id: id.to_owned(),
             changed: r.changed,
@@ -537,6 +587,11 @@ impl VmControl {
             .map_err(device_command_error)?;
         let slot = (base.saturating_sub(VIRTIO_MMIO_BASE) / VIRTIO_MMIO_SIZE) as usize;
         self.hotplug.set_socket(slot, socket);
+        self.events.push(
+            EventKind::BackendSwitched,
+            Some(id),
+            Some(req.socket.clone()),
+        );
         Ok(self.device_info(base, &dev))
     }
 }

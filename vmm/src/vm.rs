@@ -35,6 +35,7 @@ use crate::vcpu::{self, VcpuEnd, VcpuError, VcpuShared};
 use crate::virtio::bus::{MmioBus, MmioExitCounts};
 use crate::virtio::device::DeviceError;
 use crate::virtio::{self as virtio_mod, VhostUserDevice};
+use hype_api::events::EventKind;
 use hype_base::signals;
 use hype_base::terminal::{is_tty, EscapeAction, EscapeFilter, RawModeGuard};
 use hype_fixups::{FixupMode, Fixups};
@@ -667,6 +668,7 @@ fn wait_for_end(
                     Some(StopReason::Requested) => return None,
                     Some(StopReason::ShutdownTimeout(t)) => {
                         log::warn!("shutdown: the guest still runs after {t:?}; forced stop");
+                        control.record_end(EventKind::StopRequested);
                         return None;
                     }
                     None => {}
@@ -981,6 +983,11 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     let graceful = controls.graceful_stop.filter(|_| acpi.is_some());
     crate::sandbox::enter(crate::sandbox::Thread::Main);
     let first = wait_for_end(&rx, &stop_req, &control, &controls.power_button, graceful);
+    match &first {
+        Some((_, VcpuEnd::PowerOff)) => control.record_end(EventKind::GuestPoweredOff),
+        Some((_, VcpuEnd::Reset)) => control.record_end(EventKind::GuestReset),
+        _ => {}
+    }
     control.forget_vcpu_threads();
     stop_vcpus(&shared, handles);
     for (_, d) in shared.mmio.devices() {

@@ -218,7 +218,15 @@ impl Shared {
 
     fn publish(&self, state: BackendState) {
         let connected = matches!(state, BackendState::Connected { .. });
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        let old = std::mem::replace(
+            &mut *self.state.lock().unwrap_or_else(|p| p.into_inner()),
+            state.clone(),
+        );
+        if !self.stopping.load(Ordering::Acquire) {
+            if let Some(kind) = link_event(&old, &state) {
+                crate::control::record(kind, Some(&self.name), None);
+            }
+        }
         self.stats.connected.store(connected, Ordering::Release);
     }
 
@@ -235,6 +243,20 @@ impl Shared {
         if self.transport().set_needs_reset() {
             self.config_interrupt();
         }
+    }
+}
+
+/// The event a change of the published link state is, if any.
+fn link_event(old: &BackendState, new: &BackendState) -> Option<hype_api::events::EventKind> {
+    use hype_api::events::EventKind as K;
+    use BackendState as S;
+    match (old, new) {
+        (S::Connected { .. }, S::Reconnecting { .. }) => Some(K::DeviceLost),
+        (S::Reconnecting { .. } | S::GaveUp { .. }, S::Connected { .. }) => {
+            Some(K::DeviceReconnected)
+        }
+        (S::Connected { .. } | S::Reconnecting { .. }, S::GaveUp { .. }) => Some(K::DeviceGaveUp),
+        _ => None,
     }
 }
 
