@@ -1,5 +1,5 @@
 //! `GET /vm/events` of a running `hype vmm` with tiny guests (sandbox on, as by default):
-//! events for pause and resume, a backend lost and back, a hot-add and hot-remove, a shutdown
+//! events for pause and resume, a backend lost and back or given up, a resize, a backend switch, a hot-add and hot-remove, a shutdown
 //! that the guest answers by powering off (seen by `hype ctl events --follow`); the long-poll
 //! returns when an event arrives, times out with nothing, and blocks no other request; bad
 //! queries are 400 with a one-line reason.
@@ -207,6 +207,70 @@ fn a_backend_lost_and_back() {
     wait_until(Duration::from_secs(10), "device_reconnected", || {
         vm.kinds(1) == [(EventKind::DeviceReconnected, v0.clone())]
     });
+    vm.stop();
+}
+
+#[test]
+fn a_backend_given_up() {
+    let dir = work_dir("api-events-gaveup");
+    let mut backend = Backend::block_mem(&dir, "4M");
+    let spec = format!("{},reconnect-timeout=300ms", backend.socket.display());
+    let mut vm = Vm::start("gaveup", "count", &["--device", &spec]);
+    let v0 = Some("virtio0".to_owned());
+    backend.kill();
+    wait_until(Duration::from_secs(10), "device_gave_up", || {
+        vm.kinds(0)
+            == [
+                (EventKind::DeviceLost, v0.clone()),
+                (EventKind::DeviceGaveUp, v0.clone()),
+            ]
+    });
+    vm.stop();
+}
+
+#[test]
+fn resize_and_backend_switch() {
+    let dir = work_dir("api-events-switch");
+    let image = dir.join("disk.img");
+    let _ = std::fs::remove_file(&image);
+    let file = Backend::block_file(&dir, &image, 1 << 20);
+    let other = Backend::start(&["block-mem", "--size", "1M"], &dir.join("other.sock"));
+    let spec = file.socket.to_str().unwrap().to_owned();
+    let mut vm = Vm::start("switch", "count", &["--device", &spec]);
+    let v0 = Some("virtio0".to_owned());
+    // Same size: no event; a grown image: config_changed.
+    let a = vm
+        .client()
+        .call(Method::POST, "/vm/devices/virtio0/resize", None)
+        .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(vm.kinds(0), []);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let a = vm
+        .client()
+        .call(Method::POST, "/vm/devices/virtio0/resize", None)
+        .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(vm.kinds(0), [(EventKind::ConfigChanged, v0.clone())]);
+    let body = serde_json::json!({ "socket": other.socket });
+    let a = vm
+        .client()
+        .call(Method::PUT, "/vm/devices/virtio0/backend", Some(&body))
+        .unwrap();
+    assert_eq!(a.status, 200);
+    let r = vm.events("?since=1").unwrap();
+    let e: Vec<_> = r
+        .events
+        .iter()
+        .map(|e| (e.kind, e.device.clone()))
+        .collect();
+    assert_eq!(e, [(EventKind::BackendSwitched, v0.clone())], "{r:?}");
+    assert_eq!(r.events[0].detail.as_deref(), other.socket.to_str());
     vm.stop();
 }
 
