@@ -496,3 +496,50 @@ fn device_resize_and_backend_routes() {
     }
     server.close(Duration::from_secs(1));
 }
+
+#[test]
+fn events_query_is_checked_before_the_vm_is_asked() {
+    let (server, _, path) = start("events", Limits::default());
+    let get = |q: &str| raw(&path, &req("GET", &format!("/vm/events{q}"), ""));
+    // A VM without an event log (the trait's default) answers 501.
+    for q in [
+        "",
+        "?since=3",
+        "?since=3&timeout=0",
+        "?timeout=30#frag",
+        "?&since=1&",
+    ] {
+        assert_eq!(status_of(&get(q)), 501, "{q}");
+    }
+    for (q, why) in [
+        (
+            "?since=x",
+            "since must be a whole number of events, not \"x\"",
+        ),
+        (
+            "?since=",
+            "since must be a whole number of events, not \"\"",
+        ),
+        (
+            "?since=18446744073709551616",
+            "since must be a whole number",
+        ),
+        ("?timeout=31", "timeout 31 is more than 30 seconds"),
+        ("?timeout=-1", "timeout must be a whole number of seconds"),
+        ("?since", "since must be a whole number"),
+        (
+            "?follow=1",
+            "unknown query parameter \"follow\"; use since and timeout",
+        ),
+    ] {
+        let a = get(q);
+        assert_eq!(status_of(&a), 400, "{q}: {a}");
+        let e = body_of(&a)["error"].as_str().unwrap().to_owned();
+        assert!(e.starts_with(why), "{q}: {e}");
+    }
+    assert_eq!(
+        status_of(&raw(&path, &req("DELETE", "/vm/events", ""))),
+        405
+    );
+    server.close(Duration::ZERO);
+}
