@@ -373,3 +373,30 @@ fn hype_ctl_events_human() {
     assert_eq!(o.status.code(), Some(2));
     vm.stop();
 }
+
+#[test]
+fn a_stop_signal_presses_the_power_button() {
+    let mut vm = Vm::start("signal", "power_wait", &["--graceful-stop", "20s"]);
+    vm.wait_for_serial("w");
+    // SAFETY: signalling our own child process.
+    assert_eq!(
+        unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let first = vm.events("?since=0&timeout=20").unwrap();
+    assert_eq!(
+        first.events[0].kind,
+        EventKind::ShutdownRequested,
+        "{first:?}"
+    );
+    let detail = first.events[0].detail.clone().unwrap();
+    assert!(
+        detail.starts_with("stop signal: power button pressed"),
+        "{detail}"
+    );
+    let t = Instant::now();
+    while vm.child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", vm.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

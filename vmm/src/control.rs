@@ -162,10 +162,11 @@ impl VmControl {
         }
     }
 
-    /// Records how the VM ends (guest power-off or reset, a shutdown's forced stop) so a
-    /// client waiting on `GET /vm/events` learns it before the API server closes.
-    pub fn record_end(&self, kind: EventKind) {
-        self.events.push(kind, None, None);
+    /// Records what the VM's main thread saw (a stop signal's power button, the guest's
+    /// power-off or reset, a shutdown's forced stop), so a client waiting on `GET /vm/events`
+    /// learns it before the API server closes.
+    pub fn record_event(&self, kind: EventKind, detail: Option<String>) {
+        self.events.push(kind, None, detail);
     }
 
     /// Whether the VM must stop now, and why.

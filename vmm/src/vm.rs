@@ -668,7 +668,7 @@ fn wait_for_end(
                     Some(StopReason::Requested) => return None,
                     Some(StopReason::ShutdownTimeout(t)) => {
                         log::warn!("shutdown: the guest still runs after {t:?}; forced stop");
-                        control.record_end(EventKind::StopRequested);
+                        control.record_event(EventKind::StopRequested, None);
                         return None;
                     }
                     None => {}
@@ -686,6 +686,13 @@ fn wait_for_end(
                                 t.as_secs_f64()
                             );
                             deadline = Some(Instant::now() + t);
+                            control.record_event(
+                                EventKind::ShutdownRequested,
+                                Some(format!(
+                                    "stop signal: power button pressed; stop in {} ms",
+                                    t.as_millis()
+                                )),
+                            );
                         }
                         Err(e) => {
                             log::info!("stop signal: {e}; stopping the VM");
@@ -984,8 +991,8 @@ pub fn run_with(cfg: &VmConfig, controls: &VmControls) -> Result<VmOutcome, VmmE
     crate::sandbox::enter(crate::sandbox::Thread::Main);
     let first = wait_for_end(&rx, &stop_req, &control, &controls.power_button, graceful);
     match &first {
-        Some((_, VcpuEnd::PowerOff)) => control.record_end(EventKind::GuestPoweredOff),
-        Some((_, VcpuEnd::Reset)) => control.record_end(EventKind::GuestReset),
+        Some((_, VcpuEnd::PowerOff)) => control.record_event(EventKind::GuestPoweredOff, None),
+        Some((_, VcpuEnd::Reset)) => control.record_event(EventKind::GuestReset, None),
         _ => {}
     }
     control.forget_vcpu_threads();
