@@ -378,11 +378,9 @@ fn hype_ctl_events_human() {
 fn a_stop_signal_presses_the_power_button() {
     let mut vm = Vm::start("signal", "power_wait", &["--graceful-stop", "20s"]);
     vm.wait_for_serial("w");
-    // SAFETY: signalling our own child process.
-    assert_eq!(
-        unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    // SAFETY: kill() only sends a signal, to our own child process.
+    let sent = unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(sent, 0);
     let first = vm.events("?since=0&timeout=20").unwrap();
     assert_eq!(
         first.events[0].kind,
