@@ -315,15 +315,26 @@ fn ctl(api: &Path) -> Command {
 
 #[test]
 fn hype_ctl_follows_a_shutdown_to_the_power_off() {
+    use std::io::BufRead;
     let vm = Vm::start("power", "power_wait", &[]);
     vm.wait_for_serial("w");
-    let follower = ctl(&vm.api)
+    assert_eq!(vm.post("/vm/pause"), 200);
+    let mut follower = ctl(&vm.api)
         .args(["--json", "events", "--follow"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut lines = std::io::BufReader::new(follower.stdout.take().unwrap()).lines();
+    let kind = |l: std::io::Result<String>| {
+        serde_json::from_str::<hype_api::events::Event>(&l.unwrap())
+            .unwrap()
+            .kind
+    };
+    // Once the follower printed the pause it is long-polling: the guest, which powers off
+    // at once on the button, cannot end the VM before the follower is waiting.
+    assert_eq!(kind(lines.next().unwrap()), EventKind::Paused);
+    std::thread::sleep(Duration::from_millis(100));
     let a = vm
         .client()
         .call(
@@ -333,21 +344,19 @@ fn hype_ctl_follows_a_shutdown_to_the_power_off() {
         )
         .unwrap();
     assert_eq!(a.status, 202);
-    // The follower ends by itself once it has seen the power-off.
+    // A shutdown of a paused VM resumes it first; the follower ends by itself once it has
+    // seen the power-off.
+    let kinds: Vec<EventKind> = lines.map(kind).collect();
     let o = follower.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");
-    let kinds: Vec<EventKind> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<hype_api::events::Event>(l)
-                .unwrap()
-                .kind
-        })
-        .collect();
     assert_eq!(
         kinds,
-        [EventKind::ShutdownRequested, EventKind::GuestPoweredOff],
+        [
+            EventKind::Resumed,
+            EventKind::ShutdownRequested,
+            EventKind::GuestPoweredOff
+        ],
         "{}",
         vm.log()
     );
@@ -378,10 +387,20 @@ fn hype_ctl_events_human() {
 fn a_stop_signal_presses_the_power_button() {
     let mut vm = Vm::start("signal", "power_wait", &["--graceful-stop", "20s"]);
     vm.wait_for_serial("w");
+    // The guest powers off at once: the client must be waiting before the signal.
+    let api = vm.api.clone();
+    let waiter = std::thread::spawn(move || {
+        let a = Client::new(&api, Duration::from_secs(40))
+            .unwrap()
+            .call(Method::GET, "/vm/events?since=0&timeout=20", None)
+            .unwrap();
+        serde_json::from_slice::<EventsReply>(&a.body).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(300));
     // SAFETY: kill() only sends a signal, to our own child process.
     let sent = unsafe { libc::kill(vm.child.id() as i32, libc::SIGTERM) };
     assert_eq!(sent, 0);
-    let first = vm.events("?since=0&timeout=20").unwrap();
+    let first = waiter.join().unwrap();
     assert_eq!(
         first.events[0].kind,
         EventKind::ShutdownRequested,
