@@ -111,7 +111,10 @@ impl InnerListener {
                 Err(e) => return Err(e),
             }
         }
-        Err(io::Error::other(
+        // `WouldBlock`: the caller waits a little and tries again, so a local stranger who
+        // keeps the slot busy delays the next frontend but cannot end the backend.
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
             "the relay's private socket stays busy (someone else keeps connecting)",
         ))
     }

@@ -17,6 +17,10 @@ use crate::relay::Relay;
 use crate::shutdown::poll_readable;
 use crate::{Error, Shutdown, SocketListener};
 
+/// How long serving waits before trying the relay's private socket again when a stranger
+/// keeps its one slot busy.
+const RELAY_BUSY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A backend [`serve`] can run: what `VhostUserDaemon` needs of it, in one name. Every
 /// cloneable [`VhostUserBackend`] with the usual bitmap and vring types (`()` or an atomic
 /// bitmap, `VringRwLock`/`VringMutex`) is one.
@@ -161,6 +165,15 @@ where
                 info!("the sandbox refuses Unix sockets: serving without the message relay");
                 listener.drop_relay();
                 None
+            }
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                static BUSY: hype_base::log_limit::LogCounter =
+                    hype_base::log_limit::LogCounter::new(5);
+                if let Some(n) = BUSY.hit() {
+                    warn!("relay (#{n}): {e}; trying again");
+                }
+                std::thread::sleep(RELAY_BUSY_PAUSE);
+                continue;
             }
             Some(Err(e)) => return Err(Error::Relay(e)),
             None => None,
