@@ -87,6 +87,12 @@ impl Argv {
 
 /// Whether a field must be rendered: always when the defaults are unknown, else when it
 /// differs from them.
+/// Whether `url` holds something [`hype_base::redact_url`] hides (user information, query
+/// values), which must not appear in a child's argv.
+pub fn url_has_secrets(url: &str) -> bool {
+    hype_base::redact_url(url) != url
+}
+
 fn differs<A, T: PartialEq>(d: &Option<A>, get: impl Fn(&A) -> &T, v: &T) -> bool {
     d.as_ref().is_none_or(|d| get(d) != v)
 }

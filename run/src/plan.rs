@@ -70,12 +70,37 @@ impl Backend {
         }
     }
 
+    /// Environment variables the backend needs besides its arguments: a block-http URL with
+    /// secrets (user information, query values) travels in `HYPE_HTTP_URL`, where only its
+    /// own user can read it, instead of argv, which every local user can.
+    pub fn env(&self) -> Vec<(OsString, OsString)> {
+        match self {
+            Backend::BlockHttp(a) if argv::url_has_secrets(&a.url) => {
+                vec![(hype_block_http::URL_ENV.into(), a.url.clone().into())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// The subcommand and its arguments.
     pub fn argv(&self) -> Vec<OsString> {
         let mut v: Vec<OsString> = vec![self.subcommand().into()];
         v.extend(match self {
             Backend::BlockFile(a) => a.to_argv(),
             Backend::BlockMem(a) => a.to_argv(),
+            // A URL with secrets goes in the environment instead ([`Backend::env`]).
+            Backend::BlockHttp(a) if argv::url_has_secrets(&a.url) => {
+                let mut words = a.to_argv().into_iter();
+                let mut kept = Vec::new();
+                while let Some(w) = words.next() {
+                    if w == "--url" {
+                        words.next();
+                    } else {
+                        kept.push(w);
+                    }
+                }
+                kept
+            }
             Backend::BlockHttp(a) => a.to_argv(),
             Backend::NetTap(a) => a.to_argv(),
             Backend::Console(a) => a.to_argv(),
@@ -182,6 +207,8 @@ pub struct BackendPlan {
     pub name: String,
     /// Arguments after the binary (subcommand first, `--socket` included).
     pub args: Vec<OsString>,
+    /// Environment variables it gets besides this process's ([`Backend::env`]).
+    pub env: Vec<(OsString, OsString)>,
     /// Its vhost-user socket.
     pub socket: PathBuf,
     /// Whether it gets this process's stdin/stdout (console on the terminal).
@@ -653,6 +680,7 @@ impl Checked {
             backends.push(BackendPlan {
                 name: name.clone(),
                 args: b.argv(),
+                env: b.env(),
                 socket,
                 stdio: *stdio,
                 backend: b,
@@ -691,7 +719,7 @@ impl Plan {
     /// The equivalent shell commands: runtime directory, backends in the background, VMM.
     /// Build the plan with `dir` = `$DIR` to get a reusable script.
     /// URLs are printed without their secrets (user information, query values:
-    /// [`hype_base::redact_url`]); give credentials with the backend's `--credentials-file`.
+    /// [`hype_base::redact_url`]), in argv or in the environment ([`Backend::env`]).
     pub fn commands(&self, dir_setup: &str) -> String {
         let exe = self.exe.to_string_lossy();
         let line = |args: &[OsString]| {
@@ -710,6 +738,12 @@ impl Plan {
         let mut out = String::new();
         out.push_str(dir_setup);
         for b in &self.backends {
+            for (k, v) in &b.env {
+                out.push_str(&k.to_string_lossy());
+                out.push('=');
+                out.push_str(&shell_word(&hype_base::redact_url(&v.to_string_lossy())));
+                out.push(' ');
+            }
             out.push_str(&line(&b.args));
             out.push_str(" &\n");
         }
@@ -866,13 +900,44 @@ mod tests {
             printed.contains("http://***@h/i.raw?token=***"),
             "{printed}"
         );
-        // What is run still has them (the backend needs them).
-        let argv: Vec<String> = plan.backends[0]
+        assert!(
+            printed.contains("HYPE_HTTP_URL='http://***@h/i.raw?token=***' "),
+            "{printed}"
+        );
+        // What is run: no secret in argv (every local user can read it), the URL whole in the
+        // backend's environment (only its user can), where block-http reads it.
+        let b = &plan.backends[0];
+        let argv: Vec<String> = b
             .args
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        assert!(argv.iter().any(|a| a.contains("pw1")), "{argv:?}");
+        assert!(
+            !argv
+                .iter()
+                .any(|a| a.contains("pw1") || a.contains("abc123")),
+            "{argv:?}"
+        );
+        assert!(!argv.iter().any(|a| a == "--url"), "{argv:?}");
+        assert_eq!(
+            b.env,
+            [(
+                OsString::from("HYPE_HTTP_URL"),
+                OsString::from("http://alice:pw1@h/i.raw?token=abc123")
+            )]
+        );
+        // A URL without secrets stays in argv.
+        let cfg = RunConfig {
+            disks: vec!["http://h/i.raw".into()],
+            ..cfg
+        };
+        std::fs::write(&kernel, b"\x7fELF").unwrap();
+        let plan = check(&cfg, "/bin/true".into())
+            .unwrap()
+            .plan(Path::new("$DIR"));
+        std::fs::remove_file(&kernel).unwrap();
+        assert!(plan.backends[0].env.is_empty());
+        assert!(plan.backends[0].args.iter().any(|a| a == "http://h/i.raw"));
     }
 
     #[test]

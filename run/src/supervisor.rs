@@ -33,6 +33,8 @@ const TICK: Duration = Duration::from_millis(500);
 struct Proc {
     name: String,
     args: Vec<OsString>,
+    /// Environment variables set for it besides ours (values that must not be in argv).
+    env: Vec<(OsString, OsString)>,
     socket: Option<PathBuf>,
     /// Gets this process's stdin (and is left in our process group, which owns the terminal).
     stdio: bool,
@@ -45,6 +47,7 @@ impl Proc {
     fn spawn(&mut self, exe: &Path) -> Result<(), RunError> {
         let mut cmd = Command::new(exe);
         cmd.args(&self.args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(if self.stdio {
             Stdio::inherit()
         } else {
@@ -150,6 +153,7 @@ pub fn supervise(plan: &Plan) -> Result<u8, RunError> {
         .map(|b| Proc {
             name: b.name.clone(),
             args: b.args.clone(),
+            env: b.env.clone(),
             socket: Some(b.socket.clone()),
             stdio: b.stdio,
             child: None,
@@ -172,6 +176,7 @@ fn run_all(plan: &Plan, signals: &BlockedSignals, backends: &mut [Proc]) -> Resu
     let mut vmm = Proc {
         name: "vmm".into(),
         args: plan.vmm.clone(),
+        env: Vec::new(),
         socket: None,
         stdio: plan.vmm_stdin,
         child: None,

@@ -62,8 +62,10 @@ pub const DEFAULT_IO_THREADS: usize = 16;
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 #[command(mut_arg("io_threads", |a| a.help(io_threads_help(DEFAULT_IO_THREADS))))]
 pub struct Args {
-    /// URL of the raw disk image (http:// or https://).
-    #[arg(long, value_name = "URL")]
+    /// URL of the raw disk image (http:// or https://). Also read from the environment
+    /// variable HYPE_HTTP_URL, which keeps a URL with secrets (a token in the query) out of
+    /// the process list.
+    #[arg(long, value_name = "URL", env = URL_ENV, hide_env_values = true)]
     pub url: String,
     /// Keep guest writes in this local sparse file (created if missing) so the disk is
     /// writable; without it the disk is read-only.
@@ -193,6 +195,9 @@ impl CommandError for Error {
 /// Largest credentials file read.
 pub const CREDENTIALS_MAX: u64 = 4096;
 
+/// Environment variable with the image URL when no `--url` is given.
+pub const URL_ENV: &str = "HYPE_HTTP_URL";
+
 /// Environment variable with `user:password` when no `--credentials-file` is given.
 pub const CREDENTIALS_ENV: &str = "HYPE_HTTP_CREDENTIALS";
 
@@ -250,6 +255,16 @@ pub fn storage(args: &Args) -> Result<HttpStorage, Error> {
         ca_cert: args.ca_cert.clone(),
         credentials: credentials(args)?,
     };
+    // A URL from the environment is private to its user; one in argv is not.
+    let url_in_argv = std::env::var_os(URL_ENV).is_none_or(|v| v != args.url.as_str());
+    if url_in_argv && hype_base::redact_url(&args.url) != args.url {
+        log::warn!(
+            "{}: credentials or query values in --url are visible to every local user in the \
+             process list; give the URL in {URL_ENV} and credentials with --credentials-file or \
+             {CREDENTIALS_ENV} instead",
+            hype_base::redact_url(&args.url)
+        );
+    }
     let remote = Remote::open(&args.url, &opts)?;
     // The guest sees whole sectors; a ragged tail reads as zeroes.
     let size = remote.size().div_ceil(SECTOR_SIZE) * SECTOR_SIZE;

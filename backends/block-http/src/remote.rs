@@ -424,12 +424,6 @@ impl Remote {
             .map_err(|e| OpenError::Client(error_text(&e)))?;
         // Every message names the URL without its secrets.
         let url_s = hype_base::redact_url(parsed.as_str()).into_owned();
-        if !parsed.username().is_empty() || parsed.password().is_some() {
-            log::warn!(
-                "{url_s}: credentials in the URL are visible to every local user in the process \
-                 list; give them with --credentials-file or HYPE_HTTP_CREDENTIALS instead"
-            );
-        }
         let auth = opts.credentials.clone();
 
         // HEAD: size, validators, Accept-Ranges.

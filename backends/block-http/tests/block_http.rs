@@ -722,12 +722,16 @@ fn spawn_logged(
     let sock = dir.join("blk.sock");
     let log = dir.join("stderr.log");
     let mut cmd = Command::new(BIN);
-    cmd.args(["--url", url])
-        .args(extra)
+    // An empty `url`: none in argv (the test gives it in the environment).
+    if !url.is_empty() {
+        cmd.args(["--url", url]);
+    }
+    cmd.args(extra)
         .arg("--socket")
         .arg(&sock)
         .env("HYPE_LOG", "info")
         .env_remove("HYPE_HTTP_CREDENTIALS")
+        .env_remove("HYPE_HTTP_URL")
         .stdin(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     for (k, v) in env {
@@ -812,7 +816,22 @@ fn credentials_from_a_file_or_the_environment_and_never_printed() {
         "{logged}"
     );
     assert!(logged.contains("http://***@127.0.0.1"), "{logged}");
+    assert!(logged.contains("visible to every local user"), "{logged}");
     assert!(logged.contains("--credentials-file"), "{logged}");
+    // The same URL from the environment (how `hype run` passes it): it works, nothing is
+    // printed with the secrets, and there is nothing to warn about.
+    let (p, log) = spawn_logged("http-url-env", "", &[], &[("HYPE_HTTP_URL", &secret_url)]);
+    let mut disk = connect(&p.socket, 1);
+    assert_eq!(disk.read(0, 512).unwrap(), img[..512]);
+    drop(disk);
+    drop(p);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains("s3cret") && !logged.contains("tok123"),
+        "{logged}"
+    );
+    assert!(logged.contains("http://***@127.0.0.1"), "{logged}");
+    assert!(!logged.contains("visible to every local user"), "{logged}");
     // An error naming the URL (nobody listens on port 1).
     let err = start_fails(
         "http://alice:s3cret@127.0.0.1:1/i.raw?token=tok123",
