@@ -6,6 +6,11 @@
 //! Prints the cold boot time to the agent, the snapshot's size and time, and the restore time
 //! to the agent's first answer (docs/benchmarks.md).
 //!
+//! For the benchmark's larger guest, `HYPE_SNAPSHOT_BENCH_MEMORY` (default 256M) sets the
+//! guest's memory and `HYPE_SNAPSHOT_BENCH_TOUCH_MIB=N` makes the guest touch N MiB more
+//! before the snapshot: the disk's first N MiB are filled with pseudo-random bytes on the
+//! host and read once in the guest (`dd` of `/dev/vda`), which leaves them in its page cache.
+//!
 //! Needs the artefacts from `scripts/test` (HYPE_GUEST_*); without them the test says SKIPPED.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
@@ -32,6 +37,37 @@ fn hype() -> std::path::PathBuf {
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_hype").into())
 }
 
+/// `HYPE_SNAPSHOT_BENCH_MEMORY` and `HYPE_SNAPSHOT_BENCH_TOUCH_MIB` (see the file's doc).
+fn bench_shape() -> (String, u64) {
+    let memory = std::env::var("HYPE_SNAPSHOT_BENCH_MEMORY").unwrap_or_else(|_| "256M".into());
+    let touch = std::env::var("HYPE_SNAPSHOT_BENCH_TOUCH_MIB")
+        .map(|v| {
+            v.parse()
+                .expect("HYPE_SNAPSHOT_BENCH_TOUCH_MIB: a number of MiB")
+        })
+        .unwrap_or(0);
+    (memory, touch)
+}
+
+/// A disk image of at least 32 MiB whose first `touch_mib` MiB hold pseudo-random bytes
+/// (xorshift: incompressible for the snapshot's zero-page check, cheap to make).
+fn make_image(path: &Path, touch_mib: u64) {
+    let size = (32u64 << 20).max((touch_mib + 8) << 20);
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..touch_mib {
+        for w in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        std::io::Write::write_all(&mut f, &chunk).unwrap();
+    }
+    f.set_len(size).unwrap();
+}
+
 fn image_contains(img: &Path, needle: &[u8]) -> bool {
     let data = std::fs::read(img).unwrap();
     data.windows(needle.len()).any(|w| w == needle)
@@ -44,13 +80,14 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
     };
     let dir = work_dir("linux-snapshot");
     let image = dir.join("disk.img");
-    let _ = std::fs::remove_file(&image);
+    let (memory, touch_mib) = bench_shape();
+    make_image(&image, touch_mib);
     let mut disk = Backend::block_file(&dir, &image, 32 << 20);
     let sock = disk.socket.to_str().unwrap().to_owned();
     let api = dir.join("api.sock");
     let _ = std::fs::remove_file(&api);
     let opts = VmOptions::new(&art.vmlinux, &art.initramfs)
-        .memory("256M")
+        .memory(&memory)
         .device(&sock)
         .arg("--api-socket")
         .arg(api.to_str().unwrap())
@@ -59,6 +96,18 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
     let mut vm = GuestVm::boot(&hype(), &opts).unwrap();
     vm.wait_ready(BOOT).unwrap();
     let cold = vm.ready_after.unwrap();
+    if touch_mib > 0 {
+        let t = Instant::now();
+        vm.check(
+            &format!("dd if=/dev/vda of=/dev/null bs=1M count={touch_mib} 2>/dev/null"),
+            STEP,
+        )
+        .unwrap();
+        eprintln!(
+            "guest read {touch_mib} MiB of its disk in {:?}",
+            t.elapsed()
+        );
+    }
     vm.check("mke2fs -q /dev/vda && mount -t ext2 /dev/vda /mnt", STEP)
         .unwrap();
     vm.check(
@@ -171,7 +220,7 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
     let mem_file = std::fs::metadata(snap.join("memory.bin")).unwrap();
     eprintln!(
         "BENCH linux-snapshot: cold boot to agent {:.2} s; snapshot {:.1} ms (VMM {} ms), \
-         {} pages = {:.1} MiB of 256 MiB written ({:.1} MiB on disk); restore to agent answer \
+         {} pages = {:.1} MiB of {} written ({:.1} MiB on disk); restore to agent answer \
          {:.3} s, second restore {:.3} s; restore to PING answer {:.3} s, second {:.3} s \
          (booted guest: PING {:.3} s); agent commands (cat, cat, builtin echo) booted {:?} ms, \
          restored {:?} ms; restored VMM: {}",
@@ -180,6 +229,7 @@ fn linux_guest_restored_in_a_new_process_keeps_its_files_and_disk() {
         reply.took_ms,
         reply.memory_pages,
         reply.memory_bytes_written as f64 / (1 << 20) as f64,
+        memory,
         std::os::unix::fs::MetadataExt::blocks(&mem_file) as f64 * 512.0 / (1 << 20) as f64,
         to_agent.as_secs_f64(),
         to_agent2.as_secs_f64(),
