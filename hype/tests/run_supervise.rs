@@ -393,3 +393,62 @@ fn net_tap_backend_in_a_private_network_namespace() {
     assert!(!still_there(net, "hype"));
     assert_eq!(entries(&run.xdg), Vec::<String>::new());
 }
+
+/// A block-http URL with credentials and a token: the backend gets it in its environment
+/// (readable by its own user only), never in argv (readable by every local user), and the
+/// guest reads the disk through it.
+#[test]
+fn url_secrets_reach_the_backend_in_its_environment_not_its_argv() {
+    use hype_testkit::http_server::{Behaviour, HttpServer};
+    let s = setup("url-secrets");
+    let mut image = vec![0u8; 8 << 20];
+    image[..4].copy_from_slice(b"HYPE");
+    let server = HttpServer::start(Behaviour::new(image)).unwrap();
+    let url = format!(
+        "http://alice:pw4711@127.0.0.1:{}/disk.raw?token=tok4711,overlay={}",
+        server.port(),
+        s.dir.join("overlay.img").display()
+    );
+    let console = format!("file:{}", s.dir.join("console.log").display());
+    let mut run = Run::start(
+        &s.dir,
+        &[
+            "--kernel",
+            s.elf.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--disk",
+            &url,
+            "--disk",
+            "mem:1M",
+            "--console",
+            &console,
+        ],
+    );
+    // The guest got past reading both disks: block-http served with the URL it was given.
+    run.wait_for_output("waiting\n", LIMIT);
+    let kids = run.children();
+    let (pid, argv) = kids
+        .iter()
+        .find(|(_, c)| c.contains(" block-http "))
+        .unwrap_or_else(|| panic!("no block-http child: {kids:?}"));
+    assert!(
+        !argv.contains("pw4711") && !argv.contains("tok4711") && !argv.contains("--url"),
+        "{argv}"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let want = format!(
+        "HYPE_HTTP_URL=http://alice:pw4711@127.0.0.1:{}/disk.raw?token=tok4711",
+        server.port()
+    );
+    assert!(
+        environ.split(|b| *b == 0).any(|v| v == want.as_bytes()),
+        "no {want} in the backend's environment"
+    );
+    run.signal(libc::SIGTERM);
+    let st = run.wait(LIMIT);
+    let err = run.stderr();
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(!err.contains("pw4711") && !err.contains("tok4711"), "{err}");
+    assert!(!err.contains("visible to every local user"), "{err}");
+}
