@@ -5,6 +5,8 @@
 //! completed write is on the disk: in the image file (block-file), in the overlay (block-http),
 //! and read back through the device. block-mem loses its data with the process by design: for
 //! it the disk is expected empty after each restart, except for what the new process wrote.
+//! Every backend runs with `--io-threads 4`; block-file also without the pool, with 128 KiB
+//! writes that run on its large-request threads.
 //!
 //! No KVM: the test plays the guest (registers through `VhostUserDevice`, rings in testkit
 //! RAM). `HYPE_SOAK_CYCLES` sets the cycles per backend (default 10), `HYPE_SOAK_SEED` the
@@ -32,11 +34,13 @@ use hype_vmm::virtio::VhostUserDevice;
 
 /// Bytes of one write (a slot of the disk).
 const BLOCK: usize = 4096;
+/// Bytes of one write of the large-request variant: handed to the large-request threads.
+const LARGE_BLOCK: usize = 128 << 10;
 /// Slots the writes go to; at most one write per slot is in flight.
 const SLOTS: u64 = 128;
 /// Requests kept in flight.
 const QD: usize = 8;
-/// Disk size of every backend.
+/// Disk size of every backend but the large-request variant's (`SLOTS * LARGE_BLOCK`).
 const DISK: u64 = 1 << 20;
 /// Longest wait for the device to come back and finish what is pending.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -97,12 +101,12 @@ fn cycles() -> u64 {
     env_u64("HYPE_SOAK_CYCLES").unwrap_or(10)
 }
 
-/// The content of slot `slot` written by generation `gen`: 16-byte records of
+/// The content of slot `slot` of `len` bytes written by generation `gen`: 16-byte records of
 /// (first sector, generation, record index), so a wrong block says whose it is.
-fn block_pattern(slot: u64, gen: u32) -> Vec<u8> {
-    let sector = slot * (BLOCK as u64 / 512);
-    let mut v = Vec::with_capacity(BLOCK);
-    for i in 0..(BLOCK / 16) as u32 {
+fn block_pattern(slot: u64, gen: u32, len: usize) -> Vec<u8> {
+    let sector = slot * (len as u64 / 512);
+    let mut v = Vec::with_capacity(len);
+    for i in 0..(len / 16) as u32 {
         v.extend_from_slice(&sector.to_le_bytes());
         v.extend_from_slice(&gen.to_le_bytes());
         v.extend_from_slice(&i.to_le_bytes());
@@ -127,7 +131,7 @@ fn describe(b: &[u8], base: &[u8]) -> String {
     }
     let sector = u64::from_le_bytes(b[0..8].try_into().unwrap());
     let gen = u32::from_le_bytes(b[8..12].try_into().unwrap());
-    let whole = (0..SLOTS).any(|s| b == block_pattern(s, gen).as_slice());
+    let whole = (0..SLOTS).any(|s| b == block_pattern(s, gen, b.len()).as_slice());
     format!(
         "sector {sector} generation {gen}{}",
         if whole { "" } else { " (torn or mixed)" }
@@ -138,14 +142,30 @@ fn describe(b: &[u8], base: &[u8]) -> String {
 enum Kind {
     Mem,
     File,
+    /// block-file without the I/O pool, writes of `LARGE_BLOCK`: they run on the
+    /// large-request threads, FLUSHes inline on the queue's thread.
+    FileLarge,
     Http,
 }
 
 impl Kind {
+    /// Bytes of a slot (of each write and each read).
+    fn slot_bytes(self) -> usize {
+        match self {
+            Kind::FileLarge => LARGE_BLOCK,
+            _ => BLOCK,
+        }
+    }
+
+    fn disk_size(self) -> u64 {
+        DISK.max(SLOTS * self.slot_bytes() as u64)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Mem => "block-mem",
             Kind::File => "block-file",
+            Kind::FileLarge => "block-file-large",
             Kind::Http => "block-http",
         }
     }
@@ -190,6 +210,8 @@ struct Disk {
     overlay: Option<PathBuf>,
     _server: Option<HttpServer>,
     base: Vec<u8>,
+    /// Bytes of a slot.
+    slot: usize,
 }
 
 impl Disk {
@@ -198,13 +220,14 @@ impl Disk {
         let mut image = None;
         let mut overlay = None;
         let mut server = None;
-        let mut base = vec![0u8; DISK as usize];
+        let size = kind.disk_size();
+        let mut base = vec![0u8; size as usize];
         let mut args: Vec<String> = match kind {
             Kind::Mem => vec!["block-mem".into(), "--size".into(), DISK.to_string()],
-            Kind::File => {
+            Kind::File | Kind::FileLarge => {
                 let img = dir.join("disk.img");
                 let _ = std::fs::remove_file(&img);
-                std::fs::File::create(&img).unwrap().set_len(DISK).unwrap();
+                std::fs::File::create(&img).unwrap().set_len(size).unwrap();
                 let a = vec!["block-file".into(), "--path".into(), path_arg(&img)];
                 image = Some(img);
                 a
@@ -226,7 +249,12 @@ impl Disk {
                 a
             }
         };
-        args.extend(["--io-threads".into(), IO_THREADS.into()]);
+        let io_threads = if kind == Kind::FileLarge {
+            "0"
+        } else {
+            IO_THREADS
+        };
+        args.extend(["--io-threads".into(), io_threads.into()]);
         args.extend(extra_args());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         eprintln!("{}: hype {}", kind.name(), args.join(" "));
@@ -238,18 +266,19 @@ impl Disk {
             overlay,
             _server: server,
             base,
+            slot: kind.slot_bytes(),
         }
     }
 
     fn base(&self, slot: u64) -> &[u8] {
-        let at = (slot as usize) * BLOCK;
-        &self.base[at..at + BLOCK]
+        let at = (slot as usize) * self.slot;
+        &self.base[at..at + self.slot]
     }
 
     fn expected(&self, slot: u64, c: Content) -> Vec<u8> {
         match c {
             Content::Base => self.base(slot).to_vec(),
-            Content::Gen(g) => block_pattern(slot, g),
+            Content::Gen(g) => block_pattern(slot, g, self.slot),
         }
     }
 
@@ -258,15 +287,15 @@ impl Disk {
     fn check_at_rest(&self, expected: &[Content], busy: &[bool]) -> Result<(), String> {
         match self.kind {
             Kind::Mem => Ok(()),
-            Kind::File => {
+            Kind::File | Kind::FileLarge => {
                 let path = self.image.as_ref().unwrap();
                 let f = std::fs::File::open(path).unwrap();
-                let mut b = vec![0u8; BLOCK];
+                let mut b = vec![0u8; self.slot];
                 for slot in 0..SLOTS {
                     if busy[slot as usize] {
                         continue;
                     }
-                    f.read_exact_at(&mut b, slot * BLOCK as u64).unwrap();
+                    f.read_exact_at(&mut b, slot * self.slot as u64).unwrap();
                     let want = self.expected(slot, expected[slot as usize]);
                     if b != want {
                         return Err(format!(
@@ -282,8 +311,8 @@ impl Disk {
                 let path = self.overlay.as_ref().unwrap();
                 let ovl = Overlay::open(path, DISK, HTTP_IDENTITY, DEFAULT_GRANULE)
                     .map_err(|e| format!("overlay after the kill: {}", error_chain(&e)))?;
-                let per_slot = BLOCK as u64 / ovl.granule();
-                let mut b = vec![0u8; BLOCK];
+                let per_slot = self.slot as u64 / ovl.granule();
+                let mut b = vec![0u8; self.slot];
                 for slot in 0..SLOTS {
                     if busy[slot as usize] {
                         continue;
@@ -306,8 +335,8 @@ impl Disk {
                                      (all) local: {local:?}"
                                 ));
                             }
-                            ovl.read_local(slot * BLOCK as u64, &mut b).unwrap();
-                            let want = block_pattern(slot, g);
+                            ovl.read_local(slot * self.slot as u64, &mut b).unwrap();
+                            let want = block_pattern(slot, g, self.slot);
                             if b != want {
                                 return Err(format!(
                                     "overlay, slot {slot}: holds {}, expected generation {g}",
@@ -337,6 +366,10 @@ fn spin(d: Duration) {
 /// The guest's side of the soak: the queue, what is in flight, what the disk must hold.
 struct Load {
     rng: Rng,
+    /// Bytes of a slot.
+    slot_bytes: usize,
+    /// One request in this many is a FLUSH.
+    flush_one_in: u64,
     inflight: HashMap<u16, Op>,
     busy: Vec<bool>,
     expected: Vec<Content>,
@@ -345,9 +378,12 @@ struct Load {
 }
 
 impl Load {
-    fn new(seed: u64) -> Load {
+    fn new(seed: u64, kind: Kind) -> Load {
         Load {
             rng: Rng(seed),
+            slot_bytes: kind.slot_bytes(),
+            // Without the pool, a FLUSH finishes inline while large writes run elsewhere.
+            flush_one_in: if kind == Kind::FileLarge { 4 } else { 16 },
             inflight: HashMap::new(),
             busy: vec![false; SLOTS as usize],
             expected: vec![Content::Base; SLOTS as usize],
@@ -361,7 +397,7 @@ impl Load {
     fn refill(&mut self, vq: &mut Virtqueue) -> Result<usize, String> {
         let mut added = 0;
         while self.inflight.len() < QD {
-            if self.rng.below(16) == 0 {
+            if self.rng.below(self.flush_one_in) == 0 {
                 let head = add_request(vq, &BlkRequest::flush())
                     .map_err(|e| format!("add: {}", error_chain(&e)))?;
                 if let Some(old) = self.inflight.insert(head, Op::Flush) {
@@ -377,7 +413,10 @@ impl Load {
             }
             let gen = self.next_gen;
             self.next_gen += 1;
-            let req = BlkRequest::write(slot * (BLOCK as u64 / 512), block_pattern(slot, gen));
+            let req = BlkRequest::write(
+                slot * (self.slot_bytes as u64 / 512),
+                block_pattern(slot, gen, self.slot_bytes),
+            );
             let head = add_request(vq, &req).map_err(|e| format!("add: {}", error_chain(&e)))?;
             if let Some(old) = self.inflight.insert(head, Op::Write { slot, gen }) {
                 return Err(format!("head {head} handed out while {old:?} is in flight"));
@@ -474,7 +513,10 @@ impl Load {
         let mut slot = 0;
         while slot < SLOTS || !self.inflight.is_empty() {
             while slot < SLOTS && self.inflight.len() < QD {
-                let req = BlkRequest::read(slot * (BLOCK as u64 / 512), BLOCK as u32);
+                let req = BlkRequest::read(
+                    slot * (self.slot_bytes as u64 / 512),
+                    self.slot_bytes as u32,
+                );
                 let head =
                     add_request(vq, &req).map_err(|e| format!("add: {}", error_chain(&e)))?;
                 self.inflight.insert(head, Op::Read { slot });
@@ -565,7 +607,7 @@ fn soak(kind: Kind) {
     let d = g.attach(&DeviceOptions::new(&disk.backend.socket));
     g.init(&d, FEATURES);
     g.queues[0].set_ring_features(true, false);
-    let mut load = Load::new(seed);
+    let mut load = Load::new(seed, kind);
     let started = Instant::now();
     let mut failure = None;
     for c in 0..cycles {
@@ -640,6 +682,11 @@ fn final_checks(
 #[test]
 fn block_file_with_io_threads_survives_repeated_kills() {
     soak(Kind::File);
+}
+
+#[test]
+fn block_file_with_large_request_threads_survives_repeated_kills() {
+    soak(Kind::FileLarge);
 }
 
 #[test]
