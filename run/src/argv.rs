@@ -137,6 +137,7 @@ fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
         serial,
         poll_us,
         large_io_threads,
+        out_of_order,
         sandbox: sb,
     } = v;
     if differs(d, |d| &d.num_queues, num_queues) {
@@ -157,6 +158,7 @@ fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
     if differs(d, |d| &d.large_io_threads, large_io_threads) {
         a.opt("large-io-threads", large_io_threads.to_string());
     }
+    a.flag("out-of-order", *out_of_order);
     sandbox(a, sb);
     listen(a, l);
 }
@@ -464,6 +466,7 @@ mod tests {
             serial: Some("-serial-".into()),
             poll_us: 7,
             large_io_threads: 5,
+            out_of_order: true,
         }
     }
 

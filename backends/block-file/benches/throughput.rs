@@ -25,6 +25,8 @@
 //!   buys and costs);
 //! - `HYPE_BENCH_WRAP="valgrind --tool=callgrind"` (or `strace -c -f`, ...): a command each
 //!   backend is started under, for profiles (the CPU figures then include the wrapper);
+//! - `HYPE_BENCH_POOL=N`: also run hype-block-file with `--io-threads N`, completions in ring
+//!   order (the default) and with `--out-of-order` ("ooo");
 //! - `HYPE_BENCH_NOBOX=1`: also run hype-block-file with `--sandbox off` (the sandbox's cost).
 //!
 //! The image lives in /dev/shm when it exists, so the numbers measure the vhost-user path and
@@ -354,6 +356,34 @@ fn backends(dir: &Path) -> Vec<Backend> {
             ]
         }),
     });
+    // The I/O pool, completions in ring order (the default) and as they finish.
+    if let Some(n) = std::env::var("HYPE_BENCH_POOL")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        for ooo in [false, true] {
+            v.push(Backend {
+                name: format!("hype-block-file pool{n}{}", if ooo { " ooo" } else { "" }),
+                argv: Box::new(move |img, sock| {
+                    let mut a = vec![
+                        BIN.into(),
+                        "--path".into(),
+                        img.display().to_string(),
+                        "--num-queues".into(),
+                        QUEUES.to_string(),
+                        "--io-threads".into(),
+                        n.to_string(),
+                        "--socket".into(),
+                        sock.display().to_string(),
+                    ];
+                    if ooo {
+                        a.push("--out-of-order".into());
+                    }
+                    a
+                }),
+            });
+        }
+    }
     if std::env::var_os("HYPE_BENCH_NOBOX").is_some() {
         v.push(Backend {
             name: "hype-block-file nobox".into(),

@@ -40,6 +40,12 @@ pub struct DeviceArgs {
     /// request on its queue's thread; not used with --io-threads above 0
     #[arg(long, value_name = "N", default_value_t = DEFAULT_LARGE_IO_THREADS)]
     pub large_io_threads: usize,
+    /// With --io-threads above 0, return each request to the guest as soon as it finished
+    /// instead of in the order the guest made them available: no waiting behind a slow
+    /// request, but after a crash of this process a request may complete twice (see
+    /// docs/devices.md, "What happens to requests in flight")
+    #[arg(long)]
+    pub out_of_order: bool,
     /// Confinement of the process (`--sandbox`, `--print-sandbox`).
     #[command(flatten)]
     pub sandbox: SandboxArgs,

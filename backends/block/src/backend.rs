@@ -47,8 +47,8 @@ struct QueueCtx {
     buf: Mutex<IoBuf>,
     /// Requests handed to the pool and not yet completed.
     inflight: Arc<InFlight>,
-    /// Chains taken while large requests run, published in ring order (large-request mode
-    /// only; the I/O pool completes out of order, as documented).
+    /// Chains taken while requests run on other threads, published in ring order (I/O pool
+    /// and large-request modes, unless the pool was told to complete out of order).
     order: Arc<Mutex<Ordered>>,
     /// Polling of the ring after busy rounds (off with a pool, see [`BlockDevice::poll`]).
     ///
@@ -73,6 +73,10 @@ pub struct BlockBackend<S: Storage> {
     /// Without `pool`: the threads that run large reads and writes, so that several of them
     /// copy data at once while small requests stay on the queue thread.
     large: Option<IoPool>,
+    /// Completions are put in the used ring in the order the chains were taken, so a new
+    /// process after a crash re-executes exactly the requests after the used index (see
+    /// [`Ordered`]). False only with a pool told to complete out of order.
+    ordered: bool,
     /// The DEVICE_STATE transfer under way (SET_DEVICE_STATE_FD started it on its own thread,
     /// CHECK_DEVICE_STATE waits for it and reports its outcome).
     transfer: Mutex<Option<JoinHandle<io::Result<()>>>>,
@@ -85,6 +89,7 @@ impl<S: Storage> BlockBackend<S> {
         mem: GuestMemory,
         io_threads: usize,
         large_io_threads: usize,
+        out_of_order: bool,
         poll: Duration,
     ) -> io::Result<Self> {
         let pool = match io_threads {
@@ -95,6 +100,7 @@ impl<S: Storage> BlockBackend<S> {
             (0, n) if n > 0 => Some(IoPool::new(n, "blk-large")?),
             _ => None,
         };
+        let ordered = large.is_some() || (pool.is_some() && !out_of_order);
         let poll = if pool.is_some() { Duration::ZERO } else { poll };
         let queues = (0..spec.num_queues)
             .map(|_| QueueCtx {
@@ -113,6 +119,7 @@ impl<S: Storage> BlockBackend<S> {
             queues,
             pool,
             large,
+            ordered,
             transfer: Mutex::new(None),
         })
     }
@@ -178,8 +185,9 @@ impl<S: Storage> BlockBackend<S> {
             if let Some(pool) = &self.pool {
                 // Counted under the ring lock, so a concurrent GET_VRING_BASE that stops the
                 // ring also sees this request and waits for it.
+                let seq = self.ordered.then(|| lock(&ctx.order).push_pending(head));
                 ctx.inflight.start();
-                let job = self.job(req, vring.clone(), mem.clone().into_inner(), ctx, None);
+                let job = self.job(req, vring.clone(), mem.clone().into_inner(), ctx, seq);
                 pool.submit(job);
                 return Handled::Elsewhere;
             }
@@ -200,10 +208,10 @@ impl<S: Storage> BlockBackend<S> {
         });
     }
 
-    /// A chain finished on the queue thread: used now, or after the large requests taken
-    /// before it.
+    /// A chain finished on the queue thread: used now, or after the requests taken before it
+    /// that run on other threads.
     fn finished_inline(&self, ctx: &QueueCtx, head: u16, len: u32) -> Handled {
-        if self.large.is_none() {
+        if !self.ordered {
             return Handled::Used(len);
         }
         let mut order = lock(&ctx.order);

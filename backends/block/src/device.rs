@@ -42,6 +42,7 @@ pub struct BlockDevice<S: Storage> {
     sandbox: Option<Sandbox>,
     poll: Duration,
     large_io_threads: usize,
+    out_of_order: bool,
 }
 
 impl<S: Storage> BlockDevice<S> {
@@ -63,6 +64,7 @@ impl<S: Storage> BlockDevice<S> {
             sandbox: None,
             poll: Duration::from_micros(u64::from(crate::args::DEFAULT_POLL_US)),
             large_io_threads: crate::args::DEFAULT_LARGE_IO_THREADS,
+            out_of_order: false,
         }
     }
 
@@ -81,8 +83,10 @@ impl<S: Storage> BlockDevice<S> {
     /// Size of the I/O thread pool shared by all queues. 0 (the default) runs each request on
     /// its queue's worker thread, which is fastest for stores that answer in microseconds
     /// (memory, local files). A store with millisecond latencies (network) wants a pool: up to
-    /// `n` requests are then in flight at once, complete out of order, and no queue waits for
-    /// another. `--io-threads` ([`DeviceArgs::io_threads`]) overrides it in
+    /// `n` requests are then in flight at once and no queue waits for another; their
+    /// completions are put in the used ring in the order the guest made the requests
+    /// available (a request that finished early waits for older ones), unless
+    /// [`out_of_order`](Self::out_of_order) says otherwise. `--io-threads` ([`DeviceArgs::io_threads`]) overrides it in
     /// [`with_args`](Self::with_args) and [`run`](Self::run) when given, so a backend sets its
     /// default here before applying the command line.
     pub fn io_threads(mut self, n: usize) -> Self {
@@ -105,6 +109,16 @@ impl<S: Storage> BlockDevice<S> {
     /// Requests may then complete out of order, which virtio-blk allows.
     pub fn large_io_threads(mut self, n: usize) -> Self {
         self.large_io_threads = n;
+        self
+    }
+
+    /// With an I/O pool, returns each request to the guest as soon as it finished instead of
+    /// in ring order: a fast request no longer waits behind a slow one, but if the process
+    /// dies, the next one (which resumes at the used index, as the vhost-user backend crate
+    /// keeps no inflight area) may execute and complete again a request that had completed
+    /// after an older, unfinished one. Off by default; `--out-of-order`.
+    pub fn out_of_order(mut self, on: bool) -> Self {
+        self.out_of_order = on;
         self
     }
 
@@ -148,6 +162,7 @@ impl<S: Storage> BlockDevice<S> {
         }
         self.poll = Duration::from_micros(u64::from(args.poll_us));
         self.large_io_threads = args.large_io_threads;
+        self.out_of_order = args.out_of_order;
         self
     }
 
@@ -196,6 +211,7 @@ impl<S: Storage> BlockDevice<S> {
         let io_threads = self.io_threads;
         let poll = self.poll;
         let large = self.large_io_threads;
+        let out_of_order = self.out_of_order;
         let storage = self.storage.clone();
         hype_daemon::serve(listener, &self.name, shutdown, |mem: &GuestMemory| {
             BlockBackend::new(
@@ -204,6 +220,7 @@ impl<S: Storage> BlockDevice<S> {
                 mem.clone(),
                 io_threads,
                 large,
+                out_of_order,
                 poll,
             )
             .map(Arc::new)
@@ -220,6 +237,7 @@ impl<S: Storage> BlockDevice<S> {
             mem.clone(),
             self.io_threads,
             self.large_io_threads,
+            self.out_of_order,
             self.poll,
         )
         .map(Arc::new)
@@ -359,6 +377,7 @@ mod tests {
             serial: None,
             poll_us: 0,
             large_io_threads: 0,
+            out_of_order: false,
             sandbox: SandboxArgs::off(),
         }
     }

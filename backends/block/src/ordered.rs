@@ -1,8 +1,8 @@
 //! Completions published in the order the chains were taken, although they finish out of
-//! order: large requests run on other threads while small ones finish inline, yet the guest
-//! sees them used in ring order. That keeps the crash-recovery rule of `docs/devices.md` (a
-//! new backend process re-executes exactly what is after the used index) true with the
-//! large-request threads on.
+//! order: requests run on the I/O pool's threads (or large ones on the large-request threads
+//! while small ones finish inline), yet the guest sees them used in ring order. That keeps the
+//! crash-recovery rule of `docs/devices.md` (a new backend process re-executes exactly what is
+//! after the used index) true with several requests of a ring running at once.
 
 use std::collections::VecDeque;
 

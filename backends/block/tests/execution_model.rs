@@ -92,6 +92,10 @@ impl Drop for Server {
 }
 
 fn serve(name: &str, queues: u16, io_threads: usize) -> Server {
+    serve_with(name, queues, io_threads, false)
+}
+
+fn serve_with(name: &str, queues: u16, io_threads: usize, out_of_order: bool) -> Server {
     let dir = std::env::temp_dir().join(format!("hype-blk-exec-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -107,7 +111,8 @@ fn serve(name: &str, queues: u16, io_threads: usize) -> Server {
     let shutdown = Shutdown::new().unwrap();
     let device = BlockDevice::from_arc(store.clone())
         .num_queues(queues)
-        .io_threads(io_threads);
+        .io_threads(io_threads)
+        .out_of_order(out_of_order);
     let sd = shutdown.clone();
     let thread = thread::spawn(move || device.serve_on(&mut listener, &sd).unwrap());
     Server {
@@ -155,8 +160,41 @@ fn slow_queue_does_not_block_other_queue() {
 }
 
 #[test]
-fn io_pool_keeps_many_in_flight_and_completes_out_of_order() {
-    let s = serve("pool", 1, 16);
+fn io_pool_keeps_many_in_flight_and_completes_in_ring_order() {
+    let s = serve("pool-ordered", 1, 16);
+    let mut disk = connect(&s, 1);
+    let q = disk.driver().queue(0).unwrap();
+    // 12 slow reads then one fast read, all on one queue (the pool has 16 threads).
+    let mut heads = Vec::new();
+    for i in 0..12 {
+        heads.push(add_request(q, &BlkRequest::read(SLOW_FROM / 512 + i * 8, 4096)).unwrap());
+    }
+    heads.push(add_request(q, &BlkRequest::read(0, 4096)).unwrap());
+    q.notify().unwrap();
+    // All 12 slow reads are inside the store at once; the fast one has finished too (nothing
+    // holds it), yet it is not used before them: a backend that dies now leaves the used
+    // index below every unfinished request, so its successor neither loses nor repeats one.
+    s.store.wait_concurrent(12);
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        q.poll().unwrap().is_empty(),
+        "a request completed before older ones"
+    );
+    s.store.release();
+    let mut order = Vec::new();
+    while order.len() < heads.len() {
+        for c in q.wait(1, LONG).unwrap() {
+            order.push(c.head);
+            assert_eq!(BlkResponse::from_completion(c).status, BlkStatus::Ok);
+        }
+    }
+    assert_eq!(order, heads, "used in the order made available");
+    assert!(s.store.max_concurrent.load(Ordering::SeqCst) >= 12);
+}
+
+#[test]
+fn io_pool_told_so_completes_out_of_order() {
+    let s = serve_with("pool", 1, 16, true);
     let mut disk = connect(&s, 1);
     let q = disk.driver().queue(0).unwrap();
     // 12 slow reads then one fast read, all on one queue (the pool has 16 threads).
