@@ -179,6 +179,11 @@ pub fn responses(data: &[u8]) -> usize {
             }
             if let Some(h) = info.size {
                 assert_eq!(h, size, "HEAD Content-Length vs size");
+                let raw = head.headers().get_text("content-length").map(str::trim);
+                assert!(
+                    raw.is_some_and(|r| r.bytes().all(|b| b.is_ascii_digit())),
+                    "a Content-Length that is not 1*DIGIT taken: {raw:?}"
+                );
             }
             let probe_v = Validator::from_headers(probe.headers());
             if info.validator == Validator::default() {

@@ -120,17 +120,26 @@ impl ContentRange {
         let rest = s.trim().strip_prefix("bytes")?.trim_start();
         let (range, total) = rest.split_once('/')?;
         let (first, last) = range.trim().split_once('-')?;
-        let first: u64 = first.trim().parse().ok()?;
-        let last: u64 = last.trim().parse().ok()?;
+        let first = parse_digits(first.trim())?;
+        let last = parse_digits(last.trim())?;
         let total = match total.trim() {
             "*" => None,
-            t => Some(t.parse().ok()?),
+            t => Some(parse_digits(t)?),
         };
         if last < first || total.is_some_and(|t| last >= t) {
             return None;
         }
         Some(ContentRange { first, last, total })
     }
+}
+
+/// A decimal number as HTTP writes them (`1*DIGIT`): no sign, unlike `u64::from_str`, which
+/// takes `+5`.
+fn parse_digits(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// Why reading a range from the server failed.
@@ -651,7 +660,7 @@ pub fn check_head(
     // Read the header itself: reqwest reports a HEAD body as empty.
     let size = h
         .get_text(CONTENT_LENGTH.as_str())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+        .and_then(|v| parse_digits(v.trim()));
     let accept = h
         .get_text(ACCEPT_RANGES.as_str())
         .map(|v| v.trim().to_ascii_lowercase());
@@ -993,9 +1002,26 @@ mod tests {
             "bytes 0-1",
             "bytes -1-2/10",
             "bytes 0-99999999999999999999/1",
+            // Signs: u64::from_str takes them, HTTP's 1*DIGIT does not.
+            "bytes +0-0/10",
+            "bytes 0-+0/10",
+            "bytes 0-0/+10",
         ] {
             assert_eq!(ContentRange::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn head_content_length_is_digits_only() {
+        let head = |v: &'static [u8]| {
+            let h: &[(&str, &[u8])] = &[("Content-Length", v)];
+            check_head("u", 200, h).map(|i| i.size)
+        };
+        assert_eq!(head(b" 8192 ").ok(), Some(Some(8192)));
+        assert_eq!(head(b"+8192").ok(), Some(None));
+        assert_eq!(head(b"-1").ok(), Some(None));
+        assert!(matches!(head(b"0"), Err(OpenError::Empty { .. })));
+        assert!(matches!(head(b"+0"), Ok(None)));
     }
 
     #[test]
