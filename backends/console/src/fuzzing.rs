@@ -108,6 +108,9 @@ pub fn chains(data: &[u8]) -> Option<Moved> {
     let backend = ConsoleBackend::new(shared.clone(), ring.mem.clone());
     backend.set_event_idx(event_idx);
     let before = ring.snapshot();
+    // Receive buffers over the ring itself: the device's writes and the guest's data mix, so
+    // only "no panic" is checked.
+    let unchecked = rx && ring.self_modifying(&before);
     if rx {
         backend.process_rx(&ring.vring);
     } else {
@@ -124,6 +127,9 @@ pub fn chains(data: &[u8]) -> Option<Moved> {
         used: used.len(),
         ..Moved::default()
     };
+    if unchecked {
+        return Some(moved);
+    }
     for &(id, _) in &used {
         assert!(id < u32::from(ring.size), "used id {id} outside the ring");
     }
@@ -270,6 +276,23 @@ mod tests {
         assert_eq!((rx.delivered, rx.used), (120, 2));
         let rx = chains(&seed("rx-event-idx")).unwrap_or_default();
         assert_eq!(rx.delivered, 120);
+    }
+
+    #[test]
+    fn receive_buffers_over_the_used_ring_are_not_checked() {
+        // Found by the first 120 s run: the input landed on the used ring, and the target
+        // took the guest's own bytes for a used entry ("used id 1936461164 outside the
+        // ring"). Not a device bug: the guest overwrote its ring.
+        let mut img = RingImage::new(4);
+        // The second chain's input lands on the first chain's used entry.
+        img.chain(&[(0x800, 3, true)]).chain(&[(USED, 0x40, true)]);
+        let mut input = vec![1, 4, 3];
+        let text = b"ls -l\r".repeat(10);
+        input.extend_from_slice(&(text.len() as u16).to_le_bytes());
+        input.extend_from_slice(&text);
+        input.extend_from_slice(&img.bytes());
+        let moved = chains(&input).unwrap_or_default();
+        assert_eq!((moved.delivered, moved.used), (60, 2));
     }
 
     #[test]

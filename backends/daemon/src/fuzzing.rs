@@ -96,6 +96,49 @@ impl FuzzRing {
     pub fn used_ring_len(&self) -> u64 {
         6 + 8 * u64::from(self.size)
     }
+
+    /// Whether the guest set the device up to overwrite its own ring: a device-writable
+    /// buffer of an available chain (walked on `snapshot`, memory before the device ran)
+    /// overlaps the used ring, the avail ring or a descriptor. The device then scribbles over
+    /// what a target reads back (used entries, later chains), so the target can only check
+    /// that nothing panics.
+    pub fn self_modifying(&self, snapshot: &[u8]) -> bool {
+        let rd = |at: u64| {
+            let i = at as usize;
+            snapshot
+                .get(i..i + 2)
+                .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+        };
+        let avail_idx = rd(AVAIL + 2);
+        if avail_idx > self.size {
+            return false; // the queue refuses the ring: nothing is popped
+        }
+        let chains: Vec<Walked> = (0..avail_idx)
+            .map(|i| walk(snapshot, self.size, rd(AVAIL + 4 + 2 * u64::from(i))))
+            .collect();
+        let mut guarded = vec![
+            (USED, self.used_ring_len()),
+            (AVAIL, 6 + 2 * u64::from(self.size)),
+        ];
+        guarded.extend(chains.iter().flat_map(|w| w.descs.iter().map(|&d| (d, 16))));
+        // Sorted, merged (start, end) intervals: one lookup per buffer.
+        guarded.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (a, l) in guarded {
+            let end = a.saturating_add(l);
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((a, end)),
+            }
+        }
+        chains.iter().flat_map(|w| &w.segs).any(|s| {
+            let (a, end) = (s.addr, s.addr.saturating_add(u64::from(s.len)));
+            // The last interval starting before the buffer ends is the only one that can
+            // overlap it.
+            let i = merged.partition_point(|&(start, _)| start < end);
+            s.writable && s.len > 0 && i > 0 && merged[i - 1].1 > a
+        })
+    }
 }
 
 /// One buffer of a chain as [`walk`] found it.
@@ -205,6 +248,7 @@ pub fn walk(mem: &[u8], size: u16, head: u16) -> Walked {
 
 /// Builds well-formed guest memory images for [`FuzzRing::new`]: seed inputs for the targets
 /// and their unit tests (descriptor table at 0, avail ring at [`AVAIL`]).
+#[derive(Clone)]
 pub struct RingImage {
     mem: Vec<u8>,
     size: u16,
@@ -345,6 +389,34 @@ mod tests {
             chains += 1;
         }
         chains
+    }
+
+    #[test]
+    fn self_modifying_rings_are_told_apart() {
+        let ring = |img: &RingImage| {
+            let r = FuzzRing::new(&img.bytes(), 8, false).expect("ring");
+            let snap = r.snapshot();
+            r.self_modifying(&snap)
+        };
+        let mut clean = RingImage::new(8);
+        clean
+            .chain(&[(0x800, 16, false), (0x900, 64, true)])
+            .chain(&[(0x1800, 0x100, true)]);
+        assert!(!ring(&clean));
+        for (addr, len) in [
+            (USED + 6, 1),
+            (AVAIL + 2, 2),
+            (0x10, 4),
+            (USED - 0x10, 0x11),
+        ] {
+            let mut bad = clean.clone();
+            bad.chain(&[(0x1000, 8, false), (addr, len, true)]);
+            assert!(ring(&bad), "{addr:#x}+{len}");
+            // The same buffer device-readable is no harm.
+            let mut ro = clean.clone();
+            ro.chain(&[(0x1000, 8, false), (addr, len, false)]);
+            assert!(!ring(&ro), "{addr:#x}+{len} readable");
+        }
     }
 
     #[test]

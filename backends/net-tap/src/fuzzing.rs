@@ -147,6 +147,9 @@ pub fn chains(data: &[u8]) -> Option<StatsSnapshot> {
     let ring = FuzzRing::new(image, u16::from(*size), event_idx)?;
     let (dev, tap) = fake_tap()?;
     let before = ring.snapshot();
+    // Receive or ack buffers over the ring itself: the device's writes and the guest's data
+    // mix, so only "no panic" is checked.
+    let unchecked = queue != Queue::Tx && ring.self_modifying(&before);
     let stats = Stats::default();
     match queue {
         Queue::Tx => {
@@ -200,7 +203,9 @@ pub fn chains(data: &[u8]) -> Option<StatsSnapshot> {
                     &stats,
                 );
             }
-            check_rx(&ring, &before, hdr_len, &stats, sent.len());
+            if !unchecked {
+                check_rx(&ring, &before, hdr_len, &stats, sent.len());
+            }
         }
         Queue::Ctrl => {
             let mut applied = Vec::new();
@@ -209,7 +214,9 @@ pub fn chains(data: &[u8]) -> Option<StatsSnapshot> {
                 applied.push(n);
                 n % 2 == 1
             });
-            check_ctrl(&ring, &before, &applied);
+            if !unchecked {
+                check_ctrl(&ring, &before, &applied);
+            }
         }
     }
     Some(stats.snapshot())
