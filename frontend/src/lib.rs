@@ -23,6 +23,8 @@ pub mod connect;
 pub mod connection;
 pub mod error;
 pub mod features;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod link;
 pub mod peer;
 pub mod types;

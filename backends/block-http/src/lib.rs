@@ -33,6 +33,8 @@
 //! May depend on: `hype-block`, `hype-daemon` and reqwest (HTTP/TLS).
 
 mod cache;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod overlay;
 mod reader;
 pub mod remote;

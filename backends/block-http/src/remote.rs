@@ -9,7 +9,7 @@ use reqwest::blocking::{Client, Response};
 use reqwest::header::{
     HeaderMap, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE,
 };
-use reqwest::{StatusCode, Url};
+use reqwest::Url;
 
 use crate::retry::RetryPolicy;
 
@@ -30,17 +30,45 @@ pub struct Validator {
     pub last_modified: Option<String>,
 }
 
+/// Response headers as the checks below see them, so they can run on reqwest's
+/// [`HeaderMap`] and on plain `(name, value)` pairs (the fuzz target's) alike.
+pub trait ResponseHeaders {
+    /// The first value of header `name` (lower case), as sent.
+    fn get_bytes(&self, name: &str) -> Option<&[u8]>;
+
+    /// That value as text, when it is visible ASCII (tabs allowed), as `HeaderValue::to_str`
+    /// has it; otherwise `None`.
+    fn get_text(&self, name: &str) -> Option<&str> {
+        let v = self.get_bytes(name)?;
+        if v.iter().all(|&b| b == b'\t' || (32..127).contains(&b)) {
+            std::str::from_utf8(v).ok()
+        } else {
+            None
+        }
+    }
+}
+
+impl ResponseHeaders for HeaderMap {
+    fn get_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.get(name).map(|v| v.as_bytes())
+    }
+}
+
+impl ResponseHeaders for [(&str, &[u8])] {
+    fn get_bytes(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+}
+
 impl Validator {
     /// Reads the validators of a response.
-    pub fn from_headers(h: &HeaderMap) -> Self {
-        let get = |name| {
-            h.get(name)
-                .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
-                .map(|s| s.trim().to_string())
-        };
+    pub fn from_headers(h: &(impl ResponseHeaders + ?Sized)) -> Self {
+        let get = |name: &str| h.get_text(name).map(|s| s.trim().to_string());
         Validator {
-            etag: get(ETAG),
-            last_modified: get(LAST_MODIFIED),
+            etag: get(ETAG.as_str()),
+            last_modified: get(LAST_MODIFIED.as_str()),
         }
     }
 
@@ -92,17 +120,26 @@ impl ContentRange {
         let rest = s.trim().strip_prefix("bytes")?.trim_start();
         let (range, total) = rest.split_once('/')?;
         let (first, last) = range.trim().split_once('-')?;
-        let first: u64 = first.trim().parse().ok()?;
-        let last: u64 = last.trim().parse().ok()?;
+        let first = parse_digits(first.trim())?;
+        let last = parse_digits(last.trim())?;
         let total = match total.trim() {
             "*" => None,
-            t => Some(t.parse().ok()?),
+            t => Some(parse_digits(t)?),
         };
         if last < first || total.is_some_and(|t| last >= t) {
             return None;
         }
         Some(ContentRange { first, last, total })
     }
+}
+
+/// A decimal number as HTTP writes them (`1*DIGIT`): no sign, unlike `u64::from_str`, which
+/// takes `+5`.
+fn parse_digits(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// Why reading a range from the server failed.
@@ -446,49 +483,7 @@ impl Remote {
                 )),
             }
         })?;
-        let head_ok = head.status().is_success();
-        // Some servers refuse HEAD; the probe below can still give the size.
-        if !head_ok
-            && !matches!(
-                head.status(),
-                StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_IMPLEMENTED
-            )
-        {
-            return Err(OpenError::HeadStatus {
-                url: url_s,
-                status: head.status().as_u16(),
-            });
-        }
-        let head_size = if head_ok {
-            // Read the header itself: reqwest reports a HEAD body as empty.
-            head.headers()
-                .get(CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        } else {
-            None
-        };
-        if head_ok {
-            let accept = head
-                .headers()
-                .get(ACCEPT_RANGES)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| v.trim().to_ascii_lowercase());
-            if accept.as_deref() == Some("none") {
-                return Err(OpenError::RangeUnsupported {
-                    url: url_s,
-                    detail: "HEAD says Accept-Ranges: none".into(),
-                });
-            }
-        }
-        if head_size == Some(0) {
-            return Err(OpenError::Empty { url: url_s });
-        }
-        let validator = if head_ok {
-            Validator::from_headers(head.headers())
-        } else {
-            Validator::default()
-        };
+        let head_info = check_head(&url_s, head.status().as_u16(), head.headers())?;
         drop(head);
 
         // Probe: one byte with Range. It must come back as 206.
@@ -497,80 +492,19 @@ impl Remote {
             shown: url_s.clone(),
             auth,
             url: parsed,
-            size: head_size.unwrap_or(0),
-            validator,
+            size: head_info.size.unwrap_or(0),
+            validator: head_info.validator.clone(),
             retry: opts.retry,
             changed: AtomicBool::new(false),
             stats: RemoteStats::default(),
         };
         let probe = remote.with_retries(0, 1, |r| {
             let resp = r.send_range(0, 1)?;
-            let status = resp.status();
-            if status == StatusCode::OK {
-                return Err(FetchError::RangeIgnored { offset: 0, len: 1 });
-            }
-            if status != StatusCode::PARTIAL_CONTENT {
-                return Err(FetchError::Status {
-                    status: status.as_u16(),
-                    offset: 0,
-                    len: 1,
-                });
-            }
-            let cr = content_range(&resp);
-            Ok((cr, Validator::from_headers(resp.headers())))
+            check_probe(resp.status().as_u16(), resp.headers())
         });
-        let (cr, probe_validator) = match probe {
-            Ok(p) => p,
-            Err(FetchError::RangeIgnored { .. }) => {
-                return Err(OpenError::RangeUnsupported {
-                    url: url_s,
-                    detail: "a Range request was answered with 200 and the whole image".into(),
-                })
-            }
-            Err(source) => {
-                return Err(OpenError::Probe {
-                    url: url_s,
-                    source: Box::new(source),
-                })
-            }
-        };
-        let Some(cr) = cr.filter(|c| c.first == 0 && c.last == 0) else {
-            return Err(OpenError::Probe {
-                url: url_s,
-                source: Box::new(FetchError::BadContentRange {
-                    got: None,
-                    offset: 0,
-                    len: 1,
-                }),
-            });
-        };
-        let size = match (head_size, cr.total) {
-            (Some(h), Some(t)) if h != t => {
-                return Err(OpenError::SizeMismatch {
-                    url: url_s,
-                    head: h,
-                    range: t,
-                })
-            }
-            (Some(h), _) => h,
-            (None, Some(t)) => t,
-            (None, None) => return Err(OpenError::SizeUnknown { url: url_s }),
-        };
-        if size == 0 {
-            return Err(OpenError::Empty { url: url_s });
-        }
-        if size > MAX_IMAGE_SIZE {
-            return Err(OpenError::TooLarge { url: url_s, size });
-        }
+        let (size, validator) = check_open(&url_s, &head_info, probe)?;
         remote.size = size;
-        if remote.validator.etag.is_none() && remote.validator.last_modified.is_none() {
-            remote.validator = probe_validator;
-        } else if !remote.validator.matches(&probe_validator) {
-            return Err(OpenError::Probe {
-                url: url_s,
-                source: Box::new(remote.changed_error(&probe_validator, None)),
-            });
-        }
+        remote.validator = validator;
         if remote.validator.etag.is_none() && remote.validator.last_modified.is_none() {
             log::warn!(
                 "{}: server sends neither ETag nor Last-Modified; only size changes are detected",
@@ -671,87 +605,274 @@ impl Remote {
             })
     }
 
-    fn changed_error(&self, found: &Validator, found_size: Option<u64>) -> FetchError {
-        FetchError::ImageChanged {
-            expected: format!("{}, {} bytes", self.validator, self.size),
-            found: match found_size {
-                Some(s) => format!("{found}, {s} bytes"),
-                None => found.to_string(),
-            },
-        }
-    }
-
     fn try_read_range(&self, offset: u64, buf: &mut [u8]) -> Result<(), FetchError> {
         let len = buf.len() as u64;
         let mut resp = self.send_range(offset, len)?;
-        let status = resp.status();
-        let whole = offset == 0 && len == self.size;
-        if status == StatusCode::OK && !whole {
-            return Err(FetchError::RangeIgnored { offset, len });
+        let status = resp.status().as_u16();
+        check_range_response(
+            &self.validator,
+            self.size,
+            offset,
+            len,
+            status,
+            resp.headers(),
+        )?;
+        let (got, result) = read_body(&mut resp, buf, offset);
+        self.stats.bytes.fetch_add(got, Ordering::Relaxed);
+        result
+    }
+}
+
+/// What HEAD said about the image.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeadInfo {
+    /// Its Content-Length, if it answered with success and one.
+    pub size: Option<u64>,
+    /// Its validators (none if HEAD was refused).
+    pub validator: Validator,
+}
+
+/// Judges the answer to HEAD (after the retries of transient statuses): a success gives the
+/// size and validators; 405 and 501 (HEAD refused) give nothing, the probe may still tell;
+/// any other status, `Accept-Ranges: none` or `Content-Length: 0` refuse the image.
+pub fn check_head(
+    url: &str,
+    status: u16,
+    h: &(impl ResponseHeaders + ?Sized),
+) -> Result<HeadInfo, OpenError> {
+    let ok = (200..300).contains(&status);
+    // Some servers refuse HEAD; the probe can still give the size.
+    if !ok {
+        if matches!(status, 405 | 501) {
+            return Ok(HeadInfo::default());
         }
-        if status != StatusCode::PARTIAL_CONTENT && status != StatusCode::OK {
-            return Err(FetchError::Status {
-                status: status.as_u16(),
-                offset,
-                len,
-            });
+        return Err(OpenError::HeadStatus {
+            url: url.to_string(),
+            status,
+        });
+    }
+    // Read the header itself: reqwest reports a HEAD body as empty.
+    let size = h
+        .get_text(CONTENT_LENGTH.as_str())
+        .and_then(|v| parse_digits(v.trim()));
+    let accept = h
+        .get_text(ACCEPT_RANGES.as_str())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if accept.as_deref() == Some("none") {
+        return Err(OpenError::RangeUnsupported {
+            url: url.to_string(),
+            detail: "HEAD says Accept-Ranges: none".into(),
+        });
+    }
+    if size == Some(0) {
+        return Err(OpenError::Empty {
+            url: url.to_string(),
+        });
+    }
+    Ok(HeadInfo {
+        size,
+        validator: Validator::from_headers(h),
+    })
+}
+
+/// Judges the answer to the one-byte probe (`Range: bytes=0-0`): it must be a 206; gives its
+/// Content-Range, if it parses, and its validators.
+pub fn check_probe(
+    status: u16,
+    h: &(impl ResponseHeaders + ?Sized),
+) -> Result<(Option<ContentRange>, Validator), FetchError> {
+    if status == 200 {
+        return Err(FetchError::RangeIgnored { offset: 0, len: 1 });
+    }
+    if status != 206 {
+        return Err(FetchError::Status {
+            status,
+            offset: 0,
+            len: 1,
+        });
+    }
+    Ok((content_range(h), Validator::from_headers(h)))
+}
+
+/// Decides the image's size and validators from HEAD and the probe (its result after
+/// retries): the probe's Content-Range must be byte 0; the size comes from HEAD or the
+/// range's total, which must agree; the validators from HEAD, or the probe if HEAD had none,
+/// and then the two must match.
+pub fn check_open(
+    url: &str,
+    head: &HeadInfo,
+    probe: Result<(Option<ContentRange>, Validator), FetchError>,
+) -> Result<(u64, Validator), OpenError> {
+    let url = url.to_string();
+    let (cr, probe_validator) = match probe {
+        Ok(p) => p,
+        Err(FetchError::RangeIgnored { .. }) => {
+            return Err(OpenError::RangeUnsupported {
+                url,
+                detail: "a Range request was answered with 200 and the whole image".into(),
+            })
         }
-        let v = Validator::from_headers(resp.headers());
-        if !self.validator.matches(&v) {
-            return Err(self.changed_error(&v, None));
+        Err(source) => {
+            return Err(OpenError::Probe {
+                url,
+                source: Box::new(source),
+            })
         }
-        if status == StatusCode::PARTIAL_CONTENT {
-            let cr = content_range(&resp);
-            if let Some(total) = cr.and_then(|c| c.total) {
-                if total != self.size {
-                    return Err(self.changed_error(&v, Some(total)));
-                }
-            }
-            if cr.map(|c| (c.first, c.last)) != Some((offset, offset + len - 1)) {
-                return Err(FetchError::BadContentRange {
-                    got: resp
-                        .headers()
-                        .get(CONTENT_RANGE)
-                        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned()),
-                    offset,
-                    len,
-                });
-            }
-        }
-        let mut got = 0usize;
-        while got < buf.len() {
-            match resp.read(&mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(FetchError::Transport {
-                        offset,
-                        len,
-                        message: format!("reading body: {e}"),
-                    })
-                }
-            }
-        }
-        self.stats.bytes.fetch_add(got as u64, Ordering::Relaxed);
-        if got < buf.len() {
-            return Err(FetchError::ShortBody {
-                offset,
-                len,
-                got: got as u64,
-            });
-        }
-        let mut extra = [0u8; 1];
-        match resp.read(&mut extra) {
-            Ok(0) => Ok(()),
-            Ok(_) => Err(FetchError::LongBody { offset, len }),
-            Err(e) => Err(FetchError::Transport {
-                offset,
-                len,
-                message: format!("reading body: {e}"),
+    };
+    let Some(cr) = cr.filter(|c| c.first == 0 && c.last == 0) else {
+        return Err(OpenError::Probe {
+            url,
+            source: Box::new(FetchError::BadContentRange {
+                got: None,
+                offset: 0,
+                len: 1,
             }),
+        });
+    };
+    let size = match (head.size, cr.total) {
+        (Some(h), Some(t)) if h != t => {
+            return Err(OpenError::SizeMismatch {
+                url,
+                head: h,
+                range: t,
+            })
+        }
+        (Some(h), _) => h,
+        (None, Some(t)) => t,
+        (None, None) => return Err(OpenError::SizeUnknown { url }),
+    };
+    if size == 0 {
+        return Err(OpenError::Empty { url });
+    }
+    if size > MAX_IMAGE_SIZE {
+        return Err(OpenError::TooLarge { url, size });
+    }
+    let v = &head.validator;
+    if v.etag.is_none() && v.last_modified.is_none() {
+        return Ok((size, probe_validator));
+    }
+    if !v.matches(&probe_validator) {
+        return Err(OpenError::Probe {
+            url,
+            source: Box::new(changed_error(v, size, &probe_validator, None)),
+        });
+    }
+    Ok((size, v.clone()))
+}
+
+/// The error for a response from another version of the image than the one opened
+/// (`expected`, `size` bytes).
+fn changed_error(
+    expected: &Validator,
+    size: u64,
+    found: &Validator,
+    found_size: Option<u64>,
+) -> FetchError {
+    FetchError::ImageChanged {
+        expected: format!("{expected}, {size} bytes"),
+        found: match found_size {
+            Some(s) => format!("{found}, {s} bytes"),
+            None => found.to_string(),
+        },
+    }
+}
+
+/// Judges the status and headers of the answer to a range request for `len` bytes (at
+/// least one) at `offset` of an image of `size` bytes opened with validators `expected`: a
+/// 206 for exactly those bytes (or a 200 when they are the whole image), from the same image
+/// version.
+pub fn check_range_response(
+    expected: &Validator,
+    size: u64,
+    offset: u64,
+    len: u64,
+    status: u16,
+    h: &(impl ResponseHeaders + ?Sized),
+) -> Result<(), FetchError> {
+    let whole = offset == 0 && len == size;
+    if status == 200 && !whole {
+        return Err(FetchError::RangeIgnored { offset, len });
+    }
+    if status != 206 && status != 200 {
+        return Err(FetchError::Status {
+            status,
+            offset,
+            len,
+        });
+    }
+    let v = Validator::from_headers(h);
+    if !expected.matches(&v) {
+        return Err(changed_error(expected, size, &v, None));
+    }
+    if status == 206 {
+        let cr = content_range(h);
+        if let Some(total) = cr.and_then(|c| c.total) {
+            if total != size {
+                return Err(changed_error(expected, size, &v, Some(total)));
+            }
+        }
+        let last = len.checked_sub(1).and_then(|l| offset.checked_add(l));
+        if !matches!((cr, last), (Some(c), Some(l)) if c.first == offset && c.last == l) {
+            return Err(FetchError::BadContentRange {
+                got: h
+                    .get_bytes(CONTENT_RANGE.as_str())
+                    .map(|v| String::from_utf8_lossy(v).into_owned()),
+                offset,
+                len,
+            });
         }
     }
+    Ok(())
+}
+
+/// Reads the body of a range response into `buf` (the range at `offset`): it must hold
+/// exactly `buf.len()` bytes. Returns the bytes received, and the verdict.
+pub fn read_body(
+    body: &mut impl Read,
+    buf: &mut [u8],
+    offset: u64,
+) -> (u64, Result<(), FetchError>) {
+    let len = buf.len() as u64;
+    let mut got = 0usize;
+    while got < buf.len() {
+        match body.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let err = FetchError::Transport {
+                    offset,
+                    len,
+                    message: format!("reading body: {e}"),
+                };
+                return (got as u64, Err(err));
+            }
+        }
+    }
+    if got < buf.len() {
+        let err = FetchError::ShortBody {
+            offset,
+            len,
+            got: got as u64,
+        };
+        return (got as u64, Err(err));
+    }
+    let mut extra = [0u8; 1];
+    let verdict = loop {
+        match body.read(&mut extra) {
+            Ok(0) => break Ok(()),
+            Ok(_) => break Err(FetchError::LongBody { offset, len }),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                break Err(FetchError::Transport {
+                    offset,
+                    len,
+                    message: format!("reading body: {e}"),
+                })
+            }
+        }
+    };
+    (got as u64, verdict)
 }
 
 #[cfg(feature = "https")]
@@ -782,10 +903,8 @@ fn with_ca_certs(
     })
 }
 
-fn content_range(resp: &Response) -> Option<ContentRange> {
-    resp.headers()
-        .get(CONTENT_RANGE)
-        .and_then(|v| v.to_str().ok())
+fn content_range(h: &(impl ResponseHeaders + ?Sized)) -> Option<ContentRange> {
+    h.get_text(CONTENT_RANGE.as_str())
         .and_then(ContentRange::parse)
 }
 
@@ -877,9 +996,26 @@ mod tests {
             "bytes 0-1",
             "bytes -1-2/10",
             "bytes 0-99999999999999999999/1",
+            // Signs: u64::from_str takes them, HTTP's 1*DIGIT does not.
+            "bytes +0-0/10",
+            "bytes 0-+0/10",
+            "bytes 0-0/+10",
         ] {
             assert_eq!(ContentRange::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn head_content_length_is_digits_only() {
+        let head = |v: &'static [u8]| {
+            let h: &[(&str, &[u8])] = &[("Content-Length", v)];
+            check_head("u", 200, h).map(|i| i.size)
+        };
+        assert_eq!(head(b" 8192 ").ok(), Some(Some(8192)));
+        assert_eq!(head(b"+8192").ok(), Some(None));
+        assert_eq!(head(b"-1").ok(), Some(None));
+        assert!(matches!(head(b"0"), Err(OpenError::Empty { .. })));
+        assert!(matches!(head(b"+0"), Ok(None)));
     }
 
     #[test]

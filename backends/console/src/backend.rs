@@ -83,7 +83,7 @@ impl ConsoleBackend {
         c
     }
 
-    fn process_rx(&self, vring: &Vring) {
+    pub(crate) fn process_rx(&self, vring: &Vring) {
         let mut st = self.shared.lock();
         let stale = st
             .rx
@@ -104,7 +104,7 @@ impl ConsoleBackend {
         }
     }
 
-    fn process_tx(&self, vring: &Vring) {
+    pub(crate) fn process_tx(&self, vring: &Vring) {
         let mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut st = vring.get_mut();

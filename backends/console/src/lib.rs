@@ -30,6 +30,8 @@ mod attach;
 mod backend;
 mod buffer;
 mod endpoint;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod sandbox;
 mod shared;
 

@@ -22,6 +22,8 @@ mod backend;
 mod chain;
 mod config;
 mod ctrl;
+#[doc(hidden)]
+pub mod fuzzing;
 mod rx;
 pub mod sandbox;
 mod serve;
