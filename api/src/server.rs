@@ -283,7 +283,12 @@ impl Accept {
     }
 }
 
-fn serve_connection(mut stream: UnixStream, api: &dyn VmApi, limits: Limits, stop: &AtomicBool) {
+pub(crate) fn serve_connection(
+    mut stream: UnixStream,
+    api: &dyn VmApi,
+    limits: Limits,
+    stop: &AtomicBool,
+) {
     let mut reader = Reader::new(limits);
     loop {
         let req = match reader.next(&mut stream) {
