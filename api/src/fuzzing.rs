@@ -267,19 +267,44 @@ fn serve(data: &[u8]) -> Vec<u16> {
         let _ = client.read_to_end(&mut out);
         out
     });
-    crate::server::serve_connection(server, &fake, limits, &AtomicBool::new(false));
+    // On a thread like a real connection's: its stack is small.
+    let served = std::thread::Builder::new()
+        .stack_size(crate::server::CONNECTION_STACK)
+        .spawn(move || {
+            crate::server::serve_connection(server, &fake, limits, &AtomicBool::new(false));
+        });
+    let Ok(served) = served else {
+        return Vec::new();
+    };
+    assert!(served.join().is_ok(), "the connection thread panicked");
     let Ok(out) = reader.join() else {
         panic!("the reading thread panicked");
     };
-    let statuses = check_responses(&out, input.len());
+    let answers = check_responses(&out, input.len());
     if let Some(want) = first_status(input, &limits) {
-        assert_eq!(statuses.first(), Some(&want), "first answer");
+        assert_eq!(answers.first().map(|a| a.0), Some(want), "first answer");
     }
-    statuses
+    if first_method(input, &limits) == Some("HEAD") {
+        if let Some((status, len)) = answers.first() {
+            assert_eq!(*len, 0, "a {status} to HEAD with a body");
+        }
+    }
+    answers.into_iter().map(|a| a.0).collect()
 }
 
-/// Checks that `out` is a sequence of well-formed responses; returns their statuses.
-fn check_responses(mut out: &[u8], input_len: usize) -> Vec<u16> {
+/// The method of the first request, when its head is complete.
+fn first_method<'a>(input: &'a [u8], limits: &Limits) -> Option<&'a str> {
+    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(input) {
+        Ok(httparse::Status::Complete(_)) => req.method,
+        _ => None,
+    }
+}
+
+/// Checks that `out` is a sequence of well-formed responses; returns their statuses and body
+/// lengths.
+fn check_responses(mut out: &[u8], input_len: usize) -> Vec<(u16, usize)> {
     let max_body = 4096 + 8 * input_len;
     let mut statuses = Vec::new();
     while !out.is_empty() {
@@ -325,7 +350,7 @@ fn check_responses(mut out: &[u8], input_len: usize) -> Vec<u16> {
                 assert!(v.get("error").is_some_and(|e| e.is_string()), "{v}");
             }
         }
-        statuses.push(status);
+        statuses.push((status, length));
         out = &out[head_len + length..];
         if close {
             assert!(out.is_empty(), "bytes after Connection: close");
@@ -459,6 +484,39 @@ mod tests {
     fn seeds_get_their_answers() {
         for (name, input, want) in seeds() {
             assert_eq!(serve(&input), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_head_request_gets_no_body() {
+        // The harness's own check (tests/server.rs has the server's).
+        let input = b"\0HEAD /vm HTTP/1.1\r\n\r\nGET /vm HTTP/1.1\r\n\r\n";
+        assert_eq!(serve(input), vec![405, 200]);
+    }
+
+    #[test]
+    fn deeply_nested_json_is_refused_on_a_connection_stack() {
+        for depth in [100, 127, 128, 129, 200, 10_000] {
+            let body = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let mut input = vec![0u8];
+            input.extend_from_slice(
+                format!(
+                    "POST /vm/devices HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            assert_eq!(serve(&input), vec![400], "depth {depth}");
+            let mut input = vec![0u8];
+            let body = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
+            input.extend_from_slice(
+                format!(
+                    "PUT /vm/devices/virtio0/backend HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            assert_eq!(serve(&input), vec![400], "objects, depth {depth}");
         }
     }
 
