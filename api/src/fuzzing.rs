@@ -229,9 +229,9 @@ const SMALL: Limits = Limits {
 /// HTTP/1.1 responses, each with a status in 200..600 and its reason, a `Content-Length` that
 /// is its body's length, a JSON body (never over a bound set by the input's size) marked as
 /// such, `Allow` on a 405 and no body on a 204, nothing after a `Connection: close`; the
-/// router never hands the VM a timeout over the documented maximum; a first request whose
-/// `Content-Length` is over the body limit is answered 413, and one whose head does not fit
-/// the head limit 431.
+/// router never hands the VM a timeout over the documented maximum; a first request whose head
+/// alone is refused gets the status its refusal has (a `Content-Length` over the body limit
+/// 413, a head over the head limit 431, see `first_status`); an answer to HEAD has no body.
 pub fn request(data: &[u8]) {
     serve(data);
 }
@@ -359,8 +359,9 @@ fn check_responses(mut out: &[u8], input_len: usize) -> Vec<(u16, usize)> {
     statuses
 }
 
-/// The answer the first request must get by the documented limits alone, where they decide
-/// it: 413 for a `Content-Length` over the body limit, 431 for a head that does not fit.
+/// The answer the first request must get from its head alone, where that decides it: 400 for
+/// a malformed head, a `Content-Length` that is not digits or two that differ, 413 for one over
+/// the body limit, 431 for a head that does not fit the head limit, 501 for a transfer coding.
 fn first_status(input: &[u8], limits: &Limits) -> Option<u16> {
     let head = &input[..input.len().min(limits.max_head)];
     let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
@@ -368,18 +369,27 @@ fn first_status(input: &[u8], limits: &Limits) -> Option<u16> {
     match req.parse(head) {
         Ok(httparse::Status::Partial) if head.len() == limits.max_head => Some(431),
         Err(httparse::Error::TooManyHeaders) => Some(431),
+        Err(_) => Some(400),
         Ok(httparse::Status::Complete(_)) if req.version == Some(1) || req.version == Some(0) => {
+            // The head's own errors, in header order: chunked 501, a length that is not
+            // digits or a second, different one 400; then a length over the limit 413.
             let mut length = None;
             for h in req.headers.iter() {
                 if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                    return None;
+                    return Some(501);
                 }
                 if h.name.eq_ignore_ascii_case("content-length") {
-                    let v = std::str::from_utf8(h.value)
+                    let v = h.value.trim_ascii();
+                    let digits = !v.is_empty() && v.iter().all(u8::is_ascii_digit);
+                    let Some(v) = std::str::from_utf8(v)
                         .ok()
-                        .and_then(|v| v.trim().parse::<u64>().ok())?;
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .filter(|_| digits)
+                    else {
+                        return Some(400);
+                    };
                     if length.is_some_and(|l| l != v) {
-                        return None;
+                        return Some(400);
                     }
                     length = Some(v);
                 }

@@ -427,8 +427,16 @@ fn manifest_accepted(manifest: &Manifest) {
             writable_config: Vec::new(),
             vring_interrupt_always: true,
         });
-        if mmio.restore_state(t).is_err() {
+        let Ok(activation) = mmio.restore_state(t) else {
             continue;
+        };
+        // A device restored active starts only rings a guest could have started.
+        for q in activation.iter().flat_map(|a| &a.queues) {
+            let c = &q.config;
+            assert!(
+                c.ready && c.size.is_power_of_two() && c.size <= t.queue_max,
+                "{c:?}"
+            );
         }
         assert_eq!(
             &mmio.save_state(),
