@@ -248,6 +248,16 @@ impl Reader {
     }
 }
 
+/// A `Content-Length` value: digits only (RFC 9110, 8.6), around them spaces and tabs. Not
+/// `u64::from_str`, which also takes a leading `+`.
+fn content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 struct Parsed {
     method: String,
     path: String,
@@ -269,10 +279,7 @@ impl Parsed {
         let mut keep_alive = version == 1;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                let v = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .ok_or(ReadError::BadLength)?;
+                let v = content_length(h.value).ok_or(ReadError::BadLength)?;
                 if length.is_some_and(|l| l != v) {
                     return Err(ReadError::BadLength);
                 }
@@ -358,5 +365,33 @@ impl Response {
         out.extend_from_slice(&self.body);
         stream.write_all(&out)?;
         stream.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(bytes: &[u8]) -> Result<Request, ReadError> {
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        client.write_all(bytes).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        Reader::new(Limits::default()).next(&mut server)
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        // Found writing the api_request fuzz target's oracle: `+2` was read as 2.
+        for bad in ["+2", "-0", "2 2", "0x2", "", "\u{a0}2"] {
+            let req = format!("POST /vm/pause HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n{{}}");
+            assert!(
+                matches!(read(req.as_bytes()), Err(ReadError::BadLength)),
+                "{bad:?}"
+            );
+        }
+        let req = read(b"POST /vm/pause HTTP/1.1\r\nContent-Length: \t2 \r\n\r\n{}").unwrap();
+        assert_eq!(req.body, b"{}");
+        assert_eq!(content_length(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(content_length(b"18446744073709551616"), None);
     }
 }

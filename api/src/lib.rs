@@ -6,6 +6,8 @@
 //! runs in the VMM. The VMM plugs in through the [`model::VmApi`] trait.
 
 pub mod events;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod model;
 pub mod server;

@@ -27,6 +27,9 @@ use crate::model::{
 /// Most connections served at once; more are answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 16;
 
+/// Stack of a connection thread.
+pub(crate) const CONNECTION_STACK: usize = 256 * 1024;
+
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -271,7 +274,7 @@ impl Accept {
         let stop = self.stop.clone();
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
-            .stack_size(256 * 1024)
+            .stack_size(CONNECTION_STACK)
             .spawn(move || {
                 let _slot = slot;
                 serve_connection(stream, api.as_ref(), limits, &stop);
@@ -283,7 +286,12 @@ impl Accept {
     }
 }
 
-fn serve_connection(mut stream: UnixStream, api: &dyn VmApi, limits: Limits, stop: &AtomicBool) {
+pub(crate) fn serve_connection(
+    mut stream: UnixStream,
+    api: &dyn VmApi,
+    limits: Limits,
+    stop: &AtomicBool,
+) {
     let mut reader = Reader::new(limits);
     loop {
         let req = match reader.next(&mut stream) {
@@ -302,7 +310,12 @@ fn serve_connection(mut stream: UnixStream, api: &dyn VmApi, limits: Limits, sto
                 return;
             }
         };
-        let resp = route(api, &req);
+        let mut resp = route(api, &req);
+        if req.method == "HEAD" {
+            // A response to HEAD has no content (RFC 9110, 9.3.2): a client would take the
+            // body for the start of the next response.
+            resp.body.clear();
+        }
         log::debug!("API: {} {} -> {}", req.method, req.path, resp.status);
         let close = !req.keep_alive || stop.load(Ordering::Acquire);
         if resp

@@ -16,6 +16,8 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hotplug;
 pub mod layout;
 pub mod memory;

@@ -578,6 +578,112 @@ fn check_cpu(snap: &CpuIdentity, host: &CpuIdentity) -> Result<(), SnapshotError
     Ok(())
 }
 
+impl Manifest {
+    /// The record of `name` among [`files`](Self::files).
+    pub fn file(&self, name: &'static str) -> Result<&FileRecord, SnapshotError> {
+        self.files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or(SnapshotError::MissingFile(name))
+    }
+}
+
+/// Checks a manifest's text against the text of its checksum file, this hype and this host
+/// (`cpu`), and its values against each other: everything [`Restore::open`] checks before it
+/// looks at the other files (whose sizes it then compares with the records returned here).
+pub fn check_manifest(
+    text: &[u8],
+    sum_text: &[u8],
+    cpu: &CpuIdentity,
+) -> Result<Manifest, SnapshotError> {
+    let expected = std::str::from_utf8(sum_text)
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
+        .ok_or_else(|| SnapshotError::Inconsistent(format!("{MANIFEST_SUM} is not a CRC-32")))?;
+    let found = crc::crc32(text);
+    if found != expected {
+        return Err(SnapshotError::Corrupt {
+            name: MANIFEST.into(),
+            expected,
+            found,
+        });
+    }
+    let manifest: Manifest = serde_json::from_slice(text).map_err(SnapshotError::Malformed)?;
+    if manifest.magic != MAGIC {
+        return Err(SnapshotError::BadMagic(manifest.magic));
+    }
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(SnapshotError::OtherFormat {
+            found: manifest.format_version,
+        });
+    }
+    let ours = env!("CARGO_PKG_VERSION");
+    if manifest.hype_version != ours {
+        return Err(SnapshotError::OtherVersion {
+            found: manifest.hype_version,
+            ours,
+        });
+    }
+    check_cpu(&manifest.host_cpu, cpu)?;
+    if manifest.cpus == 0 || manifest.cpus > crate::vm::MAX_VCPUS {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} vCPUs",
+            manifest.cpus
+        )));
+    }
+    if manifest.memory_bytes < crate::memory::MIN_MEMORY
+        || manifest.memory_bytes % memory::PAGE as u64 != 0
+    {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{} bytes of memory",
+            manifest.memory_bytes
+        )));
+    }
+    for (i, d) in manifest.devices.iter().enumerate() {
+        if d.index != i {
+            return Err(SnapshotError::Inconsistent(format!(
+                "device {i} has slot {}",
+                d.index
+            )));
+        }
+        if let Some(rec) = &d.state {
+            if rec.name != device_state_file(i) || rec.bytes > MAX_DEVICE_STATE {
+                return Err(SnapshotError::Inconsistent(format!(
+                    "device {i}'s state is {} of {} bytes",
+                    rec.name, rec.bytes
+                )));
+            }
+        }
+    }
+    manifest.file(STATE)?;
+    let memory = manifest.file(MEMORY)?;
+    if memory.bytes != manifest.memory_bytes {
+        return Err(SnapshotError::Inconsistent(format!(
+            "{MEMORY} of {} bytes for {} bytes of memory",
+            memory.bytes, manifest.memory_bytes
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Checks `state.bin`'s bytes against the checked `manifest` (its CRC, then its records for
+/// the manifest's vCPUs) and decodes them.
+pub fn check_state(
+    manifest: &Manifest,
+    bytes: &[u8],
+) -> Result<(Vec<VcpuState>, VmState), SnapshotError> {
+    let rec = manifest.file(STATE)?;
+    let found = crc::crc32(bytes);
+    if found != rec.crc32 {
+        return Err(SnapshotError::Corrupt {
+            name: STATE.into(),
+            expected: rec.crc32,
+            found,
+        });
+    }
+    state::decode(bytes, usize::from(manifest.cpus)).map_err(SnapshotError::State)
+}
+
 impl Restore {
     /// Reads and checks the snapshot in `dir` against this hype and this host (`cpu`): nothing
     /// of the VM exists yet, and nothing is touched if this fails.
@@ -589,93 +695,13 @@ impl Restore {
         let text = read_small(&mpath)?;
         let sum_path = dir.join(MANIFEST_SUM);
         let sum_text = read_small(&sum_path)?;
-        let expected = std::str::from_utf8(&sum_text)
-            .ok()
-            .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
-            .ok_or_else(|| {
-                SnapshotError::Inconsistent(format!("{MANIFEST_SUM} is not a CRC-32"))
-            })?;
-        let found = crc::crc32(&text);
-        if found != expected {
-            return Err(SnapshotError::Corrupt {
-                name: MANIFEST.into(),
-                expected,
-                found,
-            });
-        }
-        let manifest: Manifest = serde_json::from_slice(&text).map_err(SnapshotError::Malformed)?;
-        if manifest.magic != MAGIC {
-            return Err(SnapshotError::BadMagic(manifest.magic));
-        }
-        if manifest.format_version != FORMAT_VERSION {
-            return Err(SnapshotError::OtherFormat {
-                found: manifest.format_version,
-            });
-        }
-        let ours = env!("CARGO_PKG_VERSION");
-        if manifest.hype_version != ours {
-            return Err(SnapshotError::OtherVersion {
-                found: manifest.hype_version,
-                ours,
-            });
-        }
-        check_cpu(&manifest.host_cpu, cpu)?;
-        if manifest.cpus == 0 || manifest.cpus > crate::vm::MAX_VCPUS {
-            return Err(SnapshotError::Inconsistent(format!(
-                "{} vCPUs",
-                manifest.cpus
-            )));
-        }
-        if manifest.memory_bytes < crate::memory::MIN_MEMORY
-            || manifest.memory_bytes % memory::PAGE as u64 != 0
-        {
-            return Err(SnapshotError::Inconsistent(format!(
-                "{} bytes of memory",
-                manifest.memory_bytes
-            )));
-        }
-        for (i, d) in manifest.devices.iter().enumerate() {
-            if d.index != i {
-                return Err(SnapshotError::Inconsistent(format!(
-                    "device {i} has slot {}",
-                    d.index
-                )));
-            }
-            if let Some(rec) = &d.state {
-                if rec.name != device_state_file(i) || rec.bytes > MAX_DEVICE_STATE {
-                    return Err(SnapshotError::Inconsistent(format!(
-                        "device {i}'s state is {} of {} bytes",
-                        rec.name, rec.bytes
-                    )));
-                }
-                let path = dir.join(&rec.name);
-                let found = std::fs::metadata(&path).map_err(io_err(&path))?.len();
-                if found != rec.bytes {
-                    return Err(SnapshotError::Truncated {
-                        name: rec.name.clone(),
-                        expected: rec.bytes,
-                        found,
-                    });
-                }
-            }
-        }
-        let record = |name: &'static str| {
-            manifest
-                .files
-                .iter()
-                .find(|f| f.name == name)
-                .cloned()
-                .ok_or(SnapshotError::MissingFile(name))
-        };
-        let state_rec = record(STATE)?;
-        let memory = record(MEMORY)?;
-        if memory.bytes != manifest.memory_bytes {
-            return Err(SnapshotError::Inconsistent(format!(
-                "{MEMORY} of {} bytes for {} bytes of memory",
-                memory.bytes, manifest.memory_bytes
-            )));
-        }
-        for rec in [&state_rec, &memory] {
+        let manifest = check_manifest(&text, &sum_text, cpu)?;
+        let sizes = manifest
+            .devices
+            .iter()
+            .filter_map(|d| d.state.as_ref())
+            .chain([manifest.file(STATE)?, manifest.file(MEMORY)?]);
+        for rec in sizes {
             let path = dir.join(&rec.name);
             let found = std::fs::metadata(&path).map_err(io_err(&path))?.len();
             if found != rec.bytes {
@@ -686,17 +712,9 @@ impl Restore {
                 });
             }
         }
+        let memory = manifest.file(MEMORY)?.clone();
         let state_bytes = read_small(&dir.join(STATE))?;
-        let found = crc::crc32(&state_bytes);
-        if found != state_rec.crc32 {
-            return Err(SnapshotError::Corrupt {
-                name: STATE.into(),
-                expected: state_rec.crc32,
-                found,
-            });
-        }
-        let (vcpus, vm) = state::decode(&state_bytes, usize::from(manifest.cpus))
-            .map_err(SnapshotError::State)?;
+        let (vcpus, vm) = check_state(&manifest, &state_bytes)?;
         Ok(Restore {
             dir: dir.to_owned(),
             manifest,

@@ -622,4 +622,17 @@ mod tests {
             Err(DecodeError::BadIndex { .. })
         ));
     }
+
+    #[test]
+    fn a_length_past_the_end_is_refused_before_anything_is_read() {
+        // A regs record claiming 4 GiB of body: refused as cut short, nothing allocated by it.
+        let mut bytes = vec![1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
+        bytes.extend_from_slice(&[0; 64]);
+        assert!(matches!(decode(&bytes, 1), Err(DecodeError::Truncated(0))));
+        // A second, valid-length record after a first: its offset is named.
+        let mut two = Vec::new();
+        put(&mut two, Kind::MpState, 0, &kvm_mp_state::default());
+        two.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0x80]);
+        assert!(matches!(decode(&two, 1), Err(DecodeError::Truncated(12))));
+    }
 }
