@@ -365,7 +365,28 @@ impl GuestVm {
     }
 
     /// Runs a shell command line in the guest and collects its output and status.
+    ///
+    /// A command during which a guest process died of SIGSEGV (the guest shell prints
+    /// `Segmentation fault`, or the command's status is 139) is run once more, with a warning
+    /// on stderr: on PVM hosts a guest user process very rarely crashes this way under heavy
+    /// host load (seen about once in 15 test boots on a loaded 2-core machine, any vCPU count,
+    /// not reproduced on demand; docs/platform.md). A second crash is returned as it is.
     pub fn run(&mut self, command: &str, timeout: Duration) -> Result<StepResult, GuestError> {
+        let r = self.run_once(command, timeout)?;
+        let crashed = r.rc == 139 || r.lines.iter().any(|l| l.trim() == "Segmentation fault");
+        if !crashed {
+            return Ok(r);
+        }
+        eprintln!(
+            "WARNING: a guest process died of SIGSEGV during `{command}` (rc={}, output {:?}); \
+             running it once more (known rare PVM guest crash, docs/platform.md)",
+            r.rc,
+            r.stdout()
+        );
+        self.run_once(command, timeout)
+    }
+
+    fn run_once(&mut self, command: &str, timeout: Duration) -> Result<StepResult, GuestError> {
         let id = format!("s{}", self.next_id);
         self.next_id += 1;
         self.send(&format!("RUN {id} {command}"))?;
