@@ -698,8 +698,18 @@ fn confined_while_serving_files_and_calls_outside_the_sandbox_refused() {
     // The overlay takes writes, the server the reads; client, fetcher, I/O and worker threads
     // are all filtered.
     check_every_thread_filtered(&p, 1);
-    let threads = hype_testkit::sandbox::thread_modes(p.pid()).unwrap();
+    // The pool's threads start one after another while the backend already serves: wait
+    // for them (a loaded machine saw 4 of the 16 at the first look).
+    let t = std::time::Instant::now();
+    let threads = loop {
+        let threads = hype_testkit::sandbox::thread_modes(p.pid()).unwrap();
+        if threads.len() > 16 || t.elapsed() > Duration::from_secs(10) {
+            break threads;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(threads.len() > 16, "I/O pool and fetchers: {threads:?}");
+    check_every_thread_filtered(&p, 1);
     assert!(p.signal_and_wait(libc::SIGTERM).success());
     assert!(!p.socket.exists());
     // Landlock: a file outside its set cannot be opened; serving goes on.
