@@ -27,6 +27,7 @@
 //!   backend is started under, for profiles (the CPU figures then include the wrapper);
 //! - `HYPE_BENCH_POOL=N`: also run hype-block-file with `--io-threads N`, completions in ring
 //!   order (the default) and with `--out-of-order` ("ooo");
+//! - `HYPE_BENCH_POLL_US=N`: also run hype-block-file with `--poll-us N` ("pollN").
 //! - `HYPE_BENCH_NOBOX=1`: also run hype-block-file with `--sandbox off` (the sandbox's cost).
 //!
 //! The image lives in /dev/shm when it exists, so the numbers measure the vhost-user path and
@@ -356,6 +357,28 @@ fn backends(dir: &Path) -> Vec<Backend> {
             ]
         }),
     });
+    // Another polling budget (`HYPE_BENCH_POLL_US=N`): what a longer or shorter spin buys.
+    if let Some(us) = std::env::var("HYPE_BENCH_POLL_US")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        v.push(Backend {
+            name: format!("hype-block-file poll{us}"),
+            argv: Box::new(move |img, sock| {
+                vec![
+                    BIN.into(),
+                    "--path".into(),
+                    img.display().to_string(),
+                    "--num-queues".into(),
+                    QUEUES.to_string(),
+                    "--poll-us".into(),
+                    us.to_string(),
+                    "--socket".into(),
+                    sock.display().to_string(),
+                ]
+            }),
+        });
+    }
     // The I/O pool, completions in ring order (the default) and as they finish.
     if let Some(n) = std::env::var("HYPE_BENCH_POOL")
         .ok()

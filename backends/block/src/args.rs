@@ -4,7 +4,7 @@ use hype_daemon::sandbox::SandboxArgs;
 use hype_daemon::ListenArgs;
 
 /// Default of `--poll-us`: see [`DeviceArgs::poll_us`] and docs/benchmarks.md for the choice.
-pub const DEFAULT_POLL_US: u32 = 50;
+pub const DEFAULT_POLL_US: u32 = 200;
 
 /// Default of `--large-io-threads`.
 pub const DEFAULT_LARGE_IO_THREADS: usize = 2;
