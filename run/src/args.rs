@@ -192,12 +192,33 @@ fn merge(cfg: &mut RunConfig, a: &RunArgs) {
     }
 }
 
-/// Parses a VM description file.
+/// Largest VM description file read.
+pub const CONFIG_MAX_BYTES: u64 = 1 << 20;
+
+/// Parses a VM description file: a regular file of at most [`CONFIG_MAX_BYTES`].
 fn read_file(path: &Path) -> Result<RunConfig, Problem> {
-    let text = std::fs::read_to_string(path).map_err(|source| Problem::ConfigRead {
+    use std::io::Read;
+    let read_err = |source| Problem::ConfigRead {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() || meta.len() > CONFIG_MAX_BYTES {
+        return Err(Problem::ConfigNotSmallFile {
+            path: path.to_owned(),
+        });
+    }
+    let mut text = String::new();
+    // Bounded even if the file grows between the check and the read.
+    file.take(CONFIG_MAX_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > CONFIG_MAX_BYTES {
+        return Err(Problem::ConfigNotSmallFile {
+            path: path.to_owned(),
+        });
+    }
     parse_file(&text, path.parent().unwrap_or(Path::new("")), path)
 }
 
@@ -285,6 +306,33 @@ cpus = 2
 disks = ["file:disk.img,ro", "mem:64M", "http://h/i.raw,overlay=o.img"]
 nets = ["tap:tap0"]
 "#;
+
+    #[test]
+    fn config_files_are_small_regular_files() {
+        let dir = std::env::temp_dir().join(format!("hype-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = dir.join("vm.toml");
+        std::fs::write(&ok, FILE).unwrap();
+        assert_eq!(read_file(&ok).unwrap().cpus, Some(2));
+        // A directory, a device and a file over the limit are refused before being read.
+        let big = dir.join("big.toml");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(CONFIG_MAX_BYTES + 1)
+            .unwrap();
+        for p in [dir.as_path(), Path::new("/dev/zero"), big.as_path()] {
+            let e = read_file(p).unwrap_err();
+            assert!(
+                matches!(e, Problem::ConfigNotSmallFile { .. }),
+                "{}: {e}",
+                p.display()
+            );
+            assert!(e
+                .to_string()
+                .contains("is not a regular file of at most 1048576 bytes"));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn file_paths_are_relative_to_the_file() {

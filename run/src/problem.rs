@@ -19,6 +19,15 @@ pub enum Problem {
         #[source]
         source: std::io::Error,
     },
+    /// The config file is not a regular file of at most [`crate::args::CONFIG_MAX_BYTES`].
+    #[error(
+        "config file {path} is not a regular file of at most {} bytes",
+        crate::args::CONFIG_MAX_BYTES
+    )]
+    ConfigNotSmallFile {
+        /// The file.
+        path: PathBuf,
+    },
     /// The config file is not valid TOML or has unknown keys or wrong types.
     #[error("{path}: {message}")]
     ConfigParse {

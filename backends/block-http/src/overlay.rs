@@ -42,6 +42,11 @@ const HEADER_LEN: u64 = 4096;
 const DATA_ALIGN: u64 = 1 << 20;
 const MAX_IDENTITY: usize = 1024;
 
+/// Largest bitmap an overlay keeps in memory: 64 MiB, one bit per granule, so 2 TiB of disk
+/// at the default 4 KiB granule. A larger image (its size is what the server claims) is
+/// refused with `--overlay` rather than allocated for.
+pub const MAX_BITMAP_BYTES: u64 = 64 << 20;
+
 /// Why an overlay could not be opened or created.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
@@ -84,6 +89,17 @@ pub enum OverlayError {
     /// The image identity is too long to store.
     #[error("image identity is longer than {MAX_IDENTITY} bytes")]
     IdentityTooLong,
+    /// The disk needs a bitmap larger than [`MAX_BITMAP_BYTES`].
+    #[error(
+        "a {disk_size}-byte disk needs a {bitmap_len}-byte overlay bitmap, more than the \
+         {MAX_BITMAP_BYTES} bytes an overlay keeps in memory"
+    )]
+    TooLarge {
+        /// The disk's size in bytes.
+        disk_size: u64,
+        /// The bitmap it would need, in bytes.
+        bitmap_len: u64,
+    },
 }
 
 impl hype_block::CommandError for OverlayError {
@@ -95,7 +111,8 @@ impl hype_block::CommandError for OverlayError {
             | OverlayError::Locked(_)
             | OverlayError::Format { .. }
             | OverlayError::ImageMismatch { .. }
-            | OverlayError::IdentityTooLong => true,
+            | OverlayError::IdentityTooLong
+            | OverlayError::TooLarge { .. } => true,
         }
     }
 }
@@ -206,6 +223,13 @@ impl Overlay {
     ) -> Result<Self, OverlayError> {
         if identity.len() > MAX_IDENTITY {
             return Err(OverlayError::IdentityTooLong);
+        }
+        let bitmap_len = disk_size.div_ceil(u64::from(granule.max(1))).div_ceil(8);
+        if bitmap_len > MAX_BITMAP_BYTES {
+            return Err(OverlayError::TooLarge {
+                disk_size,
+                bitmap_len,
+            });
         }
         let io_err = |what| {
             let path = path.to_path_buf();
@@ -426,6 +450,26 @@ mod tests {
         let p = std::env::temp_dir().join(format!("hype-ovl-{name}-{}", std::process::id()));
         let _ = std::fs::remove_file(&p);
         p
+    }
+
+    #[test]
+    fn a_disk_too_large_for_the_bitmap_cap_is_refused_before_anything_is_made() {
+        let p = tmp("huge");
+        // What a hostile server can claim: a 2^56-byte image would need a 2 TiB bitmap.
+        match Overlay::open(&p, 1 << 56, "etag:\"x\"", 4096) {
+            Err(OverlayError::TooLarge {
+                disk_size,
+                bitmap_len,
+            }) => assert_eq!((disk_size, bitmap_len), (1 << 56, 1 << 41)),
+            other => panic!("not refused: {:?}", other.map(|o| o.local_granules())),
+        }
+        assert!(!p.exists(), "no overlay file made");
+        // The largest disk within the cap opens (sparse, nothing written).
+        let max = MAX_BITMAP_BYTES * 8 * 4096;
+        let o = Overlay::open(&p, max, "etag:\"x\"", 4096).unwrap();
+        assert_eq!(o.local_granules(), 0);
+        drop(o);
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]
