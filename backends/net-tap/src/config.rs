@@ -64,8 +64,13 @@ impl FromStr for MacAddr {
         if parts.next().is_some() {
             return Err(bad());
         }
+        // The same rule as the VMM's check of a net device's config (hype-frontend's
+        // `types::net`): a zero or multicast address is refused there, so it is here.
         if out[0] & 1 != 0 {
             return Err(format!("MAC address {s} is multicast"));
+        }
+        if out == [0; 6] {
+            return Err(format!("MAC address {s} is all zeroes"));
         }
         Ok(MacAddr(out))
     }
@@ -230,6 +235,7 @@ mod tests {
             "5:54:00:ab:cd:ef",
             "zz:54:00:ab:cd:ef",
             "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
         ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
