@@ -698,18 +698,23 @@ fn confined_while_serving_files_and_calls_outside_the_sandbox_refused() {
     // The overlay takes writes, the server the reads; client, fetcher, I/O and worker threads
     // are all filtered.
     check_every_thread_filtered(&p, 1);
-    // The pool's threads start one after another while the backend already serves: wait
-    // for them (a loaded machine saw 4 of the 16 at the first look).
-    let t = std::time::Instant::now();
-    let threads = loop {
-        let threads = hype_testkit::sandbox::thread_modes(p.pid()).unwrap();
-        if threads.len() > 16 || t.elapsed() > Duration::from_secs(10) {
-            break threads;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // The I/O pool lives while a frontend is connected (a new one per connection): count
+    // the threads during a connection, after a read went through.
+    let mut disk = connect(&p.socket, 1);
+    // (The first 64 KiB now hold check_every_thread_filtered's write: read past them.)
+    assert_eq!(
+        disk.read(256, 4096).unwrap(),
+        img[128 << 10..(128 << 10) + 4096]
+    );
+    let threads = hype_testkit::sandbox::thread_modes(p.pid()).unwrap();
     assert!(threads.len() > 16, "I/O pool and fetchers: {threads:?}");
-    check_every_thread_filtered(&p, 1);
+    assert!(
+        threads
+            .iter()
+            .all(|t| t.seccomp == hype_testkit::sandbox::SECCOMP_MODE_FILTER),
+        "{threads:?}"
+    );
+    drop(disk);
     assert!(p.signal_and_wait(libc::SIGTERM).success());
     assert!(!p.socket.exists());
     // Landlock: a file outside its set cannot be opened; serving goes on.

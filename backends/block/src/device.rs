@@ -178,9 +178,11 @@ impl<S: Storage> BlockDevice<S> {
     pub fn serve(mut self, listen: &ListenArgs) -> Result<(), Error> {
         // Validate before touching the file system.
         let spec = Arc::new(self.spec()?);
-        let mut listener = SocketListener::open(listen)?;
+        // Handlers before the socket: once the socket exists a supervisor may stop us, and a
+        // SIGTERM then must end the process cleanly (exit 0, socket removed), not kill it.
         let shutdown = Shutdown::new()?;
         shutdown.install_signal_handlers()?;
+        let mut listener = SocketListener::open(listen)?;
         if let Some(mut sandbox) = self.sandbox.take() {
             hype_daemon::sandbox::confine(&mut sandbox, &listener)?;
         }

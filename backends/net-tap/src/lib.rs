@@ -109,6 +109,9 @@ pub fn run(args: Args) -> Result<(), Error> {
     if hype_daemon::sandbox::print_if_asked(&sandbox, &args.listen) {
         return Ok(());
     }
+    // Handlers before the socket: a SIGTERM once the socket exists ends the process cleanly.
+    let shutdown = Shutdown::new()?;
+    shutdown.install_signal_handlers()?;
     // Listen first: a bad --socket must not leave a tap behind.
     let mut listener = SocketListener::open(&args.listen)?;
     let tap = Arc::new(Tap::open(&args.tap, usize::from(args.queue_pairs))?);
@@ -134,8 +137,6 @@ pub fn run(args: Args) -> Result<(), Error> {
         spec.mtu.map_or("default".to_string(), |m| m.to_string()),
         spec.tap_offloads
     );
-    let shutdown = Shutdown::new()?;
-    shutdown.install_signal_handlers()?;
     // Everything is open and the tap configured: nothing after this needs CAP_NET_ADMIN.
     hype_daemon::sandbox::confine(&mut sandbox, &listener)?;
     let stats = Arc::new(Stats::default());
