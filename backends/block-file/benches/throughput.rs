@@ -325,105 +325,58 @@ struct Pin {
     client: Option<usize>,
 }
 
+/// hype-block-file on the image with the bench's queues and `extra` options.
+fn hype(name: impl Into<String>, extra: Vec<String>) -> Backend {
+    Backend {
+        name: name.into(),
+        argv: Box::new(move |img, sock| {
+            let mut a = vec![
+                BIN.into(),
+                "--path".into(),
+                img.display().to_string(),
+                "--num-queues".into(),
+                QUEUES.to_string(),
+            ];
+            a.extend(extra.iter().cloned());
+            a.extend(["--socket".into(), sock.display().to_string()]);
+            a
+        }),
+    }
+}
+
 fn backends(dir: &Path) -> Vec<Backend> {
-    let mut v = vec![Backend {
-        name: "hype-block-file".into(),
-        argv: Box::new(|img, sock| {
-            vec![
-                BIN.into(),
-                "--path".into(),
-                img.display().to_string(),
-                "--num-queues".into(),
-                QUEUES.to_string(),
-                "--socket".into(),
-                sock.display().to_string(),
-            ]
-        }),
-    }];
+    let opts = |o: &[&str]| o.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut v = vec![hype("hype-block-file", Vec::new())];
     // What polling buys and costs: the same backend with `--poll-us 0`.
-    v.push(Backend {
-        name: "hype-block-file nopoll".into(),
-        argv: Box::new(|img, sock| {
-            vec![
-                BIN.into(),
-                "--path".into(),
-                img.display().to_string(),
-                "--num-queues".into(),
-                QUEUES.to_string(),
-                "--poll-us".into(),
-                "0".into(),
-                "--socket".into(),
-                sock.display().to_string(),
-            ]
-        }),
-    });
+    v.push(hype("hype-block-file nopoll", opts(&["--poll-us", "0"])));
     // Another polling budget (`HYPE_BENCH_POLL_US=N`): what a longer or shorter spin buys.
     if let Some(us) = std::env::var("HYPE_BENCH_POLL_US")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
     {
-        v.push(Backend {
-            name: format!("hype-block-file poll{us}"),
-            argv: Box::new(move |img, sock| {
-                vec![
-                    BIN.into(),
-                    "--path".into(),
-                    img.display().to_string(),
-                    "--num-queues".into(),
-                    QUEUES.to_string(),
-                    "--poll-us".into(),
-                    us.to_string(),
-                    "--socket".into(),
-                    sock.display().to_string(),
-                ]
-            }),
-        });
+        let us = us.to_string();
+        v.push(hype(
+            format!("hype-block-file poll{us}"),
+            opts(&["--poll-us", &us]),
+        ));
     }
     // The I/O pool, completions in ring order (the default) and as they finish.
     if let Some(n) = std::env::var("HYPE_BENCH_POOL")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
     {
-        for ooo in [false, true] {
-            v.push(Backend {
-                name: format!("hype-block-file pool{n}{}", if ooo { " ooo" } else { "" }),
-                argv: Box::new(move |img, sock| {
-                    let mut a = vec![
-                        BIN.into(),
-                        "--path".into(),
-                        img.display().to_string(),
-                        "--num-queues".into(),
-                        QUEUES.to_string(),
-                        "--io-threads".into(),
-                        n.to_string(),
-                        "--socket".into(),
-                        sock.display().to_string(),
-                    ];
-                    if ooo {
-                        a.push("--out-of-order".into());
-                    }
-                    a
-                }),
-            });
-        }
+        let n = n.to_string();
+        v.push(hype(
+            format!("hype-block-file pool{n}"),
+            opts(&["--io-threads", &n]),
+        ));
+        v.push(hype(
+            format!("hype-block-file pool{n} ooo"),
+            opts(&["--io-threads", &n, "--out-of-order"]),
+        ));
     }
     if std::env::var_os("HYPE_BENCH_NOBOX").is_some() {
-        v.push(Backend {
-            name: "hype-block-file nobox".into(),
-            argv: Box::new(|img, sock| {
-                vec![
-                    BIN.into(),
-                    "--path".into(),
-                    img.display().to_string(),
-                    "--num-queues".into(),
-                    QUEUES.to_string(),
-                    "--sandbox".into(),
-                    "off".into(),
-                    "--socket".into(),
-                    sock.display().to_string(),
-                ]
-            }),
-        });
+        v.push(hype("hype-block-file nobox", opts(&["--sandbox", "off"])));
     }
     let qsd_ok = Command::new("qemu-storage-daemon")
         .arg("--version")
