@@ -138,6 +138,7 @@ fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
         poll_us,
         large_io_threads,
         out_of_order,
+        queue_threads,
         sandbox: sb,
     } = v;
     if differs(d, |d| &d.num_queues, num_queues) {
@@ -155,8 +156,11 @@ fn device(a: &mut Argv, v: &DeviceArgs, d: &Option<DeviceArgs>) {
     if differs(d, |d| &d.poll_us, poll_us) {
         a.opt("poll-us", poll_us.to_string());
     }
-    if differs(d, |d| &d.large_io_threads, large_io_threads) {
-        a.opt("large-io-threads", large_io_threads.to_string());
+    if let Some(n) = large_io_threads {
+        a.opt("large-io-threads", n.to_string());
+    }
+    if differs(d, |d| &d.queue_threads, queue_threads) {
+        a.opt("queue-threads", queue_threads.to_string());
     }
     a.flag("out-of-order", *out_of_order);
     sandbox(a, sb);
@@ -465,8 +469,9 @@ mod tests {
             io_threads: Some(0),
             serial: Some("-serial-".into()),
             poll_us: 7,
-            large_io_threads: 5,
+            large_io_threads: Some(5),
             out_of_order: true,
+            queue_threads: 2,
         }
     }
 

@@ -9,7 +9,9 @@
 //! For each workload (4 KiB random read/write at QD1 and QD32, 1 MiB sequential read/write at
 //! QD4, 4 KiB random read at QD32 on each of 4 queues) it prints IOPS, MiB/s, p50/p99 latency
 //! and the backend's CPU time per request (all its threads, from `/proc/PID/task/*/schedstat`),
-//! then the backend's CPU use with a connected, quiet frontend. Each backend process is started
+//! then the backend's CPU use with a connected, quiet frontend. For the QD1 workloads it also
+//! measures a floor: the same round trip with no vhost-user at all (see `floor_qd1`), the
+//! most any backend could gain at QD1 on this machine. Each backend process is started
 //! fresh for each measurement (Cloud Hypervisor's serves one frontend and exits).
 //!
 //! Environment:
@@ -29,6 +31,8 @@
 //!   order (the default) and with `--out-of-order` ("ooo");
 //! - `HYPE_BENCH_POLL_US=N`: also run hype-block-file with `--poll-us N` ("pollN").
 //! - `HYPE_BENCH_NOBOX=1`: also run hype-block-file with `--sandbox off` (the sandbox's cost).
+//! - `HYPE_BENCH_VARIANTS="NAME=ARGS;NAME=ARGS"`: also run hype-block-file with each ARGS
+//!   ("NAME" variants), e.g. `inline=--large-io-threads 0`.
 //!
 //! The image lives in /dev/shm when it exists, so the numbers measure the vhost-user path and
 //! the backend, not a disk.
@@ -107,6 +111,9 @@ struct Sample {
     p50_us: f64,
     p99_us: f64,
     cpu_us_per_req: f64,
+    /// CPU the client's queue threads used, in percent of one core: near 100 x the threads
+    /// sharing a core, the client (not the backend) sets the pace and the tail.
+    client_pct: f64,
 }
 
 fn env_list(name: &str) -> Option<Vec<String>> {
@@ -167,8 +174,21 @@ fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-/// Keeps `w.depth` requests in flight on `q` for `secs`; returns each request's latency (ns).
-fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> Vec<u64> {
+/// CPU time (ns) the calling thread has used.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Keeps `w.depth` requests in flight on `q` for `secs`; returns each request's latency (ns)
+/// and the CPU time (ns) the thread used for it.
+fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> (Vec<u64>, u64) {
+    let cpu0 = thread_cpu_ns();
     q.set_read_back(false);
     let blocks = IMAGE / w.block;
     let data = vec![0x5au8; w.block as usize];
@@ -207,7 +227,7 @@ fn drive(q: &mut Virtqueue, w: &Workload, secs: Duration, seed: u64) -> Vec<u64>
                 q.notify().unwrap();
             }
         } else if in_flight == 0 {
-            return latencies;
+            return (latencies, thread_cpu_ns() - cpu0);
         }
         for c in q.wait(1, Duration::from_secs(10)).unwrap() {
             let want = if w.write { 1 } else { w.block as u32 + 1 };
@@ -263,7 +283,7 @@ fn measure(b: &Backend, w: &Workload, image: &Path, secs: Duration, pin: &Pin) -
     let client_cpu = pin.client;
     let cpu0 = cpu_ns(p.pid());
     let t0 = Instant::now();
-    let mut latencies: Vec<u64> = std::thread::scope(|s| {
+    let per_queue: Vec<(Vec<u64>, u64)> = std::thread::scope(|s| {
         let handles: Vec<_> = disk
             .driver()
             .queues_mut()
@@ -278,12 +298,11 @@ fn measure(b: &Backend, w: &Workload, image: &Path, secs: Duration, pin: &Pin) -
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let t = t0.elapsed().as_secs_f64();
+    let client_ns: u64 = per_queue.iter().map(|(_, ns)| ns).sum();
+    let mut latencies: Vec<u64> = per_queue.into_iter().flat_map(|(l, _)| l).collect();
     let cpu = cpu_ns(p.pid()).saturating_sub(cpu0);
     drop(disk);
     drop(p);
@@ -302,6 +321,106 @@ fn measure(b: &Backend, w: &Workload, image: &Path, secs: Duration, pin: &Pin) -
         p50_us: pct(50),
         p99_us: pct(99),
         cpu_us_per_req: cpu as f64 / 1e3 / done.max(1.0),
+        client_pct: client_ns as f64 / 1e9 / t * 100.0,
+    }
+}
+
+/// The least a QD1 round trip can take on this machine, with no vhost-user and no virtio at
+/// all: a "backend" thread spins on a shared counter (what a polling backend does), moves the
+/// block with one `pread`/`pwrite` of the image (the copy every backend must make), and writes
+/// an eventfd; the client publishes a request by bumping the counter and sleeps in `poll()` on
+/// the eventfd, as the bench's client sleeps on its call fd. No backend can answer a QD1
+/// request faster than this, so `floor latency / backend latency` bounds what any backend can
+/// gain over another at QD1 here.
+fn floor_qd1(w: &Workload, image: &Path, secs: Duration, pin: &Pin) -> Sample {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    // SAFETY: eventfd takes no pointers; the result is checked.
+    let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK) };
+    assert!(efd >= 0);
+    let requested = AtomicU64::new(0);
+    let answered = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let blocks = IMAGE / w.block;
+    let mut latencies = Vec::new();
+    let t0 = Instant::now();
+    let backend_ns = std::thread::scope(|s| {
+        let backend = s.spawn(|| {
+            if let Some(cpu) = pin.backend {
+                pin_self(cpu);
+            }
+            let cpu0 = thread_cpu_ns();
+            let mut buf = vec![0u8; w.block as usize];
+            let mut seen = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = requested.load(Ordering::Acquire);
+                if r == seen {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                seen = r;
+                let off = (r.wrapping_mul(0x9e37_79b9_7f4a_7c15) % blocks) * w.block;
+                if w.write {
+                    file.write_all_at(&buf, off).unwrap();
+                } else {
+                    file.read_exact_at(&mut buf, off).unwrap();
+                }
+                answered.store(r, Ordering::Release);
+                let one = 1u64;
+                // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+                unsafe { libc::write(efd, (&one as *const u64).cast(), 8) };
+            }
+            thread_cpu_ns() - cpu0
+        });
+        if let Some(cpu) = pin.client {
+            pin_self(cpu);
+        }
+        let mut seq = 0u64;
+        while t0.elapsed() < secs {
+            seq += 1;
+            let t = Instant::now();
+            requested.store(seq, Ordering::Release);
+            while answered.load(Ordering::Acquire) != seq {
+                let mut pfd = libc::pollfd {
+                    fd: efd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 1000) };
+            }
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a live u64 from our eventfd.
+            unsafe { libc::read(efd, (&mut v as *mut u64).cast(), 8) };
+            latencies.push(t.elapsed().as_nanos() as u64);
+        }
+        stop.store(true, Ordering::Relaxed);
+        backend.join().unwrap()
+    });
+    let t = t0.elapsed().as_secs_f64();
+    // SAFETY: efd is ours and closed once.
+    unsafe { libc::close(efd) };
+    let done = latencies.len() as f64;
+    latencies.sort_unstable();
+    let pct = |q: usize| {
+        latencies
+            .get(latencies.len() * q / 100)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1e3
+    };
+    Sample {
+        iops: done / t,
+        mibs: done * w.block as f64 / t / f64::from(1u32 << 20),
+        p50_us: pct(50),
+        p99_us: pct(99),
+        cpu_us_per_req: backend_ns as f64 / 1e3 / done.max(1.0),
+        client_pct: 0.0,
     }
 }
 
@@ -374,6 +493,15 @@ fn backends(dir: &Path) -> Vec<Backend> {
             format!("hype-block-file pool{n} ooo"),
             opts(&["--io-threads", &n, "--out-of-order"]),
         ));
+    }
+    // Any other options (`HYPE_BENCH_VARIANTS="NAME=ARGS;..."`), e.g.
+    // `inline=--large-io-threads 0`: one "hype-block-file NAME" variant each.
+    if let Ok(spec) = std::env::var("HYPE_BENCH_VARIANTS") {
+        for part in spec.split(';').filter(|p| !p.trim().is_empty()) {
+            let (name, args) = part.split_once('=').unwrap_or((part, ""));
+            let args = args.split_whitespace().map(String::from).collect();
+            v.push(hype(format!("hype-block-file {}", name.trim()), args));
+        }
     }
     if std::env::var_os("HYPE_BENCH_NOBOX").is_some() {
         v.push(hype("hype-block-file nobox", opts(&["--sandbox", "off"])));
@@ -490,6 +618,11 @@ fn main() {
         secs.as_secs(),
         std::env::var("HYPE_BENCH_PIN").unwrap_or_else(|_| "off".into())
     );
+    // The QD1 floor (no vhost-user), once per round beside the backends.
+    let qd1: Vec<usize> = (0..workloads.len())
+        .filter(|&wi| workloads[wi].depth == 1 && workloads[wi].queues == 1)
+        .collect();
+    let mut floors: Vec<Vec<Sample>> = vec![Vec::new(); workloads.len()];
     // samples[workload][backend] = one Sample per round
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); all.len()]; workloads.len()];
     let mut idles: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
@@ -500,10 +633,25 @@ fn main() {
                 let s = measure(&all[bi], w, &img, secs, &pin);
                 println!(
                     "{:>26} | {:<21} | {:>8.0} IOPS | {:>7.1} MiB/s | p50 {:>7.1} us | \
-                     p99 {:>7.1} us | {:>5.1} CPU-us/req",
-                    all[bi].name, w.name, s.iops, s.mibs, s.p50_us, s.p99_us, s.cpu_us_per_req
+                     p99 {:>7.1} us | {:>5.1} CPU-us/req | client {:>3.0}%",
+                    all[bi].name,
+                    w.name,
+                    s.iops,
+                    s.mibs,
+                    s.p50_us,
+                    s.p99_us,
+                    s.cpu_us_per_req,
+                    s.client_pct
                 );
                 samples[wi][bi].push(s);
+            }
+            if qd1.contains(&wi) {
+                let s = floor_qd1(w, &img, secs, &pin);
+                println!(
+                    "{:>26} | {:<21} | {:>8.0} IOPS | p50 {:>7.1} us | p99 {:>7.1} us",
+                    "floor (no vhost-user)", w.name, s.iops, s.p50_us, s.p99_us
+                );
+                floors[wi].push(s);
             }
         }
         for k in 0..all.len() {
@@ -517,29 +665,53 @@ fn main() {
         }
     }
     println!();
-    println!("| backend | workload | IOPS | MiB/s | p50 us | p99 us | CPU-us/req |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| backend | workload | IOPS | MiB/s | p50 us | p99 us | CPU-us/req | client CPU % |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (wi, w) in workloads.iter().enumerate() {
         for (bi, b) in all.iter().enumerate() {
             let m = |f: fn(&Sample) -> f64| median(samples[wi][bi].iter().map(f).collect());
             println!(
-                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
                 b.name,
                 w.name,
                 m(|s| s.iops),
                 m(|s| s.mibs),
                 m(|s| s.p50_us),
                 m(|s| s.p99_us),
-                m(|s| s.cpu_us_per_req)
+                m(|s| s.cpu_us_per_req),
+                m(|s| s.client_pct)
             );
         }
     }
     for (bi, b) in all.iter().enumerate() {
         println!(
-            "| {} | idle, connected | {:.2}% of a core |  |  |  |  |",
+            "| {} | idle, connected | {:.2}% of a core |  |  |  |  |  |",
             b.name,
             median(idles[bi].clone())
         );
+    }
+    if !qd1.is_empty() {
+        println!();
+        println!(
+            "| QD1 floor (no vhost-user) | IOPS | p50 us | p99 us | best possible / hype IOPS |"
+        );
+        println!("|---|---|---|---|---|");
+        for &wi in &qd1 {
+            let f = |g: fn(&Sample) -> f64| median(floors[wi].iter().map(g).collect());
+            let hype = median(
+                samples[wi]
+                    .first()
+                    .map_or(Vec::new(), |v| v.iter().map(|s| s.iops).collect()),
+            );
+            println!(
+                "| {} | {:.0} | {:.1} | {:.1} | {:.2} |",
+                workloads[wi].name,
+                f(|s| s.iops),
+                f(|s| s.p50_us),
+                f(|s| s.p99_us),
+                f(|s| s.iops) / hype.max(1e-9)
+            );
+        }
     }
     // Ratios of hype (the first backend) to each other backend, from the medians.
     if all.len() > 1 {

@@ -150,7 +150,12 @@ fn large_requests_run_on_the_large_request_threads_small_ones_stay_inline() {
         .iter()
         .filter(|n| n.starts_with("blk-large"))
         .count();
-    assert_eq!(large, 2, "the default --large-io-threads");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        large,
+        cpus.min(2),
+        "the default --large-io-threads: 2, at most one per CPU"
+    );
     let large_cpu = threads_cpu_ns(p.pid(), "blk-large");
     // 512 KiB requests, several in flight, mixed with small ones: all verified.
     let big = 512u64 << 10;
@@ -412,12 +417,21 @@ fn usage_errors_exit_2_runtime_errors_exit_1() {
     drop(taken);
     std::fs::remove_file(&sock).unwrap();
     // Runtime: serving starts, then the first frontend finds no file descriptors left for
-    // 64 queues' worker threads.
+    // 64 queues' worker threads (one per queue, asked for).
     let cmd = exit_check::with_fd_limit(
         &[],
         32,
         BIN,
-        &["--path", img_s, "--num-queues", "64", "--socket", sock_s],
+        &[
+            "--path",
+            img_s,
+            "--num-queues",
+            "64",
+            "--queue-threads",
+            "64",
+            "--socket",
+            sock_s,
+        ],
     );
     let out = exit_check::exit_after_connect(cmd, &sock);
     exit_check::assert_exit(

@@ -626,7 +626,16 @@ fn usage_errors_exit_2_runtime_errors_exit_1() {
         &[],
         32,
         BIN,
-        &["--url", &url, "--num-queues", "64", "--socket", sock_s],
+        &[
+            "--url",
+            &url,
+            "--num-queues",
+            "64",
+            "--queue-threads",
+            "64",
+            "--socket",
+            sock_s,
+        ],
     );
     let out = exit_check::exit_after_connect(cmd, &sock);
     exit_check::assert_exit(

@@ -6,7 +6,7 @@ use hype_daemon::ListenArgs;
 /// Default of `--poll-us`: see [`DeviceArgs::poll_us`] and docs/benchmarks.md for the choice.
 pub const DEFAULT_POLL_US: u32 = 200;
 
-/// Default of `--large-io-threads`.
+/// Default of `--large-io-threads`, lowered to the CPUs the process may run on.
 pub const DEFAULT_LARGE_IO_THREADS: usize = 2;
 
 /// Options every block backend binary takes. Flatten it into the backend's own `Args`.
@@ -15,7 +15,7 @@ pub struct DeviceArgs {
     /// Where to listen.
     #[command(flatten)]
     pub listen: ListenArgs,
-    /// Number of virtqueues; each is served by its own thread.
+    /// Number of virtqueues (served by --queue-threads threads).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub num_queues: u16,
     /// Largest virtqueue size the frontend may use.
@@ -37,9 +37,15 @@ pub struct DeviceArgs {
     pub poll_us: u32,
     /// Threads that run reads and writes of 128 KiB and more, so that several large
     /// transfers copy at once while small requests stay on the queue's thread; 0 keeps every
-    /// request on its queue's thread; not used with --io-threads above 0
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_LARGE_IO_THREADS)]
-    pub large_io_threads: usize,
+    /// request on its queue's thread; not used with --io-threads above 0 [default: 2, but no
+    /// more than the CPUs this process may run on]
+    #[arg(long, value_name = "N")]
+    pub large_io_threads: Option<usize>,
+    /// Threads that serve the virtqueues, each thread several queues when fewer than the
+    /// queues; 0: one per queue, but no more than the CPUs this process may run on (queue
+    /// threads sharing a CPU delay each other while they poll)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub queue_threads: usize,
     /// With --io-threads above 0, return each request to the guest as soon as it finished
     /// instead of in the order the guest made them available: no waiting behind a slow
     /// request, but after a crash of this process a request may complete twice (see

@@ -1,5 +1,6 @@
-//! The `VhostUserBackend` implementation: one worker thread per virtqueue, requests executed
-//! inline on that thread or handed to the I/O pool.
+//! The `VhostUserBackend` implementation: worker threads for the virtqueues (one per queue,
+//! or fewer: one per CPU the process may use), requests executed inline on the queue's
+//! thread or handed to the I/O pool.
 
 use std::fs::File;
 use std::io;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use hype_daemon::backend_defaults;
 use hype_daemon::guest_error;
-use hype_daemon::vring::{signal_used, AdaptivePoll, Drain, Handled};
+use hype_daemon::vring::{signal_used, AdaptivePoll, Drain, Drained, Handled};
 use log::warn;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
@@ -77,9 +78,43 @@ pub struct BlockBackend<S: Storage> {
     /// process after a crash re-executes exactly the requests after the used index (see
     /// [`Ordered`]). False only with a pool told to complete out of order.
     ordered: bool,
+    /// Worker threads serving the virtqueues: thread `t` serves queues `t`, `t + n`,
+    /// `t + 2n`, ... (`n` this count).
+    queue_threads: usize,
     /// The DEVICE_STATE transfer under way (SET_DEVICE_STATE_FD started it on its own thread,
     /// CHECK_DEVICE_STATE waits for it and reports its outcome).
     transfer: Mutex<Option<JoinHandle<io::Result<()>>>>,
+}
+
+/// How a backend runs its requests: the threads and the polling budget (from [`DeviceArgs`]).
+///
+/// [`DeviceArgs`]: crate::DeviceArgs
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Execution {
+    /// Threads of the shared I/O pool; 0: requests run on the queue threads.
+    pub io_threads: usize,
+    /// Threads for large reads and writes (without a pool); `None`: the default, at most one
+    /// per usable CPU.
+    pub large_io_threads: Option<usize>,
+    /// With a pool: complete requests as they finish instead of in ring order.
+    pub out_of_order: bool,
+    /// Longest polling window after a busy round.
+    pub poll: Duration,
+    /// Threads serving the virtqueues; 0: one per queue, at most one per CPU the process may
+    /// run on.
+    pub queue_threads: usize,
+}
+
+/// How many threads serve `queues` virtqueues when `asked` (0: automatic) and the process may
+/// run on `cpus` CPUs: never more than the queues, never none.
+pub(crate) fn queue_thread_count(asked: usize, queues: usize, cpus: usize) -> usize {
+    let n = if asked == 0 { cpus } else { asked };
+    n.clamp(1, queues.max(1))
+}
+
+/// CPUs this process may run on (its affinity mask and CPU quota), at least 1.
+fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl<S: Storage> BlockBackend<S> {
@@ -87,21 +122,30 @@ impl<S: Storage> BlockBackend<S> {
         spec: Arc<DeviceSpec>,
         storage: Arc<S>,
         mem: GuestMemory,
-        io_threads: usize,
-        large_io_threads: usize,
-        out_of_order: bool,
-        poll: Duration,
+        exec: Execution,
     ) -> io::Result<Self> {
-        let pool = match io_threads {
+        let pool = match exec.io_threads {
             0 => None,
             n => Some(IoPool::new(n, "blk")?),
         };
-        let large = match (io_threads, large_io_threads) {
+        let large_threads = exec
+            .large_io_threads
+            .unwrap_or_else(|| crate::args::DEFAULT_LARGE_IO_THREADS.min(usable_cpus()));
+        let large = match (exec.io_threads, large_threads) {
             (0, n) if n > 0 => Some(IoPool::new(n, "blk-large")?),
             _ => None,
         };
-        let ordered = large.is_some() || (pool.is_some() && !out_of_order);
-        let poll = if pool.is_some() { Duration::ZERO } else { poll };
+        let ordered = large.is_some() || (pool.is_some() && !exec.out_of_order);
+        let poll = if pool.is_some() {
+            Duration::ZERO
+        } else {
+            exec.poll
+        };
+        let queue_threads = queue_thread_count(
+            exec.queue_threads,
+            usize::from(spec.num_queues),
+            usable_cpus(),
+        );
         let queues = (0..spec.num_queues)
             .map(|_| QueueCtx {
                 buf: Mutex::new(IoBuf::new()),
@@ -120,6 +164,7 @@ impl<S: Storage> BlockBackend<S> {
             pool,
             large,
             ordered,
+            queue_threads,
             transfer: Mutex::new(None),
         })
     }
@@ -153,7 +198,15 @@ impl<S: Storage> BlockBackend<S> {
         spec.clone()
     }
 
-    fn process_queue(&self, vring: &Vring, ctx: &QueueCtx) {
+    /// Drains `vring` (queue context `ctx`). With `yield_to` (this thread serves other rings
+    /// too), polling ends with [`Drained::Yielded`] as soon as it says another ring needs the
+    /// thread.
+    fn process_queue(
+        &self,
+        vring: &Vring,
+        ctx: &QueueCtx,
+        yield_to: Option<&dyn Fn() -> bool>,
+    ) -> Drained {
         let spec = self.spec();
         let mem = self.mem.memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
@@ -166,7 +219,10 @@ impl<S: Storage> BlockBackend<S> {
         };
         // Polling holds the ring's lock, which the large-request threads need to complete.
         let large_in_flight = || ctx.inflight.count() > 0;
-        let drain = Drain::new("blk", event_idx).poll_until(&ctx.poll, &large_in_flight);
+        let mut drain = Drain::new("blk", event_idx).poll_until(&ctx.poll, &large_in_flight);
+        if let Some(other) = yield_to {
+            drain = drain.yield_to(other);
+        }
         drain.run(&mut st, &mem, |chain| {
             let head = chain.head_index();
             let req = match request::parse(head, table, &mem, &spec) {
@@ -205,7 +261,43 @@ impl<S: Storage> BlockBackend<S> {
             let c = request::execute(&req.op, &*self.storage, &mem, &spec, &mut buf);
             write_status(&mem, &req, c);
             self.finished_inline(ctx, head, c.used_len())
-        });
+        })
+    }
+
+    /// Serves the rings of a worker thread with several queues, starting with `first` (the
+    /// one kicked), until none needs it: round robin over the rings with requests and those
+    /// owed a drain (one that yielded to another ring has kicks off and gets no kick), so a
+    /// busy queue cannot starve the others and the thread sleeps only with every ring
+    /// re-armed. A ring the guest broke (or that is not running) is left to its next kick.
+    fn serve_thread(&self, thread_id: usize, vrings: &[Vring], first: usize) {
+        let n = vrings.len().min(64);
+        let mem = self.mem.memory();
+        let mut owed: u64 = 1 << first;
+        let mut skip: u64 = 0; // stuck or stopped in this call
+        let wants = |i: usize, owed: u64, skip: u64| {
+            owed & (1 << i) != 0
+                || (skip & (1 << i) == 0
+                    && hype_daemon::vring::has_requests(&vrings[i].get_ref(), &*mem))
+        };
+        let mut at = first;
+        loop {
+            let Some(i) = (0..n).map(|k| (at + k) % n).find(|&i| wants(i, owed, skip)) else {
+                return;
+            };
+            owed &= !(1 << i);
+            let Some(ctx) = self.queues.get(thread_id + i * self.queue_threads) else {
+                skip |= 1 << i;
+                continue;
+            };
+            let (owed_now, skip_now) = (owed, skip);
+            let other = || (0..n).any(|k| k != i && wants(k, owed_now, skip_now));
+            match self.process_queue(&vrings[i], ctx, Some(&other)) {
+                Drained::Yielded => owed |= 1 << i,
+                Drained::Empty => {}
+                Drained::Kept | Drained::NotRunning | Drained::Stuck => skip |= 1 << i,
+            }
+            at = i + 1;
+        }
     }
 
     /// A chain finished on the queue thread: used now, or after the requests taken before it
@@ -264,6 +356,19 @@ impl<S: Storage> BlockBackend<S> {
             inflight.finish();
         })
     }
+}
+
+/// The queues each of `threads` worker threads serves, as bit masks: thread `t` takes queues
+/// `t`, `t + threads`, `t + 2 * threads`, ... (`threads` is at least 1 and at most `queues`).
+pub(crate) fn queue_masks(queues: usize, threads: usize) -> Vec<u64> {
+    let threads = threads.clamp(1, queues.max(1));
+    (0..threads)
+        .map(|t| {
+            (t..queues.min(64))
+                .step_by(threads)
+                .fold(0u64, |m, q| m | 1u64 << q)
+        })
+        .collect()
 }
 
 /// Locks `m`, also after a panic elsewhere (the data stays consistent: every update is one
@@ -391,8 +496,7 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        // One worker thread per queue, so queues never wait for each other.
-        (0..self.spec().num_queues).map(|q| 1u64 << q).collect()
+        queue_masks(usize::from(self.spec().num_queues), self.queue_threads)
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -421,15 +525,49 @@ impl<S: Storage> VhostUserBackend for BlockBackend<S> {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        // One queue per thread: the thread id is the queue index, the event its only vring.
-        let (Some(vring), Some(ctx)) = (
-            vrings.get(usize::from(device_event)),
-            self.queues.get(thread_id),
-        ) else {
+        // Thread t serves queues t, t + n, t + 2n, ...; the event is the index among them.
+        let local = usize::from(device_event);
+        let queue = thread_id + local * self.queue_threads;
+        let (Some(vring), Some(ctx)) = (vrings.get(local), self.queues.get(queue)) else {
             warn!("unexpected event {device_event} on thread {thread_id}");
             return Ok(());
         };
-        self.process_queue(vring, ctx);
+        if vrings.len() == 1 {
+            self.process_queue(vring, ctx, None);
+        } else {
+            self.serve_thread(thread_id, vrings, local);
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queues_are_dealt_round_robin_to_the_threads() {
+        assert_eq!(queue_masks(4, 4), [0b0001, 0b0010, 0b0100, 0b1000]);
+        assert_eq!(queue_masks(4, 2), [0b0101, 0b1010]);
+        assert_eq!(queue_masks(4, 1), [0b1111]);
+        assert_eq!(queue_masks(5, 2), [0b10101, 0b01010]);
+        // Never more threads than queues, never none.
+        assert_eq!(queue_masks(2, 8), [0b01, 0b10]);
+        assert_eq!(queue_masks(3, 0), [0b111]);
+        let all = queue_masks(64, 3);
+        assert_eq!(all.iter().fold(0, |m, t| m | t), u64::MAX);
+        assert_eq!(all.iter().map(|t| t.count_ones()).sum::<u32>(), 64);
+    }
+
+    #[test]
+    fn automatic_queue_threads_follow_the_cpus() {
+        // 0: one per queue, at most one per CPU.
+        assert_eq!(queue_thread_count(0, 4, 1), 1);
+        assert_eq!(queue_thread_count(0, 4, 2), 2);
+        assert_eq!(queue_thread_count(0, 4, 16), 4);
+        // Asked: as asked, within 1..=queues.
+        assert_eq!(queue_thread_count(3, 4, 1), 3);
+        assert_eq!(queue_thread_count(9, 4, 1), 4);
+        assert_eq!(queue_thread_count(0, 1, 0), 1);
     }
 }

@@ -7,7 +7,7 @@ use hype_daemon::sandbox::Sandbox;
 use hype_daemon::{ListenArgs, Shutdown, SocketListener};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
-use crate::backend::{BlockBackend, GuestMemory};
+use crate::backend::{BlockBackend, Execution, GuestMemory};
 use crate::chain::MAX_CHAIN_DESCRIPTORS;
 use crate::config::DeviceSpec;
 use crate::storage::{Storage, SECTOR_SIZE};
@@ -41,8 +41,11 @@ pub struct BlockDevice<S: Storage> {
     name: String,
     sandbox: Option<Sandbox>,
     poll: Duration,
-    large_io_threads: usize,
+    /// `None`: [`DEFAULT_LARGE_IO_THREADS`](crate::args::DEFAULT_LARGE_IO_THREADS), at most
+    /// one per usable CPU.
+    large_io_threads: Option<usize>,
     out_of_order: bool,
+    queue_threads: usize,
 }
 
 impl<S: Storage> BlockDevice<S> {
@@ -63,12 +66,14 @@ impl<S: Storage> BlockDevice<S> {
             name: "hype-block".into(),
             sandbox: None,
             poll: Duration::from_micros(u64::from(crate::args::DEFAULT_POLL_US)),
-            large_io_threads: crate::args::DEFAULT_LARGE_IO_THREADS,
+            large_io_threads: None,
             out_of_order: false,
+            queue_threads: 0,
         }
     }
 
-    /// Number of virtqueues (1..=64); each gets its own worker thread.
+    /// Number of virtqueues (1..=64); how many worker threads serve them is
+    /// [`queue_threads`](Self::queue_threads)'s choice.
     pub fn num_queues(mut self, n: u16) -> Self {
         self.num_queues = n;
         self
@@ -106,9 +111,24 @@ impl<S: Storage> BlockDevice<S> {
     /// Threads for reads and writes of 128 KiB and more when there is no I/O pool (see
     /// [`io_threads`](Self::io_threads)): several large transfers then copy at once while
     /// small requests stay on their queue's thread. 0 runs everything on the queue's thread.
-    /// Requests may then complete out of order, which virtio-blk allows.
+    /// Without this, 2, but no more than the CPUs the process may run on (copies that share
+    /// one CPU only take turns: one 1 MiB read after another is faster than two interleaved).
     pub fn large_io_threads(mut self, n: usize) -> Self {
-        self.large_io_threads = n;
+        self.large_io_threads = Some(n);
+        self
+    }
+
+    /// Worker threads that serve the virtqueues: thread `t` of `n` serves queues `t`, `t + n`,
+    /// `t + 2n`, ... 0 (the default) gives each queue its own thread, but never more threads
+    /// than the CPUs the process may run on (its affinity mask and CPU quota, read when a
+    /// frontend connects): queue threads that share a CPU and poll their rings take turns at
+    /// it and delay each other (a 4-queue device on one CPU: p99 4 ms with a thread per
+    /// queue, see docs/benchmarks.md). A thread with several queues stops polling one as soon
+    /// as another has requests. With requests run inline on slow storage, a request that
+    /// blocks holds up the other queues of its thread: give such a store an I/O pool
+    /// ([`io_threads`](Self::io_threads)) or ask for one thread per queue here.
+    pub fn queue_threads(mut self, n: usize) -> Self {
+        self.queue_threads = n;
         self
     }
 
@@ -161,8 +181,11 @@ impl<S: Storage> BlockDevice<S> {
             self.serial = Some(s.clone());
         }
         self.poll = Duration::from_micros(u64::from(args.poll_us));
-        self.large_io_threads = args.large_io_threads;
+        if let Some(n) = args.large_io_threads {
+            self.large_io_threads = Some(n);
+        }
         self.out_of_order = args.out_of_order;
+        self.queue_threads = args.queue_threads;
         self
     }
 
@@ -210,22 +233,10 @@ impl<S: Storage> BlockDevice<S> {
             spec.num_queues,
             self.io_threads
         );
-        let io_threads = self.io_threads;
-        let poll = self.poll;
-        let large = self.large_io_threads;
-        let out_of_order = self.out_of_order;
+        let exec = self.execution();
         let storage = self.storage.clone();
         hype_daemon::serve(listener, &self.name, shutdown, |mem: &GuestMemory| {
-            BlockBackend::new(
-                spec.clone(),
-                storage.clone(),
-                mem.clone(),
-                io_threads,
-                large,
-                out_of_order,
-                poll,
-            )
-            .map(Arc::new)
+            BlockBackend::new(spec.clone(), storage.clone(), mem.clone(), exec).map(Arc::new)
         })?;
         Ok(())
     }
@@ -233,17 +244,19 @@ impl<S: Storage> BlockDevice<S> {
     /// Builds the backend for one connection, for users who run their own daemon loop.
     pub fn backend(&self, mem: &GuestMemory) -> Result<Arc<BlockBackend<S>>, Error> {
         let spec = Arc::new(self.spec()?);
-        BlockBackend::new(
-            spec,
-            self.storage.clone(),
-            mem.clone(),
-            self.io_threads,
-            self.large_io_threads,
-            self.out_of_order,
-            self.poll,
-        )
-        .map(Arc::new)
-        .map_err(Error::Backend)
+        BlockBackend::new(spec, self.storage.clone(), mem.clone(), self.execution())
+            .map(Arc::new)
+            .map_err(Error::Backend)
+    }
+
+    fn execution(&self) -> Execution {
+        Execution {
+            io_threads: self.io_threads,
+            large_io_threads: self.large_io_threads,
+            out_of_order: self.out_of_order,
+            poll: self.poll,
+            queue_threads: self.queue_threads,
+        }
     }
 
     /// Validates the options and the storage info into the device's fixed description.
@@ -272,8 +285,8 @@ impl<S: Storage> BlockDevice<S> {
         if self.io_threads > 1024 {
             return Err(Error::InvalidIoThreads(self.io_threads));
         }
-        if self.large_io_threads > 1024 {
-            return Err(Error::InvalidIoThreads(self.large_io_threads));
+        if let Some(n) = self.large_io_threads.filter(|&n| n > 1024) {
+            return Err(Error::InvalidIoThreads(n));
         }
         let serial_str = self.serial.clone().or(info.serial).unwrap_or_default();
         if serial_str.len() > VIRTIO_BLK_ID_BYTES as usize
@@ -378,8 +391,9 @@ mod tests {
             io_threads,
             serial: None,
             poll_us: 0,
-            large_io_threads: 0,
+            large_io_threads: Some(0),
             out_of_order: false,
+            queue_threads: 0,
             sandbox: SandboxArgs::off(),
         }
     }

@@ -96,6 +96,18 @@ fn serve(name: &str, queues: u16, io_threads: usize) -> Server {
 }
 
 fn serve_with(name: &str, queues: u16, io_threads: usize, out_of_order: bool) -> Server {
+    serve_device(name, |d| {
+        d.num_queues(queues)
+            .io_threads(io_threads)
+            .out_of_order(out_of_order)
+    })
+}
+
+/// Serves the slow store with the device `configure` makes of it.
+fn serve_device(
+    name: &str,
+    configure: impl FnOnce(BlockDevice<SlowStore>) -> BlockDevice<SlowStore>,
+) -> Server {
     let dir = std::env::temp_dir().join(format!("hype-blk-exec-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -109,10 +121,7 @@ fn serve_with(name: &str, queues: u16, io_threads: usize, out_of_order: bool) ->
     });
     let mut listener = SocketListener::bind(&socket, 0o600).unwrap();
     let shutdown = Shutdown::new().unwrap();
-    let device = BlockDevice::from_arc(store.clone())
-        .num_queues(queues)
-        .io_threads(io_threads)
-        .out_of_order(out_of_order);
+    let device = configure(BlockDevice::from_arc(store.clone()));
     let sd = shutdown.clone();
     let thread = thread::spawn(move || device.serve_on(&mut listener, &sd).unwrap());
     Server {
@@ -134,7 +143,8 @@ fn connect(s: &Server, queues: usize) -> BlkDriver {
 
 #[test]
 fn slow_queue_does_not_block_other_queue() {
-    let s = serve("queues", 2, 0);
+    // One thread per queue (the default only where the process may use a CPU per queue).
+    let s = serve_device("queues", |d| d.num_queues(2).queue_threads(2));
     let mut disk = connect(&s, 2);
     // Queue 0: a read stuck in the store, on queue 0's own thread.
     let q0 = disk.driver().queue(0).unwrap();
@@ -157,6 +167,44 @@ fn slow_queue_does_not_block_other_queue() {
     s.store.release();
     let c = q0.wait_for(slow, LONG).unwrap();
     assert_eq!(BlkResponse::from_completion(c).status, BlkStatus::Ok);
+}
+
+#[test]
+fn queues_sharing_one_thread_are_all_served_with_polling() {
+    // Four queues, one worker thread, polling on: the thread polls one ring until another
+    // has requests, then moves on with the first ring's kicks still off; a kick lost there
+    // leaves a request unanswered and this test times out.
+    let s = serve_device("shared", |d| {
+        d.num_queues(4)
+            .queue_threads(1)
+            .poll(Duration::from_millis(50))
+    });
+    let mut disk = connect(&s, 4);
+    for q in 0..4 {
+        let data = vec![q as u8 + 1; 4096];
+        disk.execute(q, &BlkRequest::write(q as u64 * 8, data))
+            .unwrap();
+    }
+    for round in 0..50u64 {
+        let mut heads = Vec::new();
+        for q in 0..4 {
+            let vq = disk.driver().queue(q).unwrap();
+            let mut hs = Vec::new();
+            for _ in 0..=(round % 8) {
+                hs.push(add_request(vq, &BlkRequest::read(q as u64 * 8, 4096)).unwrap());
+            }
+            vq.notify().unwrap();
+            heads.push(hs);
+        }
+        for (q, hs) in heads.into_iter().enumerate() {
+            let vq = disk.driver().queue(q).unwrap();
+            for h in hs {
+                let r = BlkResponse::from_completion(vq.wait_for(h, LONG).unwrap());
+                assert_eq!(r.status, BlkStatus::Ok);
+                assert_eq!(r.data, vec![q as u8 + 1; 4096], "queue {q}, round {round}");
+            }
+        }
+    }
 }
 
 #[test]

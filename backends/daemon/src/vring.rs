@@ -19,6 +19,9 @@
 //!    with kicks still suppressed, watch the avail index for a short, adaptive time before
 //!    re-arming. A busy guest then adds its next requests without kicking and the worker does
 //!    not go to sleep between them; a quiet guest costs at most one polling window per burst.
+//!    A thread that serves several rings polls one until another has chains
+//!    ([`Drain::yield_to`]): the drain then returns [`Drained::Yielded`] with kicks still off,
+//!    and the thread owes that ring another drain before it may sleep.
 //!
 //! Every problem the guest causes is logged through the rate-limited [`guest_error`].
 
@@ -60,6 +63,9 @@ pub enum Drained {
     Kept,
     /// The ring is not set up or was stopped: nothing was popped.
     NotRunning,
+    /// Polling found work on another ring ([`Drain::yield_to`]) and stopped: kicks are still
+    /// suppressed, so the caller must drain this ring again (no kick will say so).
+    Yielded,
     /// The guest broke the ring (garbage or unreadable avail index, unwritable used ring):
     /// draining stopped; it is tried again on the next kick.
     Stuck,
@@ -153,6 +159,7 @@ pub struct Drain<'p> {
     signal_batch: usize,
     poll: Option<&'p AdaptivePoll>,
     poll_stop: Option<&'p dyn Fn() -> bool>,
+    yield_to: Option<&'p dyn Fn() -> bool>,
 }
 
 impl std::fmt::Debug for Drain<'_> {
@@ -164,6 +171,7 @@ impl std::fmt::Debug for Drain<'_> {
             .field("signal_batch", &self.signal_batch)
             .field("poll", &self.poll)
             .field("poll_stop", &self.poll_stop.is_some())
+            .field("yield_to", &self.yield_to.is_some())
             .finish()
     }
 }
@@ -182,6 +190,7 @@ impl<'p> Drain<'p> {
             signal_batch: usize::MAX,
             poll: None,
             poll_stop: None,
+            yield_to: None,
         }
     }
 
@@ -200,6 +209,15 @@ impl<'p> Drain<'p> {
     pub fn poll_until(mut self, poll: &'p AdaptivePoll, stop: &'p dyn Fn() -> bool) -> Self {
         self.poll = Some(poll).filter(|p| p.enabled());
         self.poll_stop = Some(stop);
+        self
+    }
+
+    /// While polling, also watches `other` (work waiting on another ring the same thread
+    /// serves): when it says true the drain returns [`Drained::Yielded`] at once, leaving
+    /// kicks suppressed, and the caller must run this drain again before it sleeps (it will
+    /// get no kick for what the guest adds meanwhile). Without polling it has no effect.
+    pub fn yield_to(mut self, other: &'p dyn Fn() -> bool) -> Self {
+        self.yield_to = Some(other);
         self
     }
 
@@ -293,11 +311,19 @@ impl<'p> Drain<'p> {
             // A busy ring: watch for the guest's next chains, kicks still off.
             if let Some(poll) = self.poll.filter(|_| popped > 0 && !kept) {
                 let stop = self.poll_stop.unwrap_or(&|| false);
-                let mut stopped = false;
+                let other = self.yield_to.unwrap_or(&|| false);
+                let (mut stopped, mut yielded) = (false, false);
                 let found = poll.wait_for(|| {
-                    stopped = stop();
-                    stopped || Self::has_avail(st, &**mem)
+                    if Self::has_avail(st, &**mem) {
+                        return true;
+                    }
+                    yielded = other();
+                    stopped = !yielded && stop();
+                    yielded || stopped
                 });
+                if yielded {
+                    return Drained::Yielded;
+                }
                 if found && !stopped {
                     idle_rounds = 0;
                     continue;
@@ -364,6 +390,20 @@ impl<'p> Drain<'p> {
             }
         }
     }
+}
+
+/// Whether the ring in `st` is running and the guest has made chains available that were not
+/// popped yet (an unreadable avail index counts as none: the ring's own drain reports it).
+/// For a thread serving several rings, to see whether another one needs it.
+pub fn has_requests<A, M>(st: &VringState<A>, mem: &M) -> bool
+where
+    A: GuestAddressSpace,
+    M: GuestMemory + ?Sized,
+{
+    let q = st.get_queue();
+    q.ready()
+        && q.avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != q.next_avail())
 }
 
 /// Signals the guest that used buffers are ready, if it wants to know: always without

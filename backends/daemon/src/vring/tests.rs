@@ -494,6 +494,63 @@ fn no_polling_after_an_idle_round_or_when_told_to_stop_or_turned_off() {
 }
 
 #[test]
+fn polling_yields_to_another_ring_with_kicks_left_off_and_resumes_on_the_next_drain() {
+    let mut ring = Ring::new(true);
+    ring.offer(0);
+    let poll = AdaptivePoll::new(std::time::Duration::from_secs(5));
+    let other_busy = Cell::new(false);
+    let other = || other_busy.get();
+    let t = std::time::Instant::now();
+    // Another ring of the thread gets work while this one is polled: the drain returns at
+    // once, chain 0 done, kicks still suppressed (avail_event not moved past chain 0).
+    let end = ring.drain(
+        Drain::new("test", true).poll(&poll).yield_to(&other),
+        |_| {
+            other_busy.set(true);
+            Handled::Used(0)
+        },
+    );
+    assert_eq!(end, Drained::Yielded);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "did not poll on"
+    );
+    assert_eq!(ring.used(), [(0, 0)]);
+    assert_eq!(ring.avail_event(), 0, "kicks stay off after a yield");
+    // The guest adds a chain meanwhile (no kick); the owed drain takes it and, with nothing
+    // to yield to and no polling, re-arms kicks.
+    ring.offer(1);
+    let end = ring.drain(Drain::new("test", true), |_| Handled::Used(0));
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(ring.used(), [(0, 0), (1, 0)]);
+    assert_eq!(ring.avail_event(), 2, "kicks re-armed");
+    // Without polling, yield_to has no effect.
+    ring.offer(2);
+    let end = ring.drain(Drain::new("test", true).yield_to(&|| true), |_| {
+        Handled::Used(0)
+    });
+    assert_eq!(end, Drained::Empty);
+    assert_eq!(ring.avail_event(), 3);
+}
+
+#[test]
+fn has_requests_sees_unpopped_chains_of_a_running_ring_only() {
+    let mut ring = Ring::new(true);
+    let mem = ring.mem.memory();
+    assert!(!has_requests(&ring.vring.get_ref(), &*mem));
+    ring.offer(0);
+    assert!(has_requests(&ring.vring.get_ref(), &*mem));
+    ring.drain(Drain::new("test", true), |_| Handled::Used(0));
+    assert!(!has_requests(&ring.vring.get_ref(), &*mem));
+    ring.offer(1);
+    ring.vring.set_queue_ready(false);
+    assert!(!has_requests(&ring.vring.get_ref(), &*mem), "not running");
+    // An avail ring outside guest memory reads as no work (its own drain reports it).
+    let ring = Ring::with_avail_ring(true, MEM_SIZE as u64 + 0x1000);
+    assert!(!has_requests(&ring.vring.get_ref(), &*ring.mem.memory()));
+}
+
+#[test]
 fn a_full_blocking_pipe_as_call_fd_does_not_block_the_signal() {
     let mut ring = Ring::new(false);
     let mut fds = [0; 2];
