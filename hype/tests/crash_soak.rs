@@ -255,6 +255,10 @@ impl Disk {
             IO_THREADS
         };
         args.extend(["--io-threads".into(), io_threads.into()]);
+        if kind == Kind::FileLarge {
+            // Asked for: by default a one- or two-CPU process runs large requests inline.
+            args.extend(["--large-io-threads".into(), "2".into()]);
+        }
         args.extend(extra_args());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         eprintln!("{}: hype {}", kind.name(), args.join(" "));

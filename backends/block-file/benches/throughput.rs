@@ -326,7 +326,8 @@ fn measure(b: &Backend, w: &Workload, image: &Path, secs: Duration, pin: &Pin) -
 }
 
 /// The least a QD1 round trip can take on this machine, with no vhost-user and no virtio at
-/// all: a "backend" thread spins on a shared counter (what a polling backend does), moves the
+/// all: a "backend" thread spins on a shared counter (what a polling backend does, yielding
+/// the CPU every 64 looks), moves the
 /// block with one `pread`/`pwrite` of the image (the copy every backend must make), and writes
 /// an eventfd; the client publishes a request by bumping the counter and sleeps in `poll()` on
 /// the eventfd, as the bench's client sleeps on its call fd. No backend can answer a QD1
@@ -357,10 +358,18 @@ fn floor_qd1(w: &Workload, image: &Path, secs: Duration, pin: &Pin) -> Sample {
             let cpu0 = thread_cpu_ns();
             let mut buf = vec![0u8; w.block as usize];
             let mut seen = 0;
+            let mut spins = 0u32;
             while !stop.load(Ordering::Relaxed) {
                 let r = requested.load(Ordering::Acquire);
                 if r == seen {
-                    std::hint::spin_loop();
+                    // Spin, giving the CPU away now and then (a client on the same core
+                    // must get it to make the next request).
+                    spins = spins.wrapping_add(1);
+                    if spins % 64 == 0 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
                     continue;
                 }
                 seen = r;

@@ -140,9 +140,28 @@ fn thread_names(pid: u32) -> Vec<String> {
 fn large_requests_run_on_the_large_request_threads_small_ones_stay_inline() {
     let dir = tempdir("filelarge");
     let img = image(&dir, 32 << 20);
-    let p = Process::spawn(
+    // By default: 2, on the CPUs beyond two the process may use.
+    let pd = Process::spawn(
         BIN,
         &["--path", img.to_str().unwrap()],
+        &dir.join("blkd.sock"),
+    );
+    let conn = connect(&pd.socket, 1);
+    let large = thread_names(pd.pid())
+        .iter()
+        .filter(|n| n.starts_with("blk-large"))
+        .count();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert_eq!(
+        large,
+        cpus.saturating_sub(2).min(2),
+        "default large threads"
+    );
+    drop(conn);
+    drop(pd);
+    let p = Process::spawn(
+        BIN,
+        &["--path", img.to_str().unwrap(), "--large-io-threads", "2"],
         &dir.join("blk.sock"),
     );
     let mut disk = connect(&p.socket, 1);
@@ -150,12 +169,7 @@ fn large_requests_run_on_the_large_request_threads_small_ones_stay_inline() {
         .iter()
         .filter(|n| n.starts_with("blk-large"))
         .count();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    assert_eq!(
-        large,
-        cpus.min(2),
-        "the default --large-io-threads: 2, at most one per CPU"
-    );
+    assert_eq!(large, 2, "--large-io-threads 2");
     let large_cpu = threads_cpu_ns(p.pid(), "blk-large");
     // 512 KiB requests, several in flight, mixed with small ones: all verified.
     let big = 512u64 << 10;

@@ -6,7 +6,8 @@ use hype_daemon::ListenArgs;
 /// Default of `--poll-us`: see [`DeviceArgs::poll_us`] and docs/benchmarks.md for the choice.
 pub const DEFAULT_POLL_US: u32 = 200;
 
-/// Default of `--large-io-threads`, lowered to the CPUs the process may run on.
+/// Default of `--large-io-threads` where the process may use four CPUs or more (on fewer, only
+/// those beyond two: none on a one- or two-CPU process).
 pub const DEFAULT_LARGE_IO_THREADS: usize = 2;
 
 /// Options every block backend binary takes. Flatten it into the backend's own `Args`.
@@ -37,13 +38,12 @@ pub struct DeviceArgs {
     pub poll_us: u32,
     /// Threads that run reads and writes of 128 KiB and more, so that several large
     /// transfers copy at once while small requests stay on the queue's thread; 0 keeps every
-    /// request on its queue's thread; not used with --io-threads above 0 [default: 2, but no
-    /// more than the CPUs this process may run on]
+    /// request on its queue's thread; not used with --io-threads above 0 [default: 2, but only
+    /// on CPUs beyond two this process may run on: 0 with one or two CPUs]
     #[arg(long, value_name = "N")]
     pub large_io_threads: Option<usize>,
-    /// Threads that serve the virtqueues, each thread several queues when fewer than the
-    /// queues; 0: one per queue, but no more than the CPUs this process may run on (queue
-    /// threads sharing a CPU delay each other while they poll)
+    /// Threads that serve the virtqueues, each thread several queues (in turn) when fewer
+    /// than the queues; 0: one per queue
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub queue_threads: usize,
     /// With --io-threads above 0, return each request to the guest as soon as it finished

@@ -1,6 +1,6 @@
 //! The `VhostUserBackend` implementation: worker threads for the virtqueues (one per queue,
-//! or fewer: one per CPU the process may use), requests executed inline on the queue's
-//! thread or handed to the I/O pool.
+//! or fewer, each serving several), requests executed inline on the queue's thread, on the
+//! large-request threads, or handed to the I/O pool.
 
 use std::fs::File;
 use std::io;
@@ -93,28 +93,40 @@ pub struct BlockBackend<S: Storage> {
 pub(crate) struct Execution {
     /// Threads of the shared I/O pool; 0: requests run on the queue threads.
     pub io_threads: usize,
-    /// Threads for large reads and writes (without a pool); `None`: the default, at most one
-    /// per usable CPU.
+    /// Threads for large reads and writes (without a pool); `None`: the default for `cpus`
+    /// ([`default_large_io_threads`]).
     pub large_io_threads: Option<usize>,
     /// With a pool: complete requests as they finish instead of in ring order.
     pub out_of_order: bool,
     /// Longest polling window after a busy round.
     pub poll: Duration,
-    /// Threads serving the virtqueues; 0: one per queue, at most one per CPU the process may
-    /// run on.
+    /// Threads serving the virtqueues; 0: one per queue.
     pub queue_threads: usize,
+    /// The CPUs the process may run on (read before it is confined).
+    pub cpus: usize,
 }
 
-/// How many threads serve `queues` virtqueues when `asked` (0: automatic) and the process may
-/// run on `cpus` CPUs: never more than the queues, never none.
-pub(crate) fn queue_thread_count(asked: usize, queues: usize, cpus: usize) -> usize {
-    let n = if asked == 0 { cpus } else { asked };
+/// CPUs this process may run on (its affinity mask and CPU quota), at least 1. Reads
+/// /proc and /sys: call it before the process is confined.
+pub(crate) fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// How many threads serve `queues` virtqueues when `asked` for (0: one per queue): never more
+/// than the queues, never none.
+pub(crate) fn queue_thread_count(asked: usize, queues: usize) -> usize {
+    let n = if asked == 0 { queues } else { asked };
     n.clamp(1, queues.max(1))
 }
 
-/// CPUs this process may run on (its affinity mask and CPU quota), at least 1.
-fn usable_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+/// Large-request threads when none were asked for, for a process that may use `cpus` CPUs:
+/// [`DEFAULT_LARGE_IO_THREADS`](crate::args::DEFAULT_LARGE_IO_THREADS), but only on the CPUs
+/// beyond two (the queue's thread and the driver's side use those): on one or two CPUs,
+/// large requests run on the queue's thread, returned to the guest as each finishes, which
+/// measured as fast or faster at less CPU than handing them over (docs/benchmarks.md).
+pub(crate) fn default_large_io_threads(cpus: usize) -> usize {
+    cpus.saturating_sub(2)
+        .min(crate::args::DEFAULT_LARGE_IO_THREADS)
 }
 
 impl<S: Storage> BlockBackend<S> {
@@ -130,7 +142,7 @@ impl<S: Storage> BlockBackend<S> {
         };
         let large_threads = exec
             .large_io_threads
-            .unwrap_or_else(|| crate::args::DEFAULT_LARGE_IO_THREADS.min(usable_cpus()));
+            .unwrap_or_else(|| default_large_io_threads(exec.cpus));
         let large = match (exec.io_threads, large_threads) {
             (0, n) if n > 0 => Some(IoPool::new(n, "blk-large")?),
             _ => None,
@@ -141,11 +153,7 @@ impl<S: Storage> BlockBackend<S> {
         } else {
             exec.poll
         };
-        let queue_threads = queue_thread_count(
-            exec.queue_threads,
-            usize::from(spec.num_queues),
-            usable_cpus(),
-        );
+        let queue_threads = queue_thread_count(exec.queue_threads, usize::from(spec.num_queues));
         let queues = (0..spec.num_queues)
             .map(|_| QueueCtx {
                 buf: Mutex::new(IoBuf::new()),
@@ -260,7 +268,12 @@ impl<S: Storage> BlockBackend<S> {
             }
             let c = request::execute(&req.op, &*self.storage, &mem, &spec, &mut buf);
             write_status(&mem, &req, c);
-            self.finished_inline(ctx, head, c.used_len())
+            match self.finished_inline(ctx, head, c.used_len()) {
+                // A large transfer took long: the guest gets it back at once, not after the
+                // rest of the round.
+                Handled::Used(len) if req.op.data_len() >= LARGE_REQUEST => Handled::UsedNow(len),
+                h => h,
+            }
         })
     }
 
@@ -560,14 +573,22 @@ mod tests {
     }
 
     #[test]
-    fn automatic_queue_threads_follow_the_cpus() {
-        // 0: one per queue, at most one per CPU.
-        assert_eq!(queue_thread_count(0, 4, 1), 1);
-        assert_eq!(queue_thread_count(0, 4, 2), 2);
-        assert_eq!(queue_thread_count(0, 4, 16), 4);
-        // Asked: as asked, within 1..=queues.
-        assert_eq!(queue_thread_count(3, 4, 1), 3);
-        assert_eq!(queue_thread_count(9, 4, 1), 4);
-        assert_eq!(queue_thread_count(0, 1, 0), 1);
+    fn queue_threads_are_one_per_queue_unless_asked() {
+        assert_eq!(queue_thread_count(0, 4), 4);
+        assert_eq!(queue_thread_count(1, 4), 1);
+        assert_eq!(queue_thread_count(3, 4), 3);
+        // Within 1..=queues.
+        assert_eq!(queue_thread_count(9, 4), 4);
+        assert_eq!(queue_thread_count(0, 0), 1);
+    }
+
+    #[test]
+    fn large_request_threads_only_on_cpus_beyond_two() {
+        assert_eq!(default_large_io_threads(0), 0);
+        assert_eq!(default_large_io_threads(1), 0);
+        assert_eq!(default_large_io_threads(2), 0);
+        assert_eq!(default_large_io_threads(3), 1);
+        assert_eq!(default_large_io_threads(4), 2);
+        assert_eq!(default_large_io_threads(64), 2);
     }
 }

@@ -46,6 +46,8 @@ pub struct BlockDevice<S: Storage> {
     large_io_threads: Option<usize>,
     out_of_order: bool,
     queue_threads: usize,
+    /// CPUs the process may use, read in [`serve`](Self::serve) before confinement.
+    cpus: Option<usize>,
 }
 
 impl<S: Storage> BlockDevice<S> {
@@ -69,6 +71,7 @@ impl<S: Storage> BlockDevice<S> {
             large_io_threads: None,
             out_of_order: false,
             queue_threads: 0,
+            cpus: None,
         }
     }
 
@@ -111,22 +114,24 @@ impl<S: Storage> BlockDevice<S> {
     /// Threads for reads and writes of 128 KiB and more when there is no I/O pool (see
     /// [`io_threads`](Self::io_threads)): several large transfers then copy at once while
     /// small requests stay on their queue's thread. 0 runs everything on the queue's thread.
-    /// Without this, 2, but no more than the CPUs the process may run on (copies that share
-    /// one CPU only take turns: one 1 MiB read after another is faster than two interleaved).
+    /// Without this, 2, but only on the CPUs beyond two that the process may use (none on one
+    /// or two CPUs): there, large requests run on the queue's thread and each is returned to
+    /// the guest as soon as it is done, which measured as fast or faster, at less CPU, than
+    /// handing them to other threads (docs/benchmarks.md).
     pub fn large_io_threads(mut self, n: usize) -> Self {
         self.large_io_threads = Some(n);
         self
     }
 
     /// Worker threads that serve the virtqueues: thread `t` of `n` serves queues `t`, `t + n`,
-    /// `t + 2n`, ... 0 (the default) gives each queue its own thread, but never more threads
-    /// than the CPUs the process may run on (its affinity mask and CPU quota, read when a
-    /// frontend connects): queue threads that share a CPU and poll their rings take turns at
-    /// it and delay each other (a 4-queue device on one CPU: p99 4 ms with a thread per
-    /// queue, see docs/benchmarks.md). A thread with several queues stops polling one as soon
-    /// as another has requests. With requests run inline on slow storage, a request that
-    /// blocks holds up the other queues of its thread: give such a store an I/O pool
-    /// ([`io_threads`](Self::io_threads)) or ask for one thread per queue here.
+    /// `t + 2n`, ... 0 (the default) gives each queue its own thread. A thread with several
+    /// queues serves them in turn: it polls one until another has requests, then moves on
+    /// with the first one's kicks still off, so a busy queue cannot starve the others and no
+    /// kick is needed between them. With requests run inline on slow storage, a request that
+    /// blocks holds up the other queues of its thread (an I/O pool,
+    /// [`io_threads`](Self::io_threads), avoids that). Measured on two CPUs
+    /// (docs/benchmarks.md): as fast as a thread per queue on separate cores, a lower median
+    /// but a longer tail when the driver shares the backend's core.
     pub fn queue_threads(mut self, n: usize) -> Self {
         self.queue_threads = n;
         self
@@ -206,6 +211,8 @@ impl<S: Storage> BlockDevice<S> {
         let shutdown = Shutdown::new()?;
         shutdown.install_signal_handlers()?;
         let mut listener = SocketListener::open(listen)?;
+        // Read while /proc and /sys are still reachable.
+        self.cpus = Some(crate::backend::usable_cpus());
         if let Some(mut sandbox) = self.sandbox.take() {
             hype_daemon::sandbox::confine(&mut sandbox, &listener)?;
         }
@@ -256,6 +263,7 @@ impl<S: Storage> BlockDevice<S> {
             out_of_order: self.out_of_order,
             poll: self.poll,
             queue_threads: self.queue_threads,
+            cpus: self.cpus.unwrap_or_else(crate::backend::usable_cpus),
         }
     }
 

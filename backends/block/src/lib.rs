@@ -2,7 +2,7 @@
 //! virtio-blk over vhost-user: implement [`Storage`], get a complete backend.
 //!
 //! ```text
-//!  guest driver ──virtqueues──▶ BlockBackend (one thread per queue)
+//!  guest driver ──virtqueues──▶ BlockBackend (a thread per queue, or --queue-threads)
 //!                                 │ parse + validate (request.rs)
 //!                                 ├─▶ execute inline            ─┐
 //!                                 └─▶ I/O pool (out of order)   ─┴─▶ Storage::read_at / write_at / ...

@@ -45,6 +45,10 @@ const MAX_IDLE_ROUNDS: u32 = 2;
 pub enum Handled {
     /// Done: put the chain in the used ring, saying this many bytes were written into it.
     Used(u32),
+    /// Done, like [`Used`](Handled::Used), and signal the guest now (as far as it wants
+    /// interrupts) rather than at the end of the round: for a chain that took long (a large
+    /// transfer), so the guest can reuse it while the rest of the round runs.
+    UsedNow(u32),
     /// The handler took the chain and it is not returned here: another thread completes it
     /// later (and calls `add_used` and [`signal_used`] itself), or it cannot be returned at
     /// all (a head index outside the ring).
@@ -275,8 +279,9 @@ impl<'p> Drain<'p> {
             let mut kept = false;
             while let Some(chain) = st.get_queue_mut().pop_descriptor_chain(mem.clone()) {
                 let head = chain.head_index();
-                match handle(chain) {
-                    Handled::Used(len) => {
+                let handled = handle(chain);
+                match handled {
+                    Handled::Used(len) | Handled::UsedNow(len) => {
                         if let Err(e) = st.add_used(head, len) {
                             guest_error(format_args!(
                                 "{}: cannot return chain {head}: {e}",
@@ -284,7 +289,8 @@ impl<'p> Drain<'p> {
                             ));
                         }
                         used += 1;
-                        if used >= self.signal_batch {
+                        let now = matches!(handled, Handled::UsedNow(_));
+                        if now || used >= self.signal_batch {
                             signal_used(st, self.event_idx);
                             used = 0;
                         }

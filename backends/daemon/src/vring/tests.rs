@@ -534,6 +534,30 @@ fn polling_yields_to_another_ring_with_kicks_left_off_and_resumes_on_the_next_dr
 }
 
 #[test]
+fn used_now_signals_before_the_rest_of_the_round() {
+    for (now, signalled_during_second) in [(false, 0), (true, 1)] {
+        let mut ring = Ring::new(false);
+        ring.offer_all([0, 1]);
+        let seen = Cell::new(None);
+        let end = ring.drain(Drain::new("test", false), |c| {
+            if c.head_index() == 0 {
+                return if now {
+                    Handled::UsedNow(7)
+                } else {
+                    Handled::Used(7)
+                };
+            }
+            seen.set(Some(ring.signals()));
+            Handled::Used(0)
+        });
+        assert_eq!(end, Drained::Empty);
+        assert_eq!(ring.used(), [(0, 7), (1, 0)]);
+        assert_eq!(seen.get(), Some(signalled_during_second), "UsedNow: {now}");
+        assert_eq!(ring.signals(), 1, "and once at the end of the round");
+    }
+}
+
+#[test]
 fn has_requests_sees_unpopped_chains_of_a_running_ring_only() {
     let mut ring = Ring::new(true);
     let mem = ring.mem.memory();
