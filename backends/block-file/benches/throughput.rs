@@ -117,6 +117,30 @@ struct Sample {
     client_pct: f64,
 }
 
+impl Sample {
+    /// The sample of a run that completed a request per entry of `latencies` (ns; sorted
+    /// here) of `block` bytes in `secs` seconds, with `cpu_ns` of backend CPU time.
+    fn of(latencies: &mut [u64], secs: f64, block: u64, cpu_ns: u64) -> Sample {
+        let done = latencies.len() as f64;
+        latencies.sort_unstable();
+        let pct = |q: usize| {
+            latencies
+                .get(latencies.len() * q / 100)
+                .copied()
+                .unwrap_or(0) as f64
+                / 1e3
+        };
+        Sample {
+            iops: done / secs,
+            mibs: done * block as f64 / secs / f64::from(1u32 << 20),
+            p50_us: pct(50),
+            p99_us: pct(99),
+            cpu_us_per_req: cpu_ns as f64 / 1e3 / done.max(1.0),
+            client_pct: 0.0,
+        }
+    }
+}
+
 fn env_list(name: &str) -> Option<Vec<String>> {
     std::env::var(name)
         .ok()
@@ -307,23 +331,9 @@ fn measure(b: &Backend, w: &Workload, image: &Path, secs: Duration, pin: &Pin) -
     let cpu = cpu_ns(p.pid()).saturating_sub(cpu0);
     drop(disk);
     drop(p);
-    let done = latencies.len() as f64;
-    latencies.sort_unstable();
-    let pct = |q: usize| {
-        latencies
-            .get(latencies.len() * q / 100)
-            .copied()
-            .unwrap_or(0) as f64
-            / 1e3
-    };
-    Sample {
-        iops: done / t,
-        mibs: done * w.block as f64 / t / f64::from(1u32 << 20),
-        p50_us: pct(50),
-        p99_us: pct(99),
-        cpu_us_per_req: cpu as f64 / 1e3 / done.max(1.0),
-        client_pct: client_ns as f64 / 1e9 / t * 100.0,
-    }
+    let mut s = Sample::of(&mut latencies, t, w.block, cpu);
+    s.client_pct = client_ns as f64 / 1e9 / t * 100.0;
+    s
 }
 
 /// The least a QD1 round trip can take on this machine, with no vhost-user and no virtio at
@@ -410,23 +420,7 @@ fn floor_qd1(w: &Workload, image: &Path, secs: Duration, pin: &Pin) -> Sample {
     let t = t0.elapsed().as_secs_f64();
     // SAFETY: efd is ours and closed once.
     unsafe { libc::close(efd) };
-    let done = latencies.len() as f64;
-    latencies.sort_unstable();
-    let pct = |q: usize| {
-        latencies
-            .get(latencies.len() * q / 100)
-            .copied()
-            .unwrap_or(0) as f64
-            / 1e3
-    };
-    Sample {
-        iops: done / t,
-        mibs: done * w.block as f64 / t / f64::from(1u32 << 20),
-        p50_us: pct(50),
-        p99_us: pct(99),
-        cpu_us_per_req: backend_ns as f64 / 1e3 / done.max(1.0),
-        client_pct: 0.0,
-    }
+    Sample::of(&mut latencies, t, w.block, backend_ns)
 }
 
 /// The most large requests one CPU can serve here: one thread on the backend's CPU does
@@ -701,8 +695,7 @@ fn main() {
                     "copy floor (one thread)", w.name, s.iops, s.cpu_us_per_req
                 );
                 floors[wi].push(s);
-            }
-            if qd1.contains(&wi) {
+            } else if qd1.contains(&wi) {
                 let s = floor_qd1(w, &img, secs, &pin);
                 println!(
                     "{:>26} | {:<21} | {:>8.0} IOPS | p50 {:>7.1} us | p99 {:>7.1} us",
@@ -747,13 +740,19 @@ fn main() {
             median(idles[bi].clone())
         );
     }
-    if !qd1.is_empty() {
+    // The floors: what no backend could beat here (see `floor_qd1` and `copy_floor`).
+    if floors.iter().any(|f| !f.is_empty()) {
         println!();
         println!(
-            "| QD1 floor (no vhost-user) | IOPS | p50 us | p99 us | best possible / hype IOPS |"
+            "| floor (no vhost-user) | workload | IOPS | p50 us | p99 us | CPU-us/req | \
+             best possible / hype IOPS |"
         );
-        println!("|---|---|---|---|---|");
-        for &wi in &qd1 {
+        println!("|---|---|---|---|---|---|---|");
+        for (wi, w) in workloads
+            .iter()
+            .enumerate()
+            .filter(|(wi, _)| !floors[*wi].is_empty())
+        {
             let f = |g: fn(&Sample) -> f64| median(floors[wi].iter().map(g).collect());
             let hype = median(
                 samples[wi]
@@ -761,33 +760,16 @@ fn main() {
                     .map_or(Vec::new(), |v| v.iter().map(|s| s.iops).collect()),
             );
             println!(
-                "| {} | {:.0} | {:.1} | {:.1} | {:.2} |",
-                workloads[wi].name,
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                if w.block >= 1 << 20 {
+                    "one thread copying"
+                } else {
+                    "QD1 round trip"
+                },
+                w.name,
                 f(|s| s.iops),
                 f(|s| s.p50_us),
                 f(|s| s.p99_us),
-                f(|s| s.iops) / hype.max(1e-9)
-            );
-        }
-    }
-    let large: Vec<usize> = (0..workloads.len())
-        .filter(|&wi| workloads[wi].block >= 1 << 20)
-        .collect();
-    if !large.is_empty() {
-        println!();
-        println!("| copy floor (one thread, no vhost-user) | IOPS | CPU-us/req | best possible / hype IOPS |");
-        println!("|---|---|---|---|");
-        for &wi in &large {
-            let f = |g: fn(&Sample) -> f64| median(floors[wi].iter().map(g).collect());
-            let hype = median(
-                samples[wi]
-                    .first()
-                    .map_or(Vec::new(), |v| v.iter().map(|s| s.iops).collect()),
-            );
-            println!(
-                "| {} | {:.0} | {:.1} | {:.2} |",
-                workloads[wi].name,
-                f(|s| s.iops),
                 f(|s| s.cpu_us_per_req),
                 f(|s| s.iops) / hype.max(1e-9)
             );
