@@ -398,16 +398,17 @@ impl<'p> Drain<'p> {
     }
 }
 
-/// Whether the ring in `st` is running and the guest has made chains available that were not
-/// popped yet (an unreadable avail index counts as none: the ring's own drain reports it).
-/// For a thread serving several rings, to see whether another one needs it.
+/// Whether the ring in `st` is enabled and running and the guest has made chains available
+/// that were not popped yet (an unreadable avail index counts as none: the ring's own drain
+/// reports it). For a thread serving several rings, to see whether another one needs it.
 pub fn has_requests<A, M>(st: &VringState<A>, mem: &M) -> bool
 where
     A: GuestAddressSpace,
     M: GuestMemory + ?Sized,
 {
     let q = st.get_queue();
-    q.ready()
+    st.is_enabled()
+        && q.ready()
         && q.avail_idx(mem, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != q.next_avail())
 }

@@ -567,6 +567,10 @@ fn has_requests_sees_unpopped_chains_of_a_running_ring_only() {
     ring.drain(Drain::new("test", true), |_| Handled::Used(0));
     assert!(!has_requests(&ring.vring.get_ref(), &*mem));
     ring.offer(1);
+    ring.vring.set_enabled(false);
+    assert!(!has_requests(&ring.vring.get_ref(), &*mem), "disabled");
+    ring.vring.set_enabled(true);
+    assert!(has_requests(&ring.vring.get_ref(), &*mem));
     ring.vring.set_queue_ready(false);
     assert!(!has_requests(&ring.vring.get_ref(), &*mem), "not running");
     // An avail ring outside guest memory reads as no work (its own drain reports it).
