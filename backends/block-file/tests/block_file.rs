@@ -437,15 +437,11 @@ fn usage_errors_exit_2_runtime_errors_exit_1() {
         32,
         BIN,
         &[
-            "--path",
-            img_s,
-            "--num-queues",
-            "64",
-            "--queue-threads",
-            "64",
-            "--socket",
-            sock_s,
-        ],
+            &["--path", img_s][..],
+            &exit_check::BLOCK_QUEUES_PAST_FD_LIMIT,
+            &["--socket", sock_s],
+        ]
+        .concat(),
     );
     let out = exit_check::exit_after_connect(cmd, &sock);
     exit_check::assert_exit(

@@ -151,15 +151,11 @@ fn usage_errors_exit_2_runtime_errors_exit_1() {
         32,
         BIN,
         &[
-            "--size",
-            "1M",
-            "--num-queues",
-            "64",
-            "--queue-threads",
-            "64",
-            "--socket",
-            sock_s,
-        ],
+            &["--size", "1M"][..],
+            &exit_check::BLOCK_QUEUES_PAST_FD_LIMIT,
+            &["--socket", sock_s],
+        ]
+        .concat(),
     );
     let out = exit_check::exit_after_connect(cmd, &sock);
     exit_check::assert_exit(

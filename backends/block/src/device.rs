@@ -41,8 +41,8 @@ pub struct BlockDevice<S: Storage> {
     name: String,
     sandbox: Option<Sandbox>,
     poll: Duration,
-    /// `None`: [`DEFAULT_LARGE_IO_THREADS`](crate::args::DEFAULT_LARGE_IO_THREADS), at most
-    /// one per usable CPU.
+    /// `None`: the default for the CPUs the process may use
+    /// (`backend::default_large_io_threads`).
     large_io_threads: Option<usize>,
     out_of_order: bool,
     queue_threads: usize,

@@ -18,6 +18,11 @@ pub const USAGE: i32 = 2;
 /// Exit code of runtime errors.
 pub const RUNTIME: i32 = 1;
 
+/// A block backend's options for 64 queues, each on a worker thread of its own: once a
+/// frontend connects, more file descriptors (an epoll and an exit event per thread) than a
+/// 32-descriptor limit allows.
+pub const BLOCK_QUEUES_PAST_FD_LIMIT: [&str; 4] = ["--num-queues", "64", "--queue-threads", "64"];
+
 /// Runs `cmd` (default logging, stdin closed) and waits, bounded, for it to exit.
 pub fn run_to_exit(mut cmd: Command) -> Output {
     let child = cmd
